@@ -1,0 +1,11 @@
+//! fttp-agent: the site-side agent for the THS Greifswald fTTP dispatcher.
+//!
+//! Module map: `config` (TOML, env, validation) -> `client` (dispatcher
+//! operations over HTTP) -> `tasks` (typed tasks from `Parameters`) ->
+//! `agent` (one cycle: poll, resolve, record) with `store` (crash-safe local
+//! state) and `audit` (outcome log). `fhir` holds the wire formats, `sim` the
+//! simulated dispatcher used by `demo` and the tests.
+
+pub mod fhir;
+pub mod privacy;
+pub mod types;

@@ -1,0 +1,106 @@
+//! Keeping identifying data out of every byte the agent writes outside the store.
+//!
+//! IDAT, API keys and raw Bloom filters are referred to in logs and audit
+//! records only by short SHA-256 fingerprints. Text that comes from outside
+//! (a gateway's diagnostics) is passed through a [`Redactor`] that knows the
+//! secrets of the request it answers, because a server may echo them back.
+
+use ring::digest::{SHA256, digest};
+
+/// First 12 hex digits of SHA-256: enough to correlate records, too short
+/// and too one-way to recover a name or a Bloom filter.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    hex(&digest(&SHA256, bytes).as_ref()[..6])
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(digest(&SHA256, bytes).as_ref())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Removes known secrets from untrusted text before it is logged.
+#[derive(Debug, Default, Clone)]
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+impl Redactor {
+    pub fn new() -> Self {
+        Redactor::default()
+    }
+
+    /// Registers a value that must never be echoed. Very short values (one
+    /// character, such as a gender code) would redact half of any sentence
+    /// and identify nobody, so they are skipped.
+    pub fn add(&mut self, secret: &str) {
+        let s = secret.trim();
+        if s.chars().count() >= 2 && !self.secrets.iter().any(|x| x == s) {
+            self.secrets.push(s.to_string());
+        }
+    }
+
+    /// `text` with every registered secret (case-insensitively) replaced by
+    /// `[redacted]`, control characters removed, and cut to `max` characters.
+    pub fn clean(&self, text: &str, max: usize) -> String {
+        let mut out: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        // Longest first, so a secret that contains another is removed whole.
+        let mut secrets: Vec<&String> = self.secrets.iter().collect();
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        for s in secrets {
+            out = replace_ci(&out, s, "[redacted]");
+        }
+        if out.chars().count() > max {
+            out = out.chars().take(max).collect::<String>() + "…";
+        }
+        out
+    }
+}
+
+fn replace_ci(haystack: &str, needle: &str, with: &str) -> String {
+    let lower_h = haystack.to_lowercase();
+    let lower_n = needle.to_lowercase();
+    // Lower-casing can change byte lengths outside ASCII; fall back to exact matching then.
+    if lower_h.len() != haystack.len() || lower_n.len() != needle.len() {
+        return haystack.replace(needle, with);
+    }
+    let mut out = String::with_capacity(haystack.len());
+    let mut rest = 0;
+    while let Some(pos) = lower_h[rest..].find(&lower_n) {
+        let at = rest + pos;
+        out.push_str(&haystack[rest..at]);
+        out.push_str(with);
+        rest = at + needle.len();
+    }
+    out.push_str(&haystack[rest..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_secrets_case_insensitively_and_bounds_length() {
+        let mut r = Redactor::new();
+        r.add("Mustermann");
+        r.add("m");
+        let out = r.clean("invalid family MUSTERMANN\nfor m", 100);
+        assert_eq!(out, "invalid family [redacted] for m");
+        assert_eq!(r.clean(&"x".repeat(50), 10).chars().count(), 11);
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_stable() {
+        assert_eq!(fingerprint(b"abc"), "ba7816bf8f01");
+        assert_eq!(sha256_hex(b"abc").len(), 64);
+    }
+}

@@ -9,3 +9,17 @@
 pub mod fhir;
 pub mod privacy;
 pub mod types;
+pub mod agent;
+pub mod audit;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod import;
+pub mod logger;
+pub mod retry;
+pub mod shutdown;
+pub mod sim;
+pub mod store;
+pub mod tasks;

@@ -1,1 +1,168 @@
-fn main() {}
+//! Command line: parse, set up logging, dispatch, map errors to exit codes.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fttp_agent::commands;
+use fttp_agent::config::{self, Config, LogLevel};
+use fttp_agent::error::{AppError, exit};
+use fttp_agent::fhir::Format;
+use fttp_agent::sim::SimOptions;
+use fttp_agent::store::Status;
+use fttp_agent::tasks::TaskKind;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Site agent for the fTTP dispatcher (THS Greifswald TTP-FHIR Gateway):
+/// fetches record-linkage tasks and resolves them before they expire.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Config file [default: $FTTP_AGENT_CONFIG, then ./fttp-agent.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Log level, overriding [log] level: error, warn, info, debug, trace
+    #[arg(long, global = true)]
+    log_level: Option<LogLevel>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Poll and resolve tasks: one cycle with --once (cron, systemd timer), else a daemon loop
+    Run {
+        /// Run one cycle and exit (exit code: 0 done, 1 tasks open, 3 dispatcher unreachable)
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate config and store, and check that the dispatcher accepts our API key
+    Check,
+    /// Load patients from CSV or NDJSON (FHIR Patient per line) into the store
+    Import { file: PathBuf },
+    /// Show the task ledger
+    Tasks {
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+    },
+    /// Try it: one cycle against the built-in simulated dispatcher, with sample data
+    Demo {
+        /// Wire format to speak
+        #[arg(long, value_enum, default_value = "xml")]
+        format: FormatArg,
+        /// Where to keep the demo's config, store and audit log [default: a temp directory]
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Start the simulated dispatcher alone, for trying a configured agent against it
+    Sim {
+        #[arg(long, default_value_t = 8089)]
+        port: u16,
+        #[arg(long, default_value = fttp_agent::demo::API_KEY)]
+        api_key: String,
+        #[arg(long, default_value = "apikey")]
+        api_key_header: String,
+        /// Start with no tasks instead of the demo's sample tasks
+        #[arg(long)]
+        empty: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Xml,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusArg {
+    Pending,
+    InFlight,
+    Resolved,
+    Failed,
+    Expired,
+    Rejected,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    DicPsnAvailable,
+    SendIdat,
+    RepeatRequest,
+    Unknown,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("fttp-agent: {e}");
+            e.exit_code()
+        }
+    };
+    ExitCode::from(code)
+}
+
+fn load(cli: &Cli) -> Result<Config, AppError> {
+    let path = config::resolve_path(cli.config.as_deref());
+    let cfg = Config::load(&path)?;
+    let level = cli.log_level.unwrap_or(cfg.log.level);
+    fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref()).map_err(AppError::Other)?;
+    Ok(cfg)
+}
+
+fn dispatch(cli: Cli) -> Result<u8, AppError> {
+    match &cli.command {
+        Command::Run { once: true } => commands::run_once(&load(&cli)?),
+        Command::Run { once: false } => commands::run_daemon(&load(&cli)?),
+        Command::Check => commands::check(&load(&cli)?),
+        Command::Import { file } => commands::import(&load(&cli)?, file),
+        Command::Tasks { status, kind } => {
+            let status = status.map(|s| match s {
+                StatusArg::Pending => Status::Pending,
+                StatusArg::InFlight => Status::InFlight,
+                StatusArg::Resolved => Status::Resolved,
+                StatusArg::Failed => Status::Failed,
+                StatusArg::Expired => Status::Expired,
+                StatusArg::Rejected => Status::Rejected,
+            });
+            let kind = kind.map(|k| match k {
+                KindArg::DicPsnAvailable => TaskKind::DicPsnAvailable,
+                KindArg::SendIdat => TaskKind::SendIdat,
+                KindArg::RepeatRequest => TaskKind::RepeatRequest,
+                KindArg::Unknown => TaskKind::Unknown,
+            });
+            commands::tasks(&load(&cli)?, status, kind)
+        }
+        Command::Demo { format, dir } => {
+            let level = cli.log_level.unwrap_or(LogLevel::Info);
+            fttp_agent::logger::init(level.filter(), None).map_err(AppError::Other)?;
+            let format = match format {
+                FormatArg::Xml => Format::Xml,
+                FormatArg::Json => Format::Json,
+            };
+            commands::demo(format, dir.as_deref())
+        }
+        Command::Sim {
+            port,
+            api_key,
+            api_key_header,
+            empty,
+        } => {
+            fttp_agent::logger::init(cli.log_level.unwrap_or_default().filter(), None).map_err(AppError::Other)?;
+            let options = SimOptions {
+                api_key: api_key.clone(),
+                api_key_header: api_key_header.clone(),
+                accept_body_key: true,
+                port: *port,
+            };
+            commands::sim(options, !empty)
+        }
+    }
+    .or_else(|e| match e {
+        AppError::Usage(_) => Ok(exit::CONFIG),
+        other => Err(other),
+    })
+}

@@ -1,0 +1,597 @@
+//! One cycle: poll `$requestTasks`, merge into the ledger, resolve every open
+//! task soonest-expiring first, record each outcome in store and audit log.
+//!
+//! The ledger keeps each task's content, so a task whose resolution failed
+//! is retried on the next cycle even if the dispatcher does not hand it out
+//! again, until it expires.
+
+use crate::audit::{Audit, AuditError, AuditRecord};
+use crate::client::{Client, ClientError};
+use crate::config::Config;
+use crate::fhir::ParamValue;
+use crate::fhir::idat::IdatElement;
+use crate::store::{LedgerEntry, PollRecord, PseudonymRecord, Record, Status, Store, StoreError};
+use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
+use crate::types::{BloomFilter, Pseudonym};
+use chrono::{DateTime, SecondsFormat, Utc};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("polling failed: {0}")]
+    Poll(ClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+}
+
+/// What happened to one task in this cycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOutcome {
+    pub kind: TaskKind,
+    pub task: String,
+    pub outcome: String,
+    pub status: Status,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CycleReport {
+    /// Tasks in the dispatcher's answer.
+    pub received: usize,
+    pub outcomes: Vec<TaskOutcome>,
+}
+
+impl CycleReport {
+    /// Tasks that are still open after this cycle (failed, waiting for a
+    /// patient, or not reached).
+    pub fn unresolved(&self) -> usize {
+        self.outcomes.iter().filter(|o| !o.status.is_terminal()).count()
+    }
+
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for o in &self.outcomes {
+            *m.entry(o.outcome.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+pub struct Agent<'a> {
+    cfg: &'a Config,
+    client: &'a Client,
+    store: &'a mut Store,
+    audit: &'a mut Audit,
+    report: CycleReport,
+    /// Set after a failure that will fail every further call this cycle
+    /// (unreachable, credentials refused): remaining network tasks wait.
+    network_down: Option<String>,
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A unit of work: one task, or one batch of repeat_requests sent together.
+enum Work {
+    One(LedgerEntry),
+    Batch { study: String, target: String, entries: Vec<LedgerEntry> },
+}
+
+impl Work {
+    fn expires(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Work::One(e) => e.expires,
+            Work::Batch { entries, .. } => entries.iter().filter_map(|e| e.expires).min(),
+        }
+    }
+}
+
+impl<'a> Agent<'a> {
+    pub fn new(cfg: &'a Config, client: &'a Client, store: &'a mut Store, audit: &'a mut Audit) -> Self {
+        Agent {
+            cfg,
+            client,
+            store,
+            audit,
+            report: CycleReport::default(),
+            network_down: None,
+        }
+    }
+
+    fn target(&self) -> &str {
+        self.cfg.site.target.as_str()
+    }
+
+    pub fn run_cycle(mut self) -> Result<CycleReport, AgentError> {
+        let study = self.cfg.site.study.as_str().to_string();
+        let target = self.target().to_string();
+        log::info!("polling $requestTasks for study {study}, target {target}");
+        let answer = match self.client.request_tasks(&study, &target) {
+            Ok(a) => a,
+            Err(e) => {
+                let detail = e.to_string();
+                self.store.put(Record::Poll(PollRecord {
+                    at: Utc::now(),
+                    ok: false,
+                    tasks: 0,
+                    detail: Some(detail.clone()),
+                }))?;
+                let mut rec = AuditRecord::new("poll", "failed", &target);
+                rec.detail = Some(detail);
+                self.audit.write(&rec)?;
+                self.audit.sync()?;
+                return Err(AgentError::Poll(e));
+            }
+        };
+        let scope = Scope {
+            study: &study,
+            target: &target,
+        };
+        let parsed = parse_response(&answer, &scope);
+        self.report.received = parsed.len();
+        let mut rec = AuditRecord::new("poll", "ok", &target);
+        rec.tasks = Some(parsed.len());
+        self.audit.write(&rec)?;
+        log::info!("received {} task(s)", parsed.len());
+
+        self.merge(parsed)?;
+        self.work()?;
+
+        self.store.put(Record::Poll(PollRecord {
+            at: Utc::now(),
+            ok: true,
+            tasks: self.report.received,
+            detail: None,
+        }))?;
+        self.audit.sync()?;
+        Ok(self.report)
+    }
+
+    /// Records newly seen tasks in the ledger; reports repeats of finished ones.
+    fn merge(&mut self, parsed: Vec<Result<Task, Rejected>>) -> Result<(), AgentError> {
+        let now = Utc::now();
+        let mut batch: Vec<Record> = Vec::new();
+        let mut seen_now: std::collections::HashSet<String> = Default::default();
+        for item in parsed {
+            let (key, entry) = match item {
+                Ok(task) => {
+                    let key = task.key();
+                    let entry = LedgerEntry {
+                        key: key.clone(),
+                        kind: task.kind(),
+                        display_id: task.display_id(),
+                        expires: task.expires(),
+                        task: Some(task),
+                        status: Status::Pending,
+                        outcome: "received".into(),
+                        detail: None,
+                        first_seen: now,
+                        last_seen: now,
+                        updated: now,
+                        attempts: 0,
+                    };
+                    (key, entry)
+                }
+                Err(rej) => {
+                    let kind = match rej.name.as_str() {
+                        "dic_psn_available" => TaskKind::DicPsnAvailable,
+                        "send_idat" => TaskKind::SendIdat,
+                        "repeat_request" => TaskKind::RepeatRequest,
+                        _ => TaskKind::Unknown,
+                    };
+                    let entry = LedgerEntry {
+                        key: rej.key.clone(),
+                        kind,
+                        display_id: rej.key.chars().take(19).collect(),
+                        task: None,
+                        status: Status::Rejected,
+                        outcome: "rejected".into(),
+                        detail: Some(rej.reason.clone()),
+                        expires: None,
+                        first_seen: now,
+                        last_seen: now,
+                        updated: now,
+                        attempts: 0,
+                    };
+                    (rej.key, entry)
+                }
+            };
+            if !seen_now.insert(key.clone()) {
+                self.outcome(&entry, "duplicate", entry.status, Some("repeated within one answer".into()), None)?;
+                continue;
+            }
+            match self.store.ledger(&key).cloned() {
+                Some(old) if old.status.is_terminal() => {
+                    self.outcome(&old, "duplicate", old.status, Some(format!("already {}", old.status.as_str())), None)?;
+                }
+                Some(mut old) => {
+                    old.last_seen = now;
+                    batch.push(Record::Ledger(old));
+                }
+                None => {
+                    if entry.status == Status::Rejected {
+                        log::warn!(
+                            "[{} {}] rejected: {}",
+                            entry.kind,
+                            entry.display_id,
+                            entry.detail.as_deref().unwrap_or("")
+                        );
+                        self.outcome(&entry, "rejected", Status::Rejected, entry.detail.clone(), None)?;
+                    }
+                    batch.push(Record::Ledger(entry));
+                }
+            }
+        }
+        self.store.write(batch)?;
+        Ok(())
+    }
+
+    fn work(&mut self) -> Result<(), AgentError> {
+        let open: Vec<LedgerEntry> = self
+            .store
+            .ledger_entries()
+            .filter(|e| !e.status.is_terminal() && e.task.is_some())
+            .cloned()
+            .collect();
+        let now = Utc::now();
+        let mut items: Vec<Work> = Vec::new();
+        let mut groups: BTreeMap<(String, String), Vec<LedgerEntry>> = BTreeMap::new();
+        for e in open {
+            if e.expires.is_some_and(|x| x <= now) {
+                let mut done = e.clone();
+                done.status = Status::Expired;
+                self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
+                continue;
+            }
+            if let Some(Task::RepeatRequest { study, target, .. }) = &e.task {
+                let k = (
+                    study.value.clone().unwrap_or_default(),
+                    target.value.clone().unwrap_or_default(),
+                );
+                groups.entry(k).or_default().push(e);
+            } else {
+                items.push(Work::One(e));
+            }
+        }
+        let by_expiry = |a: &LedgerEntry, b: &LedgerEntry| {
+            (a.expires.is_none(), a.expires, a.first_seen).cmp(&(b.expires.is_none(), b.expires, b.first_seen))
+        };
+        for ((study, target), mut entries) in groups {
+            entries.sort_by(by_expiry);
+            for chunk in entries.chunks(self.cfg.dispatcher.batch_size.0) {
+                items.push(Work::Batch {
+                    study: study.clone(),
+                    target: target.clone(),
+                    entries: chunk.to_vec(),
+                });
+            }
+        }
+        items.sort_by_key(|w| (w.expires().is_none(), w.expires()));
+        for item in items {
+            match item {
+                Work::One(e) => match e.task.clone() {
+                    Some(Task::DicPsnAvailable {
+                        bloomfilter, pseudonym, ..
+                    }) => self.dic_psn_available(e, bloomfilter, pseudonym)?,
+                    Some(Task::SendIdat {
+                        pseudonym,
+                        bloomfilter,
+                        elements,
+                        task_id,
+                        ..
+                    }) => self.send_idat(e, &task_id, pseudonym, bloomfilter, &elements)?,
+                    _ => {}
+                },
+                Work::Batch { study, target, entries } => self.repeat_requests(&study, &target, entries)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {
+        let target = self.target().to_string();
+        self.save_pseudonym(&bf, &target, psn, &e.key)?;
+        let patient = self.store.patient_by_bloomfilter(&bf).map(|p| p.local_id.fingerprint());
+        let mut done = e;
+        match patient {
+            Some(fp) => {
+                done.status = Status::Resolved;
+                self.finish(done, "stored", None, Some(fp))
+            }
+            None => {
+                // The pseudonym is kept under its Bloom filter; an import of
+                // the patient later links it. The task stays open so the
+                // next cycle reports it again until then.
+                done.status = Status::Pending;
+                self.finish(
+                    done,
+                    "unknown_patient",
+                    Some("no local patient has this Bloom filter; pseudonym kept".into()),
+                    None,
+                )
+            }
+        }
+    }
+
+    fn save_pseudonym(&mut self, bf: &BloomFilter, target: &str, psn: Pseudonym, source: &str) -> Result<(), AgentError> {
+        if self.store.pseudonym(bf, target).is_some_and(|p| p.pseudonym == psn) {
+            return Ok(());
+        }
+        self.store.put(Record::Pseudonym(PseudonymRecord {
+            bloomfilter: bf.clone(),
+            target: target.to_string(),
+            pseudonym: psn,
+            received: Utc::now(),
+            source: source.to_string(),
+        }))?;
+        Ok(())
+    }
+
+    fn send_idat(
+        &mut self,
+        e: LedgerEntry,
+        task_id: &crate::types::TaskId,
+        pseudonym: Option<Pseudonym>,
+        bloomfilter: Option<BloomFilter>,
+        elements: &[IdatElement],
+    ) -> Result<(), AgentError> {
+        let found = pseudonym
+            .as_ref()
+            .and_then(|p| self.store.patient_by_pseudonym(&p.value))
+            .or_else(|| bloomfilter.as_ref().and_then(|bf| self.store.patient_by_bloomfilter(bf)))
+            .cloned();
+        let Some(patient) = found else {
+            let mut done = e;
+            done.status = Status::Pending;
+            return self.finish(
+                done,
+                "unknown_patient",
+                Some("no local patient has this pseudonym or Bloom filter".into()),
+                None,
+            );
+        };
+        let fp = patient.local_id.fingerprint();
+        if let Some(reason) = self.network_down.clone() {
+            return self.finish(e, "not_attempted", Some(reason), Some(fp));
+        }
+        let (resource, missing) = patient.idat.to_patient(elements);
+        let secrets: Vec<&str> = patient.idat.values().collect();
+        // Recorded before sending: after a crash the task is sent again
+        // (at-least-once) rather than forgotten.
+        let mut flight = e.clone();
+        flight.status = Status::InFlight;
+        flight.attempts += 1;
+        flight.updated = Utc::now();
+        self.store.put(Record::Ledger(flight.clone()))?;
+        let deadline = deadline(flight.expires);
+        let result = self
+            .client
+            .provide_patient_data(task_id, self.target(), resource, &secrets, deadline);
+        let mut done = flight;
+        match result {
+            Ok(()) => {
+                done.status = Status::Resolved;
+                let detail = (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
+                let mut rec = self.record_for(&done, "sent", detail, Some(fp));
+                rec.elements = elements.iter().map(|e| e.code().to_string()).collect();
+                rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
+                self.commit(done, "sent", rec)
+            }
+            Err(err) => {
+                self.note_network(&err);
+                done.status = Status::Failed;
+                self.finish(done, "failed", Some(err.to_string()), Some(fp))
+            }
+        }
+    }
+
+    fn repeat_requests(&mut self, study: &str, target: &str, entries: Vec<LedgerEntry>) -> Result<(), AgentError> {
+        if let Some(reason) = self.network_down.clone() {
+            for e in entries {
+                self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+            }
+            return Ok(());
+        }
+        let now = Utc::now();
+        let flights: Vec<LedgerEntry> = entries
+            .into_iter()
+            .map(|mut e| {
+                e.status = Status::InFlight;
+                e.attempts += 1;
+                e.updated = now;
+                e
+            })
+            .collect();
+        self.store
+            .write(flights.iter().cloned().map(Record::Ledger).collect())?;
+        let bfs: Vec<BloomFilter> = flights
+            .iter()
+            .filter_map(|e| match &e.task {
+                Some(Task::RepeatRequest { bloomfilter, .. }) => Some(bloomfilter.clone()),
+                _ => None,
+            })
+            .collect();
+        let refs: Vec<&BloomFilter> = bfs.iter().collect();
+        let deadline = deadline(flights.iter().filter_map(|e| e.expires).min());
+        log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
+        let answer = match self.client.request_psn_from_bf(study, target, &refs, deadline) {
+            Ok(a) => a,
+            Err(err) => {
+                self.note_network(&err);
+                for mut e in flights {
+                    e.status = Status::Failed;
+                    self.finish(e, "failed", Some(err.to_string()), None)?;
+                }
+                return Ok(());
+            }
+        };
+        let mut psns: Vec<(BloomFilter, Pseudonym)> = Vec::new();
+        let mut errors: Vec<(Option<BloomFilter>, String)> = Vec::new();
+        let mut batch_error: Option<String> = None;
+        for p in &answer.parameter {
+            match p.name.as_str() {
+                "pseudonym-bf" => {
+                    let bf = part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok());
+                    let psn = p.parts("pseudonym").find_map(|x| match &x.value {
+                        Some(ParamValue::Identifier(id)) => id.value.clone().map(|v| Pseudonym {
+                            system: id.system.clone(),
+                            value: v,
+                        }),
+                        _ => None,
+                    });
+                    match (bf, psn) {
+                        (Some(bf), Some(psn)) => psns.push((bf, psn)),
+                        _ => log::warn!("[repeat_request] ignoring a malformed pseudonym-bf answer"),
+                    }
+                }
+                "error" => {
+                    let code = p
+                        .parts("error-code")
+                        .find_map(|x| match &x.value {
+                            Some(ParamValue::Coding(c)) => c.code.clone(),
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| "unspecified".into());
+                    if p.parts("all").next().is_some() {
+                        batch_error = Some(code);
+                    } else {
+                        let bf = part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok());
+                        errors.push((bf, code));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for mut e in flights {
+            let Some(Task::RepeatRequest { bloomfilter, .. }) = e.task.clone() else {
+                continue;
+            };
+            if let Some(code) = &batch_error {
+                e.status = Status::Failed;
+                self.finish(e, "dispatcher_error", Some(format!("whole batch refused: {code}")), None)?;
+            } else if let Some((_, psn)) = psns.iter().find(|(bf, _)| *bf == bloomfilter) {
+                self.save_pseudonym(&bloomfilter, target, psn.clone(), &e.key)?;
+                let fp = self
+                    .store
+                    .patient_by_bloomfilter(&bloomfilter)
+                    .map(|p| p.local_id.fingerprint());
+                let detail = fp.is_none().then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());
+                e.status = Status::Resolved;
+                self.finish(e, "stored", detail, fp)?;
+            } else if let Some((_, code)) = errors.iter().find(|(bf, _)| bf.as_ref() == Some(&bloomfilter)) {
+                e.status = Status::Failed;
+                self.finish(e, "dispatcher_error", Some(format!("error code {code}")), None)?;
+            } else {
+                e.status = Status::Failed;
+                self.finish(e, "failed", Some("the answer had nothing for this Bloom filter".into()), None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn note_network(&mut self, err: &ClientError) {
+        if err.is_unreachable() || err.is_auth() {
+            self.network_down = Some(format!("skipped after an earlier failure this cycle: {err}"));
+        }
+    }
+
+    fn record_for(&self, e: &LedgerEntry, outcome: &str, detail: Option<String>, patient: Option<String>) -> AuditRecord {
+        let mut rec = AuditRecord::new(e.kind.as_str(), outcome, self.target());
+        rec.task = Some(e.display_id.clone());
+        rec.status = Some(e.status.as_str().to_string());
+        rec.expires = e.expires.map(ts);
+        rec.patient = patient;
+        rec.bloomfilter = match &e.task {
+            Some(Task::DicPsnAvailable { bloomfilter, .. }) | Some(Task::RepeatRequest { bloomfilter, .. }) => {
+                Some(bloomfilter.fingerprint())
+            }
+            Some(Task::SendIdat { bloomfilter, .. }) => bloomfilter.as_ref().map(BloomFilter::fingerprint),
+            None => None,
+        };
+        if let Some(Task::SendIdat { elements, .. }) = &e.task {
+            rec.elements = elements.iter().map(|x| x.code().to_string()).collect();
+        }
+        rec.detail = detail;
+        rec
+    }
+
+    /// Records an outcome in the ledger (if it changed) and the audit log.
+    fn finish(
+        &mut self,
+        e: LedgerEntry,
+        outcome: &str,
+        detail: Option<String>,
+        patient: Option<String>,
+    ) -> Result<(), AgentError> {
+        let rec = self.record_for(&e, outcome, detail, patient);
+        self.commit(e, outcome, rec)
+    }
+
+    fn commit(&mut self, mut e: LedgerEntry, outcome: &str, rec: AuditRecord) -> Result<(), AgentError> {
+        let changed = self
+            .store
+            .ledger(&e.key)
+            .is_none_or(|old| old.status != e.status || old.outcome != outcome || old.detail != rec.detail);
+        e.outcome = outcome.to_string();
+        e.detail = rec.detail.clone();
+        e.updated = Utc::now();
+        if changed {
+            self.store.put(Record::Ledger(e.clone()))?;
+        }
+        if e.status == Status::Failed {
+            log::warn!("[{} {}] {outcome}: {}", e.kind, e.display_id, rec.detail.as_deref().unwrap_or(""));
+        } else {
+            log::info!("[{} {}] {outcome}", e.kind, e.display_id);
+        }
+        self.audit.write(&rec)?;
+        self.report.outcomes.push(TaskOutcome {
+            kind: e.kind,
+            task: e.display_id,
+            outcome: outcome.to_string(),
+            status: e.status,
+            detail: rec.detail,
+        });
+        Ok(())
+    }
+
+    /// A duplicate: audit and report only, the ledger entry is unchanged.
+    fn outcome(
+        &mut self,
+        e: &LedgerEntry,
+        outcome: &str,
+        status: Status,
+        detail: Option<String>,
+        patient: Option<String>,
+    ) -> Result<(), AgentError> {
+        let mut rec = self.record_for(e, outcome, detail, patient);
+        rec.status = Some(status.as_str().to_string());
+        self.audit.write(&rec)?;
+        log::info!("[{} {}] {outcome}", e.kind, e.display_id);
+        self.report.outcomes.push(TaskOutcome {
+            kind: e.kind,
+            task: e.display_id.clone(),
+            outcome: outcome.to_string(),
+            // A duplicate of a finished task is itself finished.
+            status: if status.is_terminal() { status } else { Status::Resolved },
+            detail: rec.detail,
+        });
+        Ok(())
+    }
+}
+
+fn part_str<'p>(p: &'p crate::fhir::Parameter, name: &str) -> Option<&'p str> {
+    p.part
+        .iter()
+        .filter(|x| x.name == name)
+        .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+}
+
+/// The monotonic instant of a wall-clock expiry, for retry deadlines.
+fn deadline(expires: Option<DateTime<Utc>>) -> Option<Instant> {
+    let left = (expires? - Utc::now()).to_std().ok()?;
+    Some(Instant::now() + left)
+}

@@ -1,0 +1,259 @@
+//! The dispatcher's operations over HTTP: authentication, format
+//! negotiation, bounded bodies, retries.
+
+use crate::config::{ApiKeyIn, Config};
+use crate::fhir::outcome::OperationOutcome;
+use crate::fhir::{FhirError, Format, Parameter, Parameters, Resource};
+use crate::privacy::Redactor;
+use crate::retry::{RetryPolicy, Retryable, with_backoff};
+use crate::types::{BloomFilter, TaskId};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    RequestTasks,
+    ProvidePatientData,
+    RequestPsnFromBfWorkflow,
+}
+
+impl Operation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::RequestTasks => "$requestTasks",
+            Operation::ProvidePatientData => "$providePatientData",
+            Operation::RequestPsnFromBfWorkflow => "$requestPsnFromBfWorkflow",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What went wrong talking to the dispatcher. Messages carry the operation,
+/// the HTTP status and the gateway's diagnostics with every secret of the
+/// request removed; never a request or response body.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{op}: cannot reach the dispatcher ({reason})")]
+    Unreachable { op: Operation, reason: String },
+    #[error("{op}: no complete answer within the timeout")]
+    Timeout { op: Operation },
+    #[error("{op}: dispatcher answered HTTP {status}{}", outcome.as_ref().map(|o| format!(": {o}")).unwrap_or_default())]
+    Status {
+        op: Operation,
+        status: u16,
+        outcome: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    #[error("{op}: unreadable answer: {source}")]
+    Decode { op: Operation, source: FhirError },
+    #[error("{op}: answer larger than the limit of {limit} bytes")]
+    TooLarge { op: Operation, limit: u64 },
+}
+
+impl ClientError {
+    /// The dispatcher refused our credentials.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, ClientError::Status { status: 401 | 403, .. })
+    }
+
+    /// Nothing reached the dispatcher's application at all.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. } | ClientError::Timeout { .. })
+    }
+}
+
+impl Retryable for ClientError {
+    fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            ClientError::Decode { .. } | ClientError::TooLarge { .. } => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    api_key: String,
+    api_key_header: String,
+    api_key_in: ApiKeyIn,
+    format: Format,
+    max_response_bytes: u64,
+    retry: RetryPolicy,
+}
+
+impl Client {
+    pub fn new(cfg: &Config) -> Client {
+        let d = &cfg.dispatcher;
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(d.timeout.0))
+            .http_status_as_error(false)
+            .user_agent(concat!("fttp-agent/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Client {
+            agent: ureq::Agent::new_with_config(config),
+            base: d.url.0.clone(),
+            api_key: cfg.api_key().to_string(),
+            api_key_header: d.api_key_header.0.clone(),
+            api_key_in: d.api_key_in,
+            format: d.format,
+            max_response_bytes: d.max_response_bytes,
+            retry: RetryPolicy {
+                max_attempts: d.max_attempts.0,
+                base_delay: d.retry_delay.0,
+                max_delay: RetryPolicy::MAX_DELAY,
+            },
+        }
+    }
+
+    fn redactor(&self) -> Redactor {
+        let mut r = Redactor::new();
+        r.add(&self.api_key);
+        r
+    }
+
+    /// `$requestTasks` {study, target}: the open tasks of this site.
+    pub fn request_tasks(&self, study: &str, target: &str) -> Result<Parameters, ClientError> {
+        let params = Parameters::new(vec![Parameter::string("study", study), Parameter::string("target", target)]);
+        let op = Operation::RequestTasks;
+        let (format, body) = self.call(op, params, &self.redactor(), None)?;
+        Parameters::parse(format, &body).map_err(|source| ClientError::Decode { op, source })
+    }
+
+    /// `$providePatientData` {taskId, target, patient}. `secrets` are the
+    /// IDAT values sent, so an error echoing them is redacted.
+    pub fn provide_patient_data(
+        &self,
+        task_id: &TaskId,
+        target: &str,
+        patient: Resource,
+        secrets: &[&str],
+        deadline: Option<Instant>,
+    ) -> Result<(), ClientError> {
+        let params = Parameters::new(vec![
+            Parameter::primitive("taskId", "id", task_id.as_str()),
+            Parameter::string("target", target),
+            Parameter::resource("patient", patient),
+        ]);
+        let mut redactor = self.redactor();
+        for s in secrets {
+            redactor.add(s);
+        }
+        self.call(Operation::ProvidePatientData, params, &redactor, deadline)?;
+        Ok(())
+    }
+
+    /// `$requestPsnFromBfWorkflow` {study, bloomfilter 1..*, target}.
+    pub fn request_psn_from_bf(
+        &self,
+        study: &str,
+        target: &str,
+        bloomfilters: &[&BloomFilter],
+        deadline: Option<Instant>,
+    ) -> Result<Parameters, ClientError> {
+        let mut list = vec![Parameter::string("study", study)];
+        let mut redactor = self.redactor();
+        for bf in bloomfilters {
+            let b64 = bf.to_base64();
+            redactor.add(&b64);
+            list.push(Parameter::primitive("bloomfilter", "base64Binary", &b64));
+        }
+        list.push(Parameter::string("target", target));
+        let op = Operation::RequestPsnFromBfWorkflow;
+        let (format, body) = self.call(op, Parameters::new(list), &redactor, deadline)?;
+        Parameters::parse(format, &body).map_err(|source| ClientError::Decode { op, source })
+    }
+
+    fn call(
+        &self,
+        op: Operation,
+        mut params: Parameters,
+        redactor: &Redactor,
+        deadline: Option<Instant>,
+    ) -> Result<(Format, Vec<u8>), ClientError> {
+        if matches!(self.api_key_in, ApiKeyIn::Body | ApiKeyIn::Both) {
+            params.parameter.insert(0, Parameter::string("apikey", &self.api_key));
+        }
+        let body = params.write(self.format);
+        with_backoff(&self.retry, deadline, |attempt| {
+            log::debug!("{op}: attempt {attempt}, {} bytes", body.len());
+            self.exchange(op, &body, redactor)
+        })
+    }
+
+    fn exchange(&self, op: Operation, body: &str, redactor: &Redactor) -> Result<(Format, Vec<u8>), ClientError> {
+        let url = format!("{}/{}", self.base, op.name());
+        let mime = self.format.mime();
+        let mut req = self
+            .agent
+            .post(&url)
+            .header("Content-Type", format!("{mime};charset=utf-8"))
+            .header("Accept", mime);
+        if matches!(self.api_key_in, ApiKeyIn::Header | ApiKeyIn::Both) {
+            req = req.header(self.api_key_header.as_str(), self.api_key.as_str());
+        }
+        let mut resp = req.send(body.as_bytes()).map_err(|e| transport(op, e, redactor))?;
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let content_type = header("content-type");
+        let retry_after = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(self.max_response_bytes)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => ClientError::TooLarge {
+                    op,
+                    limit: self.max_response_bytes,
+                },
+                other => transport(op, other, redactor),
+            })?;
+        if (200..300).contains(&status) {
+            let format = if bytes.iter().all(u8::is_ascii_whitespace) {
+                self.format
+            } else {
+                Format::detect(content_type.as_deref(), &bytes).map_err(|source| ClientError::Decode { op, source })?
+            };
+            return Ok((format, bytes));
+        }
+        let outcome = Format::detect(content_type.as_deref(), &bytes)
+            .ok()
+            .and_then(|f| OperationOutcome::parse(f, &bytes).ok())
+            .map(|o| o.summary(redactor));
+        Err(ClientError::Status {
+            op,
+            status,
+            outcome,
+            retry_after,
+        })
+    }
+}
+
+fn transport(op: Operation, e: ureq::Error, redactor: &Redactor) -> ClientError {
+    match e {
+        ureq::Error::Timeout(_) => ClientError::Timeout { op },
+        other => ClientError::Unreachable {
+            op,
+            reason: redactor.clean(&other.to_string(), 200),
+        },
+    }
+}

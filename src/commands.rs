@@ -1,0 +1,240 @@
+//! What each subcommand does. Every function returns an exit code or an
+//! error; only `main` turns them into a process exit.
+
+use crate::agent::{Agent, CycleReport};
+use crate::audit::Audit;
+use crate::client::Client;
+use crate::config::Config;
+use crate::error::{AppError, exit};
+use crate::fhir::Format;
+use crate::fhir::idat::Idat;
+use crate::import::{ImportReport, import_file};
+use crate::shutdown::Shutdown;
+use crate::sim::{SimOptions, Simulator};
+use crate::store::{LockMode, Status, Store, StoreError};
+use crate::{demo, tasks::TaskKind};
+use chrono::Utc;
+use std::path::Path;
+use std::time::Duration;
+
+/// One cycle with the store locked for its duration.
+pub fn cycle(cfg: &Config, client: &Client) -> Result<CycleReport, AppError> {
+    let mut store = Store::open(&cfg.store.path, LockMode::Try)?;
+    let mut audit = Audit::open(&cfg.audit_path())?;
+    Ok(Agent::new(cfg, client, &mut store, &mut audit).run_cycle()?)
+}
+
+fn report_exit(report: &CycleReport) -> u8 {
+    let open = report.unresolved();
+    let counts: Vec<String> = report.counts().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    log::info!(
+        "cycle done: {} task(s) received; {}",
+        report.received,
+        if counts.is_empty() { "nothing to do".into() } else { counts.join(", ") }
+    );
+    if open > 0 {
+        log::warn!("{open} task(s) remain open for the next cycle");
+        exit::TASKS_OPEN
+    } else {
+        exit::OK
+    }
+}
+
+pub fn run_once(cfg: &Config) -> Result<u8, AppError> {
+    let client = Client::new(cfg);
+    let report = cycle(cfg, &client)?;
+    Ok(report_exit(&report))
+}
+
+/// The daemon loop: a cycle every `[schedule] interval`, sooner when an
+/// open task would otherwise expire before the next poll. A failed cycle is
+/// logged and does not end the loop; SIGTERM/SIGINT end it between cycles.
+pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
+    let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
+    let client = Client::new(cfg);
+    let interval = cfg.schedule.interval.0;
+    log::info!("daemon started; polling every {}", humanize(interval));
+    while !shutdown.requested() {
+        match cycle(cfg, &client) {
+            Ok(report) => {
+                report_exit(&report);
+            }
+            Err(AppError::Store(e @ StoreError::Locked { .. })) => log::warn!("skipping this cycle: {e}"),
+            Err(e) => log::error!("cycle failed: {e}"),
+        }
+        let next = next_poll(cfg, interval);
+        log::info!("next poll in {}", humanize(next));
+        if !shutdown.sleep(next) {
+            break;
+        }
+    }
+    log::info!("shutting down");
+    Ok(exit::OK)
+}
+
+/// The interval, shortened so that an open task is tried again before it
+/// expires (half its remaining time, at least a minute).
+fn next_poll(cfg: &Config, interval: Duration) -> Duration {
+    let soonest = Store::open(&cfg.store.path, LockMode::Try).ok().and_then(|s| {
+        s.ledger_entries()
+            .filter(|e| !e.status.is_terminal())
+            .filter_map(|e| e.expires)
+            .min()
+    });
+    match soonest.and_then(|x| (x - Utc::now()).to_std().ok()) {
+        Some(left) if left < interval => (left / 2).max(Duration::from_secs(60)).min(interval),
+        _ => interval,
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => format!("{}ms", d.as_millis()),
+        1..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn check(cfg: &Config) -> Result<u8, AppError> {
+    println!("configuration: ok");
+    for (k, v) in cfg.describe() {
+        println!("  {k:<30} {v}");
+    }
+    let store = Store::open(&cfg.store.path, LockMode::Try)?;
+    let patients = store.patients().count();
+    let with_bf = store.patients().filter(|p| p.bloomfilter.is_some()).count();
+    let open = store.ledger_entries().filter(|e| !e.status.is_terminal()).count();
+    println!(
+        "store: ok ({patients} patient(s), {with_bf} with a Bloom filter, {} pseudonym(s), {} task(s) in the ledger, {open} open)",
+        store.pseudonyms().count(),
+        store.ledger_entries().count()
+    );
+    drop(store);
+    Audit::open(&cfg.audit_path())?;
+    println!("audit log: writable");
+    let client = Client::new(cfg);
+    // $requestTasks does not change state on the dispatcher (affectsState: false).
+    match client.request_tasks(cfg.site.study.as_str(), cfg.site.target.as_str()) {
+        Ok(p) => {
+            println!("dispatcher: reachable, API key accepted, {} task(s) waiting", p.parameter.len());
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            println!("dispatcher: FAILED: {e}");
+            Ok(if e.is_auth() || e.is_unreachable() { exit::DISPATCHER } else { exit::CONFIG })
+        }
+    }
+}
+
+pub fn import(cfg: &Config, file: &Path) -> Result<u8, AppError> {
+    let mut store = Store::open(&cfg.store.path, LockMode::Wait)?;
+    let report = import_file(&mut store, file)?;
+    print_import(file, &report);
+    Ok(if report.errors.is_empty() { exit::OK } else { exit::TASKS_OPEN })
+}
+
+fn print_import(file: &Path, r: &ImportReport) {
+    for (line, reason) in &r.errors {
+        eprintln!("{}:{line}: skipped: {reason}", file.display());
+    }
+    println!(
+        "import {}: {} added, {} updated, {} unchanged, {} skipped",
+        file.display(),
+        r.added,
+        r.updated,
+        r.unchanged,
+        r.errors.len()
+    );
+}
+
+pub fn tasks(cfg: &Config, status: Option<Status>, kind: Option<TaskKind>) -> Result<u8, AppError> {
+    let store = Store::open(&cfg.store.path, LockMode::Wait)?;
+    let mut entries: Vec<_> = store
+        .ledger_entries()
+        .filter(|e| status.is_none_or(|s| e.status == s))
+        .filter(|e| kind.is_none_or(|k| e.kind == k))
+        .collect();
+    entries.sort_by_key(|e| (e.first_seen, e.key.clone()));
+    println!(
+        "{:<18} {:<38} {:<10} {:<16} {:<21} {:<21} detail",
+        "kind", "task", "status", "outcome", "expires", "first seen"
+    );
+    let t = |d: chrono::DateTime<Utc>| d.format("%Y-%m-%d %H:%M:%SZ").to_string();
+    for e in &entries {
+        println!(
+            "{:<18} {:<38} {:<10} {:<16} {:<21} {:<21} {}",
+            e.kind.as_str(),
+            e.display_id,
+            e.status.as_str(),
+            e.outcome,
+            e.expires.map(t).unwrap_or_else(|| "-".into()),
+            t(e.first_seen),
+            e.detail.as_deref().unwrap_or("")
+        );
+    }
+    println!("{} task(s)", entries.len());
+    Ok(exit::OK)
+}
+
+pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| AppError::Other(format!("demo: cannot {what}: {e}"))
+    };
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => std::env::temp_dir().join(format!("fttp-agent-demo-{}", std::process::id())),
+    };
+    if dir.join("store").exists() {
+        std::fs::remove_dir_all(dir.join("store")).map_err(io("clear the previous demo store"))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(io("create the demo directory"))?;
+    let sim = demo::start_simulator().map_err(io("start the simulated dispatcher"))?;
+    demo::load_sample_tasks(&sim);
+    println!("simulated dispatcher listening at {}", sim.url());
+
+    let cfg_path = demo::write_config(&dir, sim.url(), format).map_err(io("write the demo config"))?;
+    let cfg = Config::load(&cfg_path)?;
+    let csv = dir.join("patients.csv");
+    std::fs::write(&csv, demo::sample_csv()).map_err(io("write the sample patients"))?;
+    {
+        let mut store = Store::open(&cfg.store.path, LockMode::Try)?;
+        let report = import_file(&mut store, &csv)?;
+        print_import(&csv, &report);
+    }
+    println!("running one cycle against the simulator ({})", format.mime());
+    let client = Client::new(&cfg);
+    let report = cycle(&cfg, &client)?;
+    print!("{}", demo::summary(&report));
+
+    let st = sim.state();
+    println!("\nThe simulated dispatcher received:");
+    for r in &st.received {
+        let what = match r.patient() {
+            Some(p) => {
+                let codes: Vec<&str> = Idat::from_patient(p).present().iter().map(|e| e.code()).collect();
+                format!(" (Patient with exactly: {})", codes.join(", "))
+            }
+            None => String::new(),
+        };
+        println!("  {:<28} HTTP {}{what}", r.operation, r.status);
+    }
+    println!("\nConfig, store and audit log of this demo are in {}", dir.display());
+    Ok(report_exit(&report))
+}
+
+pub fn sim(options: SimOptions, sample_tasks: bool) -> Result<u8, AppError> {
+    let key = options.api_key.clone();
+    let header = options.api_key_header.clone();
+    let sim = Simulator::start(options).map_err(|e| AppError::Other(format!("cannot start the simulator: {e}")))?;
+    if sample_tasks {
+        demo::load_sample_tasks(&sim);
+    }
+    println!("simulated dispatcher at {}", sim.url());
+    println!("API key header '{header}', key '{key}'; study '{}', target '{}'", demo::STUDY, demo::TARGET);
+    println!("Ctrl-C to stop");
+    sim.join();
+    Ok(exit::OK)
+}

@@ -1,0 +1,575 @@
+//! Configuration: a TOML file, environment overrides, validation.
+//!
+//! Every option is documented here, where it is declared, and in
+//! `config.example.toml`. Values are validated while the file is read, so a
+//! bad value is reported with its key and line by the TOML parser.
+
+use crate::fhir::Format;
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const ENV_CONFIG: &str = "FTTP_AGENT_CONFIG";
+pub const ENV_API_KEY: &str = "FTTP_AGENT_API_KEY";
+pub const DEFAULT_CONFIG: &str = "fttp-agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    // toml's message names the key and line; values it quotes are ours to
+    // see (an inline api_key is never quoted: its type is a plain string).
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("cannot read {what} from {path}: {source}")]
+    Secret {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A secret string: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub dispatcher: Dispatcher,
+    pub site: Site,
+    #[serde(default)]
+    pub schedule: Schedule,
+    pub store: Store,
+    #[serde(default)]
+    pub log: Log,
+}
+
+/// Where an API key travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKeyIn {
+    /// In the request header named by `api_key_header` (the guide's form).
+    #[default]
+    Header,
+    /// As a Parameters entry `apikey` (valueString): older gateways.
+    Body,
+    /// Both, for gateways in transition.
+    Both,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dispatcher {
+    /// Base URL of the dispatcher endpoint, e.g.
+    /// `https://fttp.example.org/ttp-fhir/fhir/dispatcher`; operations are
+    /// called as `[url]/$requestTasks` and so on.
+    pub url: BaseUrl,
+    /// The API key, inline. Prefer `api_key_file` or the environment
+    /// variable FTTP_AGENT_API_KEY, which overrides both.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// A file holding the API key (surrounding whitespace is ignored).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Request header carrying the API key. The guide says only "in the
+    /// request header", so the name is configurable.
+    #[serde(default = "default_api_key_header")]
+    pub api_key_header: HeaderName,
+    /// `header`, `body` (older gateways: a Parameters entry `apikey`) or `both`.
+    #[serde(default)]
+    pub api_key_in: ApiKeyIn,
+    /// `xml` or `json`: what we send and ask for in Accept. Answers are
+    /// parsed in whatever format their Content-Type says.
+    #[serde(default)]
+    pub format: Format,
+    /// Timeout of one HTTP exchange, e.g. `30s`.
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// Most Bloom filters sent in one `$requestPsnFromBfWorkflow` call.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: BatchSize,
+    /// Attempts per call for transient failures (connection errors,
+    /// timeouts, 408, 429, 5xx), never past the task's expiry.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: Attempts,
+    /// First retry delay; doubled per attempt, capped at 5 minutes.
+    #[serde(default = "default_retry_delay")]
+    pub retry_delay: HumanDuration,
+    /// Largest answer body accepted.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// The study, as known to the fTTP (e.g. `mii`).
+    pub study: NonEmpty,
+    /// This site's target domain (e.g. `dic_muenster`).
+    pub target: NonEmpty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Time between polls in daemon mode (`run` without `--once`). The guide
+    /// recommends several polls a week; tasks expire.
+    #[serde(default = "default_interval")]
+    pub interval: HumanDuration,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            interval: default_interval(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// Directory of the local store (patients, pseudonyms, task ledger).
+    /// Created with mode 0700.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// Human-readable log file, in addition to stderr. Unset: stderr only.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default)]
+    pub level: LogLevel,
+    /// The audit log (NDJSON, one record per task outcome and per poll).
+    /// Unset: `audit.ndjson` in the store directory.
+    #[serde(default)]
+    pub audit: Option<PathBuf>,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            file: None,
+            level: LogLevel::default(),
+            audit: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "error" => LogLevel::Error,
+            "warn" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => return Err(format!("unknown log level '{s}'")),
+        })
+    }
+}
+
+// ------------------------------------------------------------ value types
+
+/// A duration written for humans: `500ms`, `30s`, `30m`, `6h`, `2d`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("invalid duration '{s}' (use e.g. 30s, 15m, 6h, 1d)"));
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| format!("number too large in '{s}'"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(format!("invalid duration '{s}': unit must be ms, s, m, h or d")),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An http(s) URL without trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl(pub String);
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim().trim_end_matches('/');
+        let rest = t
+            .strip_prefix("https://")
+            .or_else(|| t.strip_prefix("http://"))
+            .ok_or_else(|| serde::de::Error::custom("url must start with https:// or http://"))?;
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(serde::de::Error::custom("url has no host"));
+        }
+        if t.contains(char::is_whitespace) {
+            return Err(serde::de::Error::custom("url contains whitespace"));
+        }
+        Ok(BaseUrl(t.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonEmpty(pub String);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(NonEmpty(s.trim().to_string()))
+    }
+}
+
+impl NonEmpty {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderName(pub String);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+        if !ok {
+            return Err(serde::de::Error::custom("not a valid HTTP header name"));
+        }
+        Ok(HeaderName(s))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSize(pub usize);
+
+impl<'de> Deserialize<'de> for BatchSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=10_000).contains(&n) {
+            return Err(serde::de::Error::custom("batch_size must be between 1 and 10000"));
+        }
+        Ok(BatchSize(n as usize))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts(pub u32);
+
+impl<'de> Deserialize<'de> for Attempts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=20).contains(&n) {
+            return Err(serde::de::Error::custom("max_attempts must be between 1 and 20"));
+        }
+        Ok(Attempts(n as u32))
+    }
+}
+
+fn default_api_key_header() -> HeaderName {
+    HeaderName("apikey".into())
+}
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_batch_size() -> BatchSize {
+    BatchSize(100)
+}
+fn default_max_attempts() -> Attempts {
+    Attempts(3)
+}
+fn default_retry_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_max_response_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(6 * 3600))
+}
+
+// ------------------------------------------------------------ loading
+
+/// The config file to use: `--config`, else `$FTTP_AGENT_CONFIG`, else `./fttp-agent.toml`.
+pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
+    if let Some(p) = cli {
+        return p.to_path_buf();
+    }
+    match std::env::var_os(ENV_CONFIG) {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_CONFIG),
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_relative(base);
+        cfg.apply_env();
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: describe_toml_error(text, &e),
+        })
+    }
+
+    /// Relative paths in the file are relative to the file, not to the
+    /// working directory of whoever started the agent (cron, systemd).
+    fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.store.path);
+        if let Some(p) = self.dispatcher.api_key_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.log.file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.log.audit.as_mut() {
+            fix(p);
+        }
+    }
+
+    fn apply_env(&mut self) {
+        if let Ok(key) = std::env::var(ENV_API_KEY) {
+            if !key.trim().is_empty() {
+                self.dispatcher.api_key = Some(Secret::new(key.trim()));
+                self.dispatcher.api_key_file = None;
+            }
+        }
+    }
+
+    fn validate(&mut self, path: &Path) -> Result<(), ConfigError> {
+        if self.dispatcher.api_key.is_some() && self.dispatcher.api_key_file.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher] set either api_key or api_key_file, not both".into(),
+            });
+        }
+        if let Some(file) = &self.dispatcher.api_key_file {
+            let key = std::fs::read_to_string(file).map_err(|source| ConfigError::Secret {
+                what: "the API key",
+                path: file.clone(),
+                source,
+            })?;
+            self.dispatcher.api_key = Some(Secret::new(key.trim()));
+        }
+        if self.dispatcher.api_key.as_ref().is_none_or(|k| k.expose().is_empty()) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("[dispatcher] no API key: set api_key_file, api_key or {ENV_API_KEY}"),
+            });
+        }
+        if self.schedule.interval.0 < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[schedule] interval must be at least 1s".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.log
+            .audit
+            .clone()
+            .unwrap_or_else(|| self.store.path.join("audit.ndjson"))
+    }
+
+    pub fn api_key(&self) -> &str {
+        self.dispatcher.api_key.as_ref().map_or("", Secret::expose)
+    }
+
+    /// What `check` prints: every effective setting, secrets shown only as set/unset.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let d = &self.dispatcher;
+        let fmt_dur = |h: &HumanDuration| format!("{:?}", h.0);
+        vec![
+            ("dispatcher.url".into(), d.url.0.clone()),
+            (
+                "dispatcher.api_key".into(),
+                if d.api_key.is_some() { "set (hidden)".into() } else { "unset".into() },
+            ),
+            ("dispatcher.api_key_header".into(), d.api_key_header.0.clone()),
+            ("dispatcher.api_key_in".into(), format!("{:?}", d.api_key_in).to_lowercase()),
+            ("dispatcher.format".into(), format!("{:?}", d.format).to_lowercase()),
+            ("dispatcher.timeout".into(), fmt_dur(&d.timeout)),
+            ("dispatcher.batch_size".into(), d.batch_size.0.to_string()),
+            ("dispatcher.max_attempts".into(), d.max_attempts.0.to_string()),
+            ("dispatcher.retry_delay".into(), fmt_dur(&d.retry_delay)),
+            ("dispatcher.max_response_bytes".into(), d.max_response_bytes.to_string()),
+            ("site.study".into(), self.site.study.0.clone()),
+            ("site.target".into(), self.site.target.0.clone()),
+            ("schedule.interval".into(), fmt_dur(&self.schedule.interval)),
+            ("store.path".into(), self.store.path.display().to_string()),
+            (
+                "log.file".into(),
+                self.log.file.as_ref().map_or("(stderr only)".into(), |p| p.display().to_string()),
+            ),
+            ("log.level".into(), format!("{:?}", self.log.level).to_lowercase()),
+            ("log.audit".into(), self.audit_path().display().to_string()),
+        ]
+    }
+}
+
+/// toml's error with the line number spelled out, and without echoing the
+/// offending line (it may hold an inline API key).
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split('=').next())
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && !k.starts_with('['))
+                .map(|k| format!(" (key `{k}`)"))
+                .unwrap_or_default();
+            format!("line {line}{key}: {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dispatcher]
+url = "https://fttp.example.org/ttp-fhir/fhir/dispatcher/"
+api_key = "k"
+timeout = "10s"
+
+[site]
+study = "mii"
+target = "dic_test"
+
+[schedule]
+interval = "1h30m"
+
+[store]
+path = "store"
+"#;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("6h").unwrap(), Duration::from_secs(21600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("6 hours").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("x.toml")).unwrap();
+        assert_eq!(c.dispatcher.url.0, "https://fttp.example.org/ttp-fhir/fhir/dispatcher");
+        assert_eq!(c.dispatcher.api_key_header.0, "apikey");
+        assert_eq!(c.dispatcher.format, Format::Xml);
+        assert_eq!(c.dispatcher.batch_size.0, 100);
+        assert_eq!(c.schedule.interval.0, Duration::from_secs(5400));
+        assert_eq!(format!("{:?}", c.dispatcher.api_key), "Some([redacted])");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_key_and_line() {
+        let bad = GOOD.replace("timeout = \"10s\"", "timeout = \"10 parsecs\"");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 5") && e.contains("timeout"), "{e}");
+        let bad = GOOD.replace("[site]", "[site]\nstudyy = \"x\"");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 8") && e.contains("studyy"), "{e}");
+        let bad = GOOD.replace("https://fttp", "ftp://fttp");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("https://"), "{e}");
+    }
+}

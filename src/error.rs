@@ -1,0 +1,59 @@
+//! Top-level errors and the exit codes they map to.
+
+use crate::agent::AgentError;
+use crate::audit::AuditError;
+use crate::config::ConfigError;
+use crate::import::ImportError;
+use crate::store::StoreError;
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    /// Every task resolved or cleanly skipped (expired, duplicate, rejected).
+    pub const OK: u8 = 0;
+    /// Some tasks failed or wait for local data; they stay open for the next cycle.
+    pub const TASKS_OPEN: u8 = 1;
+    /// Configuration or usage error.
+    pub const CONFIG: u8 = 2;
+    /// Dispatcher unreachable or authentication refused; nothing changed.
+    pub const DISPATCHER: u8 = 3;
+    /// Another agent holds the store lock (EX_TEMPFAIL).
+    pub const LOCKED: u8 = 75;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl AppError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::Config(_) | AppError::Usage(_) => exit::CONFIG,
+            AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
+            AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,
+            AppError::Agent(AgentError::Store(StoreError::Locked { .. })) => exit::LOCKED,
+            AppError::Agent(AgentError::Poll(e)) => match e {
+                // The gateway understood us and said the request is wrong:
+                // study or target unknown, a configuration problem.
+                crate::client::ClientError::Status {
+                    status: 400 | 404 | 422, ..
+                } => exit::CONFIG,
+                _ => exit::DISPATCHER,
+            },
+            _ => exit::TASKS_OPEN,
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! A simulated fTTP dispatcher: a real HTTP server on 127.0.0.1 that speaks
+//! the three operations the agent uses, in JSON and XML, with state.
+//!
+//! It checks the API key (401 with an OperationOutcome otherwise), validates
+//! requests (400/404/422 with an OperationOutcome), answers in the format
+//! the Accept header asks for, and records what it received so tests can
+//! assert on it. Faults can be queued to test recovery. Used by `demo`,
+//! `sim` and the test suite; never by a production cycle.
+
+use crate::fhir::idat::{ELEMENTS_SYSTEM, IdatElement};
+use crate::fhir::outcome::OperationOutcome;
+use crate::fhir::{Coding, Format, Identifier, ParamValue, Parameter, Parameters, Resource};
+use chrono::{DateTime, SecondsFormat, Utc};
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+pub const GPAS: &str = "https://ths-greifswald.de/gpas";
+pub const DISPATCHER: &str = "https://ths-greifswald.de/dispatcher";
+const MAX_BODY: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub api_key: String,
+    pub api_key_header: String,
+    /// Also accept the key as a Parameters entry `apikey` (older gateways).
+    pub accept_body_key: bool,
+    pub port: u16,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            api_key: "sim-api-key".into(),
+            api_key_header: "apikey".into(),
+            accept_body_key: false,
+            port: 0,
+        }
+    }
+}
+
+/// One request as the simulator saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub operation: String,
+    pub content_type: Option<String>,
+    pub accept: Option<String>,
+    pub authorized: bool,
+    /// Whether the API key came in the header (as opposed to the body).
+    pub key_in_header: bool,
+    pub parameters: Option<Parameters>,
+    pub status: u16,
+}
+
+impl Received {
+    /// The Patient of a `$providePatientData` request.
+    pub fn patient(&self) -> Option<&Resource> {
+        self.parameters.as_ref()?.get("patient").find_map(|p| p.resource.as_ref())
+    }
+}
+
+/// A queued failure: the next request for `operation` (any, if `None`)
+/// gets `status` with an OperationOutcome carrying `diagnostics`.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub operation: Option<String>,
+    pub status: u16,
+    pub diagnostics: String,
+}
+
+#[derive(Debug, Default)]
+pub struct SimState {
+    /// Task parameters handed out by `$requestTasks` until done.
+    pub tasks: Vec<Parameter>,
+    pub received: Vec<Received>,
+    /// Bloom filters (base64) the fTTP already knows, with their pseudonym.
+    pub registry: HashMap<String, Identifier>,
+    /// Bloom filters (base64) answered with an `error` part of this code.
+    pub bf_errors: HashMap<String, String>,
+    /// Answer the next `$requestPsnFromBfWorkflow` with an `all` error.
+    pub batch_error: Option<String>,
+    pub faults: VecDeque<Fault>,
+    next_psn: u32,
+}
+
+impl SimState {
+    pub fn received(&self, operation: &str) -> Vec<&Received> {
+        self.received.iter().filter(|r| r.operation == operation).collect()
+    }
+}
+
+pub struct Simulator {
+    url: String,
+    state: Arc<Mutex<SimState>>,
+    server: Arc<tiny_http::Server>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Simulator {
+    pub fn start(options: SimOptions) -> std::io::Result<Simulator> {
+        let server = tiny_http::Server::http(("127.0.0.1", options.port)).map_err(std::io::Error::other)?;
+        let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(options.port);
+        let server = Arc::new(server);
+        let state = Arc::new(Mutex::new(SimState::default()));
+        let (srv, st) = (Arc::clone(&server), Arc::clone(&state));
+        let thread = std::thread::spawn(move || {
+            for request in srv.incoming_requests() {
+                handle(&st, &options, request);
+            }
+        });
+        Ok(Simulator {
+            url: format!("http://127.0.0.1:{port}/ttp-fhir/fhir/dispatcher"),
+            state,
+            server,
+            thread: Some(thread),
+        })
+    }
+
+    /// The dispatcher base URL to configure the agent with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The simulator's state; tests read and change it between cycles.
+    pub fn state(&self) -> MutexGuard<'_, SimState> {
+        // A panic while holding the lock only happens in a failing test.
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn add_task(&self, task: Parameter) {
+        self.state().tasks.push(task);
+    }
+
+    pub fn push_fault(&self, operation: Option<&str>, status: u16, diagnostics: &str) {
+        self.state().faults.push_back(Fault {
+            operation: operation.map(str::to_string),
+            status,
+            diagnostics: diagnostics.to_string(),
+        });
+    }
+
+    /// Blocks until the server thread ends (for `fttp-agent sim`).
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ------------------------------------------------------------ task builders
+
+fn instant(t: DateTime<Utc>) -> Parameter {
+    Parameter::primitive("expires", "instant", &t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn bf_part(b64: &str) -> Parameter {
+    Parameter::primitive("bloomfilter", "base64Binary", b64)
+}
+
+pub fn dic_psn_available(bf_b64: &str, target: &str, pseudonym: &str, expires: Option<DateTime<Utc>>) -> Parameter {
+    let mut parts = Vec::new();
+    if let Some(e) = expires {
+        parts.push(instant(e));
+    }
+    parts.push(bf_part(bf_b64));
+    parts.push(Parameter::identifier("target", Identifier::new(Some(GPAS), target)));
+    parts.push(Parameter::identifier("pseudonym", Identifier::new(Some(GPAS), pseudonym)));
+    Parameter::with_parts("dic_psn_available", parts)
+}
+
+/// The patient is named by pseudonym if `pseudonym` is given, else by Bloom filter.
+pub fn send_idat(
+    task_id: &str,
+    expires: DateTime<Utc>,
+    pseudonym: Option<&str>,
+    bf_b64: Option<&str>,
+    elements: &[IdatElement],
+) -> Parameter {
+    let mut parts = vec![instant(expires), Parameter::primitive("taskId", "id", task_id)];
+    if let Some(p) = pseudonym {
+        parts.push(Parameter::identifier("pseudonym", Identifier::new(Some(GPAS), p)));
+    }
+    if let Some(b) = bf_b64 {
+        parts.push(bf_part(b));
+    }
+    for e in elements {
+        parts.push(Parameter::coding(
+            "element",
+            Coding {
+                system: Some(ELEMENTS_SYSTEM.into()),
+                code: Some(e.code().into()),
+                display: None,
+            },
+        ));
+    }
+    Parameter::with_parts("send_idat", parts)
+}
+
+pub fn repeat_request(study: &str, bf_b64: &str, target: &str, expires: Option<DateTime<Utc>>) -> Parameter {
+    let mut parts = Vec::new();
+    if let Some(e) = expires {
+        parts.push(instant(e));
+    }
+    parts.push(Parameter::identifier("study", Identifier::new(Some(GPAS), study)));
+    parts.push(bf_part(bf_b64));
+    parts.push(Parameter::identifier("target", Identifier::new(Some(GPAS), target)));
+    Parameter::with_parts("repeat_request", parts)
+}
+
+// ------------------------------------------------------------ HTTP handling
+
+fn header(req: &tiny_http::Request, name: &str) -> Option<String> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str().to_string())
+}
+
+fn respond(req: tiny_http::Request, status: u16, format: Format, body: String) {
+    let ct = format!("{};charset=utf-8", format.mime());
+    let mut resp = tiny_http::Response::from_string(body).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ct.as_bytes()) {
+        resp = resp.with_header(h);
+    }
+    let _ = req.respond(resp);
+}
+
+fn outcome(code: &str, diagnostics: &str) -> Resource {
+    OperationOutcome::error(code, diagnostics).to_resource()
+}
+
+fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Request) {
+    let path = req.url().split('?').next().unwrap_or("").replace("%24", "$");
+    let operation = path.rsplit('/').next().unwrap_or("").to_string();
+    let content_type = header(&req, "Content-Type");
+    let accept = header(&req, "Accept");
+    let header_key = header(&req, &options.api_key_header);
+    let mut body = Vec::new();
+    let read_ok = req.as_reader().take(MAX_BODY).read_to_end(&mut body).is_ok();
+    let request_format = Format::detect(content_type.as_deref(), &body).unwrap_or(Format::Xml);
+    let answer_format = match accept.as_deref() {
+        Some(a) if a.contains("json") => Format::Json,
+        Some(a) if a.contains("xml") => Format::Xml,
+        _ => request_format,
+    };
+    let parameters = if read_ok {
+        Format::detect(content_type.as_deref(), &body)
+            .ok()
+            .and_then(|f| Parameters::parse(f, &body).ok())
+    } else {
+        None
+    };
+    let mut st = match state.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    let key_in_header = header_key.as_deref() == Some(options.api_key.as_str());
+    let key_in_body = options.accept_body_key
+        && parameters
+            .as_ref()
+            .and_then(|p| p.first_string("apikey"))
+            .is_some_and(|k| k == options.api_key);
+    let mut rec = Received {
+        operation: operation.clone(),
+        content_type,
+        accept,
+        authorized: key_in_header || key_in_body,
+        key_in_header,
+        parameters: parameters.clone(),
+        status: 0,
+    };
+
+    let (status, resource) = if let Some(pos) = st
+        .faults
+        .iter()
+        .position(|f| f.operation.as_deref().is_none_or(|o| o == operation))
+    {
+        let fault = st.faults.remove(pos).unwrap_or_else(|| unreachable_fault());
+        (fault.status, outcome("exception", &fault.diagnostics))
+    } else if req.method() != &tiny_http::Method::Post {
+        (405, outcome("not-supported", "only POST is supported"))
+    } else if !rec.authorized {
+        (401, outcome("security", "missing or invalid API key"))
+    } else {
+        match parameters {
+            None => (400, outcome("invalid", "body is not a FHIR Parameters resource")),
+            Some(p) => match operation.as_str() {
+                "$requestTasks" => request_tasks(&mut st, &p),
+                "$providePatientData" => provide_patient_data(&mut st, &p),
+                "$requestPsnFromBfWorkflow" => request_psn(&mut st, &p),
+                _ => (404, outcome("not-found", "unknown operation")),
+            },
+        }
+    };
+    rec.status = status;
+    st.received.push(rec);
+    drop(st);
+    respond(req, status, answer_format, crate::fhir::write_resource(answer_format, &resource));
+}
+
+fn unreachable_fault() -> Fault {
+    Fault {
+        operation: None,
+        status: 500,
+        diagnostics: String::new(),
+    }
+}
+
+fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
+    if p.first_string("study").is_none() || p.first_string("target").is_none() {
+        return (400, outcome("required", "study and target are required"));
+    }
+    let answer = Parameters::new(st.tasks.clone());
+    // A finished clearing is reported once; other tasks wait until done.
+    st.tasks.retain(|t| t.name != "dic_psn_available");
+    (200, answer.to_resource())
+}
+
+fn task_id_of(t: &Parameter) -> Option<&str> {
+    t.parts("taskId").find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+}
+
+/// What the Idat profile allows at the top level of the Patient.
+const IDAT_ALLOWED: [&str; 8] = [
+    "meta",
+    "extension",
+    "name",
+    "gender",
+    "birthDate",
+    "address",
+    "maritalStatus",
+    "communication",
+];
+
+fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
+    let task_id = p.get("taskId").find_map(|x| x.value.as_ref().and_then(ParamValue::as_str));
+    let Some(task_id) = task_id else {
+        return (400, outcome("required", "taskId is required"));
+    };
+    if p.first_string("target").is_none() {
+        return (400, outcome("required", "target is required"));
+    }
+    let Some(patient) = p.get("patient").find_map(|x| x.resource.as_ref()) else {
+        return (400, outcome("required", "patient is required"));
+    };
+    if patient.resource_type != "Patient" {
+        return (422, outcome("invalid", "patient must be a Patient resource"));
+    }
+    if let Some(bad) = patient.node.names().find(|n| !IDAT_ALLOWED.contains(n)) {
+        return (422, outcome("invalid", &format!("element {bad} is not allowed by the Idat profile")));
+    }
+    let Some(pos) = st
+        .tasks
+        .iter()
+        .position(|t| t.name == "send_idat" && task_id_of(t) == Some(task_id))
+    else {
+        return (404, outcome("not-found", "unknown taskId"));
+    };
+    st.tasks.remove(pos);
+    (200, Parameters::default().to_resource())
+}
+
+fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
+    let (Some(study), Some(target)) = (p.first_string("study"), p.first_string("target")) else {
+        return (400, outcome("required", "study and target are required"));
+    };
+    let bfs: Vec<String> = p
+        .get("bloomfilter")
+        .filter_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+        .map(str::to_string)
+        .collect();
+    if bfs.is_empty() {
+        return (400, outcome("required", "at least one bloomfilter is required"));
+    }
+    let target_id = Identifier::new(Some(GPAS), target);
+    let error_code = |code: &str| {
+        Parameter::coding(
+            "error-code",
+            Coding {
+                system: Some("http://hl7.org/fhir/issue-type".into()),
+                code: Some(code.into()),
+                display: None,
+            },
+        )
+    };
+    if let Some(code) = st.batch_error.take() {
+        let err = Parameter::with_parts(
+            "error",
+            vec![Parameter::string("all", "all"), error_code(&code)],
+        );
+        return (200, Parameters::new(vec![err]).to_resource());
+    }
+    let mut out = Vec::new();
+    for bf in bfs {
+        if let Some(code) = st.bf_errors.get(&bf).cloned() {
+            out.push(Parameter::with_parts(
+                "error",
+                vec![bf_part(&bf), Parameter::identifier("target", target_id.clone()), error_code(&code)],
+            ));
+            continue;
+        }
+        let psn = match st.registry.get(&bf) {
+            Some(id) => id.clone(),
+            None => {
+                st.next_psn += 1;
+                let id = Identifier::new(Some(DISPATCHER), &format!("{study}_SIM{:04}", st.next_psn));
+                st.registry.insert(bf.clone(), id.clone());
+                id
+            }
+        };
+        out.push(Parameter::with_parts(
+            "pseudonym-bf",
+            vec![bf_part(&bf), Parameter::identifier("target", target_id.clone()), Parameter::identifier("pseudonym", psn)],
+        ));
+        st.tasks.retain(|t| {
+            !(t.name == "repeat_request"
+                && t.parts("bloomfilter")
+                    .any(|x| x.value.as_ref().and_then(ParamValue::as_str) == Some(bf.as_str())))
+        });
+    }
+    (200, Parameters::new(out).to_resource())
+}

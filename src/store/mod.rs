@@ -1,0 +1,591 @@
+//! The crash-safe local store: patients' IDAT and Bloom filters, pseudonyms
+//! received, the task ledger, the last poll.
+//!
+//! On disk, a directory with
+//! - `snapshot`: the whole state as checksummed lines, written to a temp
+//!   file, fsynced and renamed into place (then the directory is fsynced);
+//! - `journal`: checksummed records appended (and fsynced) since that
+//!   snapshot, so writing one record never rewrites the store;
+//! - `LOCK`: held with an OS file lock by the one agent using the store.
+//!
+//! Both files start with a header naming their generation. A crash between
+//! installing a new snapshot and starting its journal leaves an older
+//! journal, which is recognised by its generation and skipped: its records
+//! are in the snapshot. A torn last journal line (a crash mid-append) is an
+//! unacknowledged write and is cut off; damage anywhere else is corruption,
+//! reported with file and line, and the store refuses to open.
+
+pub mod records;
+
+pub use records::{LedgerEntry, PatientRecord, PollRecord, PseudonymRecord, Record, Status};
+
+use crate::privacy::sha256_hex;
+use crate::types::{BloomFilter, LocalId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const SNAPSHOT: &str = "snapshot";
+const JOURNAL: &str = "journal";
+const LOCK: &str = "LOCK";
+const FORMAT: &str = "fttp-agent-store";
+const VERSION: u32 = 1;
+/// Compact when the journal holds this many records more than a fresh
+/// snapshot would: bounds replay time without rewriting on every write.
+const COMPACT_MIN_RECORDS: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store {path} is in use by another fttp-agent{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Locked { path: PathBuf, pid: Option<u32> },
+    #[error("store {path}: cannot {op}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "store file {path} is damaged at line {line} ({reason}); refusing to run. \
+         The file is left as it is for recovery"
+    )]
+    Corrupt { path: PathBuf, line: usize, reason: String },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    generation: u64,
+}
+
+/// How to wait for the store lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Fail at once with `Locked` (cron overlap: the other agent is doing the work).
+    Try,
+    /// Block until the other agent is done (an import while the daemon polls).
+    Wait,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    patients: HashMap<LocalId, PatientRecord>,
+    by_bf: HashMap<BloomFilter, LocalId>,
+    pseudonyms: HashMap<(BloomFilter, String), PseudonymRecord>,
+    by_pseudonym: HashMap<String, BloomFilter>,
+    ledger: HashMap<String, LedgerEntry>,
+    last_poll: Option<PollRecord>,
+}
+
+impl State {
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Patient(p) => {
+                if let Some(old) = self.patients.get(&p.local_id) {
+                    if let Some(bf) = &old.bloomfilter {
+                        if self.by_bf.get(bf) == Some(&p.local_id) {
+                            self.by_bf.remove(bf);
+                        }
+                    }
+                }
+                if let Some(bf) = &p.bloomfilter {
+                    self.by_bf.insert(bf.clone(), p.local_id.clone());
+                }
+                self.patients.insert(p.local_id.clone(), p);
+            }
+            Record::Pseudonym(p) => {
+                self.by_pseudonym.insert(p.pseudonym.value.clone(), p.bloomfilter.clone());
+                self.pseudonyms.insert((p.bloomfilter.clone(), p.target.clone()), p);
+            }
+            Record::Ledger(e) => {
+                self.ledger.insert(e.key.clone(), e);
+            }
+            Record::Poll(p) => self.last_poll = Some(p),
+        }
+    }
+
+    fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        self.patients
+            .values()
+            .cloned()
+            .map(Record::Patient)
+            .chain(self.pseudonyms.values().cloned().map(Record::Pseudonym))
+            .chain(self.ledger.values().cloned().map(Record::Ledger))
+            .chain(self.last_poll.clone().map(Record::Poll))
+    }
+
+    fn len(&self) -> usize {
+        self.patients.len() + self.pseudonyms.len() + self.ledger.len() + 1
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+    _lock: File,
+    journal: File,
+    journal_len: u64,
+    journal_records: usize,
+    generation: u64,
+    state: State,
+}
+
+impl Store {
+    pub fn open(dir: &Path, mode: LockMode) -> Result<Store, StoreError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("create the store directory", dir))?;
+        let lock = acquire_lock(dir, mode)?;
+
+        let mut state = State::default();
+        let snap_path = dir.join(SNAPSHOT);
+        let generation = match read_file(&snap_path)? {
+            Some(text) => {
+                let (header, lines) = parse_lines(&snap_path, &text, false)?;
+                for r in lines.records {
+                    state.apply(r);
+                }
+                header.generation
+            }
+            None => 0,
+        };
+
+        let journal_path = dir.join(JOURNAL);
+        let mut journal_records = 0;
+        let mut journal_len = 0u64;
+        let mut start_new_journal = true;
+        if let Some(text) = read_file(&journal_path)? {
+            let (header, lines) = parse_lines(&journal_path, &text, true)?;
+            if header.generation == generation {
+                journal_records = lines.records.len();
+                for r in lines.records {
+                    state.apply(r);
+                }
+                journal_len = lines.good_len as u64;
+                if lines.good_len < text.len() {
+                    log::warn!(
+                        "store journal {}: discarding an incomplete last record (an interrupted write)",
+                        journal_path.display()
+                    );
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&journal_path)
+                        .map_err(io("open the journal", &journal_path))?;
+                    f.set_len(journal_len).map_err(io("truncate the journal", &journal_path))?;
+                    f.sync_all().map_err(io("sync the journal", &journal_path))?;
+                }
+                start_new_journal = false;
+            } else if header.generation > generation {
+                return Err(StoreError::Corrupt {
+                    path: journal_path,
+                    line: 1,
+                    reason: format!(
+                        "journal generation {} is newer than snapshot generation {generation}",
+                        header.generation
+                    ),
+                });
+            }
+            // An older journal: its records are already in the snapshot.
+        }
+        if start_new_journal {
+            journal_len = write_atomically(dir, JOURNAL, generation, std::iter::empty())?;
+        }
+        let journal = OpenOptions::new()
+            .append(true)
+            .open(&journal_path)
+            .map_err(io("open the journal", &journal_path))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            journal,
+            journal_len,
+            journal_records,
+            generation,
+            state,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends records durably, then applies them. Nothing is applied if the
+    /// write fails, and a partial append is rolled back so that the journal
+    /// never holds a torn record in its middle.
+    pub fn write(&mut self, records: Vec<Record>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::new();
+        for r in &records {
+            push_line(&mut buf, r);
+        }
+        let path = self.dir.join(JOURNAL);
+        let result = self
+            .journal
+            .write_all(buf.as_bytes())
+            .and_then(|_| self.journal.sync_data());
+        if let Err(source) = result {
+            if let Err(e) = self.journal.set_len(self.journal_len) {
+                log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
+            }
+            return Err(StoreError::Io {
+                op: "write the journal",
+                path,
+                source,
+            });
+        }
+        self.journal_len += buf.len() as u64;
+        self.journal_records += records.len();
+        for r in records {
+            self.state.apply(r);
+        }
+        if self.journal_records > COMPACT_MIN_RECORDS.max(self.state.len()) {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    pub fn put(&mut self, record: Record) -> Result<(), StoreError> {
+        self.write(vec![record])
+    }
+
+    /// Writes the whole state as a new snapshot generation and starts an
+    /// empty journal for it.
+    pub fn compact(&mut self) -> Result<(), StoreError> {
+        let next = self.generation + 1;
+        write_atomically(&self.dir, SNAPSHOT, next, self.state.records())?;
+        self.journal_len = write_atomically(&self.dir, JOURNAL, next, std::iter::empty())?;
+        let path = self.dir.join(JOURNAL);
+        self.journal = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io("open the journal", &path))?;
+        self.generation = next;
+        self.journal_records = 0;
+        Ok(())
+    }
+
+    pub fn patient(&self, id: &LocalId) -> Option<&PatientRecord> {
+        self.state.patients.get(id)
+    }
+
+    pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Option<&PatientRecord> {
+        self.state.by_bf.get(bf).and_then(|id| self.state.patients.get(id))
+    }
+
+    /// The patient a pseudonym was issued for (any target, any system).
+    pub fn patient_by_pseudonym(&self, value: &str) -> Option<&PatientRecord> {
+        self.state
+            .by_pseudonym
+            .get(value)
+            .and_then(|bf| self.patient_by_bloomfilter(bf))
+    }
+
+    pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Option<&PseudonymRecord> {
+        self.state.pseudonyms.get(&(bf.clone(), target.to_string()))
+    }
+
+    pub fn pseudonyms(&self) -> impl Iterator<Item = &PseudonymRecord> {
+        self.state.pseudonyms.values()
+    }
+
+    pub fn patients(&self) -> impl Iterator<Item = &PatientRecord> {
+        self.state.patients.values()
+    }
+
+    pub fn ledger(&self, key: &str) -> Option<&LedgerEntry> {
+        self.state.ledger.get(key)
+    }
+
+    pub fn ledger_entries(&self) -> impl Iterator<Item = &LedgerEntry> {
+        self.state.ledger.values()
+    }
+
+    pub fn last_poll(&self) -> Option<&PollRecord> {
+        self.state.last_poll.as_ref()
+    }
+}
+
+fn acquire_lock(dir: &Path, mode: LockMode) -> Result<File, StoreError> {
+    let path = dir.join(LOCK);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("open the lock file", &path))?;
+    match mode {
+        LockMode::Wait => file.lock().map_err(io("lock the store", &path))?,
+        LockMode::Try => match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(StoreError::Locked {
+                    path: dir.to_path_buf(),
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock the store", &path)(e)),
+        },
+    }
+    // Who holds it, for the message the next agent prints.
+    file.set_len(0).map_err(io("write the lock file", &path))?;
+    write!(file, "{}", std::process::id()).map_err(io("write the lock file", &path))?;
+    Ok(file)
+}
+
+fn read_file(path: &Path) -> Result<Option<String>, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|e| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: format!("not UTF-8 at byte {}", e.utf8_error().valid_up_to()),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", path)(e)),
+    }
+}
+
+fn checksum(payload: &str) -> String {
+    sha256_hex(payload.as_bytes())[..16].to_string()
+}
+
+fn push_line<T: Serialize>(buf: &mut String, value: &T) {
+    // Serialising our own plain data types cannot fail.
+    let payload = serde_json::to_string(value).unwrap_or_default();
+    buf.push_str(&checksum(&payload));
+    buf.push(' ');
+    buf.push_str(&payload);
+    buf.push('\n');
+}
+
+struct Lines {
+    records: Vec<Record>,
+    /// Bytes up to the end of the last good line.
+    good_len: usize,
+}
+
+/// Parses a snapshot or journal. With `tolerate_torn_tail`, a damaged *last*
+/// line is dropped (it was never acknowledged); otherwise any damage is fatal.
+fn parse_lines(path: &Path, text: &str, tolerate_torn_tail: bool) -> Result<(Header, Lines), StoreError> {
+    let corrupt = |line: usize, reason: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.to_string(),
+    };
+    let mut header: Option<Header> = None;
+    let mut records = Vec::new();
+    let mut offset = 0usize;
+    let mut good_len = 0usize;
+    let total_lines = text.split_inclusive('\n').count();
+    for (i, raw) in text.split_inclusive('\n').enumerate() {
+        let lineno = i + 1;
+        let is_last = lineno == total_lines;
+        offset += raw.len();
+        let parsed = parse_line(raw);
+        let outcome = match (parsed, header.is_none()) {
+            (Ok(payload), true) => serde_json::from_str::<Header>(payload)
+                .map_err(|_| "bad header".to_string())
+                .and_then(|h| {
+                    if h.format != FORMAT || h.version != VERSION {
+                        Err(format!("not a {FORMAT} v{VERSION} file"))
+                    } else {
+                        header = Some(h);
+                        Ok(())
+                    }
+                }),
+            (Ok(payload), false) => serde_json::from_str::<Record>(payload)
+                .map(|r| records.push(r))
+                .map_err(|_| "unreadable record".to_string()),
+            (Err(reason), _) => Err(reason.to_string()),
+        };
+        match outcome {
+            Ok(()) => good_len = offset,
+            Err(reason) if is_last && tolerate_torn_tail && header.is_some() => {
+                let _ = reason;
+                break;
+            }
+            Err(reason) => return Err(corrupt(lineno, &reason)),
+        }
+    }
+    let header = header.ok_or_else(|| corrupt(1, "missing header"))?;
+    Ok((header, Lines { records, good_len }))
+}
+
+fn parse_line(raw: &str) -> Result<&str, &'static str> {
+    let line = raw.strip_suffix('\n').ok_or("incomplete line")?;
+    let (sum, payload) = line.split_once(' ').ok_or("missing checksum")?;
+    if sum != checksum(payload) {
+        return Err("checksum mismatch");
+    }
+    Ok(payload)
+}
+
+/// Writes header + records to `name.tmp`, fsyncs, renames over `name`, and
+/// fsyncs the directory. Returns the file's length.
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    generation: u64,
+    records: impl Iterator<Item = Record>,
+) -> Result<u64, StoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dest = dir.join(name);
+    let mut buf = String::new();
+    push_line(
+        &mut buf,
+        &Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            generation,
+        },
+    );
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create a temporary file", &tmp))?;
+    let mut len = 0u64;
+    for r in records {
+        push_line(&mut buf, &r);
+        if buf.len() > 1 << 20 {
+            file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
+            len += buf.len() as u64;
+            buf.clear();
+        }
+    }
+    file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
+    len += buf.len() as u64;
+    file.sync_all().map_err(io("sync", &tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync the store directory", dir))?;
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::idat::Idat;
+    use chrono::Utc;
+
+    fn patient(id: &str, bf: &[u8]) -> Record {
+        Record::Patient(PatientRecord {
+            local_id: LocalId(id.into()),
+            idat: Idat {
+                family: Some(format!("Family{id}")),
+                ..Idat::default()
+            },
+            bloomfilter: Some(BloomFilter::from_bytes(bf.to_vec()).unwrap()),
+            updated: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn state_survives_reopen_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            s.put(patient("1", b"one")).unwrap();
+            s.put(patient("2", b"two")).unwrap();
+        }
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            assert_eq!(s.patients().count(), 2);
+            s.compact().unwrap();
+            s.put(patient("2", b"TWO")).unwrap();
+        }
+        let s = Store::open(dir.path(), LockMode::Try).unwrap();
+        let bf = BloomFilter::from_bytes(b"TWO".to_vec()).unwrap();
+        assert_eq!(s.patient_by_bloomfilter(&bf).unwrap().local_id.0, "2");
+        let old = BloomFilter::from_bytes(b"two".to_vec()).unwrap();
+        assert!(s.patient_by_bloomfilter(&old).is_none());
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_earlier_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            s.put(patient("1", b"one")).unwrap();
+            s.put(patient("2", b"two")).unwrap();
+        }
+        let j = dir.path().join(JOURNAL);
+        let len = std::fs::metadata(&j).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&j).unwrap();
+        f.set_len(len - 7).unwrap();
+        drop(f);
+        let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+        assert_eq!(s.patients().count(), 1);
+        s.put(patient("3", b"three")).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), LockMode::Try).unwrap();
+        assert_eq!(s.patients().count(), 2);
+    }
+
+    #[test]
+    fn damage_in_the_middle_refuses_to_open_and_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            s.put(patient("1", b"one")).unwrap();
+            s.put(patient("2", b"two")).unwrap();
+        }
+        let j = dir.path().join(JOURNAL);
+        let text = std::fs::read_to_string(&j).unwrap();
+        std::fs::write(&j, text.replacen("Family1", "Family9", 1)).unwrap();
+        let err = Store::open(dir.path(), LockMode::Try).err().unwrap().to_string();
+        assert!(err.contains("journal") && err.contains("line 2"), "{err}");
+        assert!(!err.contains("Family"), "{err}");
+        // Left untouched for recovery.
+        assert!(std::fs::read_to_string(&j).unwrap().contains("Family9"));
+    }
+
+    #[test]
+    fn a_second_opener_is_refused_with_the_holders_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = Store::open(dir.path(), LockMode::Try).unwrap();
+        match Store::open(dir.path(), LockMode::Try) {
+            Err(StoreError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("expected Locked, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn a_journal_older_than_the_snapshot_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            s.put(patient("1", b"one")).unwrap();
+        }
+        let old_journal = std::fs::read(dir.path().join(JOURNAL)).unwrap();
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            s.compact().unwrap();
+        }
+        // Crash after the snapshot rename, before the new journal: old journal back.
+        std::fs::write(dir.path().join(JOURNAL), old_journal).unwrap();
+        let s = Store::open(dir.path(), LockMode::Try).unwrap();
+        assert_eq!(s.patients().count(), 1);
+    }
+}

@@ -1,0 +1,107 @@
+//! What the store holds. Every record is a complete "upsert", so replaying a
+//! record twice (a journal that overlaps a snapshot) changes nothing.
+
+use crate::fhir::idat::Idat;
+use crate::tasks::{Task, TaskKind};
+use crate::types::{BloomFilter, LocalId, Pseudonym};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatientRecord {
+    pub local_id: LocalId,
+    pub idat: Idat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bloomfilter: Option<BloomFilter>,
+    pub updated: DateTime<Utc>,
+}
+
+/// A pseudonym received from the fTTP, keyed by the Bloom filter it answers
+/// and the target domain. Kept even when no local patient has that filter
+/// yet, so an import that arrives later links it and nothing is lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PseudonymRecord {
+    pub bloomfilter: BloomFilter,
+    pub target: String,
+    pub pseudonym: Pseudonym,
+    pub received: DateTime<Utc>,
+    /// Ledger key of the task that delivered it.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Seen, not yet done (or waiting for local data, e.g. an unknown patient).
+    Pending,
+    /// A request for it is being sent; after a crash it is sent again.
+    InFlight,
+    /// Done.
+    Resolved,
+    /// The last attempt failed; retried next cycle until it expires.
+    Failed,
+    /// Its expiry passed before it could be done.
+    Expired,
+    /// Malformed or not for this site; never acted on.
+    Rejected,
+}
+
+impl Status {
+    /// Terminal states are never worked on again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Resolved | Status::Expired | Status::Rejected)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::InFlight => "in_flight",
+            Status::Resolved => "resolved",
+            Status::Failed => "failed",
+            Status::Expired => "expired",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+/// One task as the ledger remembers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub key: String,
+    pub kind: TaskKind,
+    /// taskId, or a prefix of the content hash.
+    pub display_id: String,
+    /// The task itself, so it can be retried from the ledger even if the
+    /// dispatcher does not hand it out again. `None` for rejected tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
+    pub status: Status,
+    /// Last outcome: stored, sent, unknown_patient, expired, rejected, failed, ...
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub updated: DateTime<Utc>,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PollRecord {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    pub tasks: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum Record {
+    Patient(PatientRecord),
+    Pseudonym(PseudonymRecord),
+    Ledger(LedgerEntry),
+    Poll(PollRecord),
+}

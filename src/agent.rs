@@ -78,7 +78,11 @@ fn ts(t: DateTime<Utc>) -> String {
 /// A unit of work: one task, or one batch of repeat_requests sent together.
 enum Work {
     One(LedgerEntry),
-    Batch { study: String, target: String, entries: Vec<LedgerEntry> },
+    Batch {
+        study: String,
+        target: String,
+        entries: Vec<LedgerEntry>,
+    },
 }
 
 impl Work {
@@ -201,12 +205,24 @@ impl<'a> Agent<'a> {
                 }
             };
             if !seen_now.insert(key.clone()) {
-                self.outcome(&entry, "duplicate", entry.status, Some("repeated within one answer".into()), None)?;
+                self.outcome(
+                    &entry,
+                    "duplicate",
+                    entry.status,
+                    Some("repeated within one answer".into()),
+                    None,
+                )?;
                 continue;
             }
             match self.store.ledger(&key).cloned() {
                 Some(old) if old.status.is_terminal() => {
-                    self.outcome(&old, "duplicate", old.status, Some(format!("already {}", old.status.as_str())), None)?;
+                    self.outcome(
+                        &old,
+                        "duplicate",
+                        old.status,
+                        Some(format!("already {}", old.status.as_str())),
+                        None,
+                    )?;
                 }
                 Some(mut old) => {
                     old.last_seen = now;
@@ -317,7 +333,13 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn save_pseudonym(&mut self, bf: &BloomFilter, target: &str, psn: Pseudonym, source: &str) -> Result<(), AgentError> {
+    fn save_pseudonym(
+        &mut self,
+        bf: &BloomFilter,
+        target: &str,
+        psn: Pseudonym,
+        source: &str,
+    ) -> Result<(), AgentError> {
         if self.store.pseudonym(bf, target).is_some_and(|p| p.pseudonym == psn) {
             return Ok(());
         }
@@ -342,7 +364,11 @@ impl<'a> Agent<'a> {
         let found = pseudonym
             .as_ref()
             .and_then(|p| self.store.patient_by_pseudonym(&p.value))
-            .or_else(|| bloomfilter.as_ref().and_then(|bf| self.store.patient_by_bloomfilter(bf)))
+            .or_else(|| {
+                bloomfilter
+                    .as_ref()
+                    .and_then(|bf| self.store.patient_by_bloomfilter(bf))
+            })
             .cloned();
         let Some(patient) = found else {
             let mut done = e;
@@ -375,7 +401,8 @@ impl<'a> Agent<'a> {
         match result {
             Ok(()) => {
                 done.status = Status::Resolved;
-                let detail = (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
+                let detail =
+                    (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
                 let mut rec = self.record_for(&done, "sent", detail, Some(fp));
                 rec.elements = elements.iter().map(|e| e.code().to_string()).collect();
                 rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
@@ -472,14 +499,21 @@ impl<'a> Agent<'a> {
             };
             if let Some(code) = &batch_error {
                 e.status = Status::Failed;
-                self.finish(e, "dispatcher_error", Some(format!("whole batch refused: {code}")), None)?;
+                self.finish(
+                    e,
+                    "dispatcher_error",
+                    Some(format!("whole batch refused: {code}")),
+                    None,
+                )?;
             } else if let Some((_, psn)) = psns.iter().find(|(bf, _)| *bf == bloomfilter) {
                 self.save_pseudonym(&bloomfilter, target, psn.clone(), &e.key)?;
                 let fp = self
                     .store
                     .patient_by_bloomfilter(&bloomfilter)
                     .map(|p| p.local_id.fingerprint());
-                let detail = fp.is_none().then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());
+                let detail = fp
+                    .is_none()
+                    .then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());
                 e.status = Status::Resolved;
                 self.finish(e, "stored", detail, fp)?;
             } else if let Some((_, code)) = errors.iter().find(|(bf, _)| bf.as_ref() == Some(&bloomfilter)) {
@@ -487,7 +521,12 @@ impl<'a> Agent<'a> {
                 self.finish(e, "dispatcher_error", Some(format!("error code {code}")), None)?;
             } else {
                 e.status = Status::Failed;
-                self.finish(e, "failed", Some("the answer had nothing for this Bloom filter".into()), None)?;
+                self.finish(
+                    e,
+                    "failed",
+                    Some("the answer had nothing for this Bloom filter".into()),
+                    None,
+                )?;
             }
         }
         Ok(())
@@ -499,7 +538,13 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn record_for(&self, e: &LedgerEntry, outcome: &str, detail: Option<String>, patient: Option<String>) -> AuditRecord {
+    fn record_for(
+        &self,
+        e: &LedgerEntry,
+        outcome: &str,
+        detail: Option<String>,
+        patient: Option<String>,
+    ) -> AuditRecord {
         let mut rec = AuditRecord::new(e.kind.as_str(), outcome, self.target());
         rec.task = Some(e.display_id.clone());
         rec.status = Some(e.status.as_str().to_string());
@@ -543,7 +588,12 @@ impl<'a> Agent<'a> {
             self.store.put(Record::Ledger(e.clone()))?;
         }
         if e.status == Status::Failed {
-            log::warn!("[{} {}] {outcome}: {}", e.kind, e.display_id, rec.detail.as_deref().unwrap_or(""));
+            log::warn!(
+                "[{} {}] {outcome}: {}",
+                e.kind,
+                e.display_id,
+                rec.detail.as_deref().unwrap_or("")
+            );
         } else {
             log::info!("[{} {}] {outcome}", e.kind, e.display_id);
         }

@@ -127,7 +127,10 @@ impl Client {
 
     /// `$requestTasks` {study, target}: the open tasks of this site.
     pub fn request_tasks(&self, study: &str, target: &str) -> Result<Parameters, ClientError> {
-        let params = Parameters::new(vec![Parameter::string("study", study), Parameter::string("target", target)]);
+        let params = Parameters::new(vec![
+            Parameter::string("study", study),
+            Parameter::string("target", target),
+        ]);
         let op = Operation::RequestTasks;
         let (format, body) = self.call(op, params, &self.redactor(), None)?;
         Parameters::parse(format, &body).map_err(|source| ClientError::Decode { op, source })
@@ -214,7 +217,9 @@ impl Client {
                 .map(str::to_string)
         };
         let content_type = header("content-type");
-        let retry_after = header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        let retry_after = header("retry-after")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let bytes = resp
             .body_mut()
             .with_config()

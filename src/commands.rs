@@ -30,7 +30,11 @@ fn report_exit(report: &CycleReport) -> u8 {
     log::info!(
         "cycle done: {} task(s) received; {}",
         report.received,
-        if counts.is_empty() { "nothing to do".into() } else { counts.join(", ") }
+        if counts.is_empty() {
+            "nothing to do".into()
+        } else {
+            counts.join(", ")
+        }
     );
     if open > 0 {
         log::warn!("{open} task(s) remain open for the next cycle");
@@ -118,12 +122,19 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
     // $requestTasks does not change state on the dispatcher (affectsState: false).
     match client.request_tasks(cfg.site.study.as_str(), cfg.site.target.as_str()) {
         Ok(p) => {
-            println!("dispatcher: reachable, API key accepted, {} task(s) waiting", p.parameter.len());
+            println!(
+                "dispatcher: reachable, API key accepted, {} task(s) waiting",
+                p.parameter.len()
+            );
             Ok(exit::OK)
         }
         Err(e) => {
             println!("dispatcher: FAILED: {e}");
-            Ok(if e.is_auth() || e.is_unreachable() { exit::DISPATCHER } else { exit::CONFIG })
+            Ok(if e.is_auth() || e.is_unreachable() {
+                exit::DISPATCHER
+            } else {
+                exit::CONFIG
+            })
         }
     }
 }
@@ -132,7 +143,11 @@ pub fn import(cfg: &Config, file: &Path) -> Result<u8, AppError> {
     let mut store = Store::open(&cfg.store.path, LockMode::Wait)?;
     let report = import_file(&mut store, file)?;
     print_import(file, &report);
-    Ok(if report.errors.is_empty() { exit::OK } else { exit::TASKS_OPEN })
+    Ok(if report.errors.is_empty() {
+        exit::OK
+    } else {
+        exit::TASKS_OPEN
+    })
 }
 
 fn print_import(file: &Path, r: &ImportReport) {
@@ -233,7 +248,11 @@ pub fn sim(options: SimOptions, sample_tasks: bool) -> Result<u8, AppError> {
         demo::load_sample_tasks(&sim);
     }
     println!("simulated dispatcher at {}", sim.url());
-    println!("API key header '{header}', key '{key}'; study '{}', target '{}'", demo::STUDY, demo::TARGET);
+    println!(
+        "API key header '{header}', key '{key}'; study '{}', target '{}'",
+        demo::STUDY,
+        demo::TARGET
+    );
     println!("Ctrl-C to stop");
     sim.join();
     Ok(exit::OK)

@@ -234,7 +234,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("invalid duration '{s}' (use e.g. 30s, 15m, 6h, 1d)"));
         }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("number too large in '{s}'"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("number too large in '{s}'"))?;
         rest = &rest[digits..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];
@@ -306,7 +308,9 @@ pub struct HeaderName(pub String);
 impl<'de> Deserialize<'de> for HeaderName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let ok = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+        let ok = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
         if !ok {
             return Err(serde::de::Error::custom("not a valid HTTP header name"));
         }
@@ -474,10 +478,17 @@ impl Config {
             ("dispatcher.url".into(), d.url.0.clone()),
             (
                 "dispatcher.api_key".into(),
-                if d.api_key.is_some() { "set (hidden)".into() } else { "unset".into() },
+                if d.api_key.is_some() {
+                    "set (hidden)".into()
+                } else {
+                    "unset".into()
+                },
             ),
             ("dispatcher.api_key_header".into(), d.api_key_header.0.clone()),
-            ("dispatcher.api_key_in".into(), format!("{:?}", d.api_key_in).to_lowercase()),
+            (
+                "dispatcher.api_key_in".into(),
+                format!("{:?}", d.api_key_in).to_lowercase(),
+            ),
             ("dispatcher.format".into(), format!("{:?}", d.format).to_lowercase()),
             ("dispatcher.timeout".into(), fmt_dur(&d.timeout)),
             ("dispatcher.batch_size".into(), d.batch_size.0.to_string()),
@@ -490,7 +501,10 @@ impl Config {
             ("store.path".into(), self.store.path.display().to_string()),
             (
                 "log.file".into(),
-                self.log.file.as_ref().map_or("(stderr only)".into(), |p| p.display().to_string()),
+                self.log
+                    .file
+                    .as_ref()
+                    .map_or("(stderr only)".into(), |p| p.display().to_string()),
             ),
             ("log.level".into(), format!("{:?}", self.log.level).to_lowercase()),
             ("log.audit".into(), self.audit_path().display().to_string()),

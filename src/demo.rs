@@ -57,10 +57,25 @@ pub fn load_sample_tasks(sim: &Simulator) {
         now + Duration::days(2),
         None,
         Some(&bf(2)),
-        &[IdatElement::Given, IdatElement::Family, IdatElement::Birthdate, IdatElement::Gender],
+        &[
+            IdatElement::Given,
+            IdatElement::Family,
+            IdatElement::Birthdate,
+            IdatElement::Gender,
+        ],
     ));
-    sim.add_task(sim::repeat_request(STUDY, &bf(3), TARGET, Some(now + Duration::days(1))));
-    sim.add_task(sim::repeat_request(STUDY, &bf(4), TARGET, Some(now + Duration::days(3))));
+    sim.add_task(sim::repeat_request(
+        STUDY,
+        &bf(3),
+        TARGET,
+        Some(now + Duration::days(1)),
+    ));
+    sim.add_task(sim::repeat_request(
+        STUDY,
+        &bf(4),
+        TARGET,
+        Some(now + Duration::days(3)),
+    ));
     sim.add_task(sim::send_idat(
         "demo-task-0002",
         now - Duration::hours(1),
@@ -102,7 +117,11 @@ pub fn write_config(dir: &Path, url: &str, format: Format) -> std::io::Result<Pa
 pub fn summary(report: &CycleReport) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "\nTasks received: {}", report.received);
-    let _ = writeln!(s, "{:<18} {:<22} {:<16} {:<10} detail", "kind", "task", "outcome", "status");
+    let _ = writeln!(
+        s,
+        "{:<18} {:<22} {:<16} {:<10} detail",
+        "kind", "task", "outcome", "status"
+    );
     for o in &report.outcomes {
         let _ = writeln!(
             s,

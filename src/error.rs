@@ -49,7 +49,8 @@ impl AppError {
                 // The gateway understood us and said the request is wrong:
                 // study or target unknown, a configuration problem.
                 crate::client::ClientError::Status {
-                    status: 400 | 404 | 422, ..
+                    status: 400 | 404 | 422,
+                    ..
                 } => exit::CONFIG,
                 _ => exit::DISPATCHER,
             },

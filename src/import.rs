@@ -63,7 +63,11 @@ pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, Impor
         path: shown.clone(),
         source,
     })?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let mut reader = std::io::BufReader::new(file);
     let ndjson = match ext.as_str() {
         "csv" => false,
@@ -140,7 +144,10 @@ pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, Impor
                 Err(e) => {
                     let line = e.position().map_or(lineno, |p| p.line() as usize);
                     report.errors.push((line, csv_reason(&e)));
-                    if !matches!(e.kind(), csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }) {
+                    if !matches!(
+                        e.kind(),
+                        csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
+                    ) {
                         break;
                     }
                 }
@@ -227,7 +234,12 @@ fn validate(idat: &mut Idat) -> Result<(), String> {
     Ok(())
 }
 
-fn upsert(store: &Store, report: &mut ImportReport, pending: &mut Vec<Record>, (local_id, idat, bf): Row) -> Result<(), ImportError> {
+fn upsert(
+    store: &Store,
+    report: &mut ImportReport,
+    pending: &mut Vec<Record>,
+    (local_id, idat, bf): Row,
+) -> Result<(), ImportError> {
     // A row without a Bloom filter keeps the one already stored.
     let existing = store.patient(&local_id);
     let bloomfilter = bf.or_else(|| existing.and_then(|p| p.bloomfilter.clone()));

@@ -6,9 +6,6 @@
 //! state) and `audit` (outcome log). `fhir` holds the wire formats, `sim` the
 //! simulated dispatcher used by `demo` and the tests.
 
-pub mod fhir;
-pub mod privacy;
-pub mod types;
 pub mod agent;
 pub mod audit;
 pub mod client;
@@ -16,10 +13,13 @@ pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fhir;
 pub mod import;
 pub mod logger;
+pub mod privacy;
 pub mod retry;
 pub mod shutdown;
 pub mod sim;
 pub mod store;
 pub mod tasks;
+pub mod types;

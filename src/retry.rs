@@ -128,6 +128,7 @@ mod tests {
         let mut calls = 0;
         let slow = RetryPolicy {
             base_delay: Duration::from_secs(60),
+            max_delay: Duration::from_secs(600),
             ..FAST
         };
         let deadline = Instant::now() + Duration::from_secs(1);

@@ -56,7 +56,10 @@ pub struct Received {
 impl Received {
     /// The Patient of a `$providePatientData` request.
     pub fn patient(&self) -> Option<&Resource> {
-        self.parameters.as_ref()?.get("patient").find_map(|p| p.resource.as_ref())
+        self.parameters
+            .as_ref()?
+            .get("patient")
+            .find_map(|p| p.resource.as_ref())
     }
 }
 
@@ -177,7 +180,10 @@ pub fn dic_psn_available(bf_b64: &str, target: &str, pseudonym: &str, expires: O
     }
     parts.push(bf_part(bf_b64));
     parts.push(Parameter::identifier("target", Identifier::new(Some(GPAS), target)));
-    parts.push(Parameter::identifier("pseudonym", Identifier::new(Some(GPAS), pseudonym)));
+    parts.push(Parameter::identifier(
+        "pseudonym",
+        Identifier::new(Some(GPAS), pseudonym),
+    ));
     Parameter::with_parts("dic_psn_available", parts)
 }
 
@@ -308,7 +314,12 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
     rec.status = status;
     st.received.push(rec);
     drop(st);
-    respond(req, status, answer_format, crate::fhir::write_resource(answer_format, &resource));
+    respond(
+        req,
+        status,
+        answer_format,
+        crate::fhir::write_resource(answer_format, &resource),
+    );
 }
 
 fn unreachable_fault() -> Fault {
@@ -330,7 +341,8 @@ fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
 }
 
 fn task_id_of(t: &Parameter) -> Option<&str> {
-    t.parts("taskId").find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+    t.parts("taskId")
+        .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
 }
 
 /// What the Idat profile allows at the top level of the Patient.
@@ -346,7 +358,9 @@ const IDAT_ALLOWED: [&str; 8] = [
 ];
 
 fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
-    let task_id = p.get("taskId").find_map(|x| x.value.as_ref().and_then(ParamValue::as_str));
+    let task_id = p
+        .get("taskId")
+        .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str));
     let Some(task_id) = task_id else {
         return (400, outcome("required", "taskId is required"));
     };
@@ -360,7 +374,10 @@ fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         return (422, outcome("invalid", "patient must be a Patient resource"));
     }
     if let Some(bad) = patient.node.names().find(|n| !IDAT_ALLOWED.contains(n)) {
-        return (422, outcome("invalid", &format!("element {bad} is not allowed by the Idat profile")));
+        return (
+            422,
+            outcome("invalid", &format!("element {bad} is not allowed by the Idat profile")),
+        );
     }
     let Some(pos) = st
         .tasks
@@ -397,10 +414,7 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         )
     };
     if let Some(code) = st.batch_error.take() {
-        let err = Parameter::with_parts(
-            "error",
-            vec![Parameter::string("all", "all"), error_code(&code)],
-        );
+        let err = Parameter::with_parts("error", vec![Parameter::string("all", "all"), error_code(&code)]);
         return (200, Parameters::new(vec![err]).to_resource());
     }
     let mut out = Vec::new();
@@ -408,7 +422,11 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         if let Some(code) = st.bf_errors.get(&bf).cloned() {
             out.push(Parameter::with_parts(
                 "error",
-                vec![bf_part(&bf), Parameter::identifier("target", target_id.clone()), error_code(&code)],
+                vec![
+                    bf_part(&bf),
+                    Parameter::identifier("target", target_id.clone()),
+                    error_code(&code),
+                ],
             ));
             continue;
         }
@@ -423,7 +441,11 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         };
         out.push(Parameter::with_parts(
             "pseudonym-bf",
-            vec![bf_part(&bf), Parameter::identifier("target", target_id.clone()), Parameter::identifier("pseudonym", psn)],
+            vec![
+                bf_part(&bf),
+                Parameter::identifier("target", target_id.clone()),
+                Parameter::identifier("pseudonym", psn),
+            ],
         ));
         st.tasks.retain(|t| {
             !(t.name == "repeat_request"

@@ -200,7 +200,12 @@ fn check(p: &Parameter, rules: &[Rule]) -> Result<(), String> {
         };
         let ty = part.value_type().unwrap_or("none");
         if !rule.types.contains(&ty) {
-            return Err(format!("part '{}' has type {}, expected {}", rule.name, sanitize(ty), rule.types[0]));
+            return Err(format!(
+                "part '{}' has type {}, expected {}",
+                rule.name,
+                sanitize(ty),
+                rule.types[0]
+            ));
         }
     }
     for r in rules {
@@ -209,7 +214,11 @@ fn check(p: &Parameter, rules: &[Rule]) -> Result<(), String> {
             return Err(format!("missing part '{}'", r.name));
         }
         if r.max.is_some_and(|max| n > max) {
-            return Err(format!("part '{}' occurs {n} times, at most {} allowed", r.name, r.max.unwrap_or(0)));
+            return Err(format!(
+                "part '{}' occurs {n} times, at most {} allowed",
+                r.name,
+                r.max.unwrap_or(0)
+            ));
         }
     }
     Ok(())
@@ -401,7 +410,9 @@ mod tests {
         let unknown = Parameter::with_parts("make_coffee", vec![]);
         let mut other_target = params.parameter[2].clone();
         other_target.part[2] = Parameter::identifier("target", Identifier::new(None, "elsewhere"));
-        params.parameter.extend([broken, bad_code, twice, unknown, other_target]);
+        params
+            .parameter
+            .extend([broken, bad_code, twice, unknown, other_target]);
         let results = parse_response(&params, &SCOPE);
         let reasons: Vec<String> = results[3..].iter().map(|r| r.clone().unwrap_err().reason).collect();
         assert_eq!(
@@ -421,7 +432,11 @@ mod tests {
     fn rejected_reasons_never_quote_content() {
         let p = Parameter::with_parts(
             "send_idat",
-            vec![Parameter::primitive("bloomfilter", "base64Binary", "not base64 Mustermann!")],
+            vec![Parameter::primitive(
+                "bloomfilter",
+                "base64Binary",
+                "not base64 Mustermann!",
+            )],
         );
         let r = parse_task(&p, &SCOPE).unwrap_err();
         assert!(!r.reason.contains("Mustermann"));

@@ -8,7 +8,9 @@ use fttp_agent::fhir::{self, Format, Parameters, json, xml};
 use std::path::{Path, PathBuf};
 
 fn dir(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/fttp-ig").join(sub)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("resources/fttp-ig")
+        .join(sub)
 }
 
 fn files(sub: &str) -> Vec<PathBuf> {

@@ -94,10 +94,7 @@ impl Node {
     }
 
     pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.children
-            .iter()
-            .filter(move |c| c.name == name)
-            .map(|c| &c.value)
+        self.children.iter().filter(move |c| c.name == name).map(|c| &c.value)
     }
 
     pub fn first(&self, name: &str) -> Option<&Value> {

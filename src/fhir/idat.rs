@@ -182,7 +182,10 @@ impl Idat {
 
     /// The elements this record has a value for.
     pub fn present(&self) -> Vec<IdatElement> {
-        IdatElement::ALL.into_iter().filter(|e| self.get(*e).is_some()).collect()
+        IdatElement::ALL
+            .into_iter()
+            .filter(|e| self.get(*e).is_some())
+            .collect()
     }
 
     /// An Idat-profile Patient holding only the `requested` elements, and the
@@ -300,14 +303,22 @@ impl Idat {
         for ext in n.nodes("extension") {
             match ext.str("url") {
                 Some(EXT_BIRTHPLACE) => {
-                    set(&mut idat, IdatElement::Birthplace, ext.node("valueAddress").and_then(|a| a.str("city")));
+                    set(
+                        &mut idat,
+                        IdatElement::Birthplace,
+                        ext.node("valueAddress").and_then(|a| a.str("city")),
+                    );
                 }
                 Some(EXT_NATIONALITY) => {
                     let code = ext
                         .nodes("extension")
                         .filter(|e| e.str("url") == Some("code"))
                         .find_map(|e| e.node("valueCodeableConcept"))
-                        .and_then(|cc| cc.nodes("coding").find_map(|c| c.str("code")).or_else(|| cc.str("text")));
+                        .and_then(|cc| {
+                            cc.nodes("coding")
+                                .find_map(|c| c.str("code"))
+                                .or_else(|| cc.str("text"))
+                        });
                     set(&mut idat, IdatElement::Nationality, code);
                 }
                 _ => {}
@@ -319,7 +330,10 @@ impl Idat {
                 continue;
             }
             set(&mut idat, IdatElement::Family, name.str("family"));
-            let given: Vec<&str> = name.all("given").filter_map(|v| v.as_primitive()?.value.as_deref()).collect();
+            let given: Vec<&str> = name
+                .all("given")
+                .filter_map(|v| v.as_primitive()?.value.as_deref())
+                .collect();
             if !given.is_empty() {
                 set(&mut idat, IdatElement::Given, Some(&given.join(" ")));
             }
@@ -328,7 +342,11 @@ impl Idat {
                     .extension
                     .iter()
                     .any(|e| e.str("url") == Some(EXT_QUALIFIER) && e.str("valueCode") == Some("AC"));
-                let e = if academic { IdatElement::Degree } else { IdatElement::Prefix };
+                let e = if academic {
+                    IdatElement::Degree
+                } else {
+                    IdatElement::Prefix
+                };
                 set(&mut idat, e, prefix.value.as_deref());
             }
             set(&mut idat, IdatElement::Suffix, name.str("suffix"));
@@ -336,7 +354,10 @@ impl Idat {
         set(&mut idat, IdatElement::Gender, n.str("gender"));
         set(&mut idat, IdatElement::Birthdate, n.str("birthDate"));
         if let Some(a) = n.node("address") {
-            let lines: Vec<&str> = a.all("line").filter_map(|v| v.as_primitive()?.value.as_deref()).collect();
+            let lines: Vec<&str> = a
+                .all("line")
+                .filter_map(|v| v.as_primitive()?.value.as_deref())
+                .collect();
             if !lines.is_empty() {
                 set(&mut idat, IdatElement::AddressLine, Some(&lines.join(", ")));
             }

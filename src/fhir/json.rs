@@ -48,7 +48,11 @@ fn resource_from_json(value: &J, path: &str, depth: usize) -> Result<Resource, F
     if rt.is_empty() || !rt.chars().all(|c| c.is_ascii_alphabetic()) {
         return Err(FhirError::structure(path, "invalid resourceType"));
     }
-    let ty = if schema::is_resource_type(rt) { rt } else { schema::UNKNOWN };
+    let ty = if schema::is_resource_type(rt) {
+        rt
+    } else {
+        schema::UNKNOWN
+    };
     let node = node_from_json(ty, obj, &join(path, rt), depth + 1)?;
     Ok(Resource {
         resource_type: rt.to_string(),
@@ -98,7 +102,9 @@ fn node_from_json(ty: &str, obj: &Map<String, J>, path: &str, depth: usize) -> R
         } else {
             let mut out = Vec::new();
             for item in items(val) {
-                let o = item.as_object().ok_or_else(|| FhirError::structure(&child_path, "expected an object"))?;
+                let o = item
+                    .as_object()
+                    .ok_or_else(|| FhirError::structure(&child_path, "expected an object"))?;
                 if elem_ty == schema::UNKNOWN && o.contains_key("resourceType") {
                     out.push(Value::Resource(resource_from_json(item, &child_path, depth + 1)?));
                 } else {
@@ -140,7 +146,12 @@ fn items(v: &J) -> Vec<&J> {
     }
 }
 
-fn read_primitives(value: Option<&J>, companion: Option<&J>, path: &str, depth: usize) -> Result<Vec<Value>, FhirError> {
+fn read_primitives(
+    value: Option<&J>,
+    companion: Option<&J>,
+    path: &str,
+    depth: usize,
+) -> Result<Vec<Value>, FhirError> {
     let values: Vec<Option<&J>> = match value {
         Some(J::Array(a)) => a.iter().map(Some).collect(),
         Some(v) => vec![Some(v)],
@@ -266,7 +277,9 @@ fn primitive_json(kind: JsonKind, s: &str) -> J {
             "false" => J::Bool(false),
             _ => J::String(s.to_string()),
         },
-        JsonKind::Number => s.parse::<serde_json::Number>().map_or_else(|_| J::String(s.to_string()), J::Number),
+        JsonKind::Number => s
+            .parse::<serde_json::Number>()
+            .map_or_else(|_| J::String(s.to_string()), J::Number),
         JsonKind::String => J::String(s.to_string()),
     }
 }

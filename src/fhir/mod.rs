@@ -69,7 +69,9 @@ impl Format {
     pub fn detect(content_type: Option<&str>, body: &[u8]) -> Result<Format, FhirError> {
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
         if ct.contains("html") {
-            return Err(FhirError::NotFhir("an HTML page (a proxy or server error page?)".into()));
+            return Err(FhirError::NotFhir(
+                "an HTML page (a proxy or server error page?)".into(),
+            ));
         }
         if ct.contains("json") {
             return Ok(Format::Json);

@@ -22,10 +22,16 @@ pub struct Parameter {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamValue {
     /// string, id, code, uri, instant, dateTime, base64Binary, boolean, ... by FHIR type name.
-    Primitive { ty: String, value: String },
+    Primitive {
+        ty: String,
+        value: String,
+    },
     Identifier(Identifier),
     Coding(Coding),
-    Other { ty: String, value: Value },
+    Other {
+        ty: String,
+        value: Value,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
@@ -129,10 +135,13 @@ impl Parameters {
     }
 
     pub fn first_string(&self, name: &str) -> Option<&str> {
-        self.parameter.iter().filter(|p| p.name == name).find_map(|p| match &p.value {
-            Some(ParamValue::Primitive { value, .. }) => Some(value.as_str()),
-            _ => None,
-        })
+        self.parameter
+            .iter()
+            .filter(|p| p.name == name)
+            .find_map(|p| match &p.value {
+                Some(ParamValue::Primitive { value, .. }) => Some(value.as_str()),
+                _ => None,
+            })
     }
 
     pub fn from_resource(r: &Resource) -> Result<Parameters, FhirError> {
@@ -208,7 +217,8 @@ fn parameter_from_node(n: &Node, path: &str, depth: usize) -> Result<Parameter, 
         p.resource = Some(r.clone());
     }
     for part in n.nodes("part") {
-        p.part.push(parameter_from_node(part, &format!("{here}.part"), depth + 1)?);
+        p.part
+            .push(parameter_from_node(part, &format!("{here}.part"), depth + 1)?);
     }
     Ok(p)
 }

@@ -16,19 +16,11 @@ pub struct Def {
 }
 
 const fn one(name: &'static str, ty: &'static str) -> Def {
-    Def {
-        name,
-        ty,
-        array: false,
-    }
+    Def { name, ty, array: false }
 }
 
 const fn many(name: &'static str, ty: &'static str) -> Def {
-    Def {
-        name,
-        ty,
-        array: true,
-    }
+    Def { name, ty, array: true }
 }
 
 /// Type name used for an element whose type is unknown: shape is inferred.

@@ -39,7 +39,10 @@ pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
                 p.check_ns(&ns, &rt)?;
                 let node = p.read_children(resource_ty(&rt), &rt, true, 1)?;
                 p.expect_eof()?;
-                return Ok(Resource { resource_type: rt, node });
+                return Ok(Resource {
+                    resource_type: rt,
+                    node,
+                });
             }
             Event::Empty(start) => {
                 let ns = owned_ns(ns);
@@ -56,7 +59,11 @@ pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
 }
 
 fn resource_ty(rt: &str) -> &str {
-    if schema::is_resource_type(rt) { rt } else { schema::UNKNOWN }
+    if schema::is_resource_type(rt) {
+        rt
+    } else {
+        schema::UNKNOWN
+    }
 }
 
 fn owned_ns(ns: ResolveResult<'_>) -> Option<Vec<u8>> {
@@ -147,19 +154,19 @@ impl<'a> Parser<'a> {
             let child_path = format!("{path}.{name}");
             let info = schema::child(ty, &name);
             let order = info.as_ref().map_or(usize::MAX, |i| i.order);
-            let elem_ty = info.as_ref().map(|i| i.ty.clone()).unwrap_or_else(|| schema::UNKNOWN.to_string());
+            let elem_ty = info
+                .as_ref()
+                .map(|i| i.ty.clone())
+                .unwrap_or_else(|| schema::UNKNOWN.to_string());
 
             if elem_ty == "xhtml" {
                 let value = if empty {
                     String::new()
                 } else {
-                    let span = self
-                        .reader
-                        .read_to_end(start.name())
-                        .map_err(|e| FhirError::Xml {
-                            position: self.reader.buffer_position(),
-                            reason: xml_reason(&e),
-                        })?;
+                    let span = self.reader.read_to_end(start.name()).map_err(|e| FhirError::Xml {
+                        position: self.reader.buffer_position(),
+                        reason: xml_reason(&e),
+                    })?;
                     let inner = self.text.get(span.start as usize..span.end as usize).unwrap_or("");
                     // Keep the div element itself, with its namespace, as FHIR JSON does.
                     format!("<div xmlns=\"{XHTML_NS}\">{inner}</div>")
@@ -185,7 +192,12 @@ impl<'a> Parser<'a> {
                     for c in inner.children {
                         match (c.name.as_str(), c.value) {
                             ("extension", Value::Complex(n)) => prim.extension.push(n),
-                            _ => return Err(FhirError::structure(&child_path, "a primitive may only contain extensions")),
+                            _ => {
+                                return Err(FhirError::structure(
+                                    &child_path,
+                                    "a primitive may only contain extensions",
+                                ));
+                            }
                         }
                     }
                 }
@@ -201,10 +213,12 @@ impl<'a> Parser<'a> {
                 };
                 // Attributes become ordinary children in front, as in JSON.
                 if let Some(url) = attrs.url {
-                    node.children.insert(0, child("url".into(), Value::Primitive(Primitive::new(url))));
+                    node.children
+                        .insert(0, child("url".into(), Value::Primitive(Primitive::new(url))));
                 }
                 if let Some(id) = attrs.id {
-                    node.children.insert(0, child("id".into(), Value::Primitive(Primitive::new(id))));
+                    node.children
+                        .insert(0, child("id".into(), Value::Primitive(Primitive::new(id))));
                 }
                 let mut indexed: Vec<(usize, Child)> = node
                     .children
@@ -234,7 +248,10 @@ impl<'a> Parser<'a> {
                     let rt = local(&s)?;
                     self.check_ns(&ns, &rt)?;
                     let node = self.read_children(resource_ty(&rt), &format!("{path}.{rt}"), true, depth + 1)?;
-                    break Resource { resource_type: rt, node };
+                    break Resource {
+                        resource_type: rt,
+                        node,
+                    };
                 }
                 Event::Empty(s) => {
                     let rt = local(&s)?;

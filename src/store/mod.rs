@@ -105,7 +105,8 @@ impl State {
                 self.patients.insert(p.local_id.clone(), p);
             }
             Record::Pseudonym(p) => {
-                self.by_pseudonym.insert(p.pseudonym.value.clone(), p.bloomfilter.clone());
+                self.by_pseudonym
+                    .insert(p.pseudonym.value.clone(), p.bloomfilter.clone());
                 self.pseudonyms.insert((p.bloomfilter.clone(), p.target.clone()), p);
             }
             Record::Ledger(e) => {
@@ -183,7 +184,8 @@ impl Store {
                         .write(true)
                         .open(&journal_path)
                         .map_err(io("open the journal", &journal_path))?;
-                    f.set_len(journal_len).map_err(io("truncate the journal", &journal_path))?;
+                    f.set_len(journal_len)
+                        .map_err(io("truncate the journal", &journal_path))?;
                     f.sync_all().map_err(io("sync the journal", &journal_path))?;
                 }
                 start_new_journal = false;

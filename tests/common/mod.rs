@@ -1,0 +1,158 @@
+//! A test site: a temp directory with config, store and logs, the real
+//! simulator on loopback, and the real binary.
+#![allow(dead_code)]
+
+use fttp_agent::demo::sample_bloomfilter;
+use fttp_agent::sim::{SimOptions, Simulator};
+use fttp_agent::store::{LockMode, Store};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+pub const KEY: &str = "test-key-8f3a1c";
+pub const STUDY: &str = "mii";
+pub const TARGET: &str = "dic_test";
+
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub sim: Simulator,
+    pub config: PathBuf,
+}
+
+/// Patients 1..=4 of the sample set, with these names (all invented).
+pub const PATIENTS: &str = "local_id,bloomfilter,given,family,prefix,suffix,birthdate,gender,address_line,address_city,address_postalcode,birthplace,maidenname,degree,language,nationality,maritalstatus
+p1,{bf1},Erika,Mustermann,,,1964-08-12,f,Heidestr. 17,Koeln,51147,Berlin,Gabler,,de,DE,M
+p2,{bf2},Maximilian,Musterfrau,,,1962-03-01,m,Hauptweg 9,Bonn,53111,Bonn,,Dr. rer. nat.,de,DE,M
+p3,{bf3},Annabell,Schmidtke,,,1990-11-23,w,Lindenweg 3,Greifswald,17489,Rostock,,,de,DE,S
+";
+
+pub fn bf(n: u32) -> String {
+    sample_bloomfilter(n).to_base64()
+}
+
+pub fn patients_csv() -> String {
+    PATIENTS
+        .replace("{bf1}", &bf(1))
+        .replace("{bf2}", &bf(2))
+        .replace("{bf3}", &bf(3))
+}
+
+/// Every identifying value of the sample patients, their Bloom filters and
+/// the API key: none may appear in logs, audit records or output.
+pub fn secrets() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "Erika",
+        "Mustermann",
+        "1964-08-12",
+        "Heidestr",
+        "Gabler",
+        "Maximilian",
+        "Musterfrau",
+        "1962-03-01",
+        "Hauptweg",
+        "Dr. rer. nat.",
+        "Annabell",
+        "Schmidtke",
+        "1990-11-23",
+        "Lindenweg",
+        KEY,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend((1..=5).map(bf));
+    v
+}
+
+impl Site {
+    pub fn new(format: &str) -> Site {
+        Site::with(format, SimOptions::default(), "")
+    }
+
+    /// `extra` is appended to the [dispatcher] section.
+    pub fn with(format: &str, mut options: SimOptions, extra: &str) -> Site {
+        options.api_key = KEY.into();
+        let sim = Simulator::start(options).expect("simulator starts");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("fttp-agent.toml");
+        let site = Site { dir, sim, config };
+        site.write_config(format, KEY, extra);
+        site
+    }
+
+    pub fn write_config(&self, format: &str, key: &str, extra: &str) {
+        let text = format!(
+            "[dispatcher]\nurl = \"{}\"\napi_key = \"{key}\"\nformat = \"{format}\"\ntimeout = \"5s\"\n\
+             max_attempts = 1\nretry_delay = \"10ms\"\n{extra}\n\n\
+             [site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n\
+             [store]\npath = \"store\"\n\n[log]\nfile = \"agent.log\"\nlevel = \"debug\"\naudit = \"audit.ndjson\"\n",
+            self.sim.url()
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("FTTP_AGENT_API_KEY")
+            .env_remove("FTTP_AGENT_CONFIG")
+            .output()
+            .expect("binary runs");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for s in secrets() {
+            assert!(!all.contains(&s), "output of {args:?} leaks a secret: {all}");
+        }
+        out
+    }
+
+    pub fn cycle(&self) -> (i32, String) {
+        let out = self.run(&["run", "--once"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    pub fn import_patients(&self) {
+        let path = self.dir.path().join("patients.csv");
+        std::fs::write(&path, patients_csv()).unwrap();
+        let out = self.run(&["import", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.dir.path().join("store"), LockMode::Try).expect("store opens")
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.ndjson")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    pub fn audit_outcomes(&self, kind: &str) -> Vec<String> {
+        self.audit()
+            .iter()
+            .filter(|r| r["kind"] == kind)
+            .map(|r| r["outcome"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// Asserts that nothing the agent wrote outside the store holds a secret.
+    pub fn assert_no_leaks(&self) {
+        for name in ["audit.ndjson", "agent.log"] {
+            let text = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
+            for s in secrets() {
+                assert!(!text.contains(&s), "{name} leaks a secret");
+            }
+        }
+    }
+}

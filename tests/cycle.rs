@@ -1,0 +1,545 @@
+//! End-to-end: the built binary against the simulated dispatcher on
+//! loopback, in FHIR XML and FHIR JSON.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::{STUDY, Site, TARGET, bf};
+use fttp_agent::fhir::idat::{Idat, IdatElement};
+use fttp_agent::sim::{self, SimOptions};
+use fttp_agent::store::Status;
+use fttp_agent::types::BloomFilter;
+
+fn bfv(n: u32) -> BloomFilter {
+    BloomFilter::from_base64(&bf(n)).unwrap()
+}
+
+#[test]
+fn every_task_kind_resolves_in_xml_and_in_json() {
+    for format in ["xml", "json"] {
+        let site = Site::new(format);
+        site.import_patients();
+        let later = Utc::now() + Duration::days(2);
+        let requested = [
+            IdatElement::Given,
+            IdatElement::Birthdate,
+            IdatElement::Degree,
+            IdatElement::Suffix,
+        ];
+        site.sim
+            .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_PSN1", None));
+        site.sim
+            .add_task(sim::send_idat("task-bf-2", later, None, Some(&bf(2)), &requested));
+        site.sim
+            .add_task(sim::repeat_request(STUDY, &bf(3), TARGET, Some(later)));
+
+        let (code, out) = site.cycle();
+        assert_eq!(code, 0, "{format}: {out}");
+
+        let st = site.sim.state();
+        let mime = format!("application/fhir+{format}");
+        for r in &st.received {
+            assert!(
+                r.content_type.as_deref().unwrap_or("").starts_with(&mime),
+                "{format}: {r:?}"
+            );
+            assert_eq!(r.accept.as_deref(), Some(mime.as_str()));
+            assert!(r.key_in_header);
+        }
+        let sent = st.received("$providePatientData");
+        assert_eq!(sent.len(), 1);
+        let params = sent[0].parameters.as_ref().unwrap();
+        assert_eq!(
+            params.get("taskId").next().unwrap().value.as_ref().unwrap().as_str(),
+            Some("task-bf-2")
+        );
+        assert_eq!(params.first_string("target"), Some(TARGET));
+        let patient = Idat::from_patient(sent[0].patient().unwrap());
+        // Exactly what was asked for and is on file: suffix is not on file.
+        assert_eq!(
+            patient.present(),
+            vec![IdatElement::Given, IdatElement::Birthdate, IdatElement::Degree]
+        );
+        assert_eq!(patient.given.as_deref(), Some("Maximilian"));
+        assert_eq!(patient.degree.as_deref(), Some("Dr. rer. nat."));
+        let psn_call = st.received("$requestPsnFromBfWorkflow");
+        assert_eq!(psn_call.len(), 1);
+        let p = psn_call[0].parameters.as_ref().unwrap();
+        assert_eq!(p.first_string("study"), Some(STUDY));
+        assert_eq!(p.get("bloomfilter").count(), 1);
+        let issued = st.registry.get(&bf(3)).unwrap().clone();
+        drop(st);
+
+        let store = site.store();
+        assert_eq!(store.pseudonym(&bfv(1), TARGET).unwrap().pseudonym.value, "mii_PSN1");
+        assert_eq!(
+            store.pseudonym(&bfv(3), TARGET).unwrap().pseudonym.value,
+            issued.value.unwrap()
+        );
+        // The system is stored as given, whatever it is.
+        assert_eq!(
+            store.pseudonym(&bfv(3), TARGET).unwrap().pseudonym.system.as_deref(),
+            Some(sim::DISPATCHER)
+        );
+        assert!(store.ledger_entries().all(|e| e.status == Status::Resolved));
+        assert_eq!(store.ledger_entries().count(), 3);
+        drop(store);
+
+        let mut outcomes: Vec<String> = site
+            .audit()
+            .iter()
+            .filter(|r| r["kind"] != "poll")
+            .map(|r| r["outcome"].as_str().unwrap().to_string())
+            .collect();
+        outcomes.sort();
+        assert_eq!(outcomes, vec!["sent", "stored", "stored"]);
+        let sent_rec = site.audit().into_iter().find(|r| r["outcome"] == "sent").unwrap();
+        assert_eq!(sent_rec["task"], "task-bf-2");
+        assert_eq!(sent_rec["missing"], serde_json::json!(["suffix"]));
+        assert!(sent_rec["ts"].as_str().unwrap().ends_with('Z'));
+
+        // Next poll: the dispatcher now asks for IDAT by the pseudonym it issued.
+        site.sim.add_task(sim::send_idat(
+            "task-psn-1",
+            later,
+            Some("mii_PSN1"),
+            None,
+            &[IdatElement::Family, IdatElement::Maidenname],
+        ));
+        let (code, out) = site.cycle();
+        assert_eq!(code, 0, "{out}");
+        let st = site.sim.state();
+        let sent = st.received("$providePatientData");
+        let patient = Idat::from_patient(sent[1].patient().unwrap());
+        assert_eq!(patient.present(), vec![IdatElement::Family, IdatElement::Maidenname]);
+        assert_eq!(patient.maidenname.as_deref(), Some("Gabler"));
+        drop(st);
+        site.assert_no_leaks();
+    }
+}
+
+#[test]
+fn expired_tasks_are_not_acted_on_and_soonest_expiry_goes_first() {
+    let site = Site::new("xml");
+    site.import_patients();
+    let now = Utc::now();
+    site.sim.add_task(sim::send_idat(
+        "late",
+        now + Duration::days(5),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Family],
+    ));
+    site.sim.add_task(sim::send_idat(
+        "gone",
+        now - Duration::minutes(1),
+        None,
+        Some(&bf(2)),
+        &[IdatElement::Family],
+    ));
+    site.sim.add_task(sim::send_idat(
+        "soon",
+        now + Duration::hours(1),
+        None,
+        Some(&bf(3)),
+        &[IdatElement::Family],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    let st = site.sim.state();
+    let order: Vec<String> = st
+        .received("$providePatientData")
+        .iter()
+        .map(|r| {
+            r.parameters
+                .as_ref()
+                .unwrap()
+                .get("taskId")
+                .next()
+                .unwrap()
+                .value
+                .as_ref()
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(order, vec!["soon", "late"]);
+    drop(st);
+    let store = site.store();
+    assert_eq!(store.ledger("task:gone").unwrap().status, Status::Expired);
+}
+
+#[test]
+fn a_malformed_task_is_rejected_and_the_others_still_run() {
+    let site = Site::new("json");
+    site.import_patients();
+    let later = Utc::now() + Duration::days(1);
+    let mut broken = sim::send_idat("broken", later, None, Some(&bf(1)), &[IdatElement::Family]);
+    broken.part.retain(|p| p.name != "expires");
+    site.sim.add_task(broken);
+    site.sim
+        .add_task(fttp_agent::fhir::Parameter::with_parts("make_coffee", vec![]));
+    site.sim.add_task(sim::send_idat(
+        "fine",
+        later,
+        None,
+        Some(&bf(2)),
+        &[IdatElement::Gender],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("missing part 'expires'"), "{out}");
+    assert_eq!(site.sim.state().received("$providePatientData").len(), 1);
+    let rejected: Vec<_> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r["outcome"] == "rejected")
+        .collect();
+    assert_eq!(rejected.len(), 2);
+    assert_eq!(rejected[1]["kind"], "unknown");
+    let store = site.store();
+    assert_eq!(
+        store.ledger_entries().filter(|e| e.status == Status::Rejected).count(),
+        2
+    );
+}
+
+#[test]
+fn the_same_task_in_two_polls_is_done_once() {
+    let site = Site::new("xml");
+    site.import_patients();
+    let task = sim::send_idat(
+        "twice",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    );
+    let psn = sim::dic_psn_available(&bf(2), TARGET, "mii_TWICE", None);
+    site.sim.add_task(task.clone());
+    site.sim.add_task(psn.clone());
+    assert_eq!(site.cycle().0, 0);
+    site.sim.add_task(task);
+    site.sim.add_task(psn);
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.sim.state().received("$providePatientData").len(), 1);
+    let dups = site.audit().into_iter().filter(|r| r["outcome"] == "duplicate").count();
+    assert_eq!(dups, 2);
+}
+
+#[test]
+fn a_refused_api_key_exits_3_and_changes_nothing() {
+    let site = Site::new("xml");
+    site.import_patients();
+    site.sim.add_task(sim::send_idat(
+        "t",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+    site.write_config("xml", "wrong-key", "");
+    let (code, out) = site.cycle();
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("HTTP 401") && out.contains("missing or invalid API key"),
+        "{out}"
+    );
+    assert!(!out.contains("wrong-key"));
+    assert_eq!(site.store().ledger_entries().count(), 0);
+    assert_eq!(site.audit_outcomes("poll"), vec!["failed"]);
+}
+
+#[test]
+fn a_500_is_reported_and_the_next_cycle_recovers() {
+    let site = Site::new("json");
+    site.import_patients();
+    site.sim.add_task(sim::send_idat(
+        "t500",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+    site.sim.push_fault(Some("$requestTasks"), 500, "database down");
+    let (code, out) = site.cycle();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("HTTP 500") && out.contains("database down"), "{out}");
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.store().ledger("task:t500").unwrap().outcome, "sent");
+}
+
+#[test]
+fn a_failed_send_stays_open_and_is_retried_from_the_ledger() {
+    let site = Site::new("xml");
+    site.import_patients();
+    site.sim.add_task(sim::send_idat(
+        "retry",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(2)),
+        &[IdatElement::Family],
+    ));
+    // The gateway echoes the family name in its diagnostics: it must be redacted.
+    site.sim
+        .push_fault(Some("$providePatientData"), 503, "cannot store Musterfrau right now");
+    let (code, out) = site.cycle();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("HTTP 503") && out.contains("[redacted]"), "{out}");
+    assert_eq!(site.store().ledger("task:retry").unwrap().status, Status::Failed);
+    // Even if the dispatcher no longer lists it, the ledger has it.
+    site.sim.state().tasks.clear();
+    site.sim.add_task(sim::send_idat(
+        "retry",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(2)),
+        &[IdatElement::Family],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.store().ledger("task:retry").unwrap().status, Status::Resolved);
+    site.assert_no_leaks();
+}
+
+#[test]
+fn an_unknown_patient_stays_pending_until_imported() {
+    let site = Site::new("xml");
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_LATE", None));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 1, "{out}");
+    let entry = site.store().ledger_entries().next().unwrap().clone();
+    assert_eq!(
+        (entry.status, entry.outcome.as_str()),
+        (Status::Pending, "unknown_patient")
+    );
+    // The pseudonym is kept even so.
+    assert_eq!(
+        site.store().pseudonym(&bfv(1), TARGET).unwrap().pseudonym.value,
+        "mii_LATE"
+    );
+    site.import_patients();
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.store().ledger(&entry.key).unwrap().outcome, "stored");
+}
+
+#[test]
+fn repeat_requests_are_batched_and_errors_recorded_per_filter() {
+    let site = Site::with("json", SimOptions::default(), "batch_size = 2");
+    let later = Utc::now() + Duration::days(1);
+    for n in 1..=5 {
+        site.sim
+            .add_task(sim::repeat_request(STUDY, &bf(n), TARGET, Some(later)));
+    }
+    site.sim.state().bf_errors.insert(bf(4), "not-found".into());
+    let (code, out) = site.cycle();
+    assert_eq!(code, 1, "{out}");
+    let st = site.sim.state();
+    let calls = st.received("$requestPsnFromBfWorkflow");
+    assert_eq!(calls.len(), 3);
+    let sizes: Vec<usize> = calls
+        .iter()
+        .map(|c| c.parameters.as_ref().unwrap().get("bloomfilter").count())
+        .collect();
+    assert_eq!(sizes, vec![2, 2, 1]);
+    drop(st);
+    let failed: Vec<_> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r["outcome"] == "dispatcher_error")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["detail"], "error code not-found");
+    assert_eq!(failed[0]["bloomfilter"], bfv(4).fingerprint());
+    assert_eq!(site.store().pseudonyms().count(), 4);
+}
+
+#[test]
+fn an_all_error_fails_the_whole_batch() {
+    let site = Site::new("xml");
+    let later = Utc::now() + Duration::days(1);
+    for n in 1..=3 {
+        site.sim
+            .add_task(sim::repeat_request(STUDY, &bf(n), TARGET, Some(later)));
+    }
+    site.sim.state().batch_error = Some("processing".into());
+    let (code, _) = site.cycle();
+    assert_eq!(code, 1);
+    let details: Vec<String> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "repeat_request")
+        .map(|r| r["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(details, vec!["whole batch refused: processing"; 3]);
+    assert_eq!(site.store().pseudonyms().count(), 0);
+    // Next cycle: resent from the ledger, and now accepted.
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.store().pseudonyms().count(), 3);
+}
+
+#[test]
+fn the_api_key_can_travel_in_the_body_for_older_gateways() {
+    let options = SimOptions {
+        accept_body_key: true,
+        ..SimOptions::default()
+    };
+    let site = Site::with("xml", options, "api_key_in = \"body\"");
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    let st = site.sim.state();
+    let r = &st.received[0];
+    assert!(r.authorized && !r.key_in_header);
+}
+
+#[test]
+fn a_second_agent_on_the_same_store_exits_75() {
+    let site = Site::new("xml");
+    let _held = site.store();
+    let (code, out) = site.cycle();
+    assert_eq!(code, 75, "{out}");
+    assert!(
+        out.contains("in use by another fttp-agent") && out.contains(&format!("pid {}", std::process::id())),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_config_error_names_key_and_line_and_exits_2() {
+    let site = Site::new("xml");
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("timeout = \"5s\"", "timeout = \"soon\"");
+    std::fs::write(&site.config, text).unwrap();
+    let out = site.run(&["run", "--once"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 5") && err.contains("timeout"), "{err}");
+}
+
+#[test]
+fn import_reports_bad_rows_by_line_and_keeps_the_good_ones() {
+    let site = Site::new("xml");
+    let csv = format!(
+        "{}p4,,Jonas,Weber,,,1999-02-30,m,,,,,,,,,\np5,,Lena,Vogel,,,2001-05-30,x,,,,,,,,,\np6,not-base64!,A,B,,,,,,,,,,,,,\n",
+        common::patients_csv()
+    );
+    let path = site.dir.path().join("p.csv");
+    std::fs::write(&path, csv).unwrap();
+    let out = site.run(&["import", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.csv:5: skipped: birthdate"), "{err}");
+    assert!(
+        err.contains("p.csv:7: skipped: Bloom filter is not valid base64"),
+        "{err}"
+    );
+    assert!(!err.contains("1999-02-30") && !err.contains("Weber"), "{err}");
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.contains("4 added, 0 updated, 0 unchanged, 2 skipped"), "{out}");
+    assert_eq!(site.store().patients().count(), 4);
+    // Again: updates, never duplicates.
+    let out = site.run(&["import", path.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 added, 0 updated, 4 unchanged"));
+    assert_eq!(site.store().patients().count(), 4);
+}
+
+#[test]
+fn import_reads_ndjson_patients_with_their_bloom_filter() {
+    let site = Site::new("xml");
+    let (patient, _) = Idat {
+        family: Some("Mustermann".into()),
+        given: Some("Erika".into()),
+        birthdate: Some("1964-08-12".into()),
+        ..Idat::default()
+    }
+    .to_patient(&IdatElement::ALL);
+    let mut patient = patient;
+    patient.node.push_primitive("id", "nd-1");
+    patient.node.push_complex(
+        "identifier",
+        fttp_agent::fhir::Node::new()
+            .with("system", fttp_agent::fhir::idat::BLOOMFILTER_SYSTEM)
+            .with("value", &bf(1)),
+    );
+    let line = fttp_agent::fhir::json::to_string(&patient);
+    let path = site.dir.path().join("p.ndjson");
+    std::fs::write(&path, format!("{line}\n{{\"resourceType\":\"Patient\"}}\n")).unwrap();
+    let out = site.run(&["import", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.ndjson:2: skipped: Patient without id"), "{err}");
+    let store = site.store();
+    let p = store.patient_by_bloomfilter(&bfv(1)).unwrap();
+    assert_eq!(p.local_id.0, "nd-1");
+    assert_eq!(p.idat.family.as_deref(), Some("Mustermann"));
+}
+
+#[test]
+fn tasks_and_check_show_what_the_agent_knows() {
+    let site = Site::new("xml");
+    site.import_patients();
+    site.sim.add_task(sim::send_idat(
+        "shown-task",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+    assert_eq!(site.cycle().0, 0);
+    let out = site.run(&["tasks"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("send_idat") && text.contains("shown-task") && text.contains("resolved"),
+        "{text}"
+    );
+    assert!(text.contains("1 task(s)"));
+    let out = site.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("dispatcher: reachable, API key accepted, 0 task(s) waiting"),
+        "{text}"
+    );
+    assert!(text.contains("3 patient(s)"), "{text}");
+    assert!(text.contains("set (hidden)"));
+}
+
+#[test]
+fn demo_runs_the_whole_job_on_the_embedded_default() {
+    for format in ["xml", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+            .args(["demo", "--format", format, "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for outcome in [
+            "expired          1",
+            "rejected         1",
+            "sent             1",
+            "stored           3",
+        ] {
+            assert!(text.contains(outcome), "{format}: {text}");
+        }
+        assert!(
+            text.contains("Patient with exactly: given, family, birthdate, gender"),
+            "{text}"
+        );
+        let audit = std::fs::read_to_string(dir.path().join("audit.ndjson")).unwrap();
+        assert_eq!(audit.lines().count(), 7);
+    }
+}

@@ -77,7 +77,7 @@ fn ts(t: DateTime<Utc>) -> String {
 
 /// A unit of work: one task, or one batch of repeat_requests sent together.
 enum Work {
-    One(LedgerEntry),
+    One(Box<LedgerEntry>),
     Batch {
         study: String,
         target: String,
@@ -270,7 +270,7 @@ impl<'a> Agent<'a> {
                 );
                 groups.entry(k).or_default().push(e);
             } else {
-                items.push(Work::One(e));
+                items.push(Work::One(Box::new(e)));
             }
         }
         let by_expiry = |a: &LedgerEntry, b: &LedgerEntry| {
@@ -290,16 +290,17 @@ impl<'a> Agent<'a> {
         for item in items {
             match item {
                 Work::One(e) => match e.task.clone() {
+                    // (boxed: a ledger entry is large next to a batch)
                     Some(Task::DicPsnAvailable {
                         bloomfilter, pseudonym, ..
-                    }) => self.dic_psn_available(e, bloomfilter, pseudonym)?,
+                    }) => self.dic_psn_available(*e, bloomfilter, pseudonym)?,
                     Some(Task::SendIdat {
                         pseudonym,
                         bloomfilter,
                         elements,
                         task_id,
                         ..
-                    }) => self.send_idat(e, &task_id, pseudonym, bloomfilter, &elements)?,
+                    }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
                     _ => {}
                 },
                 Work::Batch { study, target, entries } => self.repeat_requests(&study, &target, entries)?,

@@ -156,6 +156,7 @@ pub struct Store {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct Log {
     /// Human-readable log file, in addition to stderr. Unset: stderr only.
     #[serde(default)]
@@ -167,16 +168,6 @@ pub struct Log {
     /// Unset: `audit.ndjson` in the store directory.
     #[serde(default)]
     pub audit: Option<PathBuf>,
-}
-
-impl Default for Log {
-    fn default() -> Self {
-        Log {
-            file: None,
-            level: LogLevel::default(),
-            audit: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -421,11 +412,11 @@ impl Config {
     }
 
     fn apply_env(&mut self) {
-        if let Ok(key) = std::env::var(ENV_API_KEY) {
-            if !key.trim().is_empty() {
-                self.dispatcher.api_key = Some(Secret::new(key.trim()));
-                self.dispatcher.api_key_file = None;
-            }
+        if let Ok(key) = std::env::var(ENV_API_KEY)
+            && !key.trim().is_empty()
+        {
+            self.dispatcher.api_key = Some(Secret::new(key.trim()));
+            self.dispatcher.api_key_file = None;
         }
     }
 

@@ -226,10 +226,10 @@ fn validate(idat: &mut Idat) -> Result<(), String> {
         let norm = normalize_gender(g).ok_or("gender must be male, female, other or unknown (or m/f/w/d/u)")?;
         idat.gender = Some(norm.to_string());
     }
-    if let Some(d) = idat.birthdate.as_deref() {
-        if !valid_birthdate(d) {
-            return Err("birthdate must be a date as YYYY-MM-DD".into());
-        }
+    if let Some(d) = idat.birthdate.as_deref()
+        && !valid_birthdate(d)
+    {
+        return Err("birthdate must be a date as YYYY-MM-DD".into());
     }
     Ok(())
 }

@@ -294,7 +294,7 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
         .iter()
         .position(|f| f.operation.as_deref().is_none_or(|o| o == operation))
     {
-        let fault = st.faults.remove(pos).unwrap_or_else(|| unreachable_fault());
+        let fault = st.faults.remove(pos).unwrap_or_else(unreachable_fault);
         (fault.status, outcome("exception", &fault.diagnostics))
     } else if req.method() != &tiny_http::Method::Post {
         (405, outcome("not-supported", "only POST is supported"))

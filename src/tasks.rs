@@ -157,10 +157,10 @@ pub fn parse_task(p: &Parameter, scope: &Scope<'_>) -> Result<Task, Rejected> {
         }
         _ => {}
     }
-    if let Task::RepeatRequest { study, .. } = &task {
-        if study.value.as_deref() != Some(scope.study) {
-            return Err(reject("task is for another study".into()));
-        }
+    if let Task::RepeatRequest { study, .. } = &task
+        && study.value.as_deref() != Some(scope.study)
+    {
+        return Err(reject("task is for another study".into()));
     }
     Ok(task)
 }

@@ -467,7 +467,7 @@ fn import_reads_ndjson_patients_with_their_bloom_filter() {
         "identifier",
         fttp_agent::fhir::Node::new()
             .with("system", fttp_agent::fhir::idat::BLOOMFILTER_SYSTEM)
-            .with("value", &bf(1)),
+            .with("value", bf(1)),
     );
     let line = fttp_agent::fhir::json::to_string(&patient);
     let path = site.dir.path().join("p.ndjson");

@@ -460,8 +460,10 @@ mod tests {
         let idat = full();
         let (patient, _) = idat.to_patient(&IdatElement::ALL);
         assert_eq!(Idat::from_patient(&patient), idat);
-        let mut partial = Idat::default();
-        partial.family = Some("X".into());
+        let partial = Idat {
+            family: Some("X".into()),
+            ..Idat::default()
+        };
         let (patient, missing) = partial.to_patient(&[IdatElement::Family, IdatElement::Given]);
         assert_eq!(missing, vec![IdatElement::Given]);
         assert_eq!(Idat::from_patient(&patient).present(), vec![IdatElement::Family]);

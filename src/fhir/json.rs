@@ -78,10 +78,10 @@ fn node_from_json(ty: &str, obj: &Map<String, J>, path: &str, depth: usize) -> R
             continue;
         }
         let companion_only = key.strip_prefix('_');
-        if let Some(base) = companion_only {
-            if obj.contains_key(base) {
-                continue; // read together with its base element
-            }
+        if let Some(base) = companion_only
+            && obj.contains_key(base)
+        {
+            continue; // read together with its base element
         }
         let name = companion_only.unwrap_or(key);
         let child_path = join(path, name);

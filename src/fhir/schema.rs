@@ -371,14 +371,14 @@ pub fn child(parent: &str, name: &str) -> Option<ChildInfo> {
     let defs = defs(parent)?;
     for (order, def) in defs.iter().enumerate() {
         if let Some(prefix) = def.name.strip_suffix("[x]") {
-            if let Some(suffix) = name.strip_prefix(prefix) {
-                if let Some(ty) = choice_type(suffix) {
-                    return Some(ChildInfo {
-                        order,
-                        ty,
-                        array: def.array,
-                    });
-                }
+            if let Some(suffix) = name.strip_prefix(prefix)
+                && let Some(ty) = choice_type(suffix)
+            {
+                return Some(ChildInfo {
+                    order,
+                    ty,
+                    array: def.array,
+                });
             }
         } else if def.name == name {
             return Some(ChildInfo {

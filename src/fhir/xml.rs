@@ -408,10 +408,10 @@ fn write_complex(out: &mut String, name: &str, ty: &str, node: &Node) {
     if let Some(id) = node.str("id") {
         attr(out, "id", id);
     }
-    if ty == "Extension" {
-        if let Some(url) = node.str("url") {
-            attr(out, "url", url);
-        }
+    if ty == "Extension"
+        && let Some(url) = node.str("url")
+    {
+        attr(out, "url", url);
     }
     let has_elements = node
         .children

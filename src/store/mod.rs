@@ -92,12 +92,11 @@ impl State {
     fn apply(&mut self, r: Record) {
         match r {
             Record::Patient(p) => {
-                if let Some(old) = self.patients.get(&p.local_id) {
-                    if let Some(bf) = &old.bloomfilter {
-                        if self.by_bf.get(bf) == Some(&p.local_id) {
-                            self.by_bf.remove(bf);
-                        }
-                    }
+                if let Some(old) = self.patients.get(&p.local_id)
+                    && let Some(bf) = &old.bloomfilter
+                    && self.by_bf.get(bf) == Some(&p.local_id)
+                {
+                    self.by_bf.remove(bf);
                 }
                 if let Some(bf) = &p.bloomfilter {
                     self.by_bf.insert(bf.clone(), p.local_id.clone());

@@ -543,3 +543,44 @@ fn demo_runs_the_whole_job_on_the_embedded_default() {
         assert_eq!(audit.lines().count(), 7);
     }
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let key = dir.path().join("api-key");
+    std::fs::write(&key, "k\n").unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, example.replace("/etc/fttp-agent/api-key", key.to_str().unwrap())).unwrap();
+    let cfg = fttp_agent::config::Config::load(&path).unwrap();
+    assert_eq!(cfg.api_key(), "k");
+    assert_eq!(cfg.site.target.as_str(), "dic_example");
+    assert_eq!(cfg.schedule.interval.0, std::time::Duration::from_secs(6 * 3600));
+}
+
+#[test]
+fn the_daemon_polls_on_schedule_and_stops_cleanly_on_sigterm() {
+    let site = Site::new("xml");
+    let text = std::fs::read_to_string(&site.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
+    std::fs::write(&site.config, text).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .arg("run")
+        .env_remove("FTTP_AGENT_API_KEY")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while site.sim.state().received("$requestTasks").len() < 2 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "daemon did not poll twice");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(kill.success());
+    let stopped = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(stopped.elapsed() < std::time::Duration::from_secs(10));
+    assert!(site.audit_outcomes("poll").len() >= 2);
+}

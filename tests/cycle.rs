@@ -573,10 +573,17 @@ fn the_daemon_polls_on_schedule_and_stops_cleanly_on_sigterm() {
         .unwrap();
     let start = std::time::Instant::now();
     while site.sim.state().received("$requestTasks").len() < 2 {
-        assert!(start.elapsed() < std::time::Duration::from_secs(20), "daemon did not poll twice");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "daemon did not poll twice"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let kill = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(kill.success());
     let stopped = std::time::Instant::now();
     let status = child.wait().unwrap();

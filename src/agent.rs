@@ -230,12 +230,6 @@ impl<'a> Agent<'a> {
                 }
                 None => {
                     if entry.status == Status::Rejected {
-                        log::warn!(
-                            "[{} {}] rejected: {}",
-                            entry.kind,
-                            entry.display_id,
-                            entry.detail.as_deref().unwrap_or("")
-                        );
                         self.outcome(&entry, "rejected", Status::Rejected, entry.detail.clone(), None)?;
                     }
                     batch.push(Record::Ledger(entry));
@@ -588,16 +582,7 @@ impl<'a> Agent<'a> {
         if changed {
             self.store.put(Record::Ledger(e.clone()))?;
         }
-        if e.status == Status::Failed {
-            log::warn!(
-                "[{} {}] {outcome}: {}",
-                e.kind,
-                e.display_id,
-                rec.detail.as_deref().unwrap_or("")
-            );
-        } else {
-            log::info!("[{} {}] {outcome}", e.kind, e.display_id);
-        }
+        log_outcome(&e, outcome, rec.detail.as_deref());
         self.audit.write(&rec)?;
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
@@ -621,7 +606,7 @@ impl<'a> Agent<'a> {
         let mut rec = self.record_for(e, outcome, detail, patient);
         rec.status = Some(status.as_str().to_string());
         self.audit.write(&rec)?;
-        log::info!("[{} {}] {outcome}", e.kind, e.display_id);
+        log_outcome(e, outcome, rec.detail.as_deref());
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
             task: e.display_id.clone(),
@@ -631,6 +616,16 @@ impl<'a> Agent<'a> {
             detail: rec.detail,
         });
         Ok(())
+    }
+}
+
+/// Per-task log context: `[kind id] outcome: detail`; problems as warnings.
+fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>) {
+    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
+    if matches!(e.status, Status::Failed | Status::Rejected) || outcome == "unknown_patient" {
+        log::warn!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
+    } else {
+        log::info!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
     }
 }
 

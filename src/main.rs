@@ -40,10 +40,12 @@ enum Command {
     Import { file: PathBuf },
     /// Show the task ledger
     Tasks {
-        #[arg(long, value_enum)]
-        status: Option<StatusArg>,
-        #[arg(long, value_enum)]
-        kind: Option<KindArg>,
+        /// pending, in_flight, resolved, failed, expired or rejected
+        #[arg(long)]
+        status: Option<Status>,
+        /// dic_psn_available, send_idat, repeat_request or unknown
+        #[arg(long)]
+        kind: Option<TaskKind>,
     },
     /// Try it: one cycle against the built-in simulated dispatcher, with sample data
     Demo {
@@ -74,24 +76,6 @@ enum FormatArg {
     Json,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum StatusArg {
-    Pending,
-    InFlight,
-    Resolved,
-    Failed,
-    Expired,
-    Rejected,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum KindArg {
-    DicPsnAvailable,
-    SendIdat,
-    RepeatRequest,
-    Unknown,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match dispatch(cli) {
@@ -119,23 +103,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Run { once: false } => commands::run_daemon(&load(&cli)?),
         Command::Check => commands::check(&load(&cli)?),
         Command::Import { file } => commands::import(&load(&cli)?, file),
-        Command::Tasks { status, kind } => {
-            let status = status.map(|s| match s {
-                StatusArg::Pending => Status::Pending,
-                StatusArg::InFlight => Status::InFlight,
-                StatusArg::Resolved => Status::Resolved,
-                StatusArg::Failed => Status::Failed,
-                StatusArg::Expired => Status::Expired,
-                StatusArg::Rejected => Status::Rejected,
-            });
-            let kind = kind.map(|k| match k {
-                KindArg::DicPsnAvailable => TaskKind::DicPsnAvailable,
-                KindArg::SendIdat => TaskKind::SendIdat,
-                KindArg::RepeatRequest => TaskKind::RepeatRequest,
-                KindArg::Unknown => TaskKind::Unknown,
-            });
-            commands::tasks(&load(&cli)?, status, kind)
-        }
+        Command::Tasks { status, kind } => commands::tasks(&load(&cli)?, *status, *kind),
         Command::Demo { format, dir } => {
             let level = cli.log_level.unwrap_or(LogLevel::Info);
             fttp_agent::logger::init(level.filter(), None).map_err(AppError::Other)?;

@@ -33,6 +33,21 @@ impl TaskKind {
     }
 }
 
+impl std::str::FromStr for TaskKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            TaskKind::DicPsnAvailable,
+            TaskKind::SendIdat,
+            TaskKind::RepeatRequest,
+            TaskKind::Unknown,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| format!("unknown task kind '{s}' (dic_psn_available, send_idat, repeat_request, unknown)"))
+    }
+}
+
 impl fmt::Display for TaskKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

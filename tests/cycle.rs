@@ -500,6 +500,12 @@ fn tasks_and_check_show_what_the_agent_knows() {
         "{text}"
     );
     assert!(text.contains("1 task(s)"));
+    let out = site.run(&["tasks", "--status", "expired"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 task(s)"));
+    let out = site.run(&["tasks", "--kind", "send_idat", "--status", "resolved"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 task(s)"));
+    let out = site.run(&["tasks", "--status", "done"]);
+    assert_eq!(out.status.code(), Some(2));
     let out = site.run(&["check"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");

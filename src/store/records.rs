@@ -52,6 +52,15 @@ impl Status {
         matches!(self, Status::Resolved | Status::Expired | Status::Rejected)
     }
 
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::InFlight,
+        Status::Resolved,
+        Status::Failed,
+        Status::Expired,
+        Status::Rejected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
@@ -104,4 +113,14 @@ pub enum Record {
     Pseudonym(PseudonymRecord),
     Ledger(LedgerEntry),
     Poll(PollRecord),
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Status::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown status '{s}' (pending, in_flight, resolved, failed, expired, rejected)"))
+    }
 }

@@ -8,6 +8,8 @@
 use crate::audit::{Audit, AuditError, AuditRecord};
 use crate::client::{Client, ClientError};
 use crate::config::Config;
+use crate::crashpoint;
+use crate::shutdown::Shutdown;
 use crate::fhir::ParamValue;
 use crate::fhir::idat::IdatElement;
 use crate::store::{LedgerEntry, PollRecord, PseudonymRecord, Record, Status, Store, StoreError};
@@ -69,6 +71,9 @@ pub struct Agent<'a> {
     /// Set after a failure that will fail every further call this cycle
     /// (unreachable, credentials refused): remaining network tasks wait.
     network_down: Option<String>,
+    /// Checked between tasks: a daemon asked to stop finishes the task in
+    /// hand and leaves the rest open for the next run.
+    stop: Option<Shutdown>,
 }
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -103,7 +108,13 @@ impl<'a> Agent<'a> {
             audit,
             report: CycleReport::default(),
             network_down: None,
+            stop: None,
         }
+    }
+
+    pub fn with_shutdown(mut self, stop: Shutdown) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     fn target(&self) -> &str {
@@ -114,6 +125,7 @@ impl<'a> Agent<'a> {
         let study = self.cfg.site.study.as_str().to_string();
         let target = self.target().to_string();
         log::info!("polling $requestTasks for study {study}, target {target}");
+        crashpoint::hit("poll:before");
         let answer = match self.client.request_tasks(&study, &target) {
             Ok(a) => a,
             Err(e) => {
@@ -131,6 +143,7 @@ impl<'a> Agent<'a> {
                 return Err(AgentError::Poll(e));
             }
         };
+        crashpoint::hit("poll:after");
         let scope = Scope {
             study: &study,
             target: &target,
@@ -143,6 +156,7 @@ impl<'a> Agent<'a> {
         log::info!("received {} task(s)", parsed.len());
 
         self.merge(parsed)?;
+        crashpoint::hit("ledger:merged");
         self.work()?;
 
         self.store.put(Record::Poll(PollRecord {
@@ -152,6 +166,7 @@ impl<'a> Agent<'a> {
             detail: None,
         }))?;
         self.audit.sync()?;
+        crashpoint::hit("cycle:end");
         Ok(self.report)
     }
 
@@ -282,6 +297,10 @@ impl<'a> Agent<'a> {
         }
         items.sort_by_key(|w| (w.expires().is_none(), w.expires()));
         for item in items {
+            if self.stop.as_ref().is_some_and(Shutdown::requested) {
+                log::info!("stop requested: leaving the remaining tasks for the next run");
+                break;
+            }
             match item {
                 Work::One(e) => match e.task.clone() {
                     // (boxed: a ledger entry is large next to a batch)
@@ -379,6 +398,7 @@ impl<'a> Agent<'a> {
         if let Some(reason) = self.network_down.clone() {
             return self.finish(e, "not_attempted", Some(reason), Some(fp));
         }
+        let resend = e.status == Status::InFlight;
         let (resource, missing) = patient.idat.to_patient(elements);
         let secrets: Vec<&str> = patient.idat.values().collect();
         // Recorded before sending: after a crash the task is sent again
@@ -389,9 +409,11 @@ impl<'a> Agent<'a> {
         flight.updated = Utc::now();
         self.store.put(Record::Ledger(flight.clone()))?;
         let deadline = deadline(flight.expires);
+        crashpoint::hit("send:before");
         let result = self
             .client
             .provide_patient_data(task_id, self.target(), resource, &secrets, deadline);
+        crashpoint::hit("send:after");
         let mut done = flight;
         match result {
             Ok(()) => {
@@ -403,9 +425,21 @@ impl<'a> Agent<'a> {
                 rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
                 self.commit(done, "sent", rec)
             }
+            Err(err) if resend && err.task_unknown() => {
+                // At-least-once: the previous attempt was interrupted after
+                // the request left (crash, timeout, reset); the dispatcher no
+                // longer knowing the task means that attempt arrived.
+                done.status = Status::Resolved;
+                let detail = Some("delivered by an interrupted earlier attempt; the dispatcher reports the task done".into());
+                let mut rec = self.record_for(&done, "sent", detail, Some(fp));
+                rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
+                self.commit(done, "sent", rec)
+            }
             Err(err) => {
                 self.note_network(&err);
-                done.status = Status::Failed;
+                // A transport failure may have happened after the dispatcher
+                // got the request: its fate is unknown, so it stays in flight.
+                done.status = if err.is_unreachable() { Status::InFlight } else { Status::Failed };
                 self.finish(done, "failed", Some(err.to_string()), Some(fp))
             }
         }
@@ -440,7 +474,10 @@ impl<'a> Agent<'a> {
         let refs: Vec<&BloomFilter> = bfs.iter().collect();
         let deadline = deadline(flights.iter().filter_map(|e| e.expires).min());
         log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
-        let answer = match self.client.request_psn_from_bf(study, target, &refs, deadline) {
+        crashpoint::hit("batch:before");
+        let result = self.client.request_psn_from_bf(study, target, &refs, deadline);
+        crashpoint::hit("batch:after");
+        let answer = match result {
             Ok(a) => a,
             Err(err) => {
                 self.note_network(&err);

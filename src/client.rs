@@ -61,7 +61,12 @@ impl ClientError {
         matches!(self, ClientError::Status { status: 401 | 403, .. })
     }
 
-    /// Nothing reached the dispatcher's application at all.
+    /// The dispatcher says it does not know (any more) what we refer to.
+    pub fn task_unknown(&self) -> bool {
+        matches!(self, ClientError::Status { status: 404 | 409 | 410, .. })
+    }
+
+    /// No complete answer: the request may or may not have been processed.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ClientError::Unreachable { .. } | ClientError::Timeout { .. })
     }

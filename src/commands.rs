@@ -17,11 +17,21 @@ use chrono::Utc;
 use std::path::Path;
 use std::time::Duration;
 
+pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, StoreError> {
+    let mut store = Store::open(&cfg.store.path, mode)?;
+    store.set_compact_after(cfg.store.compact_after);
+    Ok(store)
+}
+
 /// One cycle with the store locked for its duration.
-pub fn cycle(cfg: &Config, client: &Client) -> Result<CycleReport, AppError> {
-    let mut store = Store::open(&cfg.store.path, LockMode::Try)?;
+pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
+    let mut store = open_store(cfg, LockMode::Try)?;
     let mut audit = Audit::open(&cfg.audit_path())?;
-    Ok(Agent::new(cfg, client, &mut store, &mut audit).run_cycle()?)
+    let mut agent = Agent::new(cfg, client, &mut store, &mut audit);
+    if let Some(s) = stop {
+        agent = agent.with_shutdown(s.clone());
+    }
+    Ok(agent.run_cycle()?)
 }
 
 fn report_exit(report: &CycleReport) -> u8 {
@@ -46,7 +56,7 @@ fn report_exit(report: &CycleReport) -> u8 {
 
 pub fn run_once(cfg: &Config) -> Result<u8, AppError> {
     let client = Client::new(cfg);
-    let report = cycle(cfg, &client)?;
+    let report = cycle(cfg, &client, None)?;
     Ok(report_exit(&report))
 }
 
@@ -59,7 +69,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     let interval = cfg.schedule.interval.0;
     log::info!("daemon started; polling every {}", humanize(interval));
     while !shutdown.requested() {
-        match cycle(cfg, &client) {
+        match cycle(cfg, &client, Some(&shutdown)) {
             Ok(report) => {
                 report_exit(&report);
             }
@@ -76,9 +86,11 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     Ok(exit::OK)
 }
 
-/// The interval, shortened so that an open task is tried again before it
-/// expires (half its remaining time, at least a minute).
+/// The interval with up to ±10% jitter (many sites on one schedule do not
+/// hit the gateway at once), shortened so that an open task is tried again
+/// before it expires (half its remaining time, at least a minute).
 fn next_poll(cfg: &Config, interval: Duration) -> Duration {
+    let interval = interval.mul_f64(0.9 + 0.2 * crate::retry::jitter());
     let soonest = Store::open(&cfg.store.path, LockMode::Try).ok().and_then(|s| {
         s.ledger_entries()
             .filter(|e| !e.status.is_terminal())
@@ -106,7 +118,7 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
     for (k, v) in cfg.describe() {
         println!("  {k:<30} {v}");
     }
-    let store = Store::open(&cfg.store.path, LockMode::Try)?;
+    let store = open_store(cfg, LockMode::Try)?;
     let patients = store.patients().count();
     let with_bf = store.patients().filter(|p| p.bloomfilter.is_some()).count();
     let open = store.ledger_entries().filter(|e| !e.status.is_terminal()).count();
@@ -140,7 +152,7 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
 }
 
 pub fn import(cfg: &Config, file: &Path) -> Result<u8, AppError> {
-    let mut store = Store::open(&cfg.store.path, LockMode::Wait)?;
+    let mut store = open_store(cfg, LockMode::Wait)?;
     let report = import_file(&mut store, file)?;
     print_import(file, &report);
     Ok(if report.errors.is_empty() {
@@ -165,7 +177,7 @@ fn print_import(file: &Path, r: &ImportReport) {
 }
 
 pub fn tasks(cfg: &Config, status: Option<Status>, kind: Option<TaskKind>) -> Result<u8, AppError> {
-    let store = Store::open(&cfg.store.path, LockMode::Wait)?;
+    let store = open_store(cfg, LockMode::Wait)?;
     let mut entries: Vec<_> = store
         .ledger_entries()
         .filter(|e| status.is_none_or(|s| e.status == s))
@@ -215,13 +227,13 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     let csv = dir.join("patients.csv");
     std::fs::write(&csv, demo::sample_csv()).map_err(io("write the sample patients"))?;
     {
-        let mut store = Store::open(&cfg.store.path, LockMode::Try)?;
+        let mut store = open_store(&cfg, LockMode::Try)?;
         let report = import_file(&mut store, &csv)?;
         print_import(&csv, &report);
     }
     println!("running one cycle against the simulator ({})", format.mime());
     let client = Client::new(&cfg);
-    let report = cycle(&cfg, &client)?;
+    let report = cycle(&cfg, &client, None)?;
     print!("{}", demo::summary(&report));
 
     let st = sim.state();

@@ -152,6 +152,10 @@ pub struct Store {
     /// Directory of the local store (patients, pseudonyms, task ledger).
     /// Created with mode 0700.
     pub path: PathBuf,
+    /// Journal records after which the store is compacted into a new
+    /// snapshot (the previous generation is kept as *.prev).
+    #[serde(default = "default_compact_after")]
+    pub compact_after: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -353,6 +357,9 @@ fn default_retry_delay() -> HumanDuration {
 fn default_max_response_bytes() -> u64 {
     64 * 1024 * 1024
 }
+fn default_compact_after() -> usize {
+    crate::store::COMPACT_AFTER
+}
 fn default_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(6 * 3600))
 }
@@ -490,6 +497,7 @@ impl Config {
             ("site.target".into(), self.site.target.0.clone()),
             ("schedule.interval".into(), fmt_dur(&self.schedule.interval)),
             ("store.path".into(), self.store.path.display().to_string()),
+            ("store.compact_after".into(), self.store.compact_after.to_string()),
             (
                 "log.file".into(),
                 self.log

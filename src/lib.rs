@@ -10,6 +10,7 @@ pub mod agent;
 pub mod audit;
 pub mod client;
 pub mod commands;
+pub mod crashpoint;
 pub mod config;
 pub mod demo;
 pub mod error;

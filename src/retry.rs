@@ -68,7 +68,7 @@ pub fn with_backoff<T, E: Retryable + std::fmt::Display>(
 }
 
 /// A number in [0, 1) from the OS random source (0.5 if it is unavailable).
-fn jitter() -> f64 {
+pub fn jitter() -> f64 {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut b = [0u8; 2];
     match SystemRandom::new().fill(&mut b) {

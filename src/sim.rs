@@ -63,13 +63,33 @@ impl Received {
     }
 }
 
-/// A queued failure: the next request for `operation` (any, if `None`)
-/// gets `status` with an OperationOutcome carrying `diagnostics`.
+/// A queued failure for the next request to `operation` (any, if `None`).
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub operation: Option<String>,
-    pub status: u16,
-    pub diagnostics: String,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum FaultKind {
+    /// An HTTP error with an OperationOutcome, and optionally Retry-After (seconds).
+    Status {
+        status: u16,
+        diagnostics: String,
+        retry_after: Option<u64>,
+    },
+    /// The headers promise a body that stops half-way; the connection closes.
+    ResetMidBody,
+    /// The headers, then nothing for this long (the agent's read times out).
+    Stall(std::time::Duration),
+    /// Close the connection without answering at all.
+    Drop,
+    /// An arbitrary answer: e.g. a proxy's HTML page or a truncated document.
+    Raw {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -139,10 +159,20 @@ impl Simulator {
     }
 
     pub fn push_fault(&self, operation: Option<&str>, status: u16, diagnostics: &str) {
+        self.push(
+            operation,
+            FaultKind::Status {
+                status,
+                diagnostics: diagnostics.to_string(),
+                retry_after: None,
+            },
+        );
+    }
+
+    pub fn push(&self, operation: Option<&str>, kind: FaultKind) {
         self.state().faults.push_back(Fault {
             operation: operation.map(str::to_string),
-            status,
-            diagnostics: diagnostics.to_string(),
+            kind,
         });
     }
 
@@ -235,10 +265,15 @@ fn header(req: &tiny_http::Request, name: &str) -> Option<String> {
         .map(|h| h.value.as_str().to_string())
 }
 
-fn respond(req: tiny_http::Request, status: u16, format: Format, body: String) {
+fn respond(req: tiny_http::Request, status: u16, format: Format, body: String, retry_after: Option<u64>) {
     let ct = format!("{};charset=utf-8", format.mime());
     let mut resp = tiny_http::Response::from_string(body).with_status_code(status);
     if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ct.as_bytes()) {
+        resp = resp.with_header(h);
+    }
+    if let Some(secs) = retry_after
+        && let Ok(h) = tiny_http::Header::from_bytes(&b"Retry-After"[..], secs.to_string().as_bytes())
+    {
         resp = resp.with_header(h);
     }
     let _ = req.respond(resp);
@@ -289,13 +324,30 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
         status: 0,
     };
 
-    let (status, resource) = if let Some(pos) = st
+    let fault = st
         .faults
         .iter()
         .position(|f| f.operation.as_deref().is_none_or(|o| o == operation))
-    {
-        let fault = st.faults.remove(pos).unwrap_or_else(unreachable_fault);
-        (fault.status, outcome("exception", &fault.diagnostics))
+        .and_then(|pos| st.faults.remove(pos));
+    let mut retry_after = None;
+    let (status, resource) = if let Some(fault) = fault {
+        match fault.kind {
+            FaultKind::Status {
+                status,
+                diagnostics,
+                retry_after: ra,
+            } => {
+                retry_after = ra;
+                (status, outcome("exception", &diagnostics))
+            }
+            other => {
+                rec.status = 0;
+                st.received.push(rec);
+                drop(st);
+                misbehave(req, other);
+                return;
+            }
+        }
     } else if req.method() != &tiny_http::Method::Post {
         (405, outcome("not-supported", "only POST is supported"))
     } else if !rec.authorized {
@@ -314,19 +366,45 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
     rec.status = status;
     st.received.push(rec);
     drop(st);
-    respond(
-        req,
-        status,
-        answer_format,
-        crate::fhir::write_resource(answer_format, &resource),
-    );
+    let body = crate::fhir::write_resource(answer_format, &resource);
+    respond(req, status, answer_format, body, retry_after);
 }
 
-fn unreachable_fault() -> Fault {
-    Fault {
-        operation: None,
-        status: 500,
-        diagnostics: String::new(),
+/// Answers the way broken networks and servers do.
+fn misbehave(req: tiny_http::Request, kind: FaultKind) {
+    use std::io::Write;
+    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+xml\r\nContent-Length: 5000\r\n\r\n";
+    match kind {
+        FaultKind::Status { .. } => {}
+        FaultKind::Raw {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut resp = tiny_http::Response::from_data(body).with_status_code(status);
+            if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
+                resp = resp.with_header(h);
+            }
+            let _ = req.respond(resp);
+        }
+        FaultKind::ResetMidBody => {
+            let mut w = req.into_writer();
+            let _ = w.write_all(HEAD);
+            let _ = w.write_all(b"<Parameters xmlns=\"http://hl7.org/fhir\"><parameter>");
+            let _ = w.flush();
+        }
+        FaultKind::Stall(d) => {
+            let mut w = req.into_writer();
+            let _ = w.write_all(HEAD);
+            let _ = w.write_all(b"<Para");
+            let _ = w.flush();
+            // Hold the connection open elsewhere so the server keeps serving.
+            std::thread::spawn(move || {
+                std::thread::sleep(d);
+                drop(w);
+            });
+        }
+        FaultKind::Drop => drop(req.into_writer()),
     }
 }
 
@@ -334,10 +412,10 @@ fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
     if p.first_string("study").is_none() || p.first_string("target").is_none() {
         return (400, outcome("required", "study and target are required"));
     }
-    let answer = Parameters::new(st.tasks.clone());
-    // A finished clearing is reported once; other tasks wait until done.
-    st.tasks.retain(|t| t.name != "dic_psn_available");
-    (200, answer.to_resource())
+    // Tasks stay queued until done or expired; a finished clearing
+    // (dic_psn_available) has no "done" call, so it is handed out on every
+    // poll until it expires and the agent recognises the repeats.
+    (200, Parameters::new(st.tasks.clone()).to_resource())
 }
 
 fn task_id_of(t: &Parameter) -> Option<&str> {

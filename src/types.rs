@@ -17,10 +17,19 @@ pub enum BloomFilterError {
     NotBase64,
     #[error("Bloom filter is empty")]
     Empty,
+    #[error("Bloom filter is larger than {} bytes", BloomFilter::MAX_BYTES)]
+    TooLarge,
 }
 
 impl BloomFilter {
+    /// Record-level filters are a few hundred bits; anything this large is
+    /// not a Bloom filter and is refused before it is decoded.
+    pub const MAX_BYTES: usize = 64 * 1024;
+
     pub fn from_base64(s: &str) -> Result<Self, BloomFilterError> {
+        if s.len() > BloomFilter::MAX_BYTES / 3 * 4 + 4 {
+            return Err(BloomFilterError::TooLarge);
+        }
         let bytes = STANDARD.decode(s.trim()).map_err(|_| BloomFilterError::NotBase64)?;
         Self::from_bytes(bytes)
     }
@@ -28,6 +37,9 @@ impl BloomFilter {
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, BloomFilterError> {
         if bytes.is_empty() {
             return Err(BloomFilterError::Empty);
+        }
+        if bytes.len() > BloomFilter::MAX_BYTES {
+            return Err(BloomFilterError::TooLarge);
         }
         Ok(BloomFilter(bytes))
     }

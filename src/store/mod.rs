@@ -33,9 +33,8 @@ const JOURNAL: &str = "journal";
 const LOCK: &str = "LOCK";
 const FORMAT: &str = "fttp-agent-store";
 const VERSION: u32 = 1;
-/// Compact when the journal holds this many records more than a fresh
-/// snapshot would: bounds replay time without rewriting on every write.
-const COMPACT_MIN_RECORDS: usize = 10_000;
+/// Default for [`Store::set_compact_after`].
+pub const COMPACT_AFTER: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -137,6 +136,7 @@ pub struct Store {
     journal_len: u64,
     journal_records: usize,
     generation: u64,
+    compact_after: usize,
     state: State,
 }
 
@@ -175,10 +175,20 @@ impl Store {
                 }
                 journal_len = lines.good_len as u64;
                 if lines.good_len < text.len() {
+                    let kept = dir.join(format!("journal.torn-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")));
                     log::warn!(
-                        "store journal {}: discarding an incomplete last record (an interrupted write)",
-                        journal_path.display()
+                        "store journal {}: an incomplete last record (an interrupted write) was never \
+                         acknowledged; it is cut off and kept in {}",
+                        journal_path.display(),
+                        kept.display()
                     );
+                    OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&kept)
+                        .and_then(|mut f| f.write_all(&text.as_bytes()[lines.good_len..]))
+                        .map_err(io("keep the torn record", &kept))?;
                     let f = OpenOptions::new()
                         .write(true)
                         .open(&journal_path)
@@ -214,8 +224,16 @@ impl Store {
             journal_len,
             journal_records,
             generation,
+            compact_after: COMPACT_AFTER,
             state,
         })
+    }
+
+    /// Compact once the journal holds this many records and more than a
+    /// fresh snapshot would: bounds replay time without rewriting the store
+    /// on every write.
+    pub fn set_compact_after(&mut self, records: usize) {
+        self.compact_after = records.max(1);
     }
 
     pub fn dir(&self) -> &Path {
@@ -234,10 +252,21 @@ impl Store {
             push_line(&mut buf, r);
         }
         let path = self.dir.join(JOURNAL);
-        let result = self
-            .journal
-            .write_all(buf.as_bytes())
-            .and_then(|_| self.journal.sync_data());
+        let bytes = buf.as_bytes();
+        // Test builds can tear this write in half and die (crash tests).
+        let split = if crate::crashpoint::armed("journal:torn") {
+            bytes.len() / 2
+        } else {
+            bytes.len()
+        };
+        let result = self.journal.write_all(&bytes[..split]).and_then(|_| {
+            if split < bytes.len() {
+                self.journal.sync_data()?;
+                crate::crashpoint::hit("journal:torn");
+                self.journal.write_all(&bytes[split..])?;
+            }
+            self.journal.sync_data()
+        });
         if let Err(source) = result {
             if let Err(e) = self.journal.set_len(self.journal_len) {
                 log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
@@ -248,12 +277,13 @@ impl Store {
                 source,
             });
         }
+        crate::crashpoint::hit("journal:written");
         self.journal_len += buf.len() as u64;
         self.journal_records += records.len();
         for r in records {
             self.state.apply(r);
         }
-        if self.journal_records > COMPACT_MIN_RECORDS.max(self.state.len()) {
+        if self.journal_records >= self.compact_after && self.journal_records > self.state.len() / 2 {
             self.compact()?;
         }
         Ok(())
@@ -267,7 +297,16 @@ impl Store {
     /// empty journal for it.
     pub fn compact(&mut self) -> Result<(), StoreError> {
         let next = self.generation + 1;
+        // The current generation stays available as *.prev for recovery.
+        for name in [SNAPSHOT, JOURNAL] {
+            let (cur, prev) = (self.dir.join(name), self.dir.join(format!("{name}.prev")));
+            if cur.exists() {
+                let _ = std::fs::remove_file(&prev);
+                std::fs::hard_link(&cur, &prev).map_err(io("keep the previous generation", &prev))?;
+            }
+        }
         write_atomically(&self.dir, SNAPSHOT, next, self.state.records())?;
+        crate::crashpoint::hit("snapshot:installed");
         self.journal_len = write_atomically(&self.dir, JOURNAL, next, std::iter::empty())?;
         let path = self.dir.join(JOURNAL);
         self.journal = OpenOptions::new()
@@ -477,6 +516,9 @@ fn write_atomically(
     len += buf.len() as u64;
     file.sync_all().map_err(io("sync", &tmp))?;
     drop(file);
+    if name == SNAPSHOT {
+        crate::crashpoint::hit("snapshot:tmp");
+    }
     std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))?;
     File::open(dir)
         .and_then(|d| d.sync_all())

@@ -9,9 +9,9 @@ use crate::audit::{Audit, AuditError, AuditRecord};
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::crashpoint;
-use crate::shutdown::Shutdown;
 use crate::fhir::ParamValue;
 use crate::fhir::idat::IdatElement;
+use crate::shutdown::Shutdown;
 use crate::store::{LedgerEntry, PollRecord, PseudonymRecord, Record, Status, Store, StoreError};
 use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
 use crate::types::{BloomFilter, Pseudonym};
@@ -430,7 +430,8 @@ impl<'a> Agent<'a> {
                 // the request left (crash, timeout, reset); the dispatcher no
                 // longer knowing the task means that attempt arrived.
                 done.status = Status::Resolved;
-                let detail = Some("delivered by an interrupted earlier attempt; the dispatcher reports the task done".into());
+                let detail =
+                    Some("delivered by an interrupted earlier attempt; the dispatcher reports the task done".into());
                 let mut rec = self.record_for(&done, "sent", detail, Some(fp));
                 rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
                 self.commit(done, "sent", rec)
@@ -439,7 +440,11 @@ impl<'a> Agent<'a> {
                 self.note_network(&err);
                 // A transport failure may have happened after the dispatcher
                 // got the request: its fate is unknown, so it stays in flight.
-                done.status = if err.is_unreachable() { Status::InFlight } else { Status::Failed };
+                done.status = if err.is_unreachable() {
+                    Status::InFlight
+                } else {
+                    Status::Failed
+                };
                 self.finish(done, "failed", Some(err.to_string()), Some(fp))
             }
         }

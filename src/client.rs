@@ -63,7 +63,13 @@ impl ClientError {
 
     /// The dispatcher says it does not know (any more) what we refer to.
     pub fn task_unknown(&self) -> bool {
-        matches!(self, ClientError::Status { status: 404 | 409 | 410, .. })
+        matches!(
+            self,
+            ClientError::Status {
+                status: 404 | 409 | 410,
+                ..
+            }
+        )
     }
 
     /// No complete answer: the request may or may not have been processed.

@@ -84,6 +84,8 @@ pub enum FaultKind {
     Stall(std::time::Duration),
     /// Close the connection without answering at all.
     Drop,
+    /// Answer normally, but only after this long (a slow gateway).
+    Delay(std::time::Duration),
     /// An arbitrary answer: e.g. a proxy's HTML page or a truncated document.
     Raw {
         status: u16,
@@ -330,6 +332,22 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
         .position(|f| f.operation.as_deref().is_none_or(|o| o == operation))
         .and_then(|pos| st.faults.remove(pos));
     let mut retry_after = None;
+    let fault = match fault {
+        Some(Fault {
+            kind: FaultKind::Delay(d),
+            ..
+        }) => {
+            // Sleep without holding the state lock.
+            drop(st);
+            std::thread::sleep(d);
+            st = match state.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            None
+        }
+        other => other,
+    };
     let (status, resource) = if let Some(fault) = fault {
         match fault.kind {
             FaultKind::Status {
@@ -375,7 +393,7 @@ fn misbehave(req: tiny_http::Request, kind: FaultKind) {
     use std::io::Write;
     const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+xml\r\nContent-Length: 5000\r\n\r\n";
     match kind {
-        FaultKind::Status { .. } => {}
+        FaultKind::Status { .. } | FaultKind::Delay(_) => {}
         FaultKind::Raw {
             status,
             content_type,

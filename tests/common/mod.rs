@@ -79,13 +79,35 @@ impl Site {
         site
     }
 
+    /// `extra`: `key = value` lines overriding the [dispatcher] defaults
+    /// (`compact_after` goes to [store]).
     pub fn write_config(&self, format: &str, key: &str, extra: &str) {
+        let mut dispatcher: Vec<(String, String)> = vec![
+            ("url".into(), format!("\"{}\"", self.sim.url())),
+            ("api_key".into(), format!("\"{key}\"")),
+            ("format".into(), format!("\"{format}\"")),
+            ("timeout".into(), "\"5s\"".into()),
+            ("max_attempts".into(), "1".into()),
+            ("retry_delay".into(), "\"10ms\"".into()),
+        ];
+        let mut store = vec![("path".to_string(), "\"store\"".to_string())];
+        for line in extra.lines().filter(|l| l.contains('=')) {
+            let (k, v) = line.split_once('=').unwrap();
+            let (k, v) = (k.trim().to_string(), v.trim().to_string());
+            let section = if k == "compact_after" {
+                &mut store
+            } else {
+                &mut dispatcher
+            };
+            section.retain(|(key, _)| *key != k);
+            section.push((k, v));
+        }
+        let body = |kv: &[(String, String)]| kv.iter().map(|(k, v)| format!("{k} = {v}\n")).collect::<String>();
         let text = format!(
-            "[dispatcher]\nurl = \"{}\"\napi_key = \"{key}\"\nformat = \"{format}\"\ntimeout = \"5s\"\n\
-             max_attempts = 1\nretry_delay = \"10ms\"\n{extra}\n\n\
-             [site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n\
-             [store]\npath = \"store\"\n\n[log]\nfile = \"agent.log\"\nlevel = \"debug\"\naudit = \"audit.ndjson\"\n",
-            self.sim.url()
+            "[dispatcher]\n{}\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\n{}\n\
+             [log]\nfile = \"agent.log\"\nlevel = \"debug\"\naudit = \"audit.ndjson\"\n",
+            body(&dispatcher),
+            body(&store)
         );
         std::fs::write(&self.config, text).unwrap();
     }

@@ -1,0 +1,489 @@
+//! Network, server and input faults, each injected by the simulator on
+//! loopback and survived by the real binary. See tests/FAULTS.md.
+
+mod common;
+
+use chrono::{Duration as Days, Utc};
+use common::{STUDY, Site, TARGET, bf};
+use fttp_agent::fhir::idat::IdatElement;
+use fttp_agent::sim::{self, FaultKind, SimOptions};
+use fttp_agent::store::Status;
+use std::time::{Duration, Instant};
+
+const RTASKS: Option<&str> = Some("$requestTasks");
+const PROVIDE: Option<&str> = Some("$providePatientData");
+
+fn site(extra: &str) -> Site {
+    let s = Site::with("xml", SimOptions::default(), extra);
+    s.import_patients();
+    s
+}
+
+fn status(code: u16, diag: &str, retry_after: Option<u64>) -> FaultKind {
+    FaultKind::Status {
+        status: code,
+        diagnostics: diag.into(),
+        retry_after,
+    }
+}
+
+fn queue_send(site: &Site, id: &str, expires_in: Days) {
+    site.sim.add_task(sim::send_idat(
+        id,
+        Utc::now() + expires_in,
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+}
+
+fn polls(site: &Site) -> usize {
+    site.sim.state().received("$requestTasks").len()
+}
+
+#[test]
+fn connection_refused_is_retried_then_reported_as_unreachable() {
+    let s = site("max_attempts = 3");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace(s.sim.url(), &format!("http://127.0.0.1:{port}/fhir"));
+    std::fs::write(&s.config, text).unwrap();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("cannot reach the dispatcher"), "{out}");
+    assert!(
+        out.contains("attempt 1 of 3") && out.contains("attempt 2 of 3"),
+        "{out}"
+    );
+    assert_eq!(s.store().ledger_entries().count(), 0);
+}
+
+#[test]
+fn a_connection_reset_mid_body_is_retried() {
+    let s = site("max_attempts = 2");
+    queue_send(&s, "reset", Days::days(1));
+    s.sim.push(RTASKS, FaultKind::ResetMidBody);
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(polls(&s), 2);
+}
+
+#[test]
+fn a_dropped_connection_is_retried() {
+    let s = site("max_attempts = 2");
+    s.sim.push(RTASKS, FaultKind::Drop);
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(polls(&s), 2);
+}
+
+#[test]
+fn an_answer_that_never_finishes_times_out_and_is_retried() {
+    let s = site("max_attempts = 2\ntimeout = \"1s\"");
+    s.sim.push(RTASKS, FaultKind::Stall(Duration::from_secs(4)));
+    let started = Instant::now();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("no complete answer within the timeout"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the timeout bounds the wait"
+    );
+}
+
+#[test]
+fn server_errors_and_408_are_retried_with_backoff() {
+    let s = site("max_attempts = 5");
+    for code in [500, 502, 503, 408] {
+        s.sim.push(RTASKS, status(code, "try again", None));
+    }
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(polls(&s), 5);
+    for c in ["HTTP 500", "HTTP 502", "HTTP 503", "HTTP 408"] {
+        assert!(out.contains(c), "{c}: {out}");
+    }
+}
+
+#[test]
+fn a_429_waits_for_retry_after() {
+    let s = site("max_attempts = 2");
+    s.sim.push(RTASKS, status(429, "slow down", Some(1)));
+    let started = Instant::now();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After was honoured");
+    assert!(out.contains("retrying in 1.0s"), "{out}");
+}
+
+#[test]
+fn client_errors_are_not_retried_and_their_diagnostics_are_reported() {
+    for (code, exit) in [(400, 2), (401, 3), (403, 3), (404, 2), (422, 2)] {
+        let s = site("max_attempts = 3");
+        s.sim.push(RTASKS, status(code, &format!("refused with {code}"), None));
+        let (got, out) = s.cycle();
+        assert_eq!(got, exit, "{code}: {out}");
+        assert_eq!(polls(&s), 1, "{code} must not be retried");
+        assert!(
+            out.contains(&format!("HTTP {code}: error/exception: refused with {code}")),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn retries_never_run_past_the_tasks_expiry() {
+    let s = site("max_attempts = 5\nretry_delay = \"30s\"");
+    queue_send(&s, "short-lived", Days::seconds(20));
+    s.sim.push(PROVIDE, status(503, "busy", None));
+    let started = Instant::now();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(out.contains("not retrying: the task would expire first"), "{out}");
+    assert_eq!(s.sim.state().received("$providePatientData").len(), 1);
+    assert_eq!(s.store().ledger("task:short-lived").unwrap().status, Status::Failed);
+}
+
+#[test]
+fn a_reset_during_a_send_leaves_it_in_flight_and_the_next_cycle_delivers_it() {
+    let s = site("max_attempts = 1");
+    queue_send(&s, "flaky", Days::days(1));
+    s.sim.push(PROVIDE, FaultKind::ResetMidBody);
+    let (code, out) = s.cycle();
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(s.store().ledger("task:flaky").unwrap().status, Status::InFlight);
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    let e = s.store().ledger("task:flaky").unwrap().clone();
+    assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "sent"));
+}
+
+fn raw(ct: &str, body: &[u8]) -> FaultKind {
+    FaultKind::Raw {
+        status: 200,
+        content_type: ct.into(),
+        body: body.to_vec(),
+    }
+}
+
+#[test]
+fn broken_answers_are_reported_and_change_nothing() {
+    let mut deep_json = String::new();
+    for _ in 0..5000 {
+        deep_json.push_str("{\"a\":");
+    }
+    let mut deep_xml = String::from(r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="x"/>"#);
+    for _ in 0..5000 {
+        deep_xml.push_str(r#"<part><name value="x"/>"#);
+    }
+    let cases: Vec<(FaultKind, &str)> = vec![
+        (raw("application/fhir+json", br#"{"resourceType":"Parameters","parameter":[{"na"#), "truncated document"),
+        (raw("application/fhir+xml", br#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="x"/>"#), "truncated document"),
+        (raw("text/html", b"<html><body>Bad gateway</body></html>"), "an HTML page"),
+        (raw("application/fhir+xml", b"<html><body>Login</body></html>"), "an HTML page"),
+        (raw("application/octet-stream", b"\x00\x01binary"), "not a FHIR document"),
+        (raw("application/fhir+json", b"\xff\xfe{}"), "invalid FHIR JSON"),
+        (raw("application/fhir+xml", b"<Parameters xmlns=\"http://hl7.org/fhir\"><id value=\"\xff\"/></Parameters>"), "invalid UTF-8"),
+        (raw("application/fhir+json", deep_json.as_bytes()), "invalid FHIR JSON"),
+        (raw("application/fhir+xml", deep_xml.as_bytes()), "nesting too deep"),
+        (
+            raw(
+                "application/fhir+xml",
+                br#"<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]><Parameters xmlns="http://hl7.org/fhir"/>"#,
+            ),
+            "DOCTYPE declarations are not allowed",
+        ),
+        (raw("application/fhir+json", br#"{"resourceType":"Patient"}"#), "expected a Parameters resource"),
+    ];
+    for (fault, expected) in cases {
+        let s = site("max_attempts = 1");
+        queue_send(&s, "t1", Days::days(1));
+        s.sim.push(RTASKS, fault);
+        let (code, out) = s.cycle();
+        assert_eq!(code, 3, "{expected}: {out}");
+        assert!(out.contains(expected), "expected '{expected}' in: {out}");
+        assert_eq!(s.store().ledger_entries().count(), 0);
+        // And the next, healthy poll works.
+        assert_eq!(s.cycle().0, 0);
+    }
+}
+
+#[test]
+fn an_oversized_answer_is_refused_without_reading_it_all() {
+    let s = site("max_attempts = 1\nmax_response_bytes = 10000");
+    let big = format!(
+        "<Parameters xmlns=\"http://hl7.org/fhir\"><id value=\"{}\"/></Parameters>",
+        "x".repeat(50_000)
+    );
+    s.sim.push(RTASKS, raw("application/fhir+xml", big.as_bytes()));
+    let (code, out) = s.cycle();
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("larger than the limit of 10000 bytes"), "{out}");
+}
+
+#[test]
+fn hostile_tasks_are_rejected_one_by_one() {
+    let s = site("");
+    let later = Utc::now() + Days::days(1);
+    let huge = base64_of_len(100_000);
+    s.sim.add_task(sim::dic_psn_available(&huge, TARGET, "mii_HUGE", None));
+    s.sim
+        .add_task(sim::dic_psn_available(&bf(1), "another_site", "mii_OTHER", None));
+    s.sim
+        .add_task(sim::repeat_request("another_study", &bf(2), TARGET, Some(later)));
+    // The same taskId twice in one answer, with different content.
+    s.sim
+        .add_task(sim::send_idat("dup", later, None, Some(&bf(1)), &[IdatElement::Given]));
+    s.sim
+        .add_task(sim::send_idat("dup", later, None, Some(&bf(2)), &[IdatElement::Family]));
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    let reasons: Vec<String> = s
+        .audit()
+        .iter()
+        .filter(|r| r["outcome"] == "rejected")
+        .map(|r| r["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "Bloom filter is larger than 65536 bytes",
+            "task is for another target",
+            "task is for another study"
+        ]
+    );
+    assert_eq!(s.sim.state().received("$providePatientData").len(), 1);
+    assert!(
+        s.audit()
+            .iter()
+            .any(|r| r["outcome"] == "duplicate" && r["task"] == "dup")
+    );
+    assert_eq!(s.store().pseudonyms().count(), 0);
+}
+
+fn base64_of_len(bytes: usize) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(vec![7u8; bytes])
+}
+
+#[test]
+fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
+    let s = site("");
+    queue_send(&s, "before", Days::days(1));
+    assert_eq!(s.cycle().0, 0);
+    let journal = s.dir.path().join("store/journal");
+    let before = std::fs::read(&journal).unwrap();
+    // RLIMIT_FSIZE just above the journal's size: the next append fails
+    // with EFBIG exactly as on a full disk (SIGXFSZ ignored so the write
+    // returns the error).
+    let limit_blocks = before.len() / 1024 + 1;
+    queue_send(&s, "after", Days::days(1));
+    s.sim.state().registry.clear();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {limit_blocks}; exec \"$0\" --config \"$1\" run --once",
+        ))
+        .arg(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("cannot write the journal") && err.contains("File too large"),
+        "{err}"
+    );
+    // The store still opens, with everything from before.
+    let store = s.store();
+    assert_eq!(store.ledger("task:before").unwrap().status, Status::Resolved);
+    assert_eq!(store.patients().count(), 3);
+    drop(store);
+    // With space again, the task is done.
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(s.store().ledger("task:after").unwrap().status, Status::Resolved);
+}
+
+#[test]
+fn a_damaged_store_is_refused_by_name_and_left_for_recovery() {
+    let s = site("compact_after = 1");
+    queue_send(&s, "x", Days::days(1));
+    assert_eq!(s.cycle().0, 0);
+    let dir = s.dir.path().join("store");
+    assert!(dir.join("snapshot.prev").exists() || dir.join("journal.prev").exists());
+    let snap = dir.join("snapshot");
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&snap, &bytes).unwrap();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("store file") && out.contains("snapshot") && out.contains("is damaged at line"),
+        "{out}"
+    );
+    assert!(out.contains("refusing to run"), "{out}");
+    assert_eq!(std::fs::read(&snap).unwrap(), bytes, "never reset or rewritten");
+    assert_eq!(
+        s.sim.state().received("$requestTasks").len(),
+        1,
+        "no poll with a damaged store"
+    );
+}
+
+#[test]
+fn two_agents_started_together_exactly_one_runs() {
+    let s = site("");
+    queue_send(&s, "once", Days::days(1));
+    s.sim.push(RTASKS, FaultKind::Delay(Duration::from_millis(1500)));
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+            .arg("--config")
+            .arg(&s.config)
+            .args(["run", "--once"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = spawn();
+    std::thread::sleep(Duration::from_millis(400));
+    let second = spawn();
+    let codes = [
+        first.wait_with_output().unwrap().status.code(),
+        second.wait_with_output().unwrap().status.code(),
+    ];
+    let mut sorted = codes;
+    sorted.sort();
+    assert_eq!(sorted, [Some(0), Some(75)], "{codes:?}");
+    assert_eq!(s.sim.state().received("$providePatientData").len(), 1);
+}
+
+#[test]
+fn import_while_the_daemon_runs_is_safe() {
+    let s = site("");
+    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    for _ in 0..3 {
+        s.sim.push(RTASKS, FaultKind::Delay(Duration::from_millis(300)));
+    }
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let path = s.dir.path().join("more.csv");
+    let mut csv = String::from("local_id,given\n");
+    for i in 0..200 {
+        csv.push_str(&format!("extra-{i},Name{i}\n"));
+    }
+    std::fs::write(&path, csv).unwrap();
+    for _ in 0..3 {
+        let out = s.run(&["import", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let start = Instant::now();
+    while polls(&s) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert_eq!(s.store().patients().count(), 203);
+}
+
+#[test]
+fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
+    let s = site("");
+    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        queue_send(&s, id, Days::hours(10 + i as i64));
+        s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
+    }
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while polls(&s) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // now inside the first (slow) send
+    std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    let stopping = Instant::now();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+    let store = s.store();
+    assert_eq!(
+        store.ledger("task:a").unwrap().status,
+        Status::Resolved,
+        "the task in hand is finished"
+    );
+    assert_eq!(
+        store.ledger("task:b").unwrap().status,
+        Status::Pending,
+        "the rest waits"
+    );
+    assert_eq!(store.ledger("task:c").unwrap().status, Status::Pending);
+}
+
+#[test]
+fn a_failed_poll_does_not_end_the_daemon() {
+    let s = site("");
+    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    s.sim.push(RTASKS, status(500, "down", None));
+    queue_send(&s, "later", Days::days(1));
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while s.sim.state().received("$providePatientData").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon stopped after a failed poll"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert_eq!(s.audit_outcomes("poll")[0], "failed");
+}
+
+#[test]
+fn repeat_requests_to_the_same_study_survive_a_batch_failure() {
+    let s = site("max_attempts = 1");
+    let later = Utc::now() + Days::days(1);
+    s.sim.add_task(sim::repeat_request(STUDY, &bf(1), TARGET, Some(later)));
+    s.sim.push(Some("$requestPsnFromBfWorkflow"), FaultKind::ResetMidBody);
+    assert_eq!(s.cycle().0, 1);
+    assert_eq!(s.cycle().0, 0);
+    assert_eq!(s.store().pseudonyms().count(), 1);
+}

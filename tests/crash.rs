@@ -1,0 +1,175 @@
+//! SIGKILL at every named point of a cycle (and at the 2nd time each is
+//! reached), then restart: the store opens and is consistent, every task is
+//! resolved by the next run before it expires, and no pseudonym the agent had
+//! recorded is lost. The kill comes from the test-only crash points of debug
+//! builds (src/crashpoint.rs), so each point is hit deterministically.
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::{STUDY, Site, TARGET, bf};
+use fttp_agent::crashpoint::POINTS;
+use fttp_agent::fhir::idat::IdatElement;
+use fttp_agent::sim::{self, SimOptions};
+use fttp_agent::store::Status;
+use fttp_agent::types::BloomFilter;
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+
+fn scenario() -> Site {
+    // Small batches and early compaction, so one cycle passes every point.
+    let site = Site::with("json", SimOptions::default(), "batch_size = 1\ncompact_after = 3");
+    site.import_patients();
+    let later = Utc::now() + Duration::days(1);
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_CRASH1", None));
+    site.sim.add_task(sim::send_idat(
+        "send-a",
+        later,
+        None,
+        Some(&bf(2)),
+        &[IdatElement::Given],
+    ));
+    site.sim.add_task(sim::send_idat(
+        "send-b",
+        later + Duration::hours(1),
+        None,
+        Some(&bf(3)),
+        &[IdatElement::Family],
+    ));
+    site.sim
+        .add_task(sim::repeat_request(STUDY, &bf(2), TARGET, Some(later)));
+    site.sim
+        .add_task(sim::repeat_request(STUDY, &bf(3), TARGET, Some(later)));
+    site
+}
+
+fn pseudonyms(site: &Site) -> BTreeMap<String, String> {
+    site.store()
+        .pseudonyms()
+        .map(|p| (p.bloomfilter.to_base64(), p.pseudonym.value.clone()))
+        .collect()
+}
+
+#[test]
+fn a_crash_at_any_point_loses_nothing() {
+    let mut crashes = 0;
+    for point in POINTS {
+        for n in [1, 2] {
+            let site = scenario();
+            let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+                .arg("--config")
+                .arg(&site.config)
+                .args(["run", "--once"])
+                .env("FTTP_AGENT_CRASH_AT", format!("{point}:{n}"))
+                .output()
+                .unwrap();
+            let killed = out.status.signal() == Some(9);
+            if n == 1 {
+                assert!(killed, "{point} was never reached: {:?}", out.status);
+            }
+            crashes += usize::from(killed);
+
+            // (a) the store opens; (c) what it recorded stays recorded.
+            let recorded = pseudonyms(&site);
+
+            // (b) the next run(s) finish the job.
+            let mut last = (0, String::new());
+            for _ in 0..2 {
+                last = site.cycle();
+                if last.0 == 0 {
+                    break;
+                }
+            }
+            assert_eq!(last.0, 0, "{point}:{n}: recovery run: {}", last.1);
+
+            let store = site.store();
+            let open: Vec<_> = store
+                .ledger_entries()
+                .filter(|e| e.status != Status::Resolved)
+                .map(|e| (e.display_id.clone(), e.status, e.outcome.clone()))
+                .collect();
+            assert!(open.is_empty(), "{point}:{n}: unresolved {open:?}");
+            assert_eq!(store.ledger_entries().count(), 5, "{point}:{n}");
+            drop(store);
+            let after = pseudonyms(&site);
+            for (bf, psn) in &recorded {
+                assert_eq!(after.get(bf), Some(psn), "{point}:{n}: a recorded pseudonym was lost");
+            }
+            let b1 = BloomFilter::from_base64(&bf(1)).unwrap().to_base64();
+            assert_eq!(after.get(&b1).map(String::as_str), Some("mii_CRASH1"));
+            assert_eq!(after.len(), 3, "{point}:{n}");
+
+            // At-least-once: each send_idat reached the dispatcher.
+            let st = site.sim.state();
+            for id in ["send-a", "send-b"] {
+                let got = st.received("$providePatientData").iter().any(|r| {
+                    r.status == 200
+                        && r.parameters
+                            .as_ref()
+                            .and_then(|p| p.get("taskId").next()?.value.clone()?.as_str().map(str::to_string))
+                            == Some(id.to_string())
+                });
+                assert!(got, "{point}:{n}: {id} never delivered");
+            }
+            drop(st);
+            // The audit log is whole: every line is one JSON record.
+            let audit = std::fs::read_to_string(site.dir.path().join("audit.ndjson")).unwrap();
+            for line in audit.lines() {
+                serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{point}:{n}: {e}: {line}"));
+            }
+        }
+    }
+    assert!(crashes >= POINTS.len());
+}
+
+#[test]
+fn a_resend_of_a_delivered_task_counts_as_done() {
+    let site = scenario();
+    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .args(["run", "--once"])
+        .env("FTTP_AGENT_CRASH_AT", "send:after")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(9));
+    assert_eq!(site.store().ledger("task:send-a").unwrap().status, Status::InFlight);
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    let e = site.store().ledger("task:send-a").unwrap().clone();
+    assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "sent"));
+    assert!(e.detail.unwrap().contains("interrupted earlier attempt"));
+    // The dispatcher got it once for real, and a resend it refused as unknown.
+    let st = site.sim.state();
+    let statuses: Vec<u16> = st
+        .received("$providePatientData")
+        .iter()
+        .filter(|r| format!("{:?}", r.parameters).contains("send-a"))
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![200, 404]);
+}
+
+#[test]
+fn a_torn_journal_write_is_cut_off_and_kept_aside() {
+    let site = scenario();
+    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .args(["run", "--once"])
+        .env("FTTP_AGENT_CRASH_AT", "journal:torn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(9));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("incomplete last record"), "{out}");
+    let kept: Vec<_> = std::fs::read_dir(site.dir.path().join("store"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("journal.torn-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+}

@@ -86,18 +86,24 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     Ok(exit::OK)
 }
 
-/// The interval with up to ±10% jitter (many sites on one schedule do not
-/// hit the gateway at once), shortened so that an open task is tried again
-/// before it expires (half its remaining time, at least a minute).
 fn next_poll(cfg: &Config, interval: Duration) -> Duration {
-    let interval = interval.mul_f64(0.9 + 0.2 * crate::retry::jitter());
     let soonest = Store::open(&cfg.store.path, LockMode::Try).ok().and_then(|s| {
         s.ledger_entries()
             .filter(|e| !e.status.is_terminal())
             .filter_map(|e| e.expires)
             .min()
     });
-    match soonest.and_then(|x| (x - Utc::now()).to_std().ok()) {
+    let left = soonest.and_then(|x| (x - Utc::now()).to_std().ok());
+    poll_delay(interval, left, crate::retry::jitter())
+}
+
+/// The interval with up to ±10% jitter (`jitter` in [0, 1)), so that many
+/// sites on one schedule do not hit the gateway at once; shortened so that
+/// an open task expiring in `left` is tried again first (after half its
+/// remaining time, at least a minute, never beyond the interval).
+pub fn poll_delay(interval: Duration, left: Option<Duration>, jitter: f64) -> Duration {
+    let interval = interval.mul_f64(0.9 + 0.2 * jitter);
+    match left {
         Some(left) if left < interval => (left / 2).max(Duration::from_secs(60)).min(interval),
         _ => interval,
     }
@@ -268,4 +274,29 @@ pub fn sim(options: SimOptions, sample_tasks: bool) -> Result<u8, AppError> {
     println!("Ctrl-C to stop");
     sim.join();
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poll_delay;
+    use std::time::Duration;
+
+    const H: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn polls_follow_the_interval_with_jitter() {
+        assert_eq!(poll_delay(6 * H, None, 0.5), 6 * H);
+        assert_eq!(poll_delay(6 * H, None, 0.0), (6 * H).mul_f64(0.9));
+        assert!(poll_delay(6 * H, None, 0.999) <= (6 * H).mul_f64(1.1));
+    }
+
+    #[test]
+    fn a_task_near_expiry_is_retried_sooner() {
+        assert_eq!(poll_delay(6 * H, Some(2 * H), 0.5), H);
+        assert_eq!(
+            poll_delay(6 * H, Some(Duration::from_secs(30)), 0.5),
+            Duration::from_secs(60)
+        );
+        assert_eq!(poll_delay(6 * H, Some(10 * H), 0.5), 6 * H);
+    }
 }

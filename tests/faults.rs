@@ -487,3 +487,18 @@ fn repeat_requests_to_the_same_study_survive_a_batch_failure() {
     assert_eq!(s.cycle().0, 0);
     assert_eq!(s.store().pseudonyms().count(), 1);
 }
+
+#[test]
+fn a_read_only_location_is_reported_clearly() {
+    let s = site("");
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("path = \"store\"", "path = \"/proc/fttp-agent-store\"");
+    std::fs::write(&s.config, text).unwrap();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("store /proc/fttp-agent-store: cannot create the store directory"),
+        "{out}"
+    );
+}

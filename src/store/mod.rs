@@ -71,7 +71,8 @@ struct Header {
 /// How to wait for the store lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
-    /// Fail at once with `Locked` (cron overlap: the other agent is doing the work).
+    /// Fail with `Locked` if the lock stays held for a second (cron
+    /// overlap: the other agent is doing the work).
     Try,
     /// Block until the other agent is done (an import while the daemon polls).
     Wait,
@@ -371,18 +372,29 @@ fn acquire_lock(dir: &Path, mode: LockMode) -> Result<File, StoreError> {
         .map_err(io("open the lock file", &path))?;
     match mode {
         LockMode::Wait => file.lock().map_err(io("lock the store", &path))?,
-        LockMode::Try => match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                return Err(StoreError::Locked {
-                    path: dir.to_path_buf(),
-                    pid: text.trim().parse().ok(),
-                });
+        LockMode::Try => {
+            // A short grace period: a lock seen held for a moment (a process
+            // between fork and exec still shares the descriptor) is not an
+            // overlapping agent.
+            let give_up = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < give_up => {
+                        std::thread::sleep(std::time::Duration::from_millis(25));
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        let mut text = String::new();
+                        let _ = file.read_to_string(&mut text);
+                        return Err(StoreError::Locked {
+                            path: dir.to_path_buf(),
+                            pid: text.trim().parse().ok(),
+                        });
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => return Err(io("lock the store", &path)(e)),
+                }
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock the store", &path)(e)),
-        },
+        }
     }
     // Who holds it, for the message the next agent prints.
     file.set_len(0).map_err(io("write the lock file", &path))?;

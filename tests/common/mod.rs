@@ -149,8 +149,11 @@ impl Site {
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The site's store, as the test process sees it. Waits for the lock:
+    /// another test thread's child may share the descriptor between fork
+    /// and exec.
     pub fn store(&self) -> Store {
-        Store::open(&self.dir.path().join("store"), LockMode::Try).expect("store opens")
+        Store::open(&self.dir.path().join("store"), LockMode::Wait).expect("store opens")
     }
 
     pub fn audit(&self) -> Vec<serde_json::Value> {

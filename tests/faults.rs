@@ -138,7 +138,7 @@ fn client_errors_are_not_retried_and_their_diagnostics_are_reported() {
 
 #[test]
 fn retries_never_run_past_the_tasks_expiry() {
-    let s = site("max_attempts = 5\nretry_delay = \"30s\"");
+    let s = site("max_attempts = 5\nretry_delay = \"60s\""); // 30-60 s with jitter
     queue_send(&s, "short-lived", Days::seconds(20));
     s.sim.push(PROVIDE, status(503, "busy", None));
     let started = Instant::now();

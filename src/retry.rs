@@ -60,7 +60,10 @@ pub fn with_backoff<T, E: Retryable + std::fmt::Display>(
                     policy.max_attempts,
                     delay.as_secs_f64()
                 );
-                std::thread::sleep(delay);
+                if !crate::shutdown::sleep(delay) {
+                    log::warn!("stop requested: not retrying");
+                    return Err(e);
+                }
                 attempt += 1;
             }
         }

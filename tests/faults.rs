@@ -502,3 +502,38 @@ fn a_read_only_location_is_reported_clearly() {
         "{out}"
     );
 }
+
+#[test]
+fn sigterm_during_a_retry_wait_stops_promptly() {
+    let s = site("max_attempts = 5\nretry_delay = \"40s\"");
+    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    queue_send(&s, "waiting", Days::days(1));
+    s.sim.push(PROVIDE, status(503, "busy", None));
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while s.sim.state().received("$providePatientData").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300)); // now waiting 20-40 s to retry
+    std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    let stopping = Instant::now();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert!(stopping.elapsed() < Duration::from_secs(3), "{:?}", stopping.elapsed());
+    let e = s.store().ledger("task:waiting").unwrap().clone();
+    assert_eq!(
+        (e.status, e.outcome.as_str()),
+        (Status::Failed, "failed"),
+        "recorded before exit"
+    );
+}

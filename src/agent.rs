@@ -14,7 +14,7 @@ use crate::fhir::idat::IdatElement;
 use crate::shutdown::Shutdown;
 use crate::store::{LedgerEntry, PollRecord, PseudonymRecord, Record, Status, Store, StoreError};
 use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
-use crate::types::{BloomFilter, Pseudonym};
+use crate::types::{BloomFilter, LocalId, Pseudonym};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -325,7 +325,7 @@ impl<'a> Agent<'a> {
     fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {
         let target = self.target().to_string();
         self.save_pseudonym(&bf, &target, psn, &e.key)?;
-        let patient = self.store.patient_by_bloomfilter(&bf).map(|p| p.local_id.fingerprint());
+        let patient = self.store.local_id_by_bloomfilter(&bf).map(LocalId::fingerprint);
         let mut done = e;
         match patient {
             Some(fp) => {
@@ -354,7 +354,7 @@ impl<'a> Agent<'a> {
         psn: Pseudonym,
         source: &str,
     ) -> Result<(), AgentError> {
-        if self.store.pseudonym(bf, target).is_some_and(|p| p.pseudonym == psn) {
+        if self.store.pseudonym(bf, target)?.is_some_and(|p| p.pseudonym == psn) {
             return Ok(());
         }
         self.store.put(Record::Pseudonym(PseudonymRecord {
@@ -375,15 +375,15 @@ impl<'a> Agent<'a> {
         bloomfilter: Option<BloomFilter>,
         elements: &[IdatElement],
     ) -> Result<(), AgentError> {
-        let found = pseudonym
-            .as_ref()
-            .and_then(|p| self.store.patient_by_pseudonym(&p.value))
-            .or_else(|| {
-                bloomfilter
-                    .as_ref()
-                    .and_then(|bf| self.store.patient_by_bloomfilter(bf))
-            })
-            .cloned();
+        let mut found = match &pseudonym {
+            Some(p) => self.store.patient_by_pseudonym(&p.value)?,
+            None => None,
+        };
+        if found.is_none()
+            && let Some(bf) = &bloomfilter
+        {
+            found = self.store.patient_by_bloomfilter(bf)?;
+        }
         let Some(patient) = found else {
             let mut done = e;
             done.status = Status::Pending;
@@ -546,8 +546,8 @@ impl<'a> Agent<'a> {
                 self.save_pseudonym(&bloomfilter, target, psn.clone(), &e.key)?;
                 let fp = self
                     .store
-                    .patient_by_bloomfilter(&bloomfilter)
-                    .map(|p| p.local_id.fingerprint());
+                    .local_id_by_bloomfilter(&bloomfilter)
+                    .map(LocalId::fingerprint);
                 let detail = fp
                     .is_none()
                     .then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());

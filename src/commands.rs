@@ -17,8 +17,9 @@ use chrono::Utc;
 use std::path::Path;
 use std::time::Duration;
 
-pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, StoreError> {
-    let mut store = Store::open(&cfg.store.path, mode)?;
+pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
+    let key = cfg.store_key()?;
+    let mut store = Store::open(&cfg.store.path, mode, key)?;
     store.set_compact_after(cfg.store.compact_after);
     Ok(store)
 }
@@ -74,6 +75,10 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
                 report_exit(&report);
             }
             Err(AppError::Store(e @ StoreError::Locked { .. })) => log::warn!("skipping this cycle: {e}"),
+            Err(e @ AppError::Config(_) | e @ AppError::Key(_) | e @ AppError::Store(StoreError::WrongKey { .. })) => {
+                // Nothing a later cycle could fix by itself.
+                return Err(e);
+            }
             Err(e) => log::error!("cycle failed: {e}"),
         }
         let next = next_poll(cfg, interval);
@@ -87,7 +92,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
 }
 
 fn next_poll(cfg: &Config, interval: Duration) -> Duration {
-    let soonest = Store::open(&cfg.store.path, LockMode::Try).ok().and_then(|s| {
+    let soonest = open_store(cfg, LockMode::Try).ok().and_then(|s| {
         s.ledger_entries()
             .filter(|e| !e.status.is_terminal())
             .filter_map(|e| e.expires)
@@ -125,12 +130,12 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
         println!("  {k:<30} {v}");
     }
     let store = open_store(cfg, LockMode::Try)?;
-    let patients = store.patients().count();
-    let with_bf = store.patients().filter(|p| p.bloomfilter.is_some()).count();
+    let patients = store.patient_count();
+    let with_bf = store.patients_with_bloomfilter();
     let open = store.ledger_entries().filter(|e| !e.status.is_terminal()).count();
     println!(
         "store: ok ({patients} patient(s), {with_bf} with a Bloom filter, {} pseudonym(s), {} task(s) in the ledger, {open} open)",
-        store.pseudonyms().count(),
+        store.pseudonym_count(),
         store.ledger_entries().count()
     );
     drop(store);
@@ -228,6 +233,10 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     demo::load_sample_tasks(&sim);
     println!("simulated dispatcher listening at {}", sim.url());
 
+    let key = dir.join("store.key");
+    if !key.exists() {
+        crate::crypto::StoreKey::generate(&key)?;
+    }
     let cfg_path = demo::write_config(&dir, sim.url(), format).map_err(io("write the demo config"))?;
     let cfg = Config::load(&cfg_path)?;
     let csv = dir.join("patients.csv");
@@ -299,4 +308,28 @@ mod tests {
         );
         assert_eq!(poll_delay(6 * H, Some(10 * H), 0.5), 6 * H);
     }
+}
+
+pub fn keygen(path: &Path) -> Result<u8, AppError> {
+    crate::crypto::StoreKey::generate(path)?;
+    println!("wrote a new 256-bit store key to {} (mode 0600)", path.display());
+    println!("keep a copy in a safe place: without it the store cannot be read");
+    Ok(exit::OK)
+}
+
+pub fn rekey(cfg: &Config, new_key: &Path) -> Result<u8, AppError> {
+    let new = crate::crypto::StoreKey::load(new_key)?;
+    let mut store = open_store(cfg, LockMode::Wait)?;
+    let old_id = store.key_id().to_string();
+    store.rekey(new)?;
+    println!(
+        "store {} re-encrypted: key {old_id} -> {}",
+        cfg.store.path.display(),
+        store.key_id()
+    );
+    println!(
+        "now set [store] key_file = \"{}\" in the configuration",
+        new_key.display()
+    );
+    Ok(exit::OK)
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 pub const ENV_CONFIG: &str = "FTTP_AGENT_CONFIG";
 pub const ENV_API_KEY: &str = "FTTP_AGENT_API_KEY";
+pub const ENV_STORE_KEY_FILE: &str = "FTTP_AGENT_STORE_KEY_FILE";
 pub const DEFAULT_CONFIG: &str = "fttp-agent.toml";
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,11 @@ pub struct Store {
     /// Directory of the local store (patients, pseudonyms, task ledger).
     /// Created with mode 0700.
     pub path: PathBuf,
+    /// The 256-bit key that encrypts IDAT, Bloom filters and pseudonyms in
+    /// the store (`fttp-agent keygen PATH` makes one, mode 0600). The
+    /// environment variable FTTP_AGENT_STORE_KEY_FILE overrides it.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
     /// Journal records after which the store is compacted into a new
     /// snapshot (the previous generation is kept as *.prev).
     #[serde(default = "default_compact_after")]
@@ -407,6 +413,9 @@ impl Config {
             }
         };
         fix(&mut self.store.path);
+        if let Some(p) = self.store.key_file.as_mut() {
+            fix(p);
+        }
         if let Some(p) = self.dispatcher.api_key_file.as_mut() {
             fix(p);
         }
@@ -419,6 +428,9 @@ impl Config {
     }
 
     fn apply_env(&mut self) {
+        if let Some(p) = std::env::var_os(ENV_STORE_KEY_FILE).filter(|p| !p.is_empty()) {
+            self.store.key_file = Some(PathBuf::from(p));
+        }
         if let Ok(key) = std::env::var(ENV_API_KEY)
             && !key.trim().is_empty()
         {
@@ -448,6 +460,15 @@ impl Config {
                 message: format!("[dispatcher] no API key: set api_key_file, api_key or {ENV_API_KEY}"),
             });
         }
+        if self.store.key_file.is_none() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!(
+                    "[store] key_file is required (the store is encrypted); create one with \
+                     `fttp-agent keygen PATH`, or set {ENV_STORE_KEY_FILE}"
+                ),
+            });
+        }
         if self.schedule.interval.0 < Duration::from_secs(1) {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -455,6 +476,12 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// Loads the store key named by `[store] key_file`.
+    pub fn store_key(&self) -> Result<crate::crypto::StoreKey, crate::crypto::KeyError> {
+        let path = self.store.key_file.clone().unwrap_or_default();
+        crate::crypto::StoreKey::load(&path)
     }
 
     pub fn audit_path(&self) -> PathBuf {
@@ -497,6 +524,13 @@ impl Config {
             ("site.target".into(), self.site.target.0.clone()),
             ("schedule.interval".into(), fmt_dur(&self.schedule.interval)),
             ("store.path".into(), self.store.path.display().to_string()),
+            (
+                "store.key_file".into(),
+                self.store
+                    .key_file
+                    .as_ref()
+                    .map_or("unset".into(), |p| p.display().to_string()),
+            ),
             ("store.compact_after".into(), self.store.compact_after.to_string()),
             (
                 "log.file".into(),
@@ -551,6 +585,7 @@ interval = "1h30m"
 
 [store]
 path = "store"
+key_file = "store.key"
 "#;
 
     #[test]

@@ -106,7 +106,7 @@ pub fn write_config(dir: &Path, url: &str, format: Format) -> std::io::Result<Pa
          [dispatcher]\nurl = \"{url}\"\napi_key = \"{API_KEY}\"\nformat = \"{fmt}\"\ntimeout = \"10s\"\n\
          max_attempts = 2\nretry_delay = \"200ms\"\n\n\
          [site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n\
-         [store]\npath = \"store\"\n\n\
+         [store]\npath = \"store\"\nkey_file = \"store.key\"\n\n\
          [log]\naudit = \"audit.ndjson\"\n"
     );
     let path = dir.join("fttp-agent.toml");

@@ -32,6 +32,8 @@ pub enum AppError {
     Import(#[from] ImportError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Key(#[from] crate::crypto::KeyError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -41,7 +43,8 @@ pub enum AppError {
 impl AppError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) | AppError::Usage(_) => exit::CONFIG,
+            AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) => exit::CONFIG,
+            AppError::Store(StoreError::WrongKey { .. }) => exit::CONFIG,
             AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
             AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,
             AppError::Agent(AgentError::Store(StoreError::Locked { .. })) => exit::LOCKED,

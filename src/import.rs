@@ -241,8 +241,8 @@ fn upsert(
     (local_id, idat, bf): Row,
 ) -> Result<(), ImportError> {
     // A row without a Bloom filter keeps the one already stored.
-    let existing = store.patient(&local_id);
-    let bloomfilter = bf.or_else(|| existing.and_then(|p| p.bloomfilter.clone()));
+    let existing = store.patient(&local_id)?;
+    let bloomfilter = bf.or_else(|| existing.as_ref().and_then(|p| p.bloomfilter.clone()));
     match existing {
         Some(old) if old.idat == idat && old.bloomfilter == bloomfilter => {
             report.unchanged += 1;

@@ -12,6 +12,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod crashpoint;
+pub mod crypto;
 pub mod demo;
 pub mod error;
 pub mod fhir;

@@ -47,6 +47,14 @@ enum Command {
         #[arg(long)]
         kind: Option<TaskKind>,
     },
+    /// Write a new random 256-bit store key to PATH (mode 0600; never overwrites)
+    Keygen { path: PathBuf },
+    /// Re-encrypt the store under a new key, atomically
+    Rekey {
+        /// The new key file (made with `keygen`)
+        #[arg(long)]
+        new_key: PathBuf,
+    },
     /// Try it: one cycle against the built-in simulated dispatcher, with sample data
     Demo {
         /// Wire format to speak
@@ -104,6 +112,8 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Check => commands::check(&load(&cli)?),
         Command::Import { file } => commands::import(&load(&cli)?, file),
         Command::Tasks { status, kind } => commands::tasks(&load(&cli)?, *status, *kind),
+        Command::Keygen { path } => commands::keygen(path),
+        Command::Rekey { new_key } => commands::rekey(&load(&cli)?, new_key),
         Command::Demo { format, dir } => {
             let level = cli.log_level.unwrap_or(LogLevel::Info);
             fttp_agent::logger::init(level.filter(), None).map_err(AppError::Other)?;

@@ -47,8 +47,10 @@ fn scenario() -> Site {
 
 fn pseudonyms(site: &Site) -> BTreeMap<String, String> {
     site.store()
-        .pseudonyms()
-        .map(|p| (p.bloomfilter.to_base64(), p.pseudonym.value.clone()))
+        .all_pseudonyms()
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.bloomfilter.to_base64(), p.pseudonym.value))
         .collect()
 }
 

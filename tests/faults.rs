@@ -264,7 +264,7 @@ fn hostile_tasks_are_rejected_one_by_one() {
             .iter()
             .any(|r| r["outcome"] == "duplicate" && r["task"] == "dup")
     );
-    assert_eq!(s.store().pseudonyms().count(), 0);
+    assert_eq!(s.store().pseudonym_count(), 0);
 }
 
 fn base64_of_len(bytes: usize) -> String {
@@ -303,7 +303,7 @@ fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
     // The store still opens, with everything from before.
     let store = s.store();
     assert_eq!(store.ledger("task:before").unwrap().status, Status::Resolved);
-    assert_eq!(store.patients().count(), 3);
+    assert_eq!(store.patient_count(), 3);
     drop(store);
     // With space again, the task is done.
     let (code, out) = s.cycle();
@@ -401,7 +401,7 @@ fn import_while_the_daemon_runs_is_safe() {
         .status()
         .unwrap();
     assert_eq!(daemon.wait().unwrap().code(), Some(0));
-    assert_eq!(s.store().patients().count(), 203);
+    assert_eq!(s.store().patient_count(), 203);
 }
 
 #[test]
@@ -485,7 +485,7 @@ fn repeat_requests_to_the_same_study_survive_a_batch_failure() {
     s.sim.push(Some("$requestPsnFromBfWorkflow"), FaultKind::ResetMidBody);
     assert_eq!(s.cycle().0, 1);
     assert_eq!(s.cycle().0, 0);
-    assert_eq!(s.store().pseudonyms().count(), 1);
+    assert_eq!(s.store().pseudonym_count(), 1);
 }
 
 #[test]

@@ -162,10 +162,11 @@ proptest! {
         let path = dir.path().join("p.csv");
         let body = format!("local_id,bloomfilter,given,birthdate,gender\n{}\n", rows.join("\n"));
         std::fs::write(&path, body).unwrap();
-        let mut store = Store::open(&dir.path().join("store"), LockMode::Try).unwrap();
+        let key = fttp_agent::crypto::StoreKey::from_bytes(&[9; 32]);
+        let mut store = Store::open(&dir.path().join("store"), LockMode::Try, key).unwrap();
         let r = fttp_agent::import::import_file(&mut store, &path).unwrap();
         prop_assert!(r.added + r.updated + r.unchanged + r.errors.len() <= rows.len());
-        prop_assert_eq!(store.patients().count(), r.added);
+        prop_assert_eq!(store.patient_count(), r.added);
     }
 }
 

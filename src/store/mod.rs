@@ -19,6 +19,9 @@ pub mod records;
 
 pub use records::{LedgerEntry, PatientRecord, PollRecord, PseudonymRecord, Record, Status};
 
+use crate::crypto::{OpenError, StoreKey};
+use records::{DiskRecord, PatientSecret};
+
 use crate::privacy::sha256_hex;
 use crate::types::{BloomFilter, LocalId};
 use serde::{Deserialize, Serialize};
@@ -32,7 +35,7 @@ const SNAPSHOT: &str = "snapshot";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "LOCK";
 const FORMAT: &str = "fttp-agent-store";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Default for [`Store::set_compact_after`].
 pub const COMPACT_AFTER: usize = 10_000;
 
@@ -51,6 +54,17 @@ pub enum StoreError {
          The file is left as it is for recovery"
     )]
     Corrupt { path: PathBuf, line: usize, reason: String },
+    #[error(
+        "store file {path} was written with store key {stored}, but the configured key is {given}; \
+         use the right [store] key_file (nothing was changed)"
+    )]
+    WrongKey {
+        path: PathBuf,
+        stored: String,
+        given: String,
+    },
+    #[error("store {path}: {source}; refusing to use it (nothing was changed)")]
+    Tampered { path: PathBuf, source: OpenError },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -66,6 +80,8 @@ struct Header {
     format: String,
     version: u32,
     generation: u64,
+    /// Which store key wrote this file (a public name of the key).
+    key_id: String,
 }
 
 /// How to wait for the store lock.
@@ -78,55 +94,135 @@ pub enum LockMode {
     Wait,
 }
 
+#[derive(Debug)]
+struct SealedPatient {
+    bf: Option<String>,
+    data: String,
+    updated: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug)]
+struct SealedPseudonym {
+    psn: String,
+    data: String,
+}
+
+/// The store in memory: patients and pseudonyms stay sealed and are opened
+/// one at a time on lookup; the (small) ledger is held decrypted.
 #[derive(Debug, Default)]
 struct State {
-    patients: HashMap<LocalId, PatientRecord>,
-    by_bf: HashMap<BloomFilter, LocalId>,
-    pseudonyms: HashMap<(BloomFilter, String), PseudonymRecord>,
-    by_pseudonym: HashMap<String, BloomFilter>,
+    patients: HashMap<LocalId, SealedPatient>,
+    /// HMAC index of a Bloom filter -> patient.
+    by_bf: HashMap<String, LocalId>,
+    /// (HMAC index of the Bloom filter, target) -> pseudonym.
+    pseudonyms: HashMap<(String, String), SealedPseudonym>,
+    /// HMAC index of a pseudonym value -> HMAC index of its Bloom filter.
+    by_psn: HashMap<String, String>,
     ledger: HashMap<String, LedgerEntry>,
     last_poll: Option<PollRecord>,
 }
 
+fn patient_context(id: &LocalId) -> Vec<u8> {
+    format!("patient\0{}", id.0).into_bytes()
+}
+
+fn pseudonym_context(bf: &str, target: &str) -> Vec<u8> {
+    format!("pseudonym\0{bf}\0{target}").into_bytes()
+}
+
+fn ledger_context(key: &str) -> Vec<u8> {
+    format!("ledger\0{key}").into_bytes()
+}
+
 impl State {
-    fn apply(&mut self, r: Record) {
+    fn apply(&mut self, r: DiskRecord, key: &StoreKey) -> Result<(), OpenError> {
         match r {
-            Record::Patient(p) => {
-                if let Some(old) = self.patients.get(&p.local_id)
-                    && let Some(bf) = &old.bloomfilter
-                    && self.by_bf.get(bf) == Some(&p.local_id)
+            DiskRecord::Patient { id, bf, data, updated } => {
+                if let Some(old) = self.patients.get(&id)
+                    && let Some(old_bf) = &old.bf
+                    && self.by_bf.get(old_bf) == Some(&id)
                 {
-                    self.by_bf.remove(bf);
+                    self.by_bf.remove(old_bf);
                 }
-                if let Some(bf) = &p.bloomfilter {
-                    self.by_bf.insert(bf.clone(), p.local_id.clone());
+                if let Some(bf) = &bf {
+                    self.by_bf.insert(bf.clone(), id.clone());
                 }
-                self.patients.insert(p.local_id.clone(), p);
+                self.patients.insert(id, SealedPatient { bf, data, updated });
             }
-            Record::Pseudonym(p) => {
-                self.by_pseudonym
-                    .insert(p.pseudonym.value.clone(), p.bloomfilter.clone());
-                self.pseudonyms.insert((p.bloomfilter.clone(), p.target.clone()), p);
+            DiskRecord::Pseudonym { bf, target, psn, data } => {
+                self.by_psn.insert(psn.clone(), bf.clone());
+                self.pseudonyms.insert((bf, target), SealedPseudonym { psn, data });
             }
-            Record::Ledger(e) => {
-                self.ledger.insert(e.key.clone(), e);
+            DiskRecord::Ledger { key: k, data } => {
+                let plain = key.open("ledger", &ledger_context(&k), &data)?;
+                let entry: LedgerEntry = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
+                self.ledger.insert(k, entry);
             }
-            Record::Poll(p) => self.last_poll = Some(p),
+            DiskRecord::Poll(p) => self.last_poll = Some(p),
         }
+        Ok(())
     }
 
-    fn records(&self) -> impl Iterator<Item = Record> + '_ {
-        self.patients
-            .values()
-            .cloned()
-            .map(Record::Patient)
-            .chain(self.pseudonyms.values().cloned().map(Record::Pseudonym))
-            .chain(self.ledger.values().cloned().map(Record::Ledger))
-            .chain(self.last_poll.clone().map(Record::Poll))
+    fn disk_records<'a>(&'a self, key: &'a StoreKey) -> impl Iterator<Item = DiskRecord> + 'a {
+        let patients = self.patients.iter().map(|(id, p)| DiskRecord::Patient {
+            id: id.clone(),
+            bf: p.bf.clone(),
+            data: p.data.clone(),
+            updated: p.updated,
+        });
+        let pseudonyms = self.pseudonyms.iter().map(|((bf, target), p)| DiskRecord::Pseudonym {
+            bf: bf.clone(),
+            target: target.clone(),
+            psn: p.psn.clone(),
+            data: p.data.clone(),
+        });
+        let ledger = self.ledger.values().map(|e| seal_ledger(key, e));
+        patients
+            .chain(pseudonyms)
+            .chain(ledger)
+            .chain(self.last_poll.clone().map(DiskRecord::Poll))
     }
 
     fn len(&self) -> usize {
         self.patients.len() + self.pseudonyms.len() + self.ledger.len() + 1
+    }
+}
+
+fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> DiskRecord {
+    let plain = serde_json::to_vec(e).unwrap_or_default();
+    DiskRecord::Ledger {
+        key: e.key.clone(),
+        data: key.seal(&ledger_context(&e.key), &plain),
+    }
+}
+
+fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
+    match r {
+        Record::Patient(p) => {
+            let secret = PatientSecret {
+                idat: p.idat.clone(),
+                bloomfilter: p.bloomfilter.clone(),
+            };
+            let plain = serde_json::to_vec(&secret).unwrap_or_default();
+            DiskRecord::Patient {
+                id: p.local_id.clone(),
+                bf: p.bloomfilter.as_ref().map(|bf| key.index("bf", bf.as_bytes())),
+                data: key.seal(&patient_context(&p.local_id), &plain),
+                updated: p.updated,
+            }
+        }
+        Record::Pseudonym(p) => {
+            let bf = key.index("bf", p.bloomfilter.as_bytes());
+            let plain = serde_json::to_vec(p).unwrap_or_default();
+            DiskRecord::Pseudonym {
+                data: key.seal(&pseudonym_context(&bf, &p.target), &plain),
+                psn: key.index("psn", p.pseudonym.value.as_bytes()),
+                target: p.target.clone(),
+                bf,
+            }
+        }
+        Record::Ledger(e) => seal_ledger(key, e),
+        Record::Poll(p) => DiskRecord::Poll(p.clone()),
     }
 }
 
@@ -139,10 +235,11 @@ pub struct Store {
     generation: u64,
     compact_after: usize,
     state: State,
+    key: StoreKey,
 }
 
 impl Store {
-    pub fn open(dir: &Path, mode: LockMode) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, mode: LockMode, key: StoreKey) -> Result<Store, StoreError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -155,8 +252,9 @@ impl Store {
         let generation = match read_file(&snap_path)? {
             Some(text) => {
                 let (header, lines) = parse_lines(&snap_path, &text, false)?;
+                check_key(&snap_path, &header, &key)?;
                 for r in lines.records {
-                    state.apply(r);
+                    state.apply(r, &key).map_err(tampered(&snap_path))?;
                 }
                 header.generation
             }
@@ -170,9 +268,10 @@ impl Store {
         if let Some(text) = read_file(&journal_path)? {
             let (header, lines) = parse_lines(&journal_path, &text, true)?;
             if header.generation == generation {
+                check_key(&journal_path, &header, &key)?;
                 journal_records = lines.records.len();
                 for r in lines.records {
-                    state.apply(r);
+                    state.apply(r, &key).map_err(tampered(&journal_path))?;
                 }
                 journal_len = lines.good_len as u64;
                 if lines.good_len < text.len() {
@@ -212,7 +311,7 @@ impl Store {
             // An older journal: its records are already in the snapshot.
         }
         if start_new_journal {
-            journal_len = write_atomically(dir, JOURNAL, generation, std::iter::empty())?;
+            journal_len = write_atomically(dir, JOURNAL, generation, key.id(), std::iter::empty())?;
         }
         let journal = OpenOptions::new()
             .append(true)
@@ -227,6 +326,7 @@ impl Store {
             generation,
             compact_after: COMPACT_AFTER,
             state,
+            key,
         })
     }
 
@@ -248,8 +348,9 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
+        let disk: Vec<DiskRecord> = records.iter().map(|r| seal(&self.key, r)).collect();
         let mut buf = String::new();
-        for r in &records {
+        for r in &disk {
             push_line(&mut buf, r);
         }
         let path = self.dir.join(JOURNAL);
@@ -280,9 +381,10 @@ impl Store {
         }
         crate::crashpoint::hit("journal:written");
         self.journal_len += buf.len() as u64;
-        self.journal_records += records.len();
-        for r in records {
-            self.state.apply(r);
+        self.journal_records += disk.len();
+        for r in disk {
+            // Just sealed with our own key: opening cannot fail.
+            self.state.apply(r, &self.key).map_err(tampered(&path))?;
         }
         if self.journal_records >= self.compact_after && self.journal_records > self.state.len() / 2 {
             self.compact()?;
@@ -306,9 +408,15 @@ impl Store {
                 std::fs::hard_link(&cur, &prev).map_err(io("keep the previous generation", &prev))?;
             }
         }
-        write_atomically(&self.dir, SNAPSHOT, next, self.state.records())?;
+        write_atomically(
+            &self.dir,
+            SNAPSHOT,
+            next,
+            self.key.id(),
+            self.state.disk_records(&self.key),
+        )?;
         crate::crashpoint::hit("snapshot:installed");
-        self.journal_len = write_atomically(&self.dir, JOURNAL, next, std::iter::empty())?;
+        self.journal_len = write_atomically(&self.dir, JOURNAL, next, self.key.id(), std::iter::empty())?;
         let path = self.dir.join(JOURNAL);
         self.journal = OpenOptions::new()
             .append(true)
@@ -319,32 +427,139 @@ impl Store {
         Ok(())
     }
 
-    pub fn patient(&self, id: &LocalId) -> Option<&PatientRecord> {
-        self.state.patients.get(id)
+    fn open_patient(&self, id: &LocalId, p: &SealedPatient) -> Result<PatientRecord, StoreError> {
+        let plain = self
+            .key
+            .open("patient", &patient_context(id), &p.data)
+            .map_err(tampered(&self.dir))?;
+        let secret: PatientSecret =
+            serde_json::from_slice(&plain).map_err(|_| tampered(&self.dir)(OpenError { what: "patient" }))?;
+        Ok(PatientRecord {
+            local_id: id.clone(),
+            idat: secret.idat,
+            bloomfilter: secret.bloomfilter,
+            updated: p.updated,
+        })
     }
 
-    pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Option<&PatientRecord> {
-        self.state.by_bf.get(bf).and_then(|id| self.state.patients.get(id))
+    pub fn patient(&self, id: &LocalId) -> Result<Option<PatientRecord>, StoreError> {
+        self.state
+            .patients
+            .get(id)
+            .map(|p| self.open_patient(id, p))
+            .transpose()
+    }
+
+    /// Whether a patient has this Bloom filter, without decrypting anything.
+    pub fn knows_bloomfilter(&self, bf: &BloomFilter) -> bool {
+        self.state.by_bf.contains_key(&self.key.index("bf", bf.as_bytes()))
+    }
+
+    /// The local id of the patient with this Bloom filter, without decrypting.
+    pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Option<&LocalId> {
+        self.state.by_bf.get(&self.key.index("bf", bf.as_bytes()))
+    }
+
+    pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<PatientRecord>, StoreError> {
+        match self.local_id_by_bloomfilter(bf) {
+            Some(id) => self.patient(id),
+            None => Ok(None),
+        }
     }
 
     /// The patient a pseudonym was issued for (any target, any system).
-    pub fn patient_by_pseudonym(&self, value: &str) -> Option<&PatientRecord> {
+    pub fn patient_by_pseudonym(&self, value: &str) -> Result<Option<PatientRecord>, StoreError> {
+        let Some(bf) = self.state.by_psn.get(&self.key.index("psn", value.as_bytes())) else {
+            return Ok(None);
+        };
+        match self.state.by_bf.get(bf) {
+            Some(id) => self.patient(id),
+            None => Ok(None),
+        }
+    }
+
+    pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Result<Option<PseudonymRecord>, StoreError> {
+        let bf = self.key.index("bf", bf.as_bytes());
         self.state
-            .by_pseudonym
-            .get(value)
-            .and_then(|bf| self.patient_by_bloomfilter(bf))
+            .pseudonyms
+            .get(&(bf.clone(), target.to_string()))
+            .map(|p| self.open_pseudonym(&bf, target, p))
+            .transpose()
     }
 
-    pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Option<&PseudonymRecord> {
-        self.state.pseudonyms.get(&(bf.clone(), target.to_string()))
+    fn open_pseudonym(&self, bf: &str, target: &str, p: &SealedPseudonym) -> Result<PseudonymRecord, StoreError> {
+        let plain = self
+            .key
+            .open("pseudonym", &pseudonym_context(bf, target), &p.data)
+            .map_err(tampered(&self.dir))?;
+        serde_json::from_slice(&plain).map_err(|_| tampered(&self.dir)(OpenError { what: "pseudonym" }))
     }
 
-    pub fn pseudonyms(&self) -> impl Iterator<Item = &PseudonymRecord> {
-        self.state.pseudonyms.values()
+    /// Every pseudonym, decrypted (for tests, exports and re-keying).
+    pub fn all_pseudonyms(&self) -> Result<Vec<PseudonymRecord>, StoreError> {
+        self.state
+            .pseudonyms
+            .iter()
+            .map(|((bf, target), p)| self.open_pseudonym(bf, target, p))
+            .collect()
     }
 
-    pub fn patients(&self) -> impl Iterator<Item = &PatientRecord> {
-        self.state.patients.values()
+    /// Every patient, decrypted (for tests, exports and re-keying).
+    pub fn all_patients(&self) -> Result<Vec<PatientRecord>, StoreError> {
+        self.state
+            .patients
+            .iter()
+            .map(|(id, p)| self.open_patient(id, p))
+            .collect()
+    }
+
+    pub fn patient_count(&self) -> usize {
+        self.state.patients.len()
+    }
+
+    pub fn patients_with_bloomfilter(&self) -> usize {
+        self.state.patients.values().filter(|p| p.bf.is_some()).count()
+    }
+
+    pub fn pseudonym_count(&self) -> usize {
+        self.state.pseudonyms.len()
+    }
+
+    /// Re-encrypts the whole store under `new`, atomically: a new snapshot
+    /// generation written with the new key replaces the old files in one
+    /// rename. A crash before it leaves the store under the old key.
+    pub fn rekey(&mut self, new: StoreKey) -> Result<(), StoreError> {
+        let mut records: Vec<Record> = Vec::new();
+        records.extend(self.all_patients()?.into_iter().map(Record::Patient));
+        records.extend(self.all_pseudonyms()?.into_iter().map(Record::Pseudonym));
+        records.extend(self.state.ledger.values().cloned().map(Record::Ledger));
+        records.extend(self.state.last_poll.clone().map(Record::Poll));
+        let mut state = State::default();
+        let disk: Vec<DiskRecord> = records.iter().map(|r| seal(&new, r)).collect();
+        for r in &disk {
+            state.apply(r.clone(), &new).map_err(tampered(&self.dir))?;
+        }
+        let next = self.generation + 1;
+        write_atomically(&self.dir, SNAPSHOT, next, new.id(), disk.into_iter())?;
+        self.journal_len = write_atomically(&self.dir, JOURNAL, next, new.id(), std::iter::empty())?;
+        let path = self.dir.join(JOURNAL);
+        self.journal = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io("open the journal", &path))?;
+        // The previous generations were readable with the old key only.
+        for name in ["snapshot.prev", "journal.prev"] {
+            let _ = std::fs::remove_file(self.dir.join(name));
+        }
+        self.generation = next;
+        self.journal_records = 0;
+        self.state = state;
+        self.key = new;
+        Ok(())
+    }
+
+    pub fn key_id(&self) -> &str {
+        self.key.id()
     }
 
     pub fn ledger(&self, key: &str) -> Option<&LedgerEntry> {
@@ -357,6 +572,24 @@ impl Store {
 
     pub fn last_poll(&self) -> Option<&PollRecord> {
         self.state.last_poll.as_ref()
+    }
+}
+
+fn check_key(path: &Path, header: &Header, key: &StoreKey) -> Result<(), StoreError> {
+    if header.key_id != key.id() {
+        return Err(StoreError::WrongKey {
+            path: path.to_path_buf(),
+            stored: header.key_id.clone(),
+            given: key.id().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn tampered(path: &Path) -> impl Fn(OpenError) -> StoreError + '_ {
+    move |source| StoreError::Tampered {
+        path: path.to_path_buf(),
+        source,
     }
 }
 
@@ -428,7 +661,7 @@ fn push_line<T: Serialize>(buf: &mut String, value: &T) {
 }
 
 struct Lines {
-    records: Vec<Record>,
+    records: Vec<DiskRecord>,
     /// Bytes up to the end of the last good line.
     good_len: usize,
 }
@@ -462,7 +695,7 @@ fn parse_lines(path: &Path, text: &str, tolerate_torn_tail: bool) -> Result<(Hea
                         Ok(())
                     }
                 }),
-            (Ok(payload), false) => serde_json::from_str::<Record>(payload)
+            (Ok(payload), false) => serde_json::from_str::<DiskRecord>(payload)
                 .map(|r| records.push(r))
                 .map_err(|_| "unreadable record".to_string()),
             (Err(reason), _) => Err(reason.to_string()),
@@ -495,7 +728,8 @@ fn write_atomically(
     dir: &Path,
     name: &str,
     generation: u64,
-    records: impl Iterator<Item = Record>,
+    key_id: &str,
+    records: impl Iterator<Item = DiskRecord>,
 ) -> Result<u64, StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dest = dir.join(name);
@@ -506,6 +740,7 @@ fn write_atomically(
             format: FORMAT.into(),
             version: VERSION,
             generation,
+            key_id: key_id.to_string(),
         },
     );
     let mut file = OpenOptions::new()
@@ -544,6 +779,10 @@ mod tests {
     use crate::fhir::idat::Idat;
     use chrono::Utc;
 
+    fn key() -> StoreKey {
+        StoreKey::from_bytes(&[42; 32])
+    }
+
     fn patient(id: &str, bf: &[u8]) -> Record {
         Record::Patient(PatientRecord {
             local_id: LocalId(id.into()),
@@ -560,28 +799,28 @@ mod tests {
     fn state_survives_reopen_and_compaction() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
             s.put(patient("1", b"one")).unwrap();
             s.put(patient("2", b"two")).unwrap();
         }
         {
-            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
-            assert_eq!(s.patients().count(), 2);
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+            assert_eq!(s.patient_count(), 2);
             s.compact().unwrap();
             s.put(patient("2", b"TWO")).unwrap();
         }
-        let s = Store::open(dir.path(), LockMode::Try).unwrap();
+        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
         let bf = BloomFilter::from_bytes(b"TWO".to_vec()).unwrap();
-        assert_eq!(s.patient_by_bloomfilter(&bf).unwrap().local_id.0, "2");
+        assert_eq!(s.patient_by_bloomfilter(&bf).unwrap().unwrap().local_id.0, "2");
         let old = BloomFilter::from_bytes(b"two".to_vec()).unwrap();
-        assert!(s.patient_by_bloomfilter(&old).is_none());
+        assert!(s.patient_by_bloomfilter(&old).unwrap().is_none());
     }
 
     #[test]
     fn a_torn_last_record_is_dropped_and_earlier_ones_kept() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
             s.put(patient("1", b"one")).unwrap();
             s.put(patient("2", b"two")).unwrap();
         }
@@ -590,37 +829,40 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&j).unwrap();
         f.set_len(len - 7).unwrap();
         drop(f);
-        let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
-        assert_eq!(s.patients().count(), 1);
+        let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        assert_eq!(s.patient_count(), 1);
         s.put(patient("3", b"three")).unwrap();
         drop(s);
-        let s = Store::open(dir.path(), LockMode::Try).unwrap();
-        assert_eq!(s.patients().count(), 2);
+        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        assert_eq!(s.patient_count(), 2);
     }
 
     #[test]
     fn damage_in_the_middle_refuses_to_open_and_names_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
             s.put(patient("1", b"one")).unwrap();
             s.put(patient("2", b"two")).unwrap();
         }
         let j = dir.path().join(JOURNAL);
         let text = std::fs::read_to_string(&j).unwrap();
-        std::fs::write(&j, text.replacen("Family1", "Family9", 1)).unwrap();
-        let err = Store::open(dir.path(), LockMode::Try).err().unwrap().to_string();
+        // Flip one character inside the second line (the first record).
+        let second = text.find('\n').unwrap() + 40;
+        let mut bytes = text.into_bytes();
+        bytes[second] = if bytes[second] == b'A' { b'B' } else { b'A' };
+        std::fs::write(&j, &bytes).unwrap();
+        let err = Store::open(dir.path(), LockMode::Try, key()).err().unwrap().to_string();
         assert!(err.contains("journal") && err.contains("line 2"), "{err}");
-        assert!(!err.contains("Family"), "{err}");
         // Left untouched for recovery.
-        assert!(std::fs::read_to_string(&j).unwrap().contains("Family9"));
+        assert_eq!(std::fs::read(&j).unwrap(), bytes);
     }
 
     #[test]
     fn a_second_opener_is_refused_with_the_holders_pid() {
         let dir = tempfile::tempdir().unwrap();
-        let _s = Store::open(dir.path(), LockMode::Try).unwrap();
-        match Store::open(dir.path(), LockMode::Try) {
+        let _s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        match Store::open(dir.path(), LockMode::Try, key()) {
             Err(StoreError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("expected Locked, got {:?}", other.err()),
         }
@@ -630,17 +872,113 @@ mod tests {
     fn a_journal_older_than_the_snapshot_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
             s.put(patient("1", b"one")).unwrap();
         }
         let old_journal = std::fs::read(dir.path().join(JOURNAL)).unwrap();
         {
-            let mut s = Store::open(dir.path(), LockMode::Try).unwrap();
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
             s.compact().unwrap();
         }
         // Crash after the snapshot rename, before the new journal: old journal back.
         std::fs::write(dir.path().join(JOURNAL), old_journal).unwrap();
-        let s = Store::open(dir.path(), LockMode::Try).unwrap();
-        assert_eq!(s.patients().count(), 1);
+        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        assert_eq!(s.patient_count(), 1);
+    }
+}
+
+#[cfg(test)]
+mod crypto_tests {
+    use super::*;
+    use crate::fhir::idat::Idat;
+    use chrono::Utc;
+
+    fn patient() -> Record {
+        Record::Patient(PatientRecord {
+            local_id: LocalId("p1".into()),
+            idat: Idat {
+                family: Some("Mustermann".into()),
+                ..Idat::default()
+            },
+            bloomfilter: Some(BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap()),
+            updated: Utc::now(),
+        })
+    }
+
+    fn files(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            all.extend(std::fs::read(e.unwrap().path()).unwrap());
+        }
+        all
+    }
+
+    #[test]
+    fn nothing_identifying_is_stored_in_clear_and_a_wrong_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = StoreKey::from_bytes(&[1; 32]);
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[1; 32])).unwrap();
+            s.put(patient()).unwrap();
+            s.compact().unwrap();
+            s.put(patient()).unwrap();
+        }
+        let raw = String::from_utf8_lossy(&files(dir.path())).to_string();
+        assert!(!raw.contains("Mustermann"));
+        let b64 = BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap().to_base64();
+        assert!(!raw.contains(&b64));
+        let before = files(dir.path());
+        let err = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[2; 32]))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+        assert_eq!(files(dir.path()), before, "a wrong key changes nothing");
+        let s = Store::open(dir.path(), LockMode::Try, k1).unwrap();
+        let bf = BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap();
+        assert_eq!(
+            s.patient_by_bloomfilter(&bf).unwrap().unwrap().idat.family.as_deref(),
+            Some("Mustermann")
+        );
+    }
+
+    #[test]
+    fn a_record_swapped_between_patients_fails_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = || StoreKey::from_bytes(&[3; 32]);
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+            s.put(patient()).unwrap();
+        }
+        // Forge a record for p2 that carries p1's sealed data, with a valid checksum.
+        let j = dir.path().join(JOURNAL);
+        let text = std::fs::read_to_string(&j).unwrap();
+        let line = text.lines().nth(1).unwrap();
+        let payload = line
+            .split_once(' ')
+            .unwrap()
+            .1
+            .replace("\"id\":\"p1\"", "\"id\":\"p2\"");
+        let mut forged = text.clone();
+        push_line(&mut forged, &serde_json::from_str::<DiskRecord>(&payload).unwrap());
+        std::fs::write(&j, forged).unwrap();
+        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        let err = s.patient(&LocalId("p2".into())).unwrap_err().to_string();
+        assert!(err.contains("fails authentication"), "{err}");
+        assert!(s.patient(&LocalId("p1".into())).unwrap().is_some());
+    }
+
+    #[test]
+    fn rekey_reencrypts_everything_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[4; 32])).unwrap();
+            s.put(patient()).unwrap();
+            s.rekey(StoreKey::from_bytes(&[5; 32])).unwrap();
+        }
+        assert!(Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[4; 32])).is_err());
+        let s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[5; 32])).unwrap();
+        assert_eq!(s.all_patients().unwrap().len(), 1);
+        let bf = BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap();
+        assert!(s.knows_bloomfilter(&bf));
     }
 }

@@ -124,3 +124,37 @@ impl std::str::FromStr for Status {
             .ok_or_else(|| format!("unknown status '{s}' (pending, in_flight, resolved, failed, expired, rejected)"))
     }
 }
+
+/// What the store files hold. IDAT, Bloom filters, pseudonyms and task
+/// contents are sealed (AES-256-GCM); Bloom filters and pseudonyms appear
+/// only as keyed HMAC indexes, for lookups without decryption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub(crate) enum DiskRecord {
+    Patient {
+        id: LocalId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bf: Option<String>,
+        data: String,
+        updated: DateTime<Utc>,
+    },
+    Pseudonym {
+        bf: String,
+        target: String,
+        psn: String,
+        data: String,
+    },
+    Ledger {
+        key: String,
+        data: String,
+    },
+    Poll(PollRecord),
+}
+
+/// The sealed part of a patient record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PatientSecret {
+    pub idat: Idat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bloomfilter: Option<BloomFilter>,
+}

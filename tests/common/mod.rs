@@ -90,7 +90,14 @@ impl Site {
             ("max_attempts".into(), "1".into()),
             ("retry_delay".into(), "\"10ms\"".into()),
         ];
-        let mut store = vec![("path".to_string(), "\"store\"".to_string())];
+        let key_file = self.dir.path().join("store.key");
+        if !key_file.exists() {
+            fttp_agent::crypto::StoreKey::generate(&key_file).unwrap();
+        }
+        let mut store = vec![
+            ("path".to_string(), "\"store\"".to_string()),
+            ("key_file".to_string(), "\"store.key\"".to_string()),
+        ];
         for line in extra.lines().filter(|l| l.contains('=')) {
             let (k, v) = line.split_once('=').unwrap();
             let (k, v) = (k.trim().to_string(), v.trim().to_string());
@@ -153,7 +160,8 @@ impl Site {
     /// another test thread's child may share the descriptor between fork
     /// and exec.
     pub fn store(&self) -> Store {
-        Store::open(&self.dir.path().join("store"), LockMode::Wait).expect("store opens")
+        let key = fttp_agent::crypto::StoreKey::load(&self.dir.path().join("store.key")).unwrap();
+        Store::open(&self.dir.path().join("store"), LockMode::Wait, key).expect("store opens")
     }
 
     pub fn audit(&self) -> Vec<serde_json::Value> {

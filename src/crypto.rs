@@ -1,0 +1,207 @@
+//! The store key: AES-256-GCM for records at rest, HMAC-SHA256 for the
+//! lookup indexes, both derived (HKDF-SHA256) from one 256-bit key file.
+//!
+//! Lookups by Bloom filter or pseudonym go through keyed HMAC indexes, so the
+//! agent finds one patient without decrypting the store, and the indexes
+//! reveal nothing to whoever reads the files without the key.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read the key file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the key file {path} does not hold a 256-bit key (44 characters of base64)")]
+    Format { path: PathBuf },
+    #[error("cannot create the key file {path}: {source}")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("the system's random source failed")]
+    Random,
+}
+
+/// A record that failed to decrypt: tampered with, or another key.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("a {what} record fails authentication: it was altered, or written with another key")]
+pub struct OpenError {
+    pub what: &'static str,
+}
+
+pub struct StoreKey {
+    aead: LessSafeKey,
+    mac: hmac::Key,
+    id: String,
+}
+
+impl std::fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreKey({})", self.id)
+    }
+}
+
+struct Len(usize);
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+impl StoreKey {
+    pub fn from_bytes(secret: &[u8; 32]) -> StoreKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"fttp-agent store key v1").extract(secret);
+        // Expanding 32 bytes with HKDF-SHA256 cannot fail (limit: 255 * 32).
+        let mut enc = [0u8; 32];
+        let mut mac = [0u8; 32];
+        let _ = prk.expand(&[b"aes-256-gcm"], Len(32)).and_then(|o| o.fill(&mut enc));
+        let _ = prk.expand(&[b"hmac-sha256"], Len(32)).and_then(|o| o.fill(&mut mac));
+        let aead = UnboundKey::new(&AES_256_GCM, &enc).map(LessSafeKey::new);
+        let mac = hmac::Key::new(hmac::HMAC_SHA256, &mac);
+        let id = crate::privacy::hex(&hmac::sign(&mac, b"key id").as_ref()[..6]);
+        StoreKey {
+            // A 32-byte key is always a valid AES-256 key.
+            aead: aead.unwrap_or_else(|_| unreachable!()),
+            mac,
+            id,
+        }
+    }
+
+    /// Reads a key file: 32 bytes as base64 (what `keygen` writes).
+    pub fn load(path: &Path) -> Result<StoreKey, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Format {
+            path: path.to_path_buf(),
+        })?;
+        let secret: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Format {
+            path: path.to_path_buf(),
+        })?;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            log::warn!(
+                "key file {} can be read by group or others (mode {:o}); chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            );
+        }
+        Ok(StoreKey::from_bytes(&secret))
+    }
+
+    /// Writes a new random key to `path` (mode 0600); never overwrites.
+    pub fn generate(path: &Path) -> Result<(), KeyError> {
+        let mut secret = [0u8; 32];
+        SystemRandom::new().fill(&mut secret).map_err(|_| KeyError::Random)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| KeyError::Create {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        writeln!(f, "{}", STANDARD.encode(secret))
+            .and_then(|_| f.sync_all())
+            .map_err(|source| KeyError::Create {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// A short public name of the key, stored in the store's header so a
+    /// wrong key is reported as such before anything is decrypted.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Encrypts `plaintext`, bound to `context` (the record it belongs to, so
+    /// that a ciphertext moved to another record fails to open).
+    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> String {
+        let mut nonce = [0u8; NONCE_LEN];
+        // Without randomness no record can be written safely: fail loudly.
+        if SystemRandom::new().fill(&mut nonce).is_err() {
+            panic!("the system's random source failed");
+        }
+        let mut buf = plaintext.to_vec();
+        let sealed =
+            self.aead
+                .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(context), &mut buf);
+        if sealed.is_err() {
+            panic!("AES-GCM refused a record");
+        }
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buf);
+        STANDARD.encode(out)
+    }
+
+    pub fn open(&self, what: &'static str, context: &[u8], sealed: &str) -> Result<Vec<u8>, OpenError> {
+        let err = OpenError { what };
+        let raw = STANDARD.decode(sealed).map_err(|_| err.clone())?;
+        if raw.len() < NONCE_LEN {
+            return Err(err);
+        }
+        let (nonce, ct) = raw.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| err.clone())?;
+        let mut buf = ct.to_vec();
+        let plain = self
+            .aead
+            .open_in_place(nonce, Aad::from(context), &mut buf)
+            .map_err(|_| err)?;
+        Ok(plain.to_vec())
+    }
+
+    /// Keyed index of a value in a domain ("bf", "psn"): 128 bits of HMAC.
+    pub fn index(&self, domain: &str, value: &[u8]) -> String {
+        let mut ctx = hmac::Context::with_key(&self.mac);
+        ctx.update(domain.as_bytes());
+        ctx.update(&[0]);
+        ctx.update(value);
+        crate::privacy::hex(&ctx.sign().as_ref()[..16])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_and_tamper_detection() {
+        let k = StoreKey::from_bytes(&[7; 32]);
+        let s = k.seal(b"patient\0p1", b"Mustermann");
+        assert!(!s.contains("Mustermann"));
+        assert_eq!(k.open("patient", b"patient\0p1", &s).unwrap(), b"Mustermann");
+        // Moved to another record, or altered, or another key: refused.
+        assert!(k.open("patient", b"patient\0p2", &s).is_err());
+        let mut bytes = STANDARD.decode(&s).unwrap();
+        bytes[20] ^= 1;
+        assert!(k.open("patient", b"patient\0p1", &STANDARD.encode(bytes)).is_err());
+        let other = StoreKey::from_bytes(&[8; 32]);
+        assert!(other.open("patient", b"patient\0p1", &s).is_err());
+        assert_ne!(k.id(), other.id());
+        assert_eq!(k.index("bf", b"x"), k.index("bf", b"x"));
+        assert_ne!(k.index("bf", b"x"), other.index("bf", b"x"));
+        assert_ne!(k.index("bf", b"x"), k.index("psn", b"x"));
+    }
+
+    #[test]
+    fn keygen_writes_a_private_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        StoreKey::generate(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(StoreKey::generate(&p).is_err(), "never overwrites");
+        let a = StoreKey::load(&p).unwrap();
+        let b = StoreKey::load(&p).unwrap();
+        assert_eq!(a.id(), b.id());
+        std::fs::write(&p, "short").unwrap();
+        assert!(matches!(StoreKey::load(&p), Err(KeyError::Format { .. })));
+    }
+}

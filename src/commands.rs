@@ -285,6 +285,30 @@ pub fn sim(options: SimOptions, sample_tasks: bool) -> Result<u8, AppError> {
     Ok(exit::OK)
 }
 
+pub fn keygen(path: &Path) -> Result<u8, AppError> {
+    crate::crypto::StoreKey::generate(path)?;
+    println!("wrote a new 256-bit store key to {} (mode 0600)", path.display());
+    println!("keep a copy in a safe place: without it the store cannot be read");
+    Ok(exit::OK)
+}
+
+pub fn rekey(cfg: &Config, new_key: &Path) -> Result<u8, AppError> {
+    let new = crate::crypto::StoreKey::load(new_key)?;
+    let mut store = open_store(cfg, LockMode::Wait)?;
+    let old_id = store.key_id().to_string();
+    store.rekey(new)?;
+    println!(
+        "store {} re-encrypted: key {old_id} -> {}",
+        cfg.store.path.display(),
+        store.key_id()
+    );
+    println!(
+        "now set [store] key_file = \"{}\" in the configuration",
+        new_key.display()
+    );
+    Ok(exit::OK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::poll_delay;
@@ -308,28 +332,4 @@ mod tests {
         );
         assert_eq!(poll_delay(6 * H, Some(10 * H), 0.5), 6 * H);
     }
-}
-
-pub fn keygen(path: &Path) -> Result<u8, AppError> {
-    crate::crypto::StoreKey::generate(path)?;
-    println!("wrote a new 256-bit store key to {} (mode 0600)", path.display());
-    println!("keep a copy in a safe place: without it the store cannot be read");
-    Ok(exit::OK)
-}
-
-pub fn rekey(cfg: &Config, new_key: &Path) -> Result<u8, AppError> {
-    let new = crate::crypto::StoreKey::load(new_key)?;
-    let mut store = open_store(cfg, LockMode::Wait)?;
-    let old_id = store.key_id().to_string();
-    store.rekey(new)?;
-    println!(
-        "store {} re-encrypted: key {old_id} -> {}",
-        cfg.store.path.display(),
-        store.key_id()
-    );
-    println!(
-        "now set [store] key_file = \"{}\" in the configuration",
-        new_key.display()
-    );
-    Ok(exit::OK)
 }

@@ -50,6 +50,15 @@ pub struct AuditRecord {
     pub tasks: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// `sha256` or `hmac-sha256`: how `hash` is computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
+    /// `hash` of the previous record (64 zeros for the first one ever).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    /// Hash of this record's canonical JSON (without `hash`), set on write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 impl AuditRecord {
@@ -64,13 +73,72 @@ impl AuditRecord {
     }
 }
 
+/// How records are chained: plain SHA-256, or HMAC-SHA256 under a key so
+/// that whoever can write the file cannot forge a consistent chain.
+pub enum Chain {
+    Sha256,
+    Hmac(ring::hmac::Key),
+}
+
+impl Chain {
+    /// HMAC-SHA256 keyed by a key file in the store key's format (`keygen`).
+    pub fn hmac_from_file(path: &Path) -> Result<Chain, crate::crypto::KeyError> {
+        let bytes = crate::crypto::read_key_bytes(path)?;
+        Ok(Chain::Hmac(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)))
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Chain::Sha256 => "sha256",
+            Chain::Hmac(_) => "hmac-sha256",
+        }
+    }
+
+    fn hash(&self, canonical: &[u8]) -> String {
+        match self {
+            Chain::Sha256 => crate::privacy::sha256_hex(canonical),
+            Chain::Hmac(k) => crate::privacy::hex(ring::hmac::sign(k, canonical).as_ref()),
+        }
+    }
+}
+
+/// `prev` of the very first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
 pub struct Audit {
     path: PathBuf,
     file: File,
+    chain: Chain,
+    last: String,
+}
+
+/// The sidecar that remembers the chain's head across log rotation.
+fn head_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".head");
+    path.with_file_name(name)
+}
+
+/// The `hash` of the last complete record of `path`, if any.
+fn last_hash(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let from = len.saturating_sub(64 * 1024);
+    f.seek(SeekFrom::Start(from)).ok()?;
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).ok()?;
+    tail.lines().rev().find_map(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .ok()?
+            .get("hash")?
+            .as_str()
+            .map(str::to_string)
+    })
 }
 
 impl Audit {
-    pub fn open(path: &Path) -> Result<Audit, AuditError> {
+    pub fn open(path: &Path, chain: Chain) -> Result<Audit, AuditError> {
         let err = |op| {
             move |source| AuditError {
                 path: path.to_path_buf(),
@@ -91,29 +159,150 @@ impl Audit {
             .mode(0o600)
             .open(path)
             .map_err(err("open"))?;
+        // Continue the chain: from this file's last record, or, in a file
+        // freshly started by log rotation, from the head remembered before.
+        let last = last_hash(path)
+            .or_else(|| {
+                std::fs::read_to_string(head_path(path))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| s.len() == 64)
+            })
+            .unwrap_or_else(|| GENESIS.to_string());
         Ok(Audit {
             path: path.to_path_buf(),
             file,
+            chain,
+            last,
         })
     }
 
     /// Appends one record as one line, in one write, so concurrent readers
-    /// never see half a record.
+    /// never see half a record. Sets its `prev` and `hash`.
     pub fn write(&mut self, record: &AuditRecord) -> Result<(), AuditError> {
-        let mut line = serde_json::to_string(record).unwrap_or_default();
+        let mut rec = record.clone();
+        rec.chain = Some(self.chain.name().to_string());
+        rec.prev = Some(self.last.clone());
+        rec.hash = None;
+        let canonical = serde_json::to_string(&rec).unwrap_or_default();
+        let hash = self.chain.hash(canonical.as_bytes());
+        rec.hash = Some(hash.clone());
+        let mut line = serde_json::to_string(&rec).unwrap_or_default();
         line.push('\n');
         self.file.write_all(line.as_bytes()).map_err(|source| AuditError {
             path: self.path.clone(),
             op: "append",
             source,
-        })
+        })?;
+        self.last = hash;
+        Ok(())
     }
 
+    /// Makes the records durable and remembers the chain's head for a
+    /// rotated successor file.
     pub fn sync(&mut self) -> Result<(), AuditError> {
-        self.file.sync_data().map_err(|source| AuditError {
-            path: self.path.clone(),
-            op: "sync",
-            source,
-        })
+        let err = |op| {
+            let path = self.path.clone();
+            move |source| AuditError { path, op, source }
+        };
+        self.file.sync_data().map_err(err("sync"))?;
+        let head = head_path(&self.path);
+        let tmp = head.with_extension("head.tmp");
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(self.last.as_bytes())?;
+                f.sync_data()
+            })
+            .and_then(|_| std::fs::rename(&tmp, &head))
+            .map_err(err("record the chain head"))
     }
+}
+
+/// What `audit verify` found.
+#[derive(Debug, PartialEq)]
+pub enum Verdict {
+    /// Every record is intact and linked; the count, and the `prev` the
+    /// first record continues from (the last hash of a rotated predecessor).
+    Intact { records: usize, continues_from: String },
+    /// The first problem: file, 1-based line, what is wrong.
+    Broken { file: PathBuf, line: usize, reason: String },
+}
+
+/// Checks one audit file, or several in rotation order (oldest first), as
+/// one chain. With an HMAC chain the key is needed.
+pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditError> {
+    let mut prev: Option<String> = None;
+    let mut first_prev = None;
+    let mut count = 0;
+    let mut seen: Vec<String> = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|source| AuditError {
+            path: file.clone(),
+            op: "read",
+            source,
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let broken = |reason: String| Verdict::Broken {
+                file: file.clone(),
+                line: i + 1,
+                reason,
+            };
+            let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(line) else {
+                return Ok(broken("not a JSON record (edited or truncated)".into()));
+            };
+            let hash = map.remove("hash").and_then(|h| h.as_str().map(str::to_string));
+            let rec_prev = map.get("prev").and_then(|h| h.as_str()).map(str::to_string);
+            let (Some(hash), Some(rec_prev)) = (hash, rec_prev) else {
+                return Ok(broken(
+                    "record without prev/hash (not written by fttp-agent, or edited)".into(),
+                ));
+            };
+            let chain_name = map.get("chain").and_then(|c| c.as_str()).unwrap_or("sha256");
+            let sha;
+            let chain = match (chain_name, key) {
+                ("hmac-sha256", Some(k @ Chain::Hmac(_))) => k,
+                ("hmac-sha256", _) => {
+                    return Ok(broken(
+                        "the chain is keyed (hmac-sha256): give the audit HMAC key".into(),
+                    ));
+                }
+                _ => {
+                    sha = Chain::Sha256;
+                    &sha
+                }
+            };
+            let canonical = serde_json::to_string(&map).unwrap_or_default();
+            if chain.hash(canonical.as_bytes()) != hash {
+                return Ok(broken(
+                    "this record was edited (its hash does not match its content)".into(),
+                ));
+            }
+            match &prev {
+                None => first_prev = Some(rec_prev.clone()),
+                Some(p) if *p != rec_prev => {
+                    let reason = if seen.contains(&rec_prev) {
+                        "records before this line were removed or reordered"
+                    } else if rec_prev == hash {
+                        "this record links to itself"
+                    } else {
+                        "this record was inserted, or records before it were removed"
+                    };
+                    return Ok(broken(reason.into()));
+                }
+                Some(_) => {}
+            }
+            seen.push(hash.clone());
+            prev = Some(hash);
+            count += 1;
+        }
+    }
+    Ok(Verdict::Intact {
+        records: count,
+        continues_from: first_prev.unwrap_or_else(|| GENESIS.to_string()),
+    })
 }

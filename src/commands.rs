@@ -27,7 +27,7 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
 /// One cycle with the store locked for its duration.
 pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
     let mut store = open_store(cfg, LockMode::Try)?;
-    let mut audit = Audit::open(&cfg.audit_path())?;
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let mut agent = Agent::new(cfg, client, &mut store, &mut audit);
     if let Some(s) = stop {
         agent = agent.with_shutdown(s.clone());
@@ -139,7 +139,7 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
         store.ledger_entries().count()
     );
     drop(store);
-    Audit::open(&cfg.audit_path())?;
+    Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     println!("audit log: writable");
     let client = Client::new(cfg);
     // $requestTasks does not change state on the dispatcher (affectsState: false).
@@ -283,6 +283,26 @@ pub fn sim(options: SimOptions, sample_tasks: bool) -> Result<u8, AppError> {
     println!("Ctrl-C to stop");
     sim.join();
     Ok(exit::OK)
+}
+
+pub fn audit_verify(files: &[std::path::PathBuf], key: Option<&Path>) -> Result<u8, AppError> {
+    let chain = key.map(crate::audit::Chain::hmac_from_file).transpose()?;
+    match crate::audit::verify(files, chain.as_ref())? {
+        crate::audit::Verdict::Intact {
+            records,
+            continues_from,
+        } => {
+            println!("intact: {records} record(s), every hash and link checks out");
+            if continues_from != crate::audit::GENESIS {
+                println!("the first record continues the chain from {continues_from} (a rotated predecessor)");
+            }
+            Ok(exit::OK)
+        }
+        crate::audit::Verdict::Broken { file, line, reason } => {
+            println!("BROKEN: {}:{line}: {reason}", file.display());
+            Ok(exit::TASKS_OPEN)
+        }
+    }
 }
 
 pub fn keygen(path: &Path) -> Result<u8, AppError> {

@@ -63,6 +63,9 @@ pub struct Config {
     pub store: Store,
     #[serde(default)]
     pub log: Log,
+    /// Problems worth a warning but not a refusal, logged once logging is up.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// Where an API key travels.
@@ -178,6 +181,11 @@ pub struct Log {
     /// Unset: `audit.ndjson` in the store directory.
     #[serde(default)]
     pub audit: Option<PathBuf>,
+    /// A key (made with `fttp-agent keygen`) that makes the audit log's hash
+    /// chain an HMAC-SHA256 chain: then whoever can write the log cannot
+    /// forge it. Unset: a plain SHA-256 chain (detects edits, not forgery).
+    #[serde(default)]
+    pub audit_hmac_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -390,6 +398,19 @@ impl Config {
             source,
         })?;
         let mut cfg = Config::parse(&text, path)?;
+        if cfg.dispatcher.api_key.is_some() && std::env::var_os(ENV_API_KEY).is_none() {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o044 != 0
+            {
+                cfg.warnings.push(format!(
+                    "{} holds an inline api_key and can be read by group or others (mode {:o}); \
+                     chmod 600 it, or use api_key_file",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_relative(base);
         cfg.apply_env();
@@ -423,6 +444,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = self.log.audit.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.log.audit_hmac_key_file.as_mut() {
             fix(p);
         }
     }
@@ -484,6 +508,14 @@ impl Config {
         crate::crypto::StoreKey::load(&path)
     }
 
+    /// How the audit log is chained: HMAC under `[log] audit_hmac_key_file`, else SHA-256.
+    pub fn audit_chain(&self) -> Result<crate::audit::Chain, crate::crypto::KeyError> {
+        match &self.log.audit_hmac_key_file {
+            Some(p) => crate::audit::Chain::hmac_from_file(p),
+            None => Ok(crate::audit::Chain::Sha256),
+        }
+    }
+
     pub fn audit_path(&self) -> PathBuf {
         self.log
             .audit
@@ -541,6 +573,13 @@ impl Config {
             ),
             ("log.level".into(), format!("{:?}", self.log.level).to_lowercase()),
             ("log.audit".into(), self.audit_path().display().to_string()),
+            (
+                "log.audit_hmac_key_file".into(),
+                self.log
+                    .audit_hmac_key_file
+                    .as_ref()
+                    .map_or("unset (SHA-256 chain)".into(), |p| p.display().to_string()),
+            ),
         ]
     }
 }
@@ -619,5 +658,19 @@ key_file = "store.key"
         let bad = GOOD.replace("https://fttp", "ftp://fttp");
         let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
         assert!(e.contains("line 3") && e.contains("https://"), "{e}");
+    }
+}
+
+/// Warns when a secret-bearing file can be read by group or others.
+pub fn warn_if_exposed(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            log::warn!(
+                "{what} {} can be read by group or others (mode {mode:o}); chmod 600 it",
+                path.display()
+            );
+        }
     }
 }

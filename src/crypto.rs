@@ -45,6 +45,23 @@ impl std::fmt::Debug for StoreKey {
     }
 }
 
+/// Reads a 256-bit key written by `keygen` (base64), warning if group or
+/// others can read it.
+pub fn read_key_bytes(path: &Path) -> Result<[u8; 32], KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Format {
+        path: path.to_path_buf(),
+    })?;
+    let secret: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Format {
+        path: path.to_path_buf(),
+    })?;
+    crate::config::warn_if_exposed(path, "key file");
+    Ok(secret)
+}
+
 struct Len(usize);
 impl hkdf::KeyType for Len {
     fn len(&self) -> usize {

@@ -47,7 +47,13 @@ enum Command {
         #[arg(long)]
         kind: Option<TaskKind>,
     },
-    /// Write a new random 256-bit store key to PATH (mode 0600; never overwrites)
+    /// Work with the audit log
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Write a new random 256-bit key to PATH (mode 0600; never overwrites):
+    /// for [store] key_file or [log] audit_hmac_key_file
     Keygen { path: PathBuf },
     /// Re-encrypt the store under a new key, atomically
     Rekey {
@@ -78,6 +84,20 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; name the first edited, removed, inserted or
+    /// reordered record. Exit 0 only for an intact log. Give rotated files
+    /// oldest first to check them as one chain.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The audit HMAC key, for a log written with [log] audit_hmac_key_file
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum FormatArg {
     Xml,
@@ -102,6 +122,9 @@ fn load(cli: &Cli) -> Result<Config, AppError> {
     let cfg = Config::load(&path)?;
     let level = cli.log_level.unwrap_or(cfg.log.level);
     fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref()).map_err(AppError::Other)?;
+    for w in &cfg.warnings {
+        log::warn!("{w}");
+    }
     Ok(cfg)
 }
 
@@ -113,6 +136,9 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Import { file } => commands::import(&load(&cli)?, file),
         Command::Tasks { status, kind } => commands::tasks(&load(&cli)?, *status, *kind),
         Command::Keygen { path } => commands::keygen(path),
+        Command::Audit {
+            command: AuditCommand::Verify { files, key },
+        } => commands::audit_verify(files, key.as_deref()),
         Command::Rekey { new_key } => commands::rekey(&load(&cli)?, new_key),
         Command::Demo { format, dir } => {
             let level = cli.log_level.unwrap_or(LogLevel::Info);

@@ -605,6 +605,20 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// Warns when a secret-bearing file can be read by group or others.
+pub fn warn_if_exposed(path: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            log::warn!(
+                "{what} {} can be read by group or others (mode {mode:o}); chmod 600 it",
+                path.display()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,19 +672,5 @@ key_file = "store.key"
         let bad = GOOD.replace("https://fttp", "ftp://fttp");
         let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
         assert!(e.contains("line 3") && e.contains("https://"), "{e}");
-    }
-}
-
-/// Warns when a secret-bearing file can be read by group or others.
-pub fn warn_if_exposed(path: &Path, what: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            log::warn!(
-                "{what} {} can be read by group or others (mode {mode:o}); chmod 600 it",
-                path.display()
-            );
-        }
     }
 }

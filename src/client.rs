@@ -53,12 +53,30 @@ pub enum ClientError {
     Decode { op: Operation, source: FhirError },
     #[error("{op}: answer larger than the limit of {limit} bytes")]
     TooLarge { op: Operation, limit: u64 },
+    #[error("{op}: {reason}")]
+    Tls { op: Operation, reason: String },
+    #[error("{op}: authentication failed: {source}")]
+    Token {
+        op: Operation,
+        source: crate::auth::TokenError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSetupError {
+    #[error(transparent)]
+    Net(#[from] crate::net::NetSetupError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl ClientError {
     /// The dispatcher refused our credentials.
     pub fn is_auth(&self) -> bool {
-        matches!(self, ClientError::Status { status: 401 | 403, .. })
+        matches!(
+            self,
+            ClientError::Status { status: 401 | 403, .. } | ClientError::Token { .. } | ClientError::Tls { .. }
+        )
     }
 
     /// The dispatcher says it does not know (any more) what we refer to.
@@ -83,7 +101,10 @@ impl Retryable for ClientError {
         match self {
             ClientError::Unreachable { .. } | ClientError::Timeout { .. } => true,
             ClientError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            ClientError::Decode { .. } | ClientError::TooLarge { .. } => false,
+            ClientError::Decode { .. }
+            | ClientError::TooLarge { .. }
+            | ClientError::Tls { .. }
+            | ClientError::Token { .. } => false,
         }
     }
 
@@ -97,6 +118,7 @@ impl Retryable for ClientError {
 
 pub struct Client {
     agent: ureq::Agent,
+    auth: crate::auth::Auth,
     base: String,
     api_key: String,
     api_key_header: String,
@@ -107,15 +129,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(cfg: &Config) -> Client {
+    pub fn new(cfg: &Config) -> Result<Client, ClientSetupError> {
         let d = &cfg.dispatcher;
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(d.timeout.0))
-            .http_status_as_error(false)
-            .user_agent(concat!("fttp-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
-        Client {
-            agent: ureq::Agent::new_with_config(config),
+        Ok(Client {
+            agent: crate::net::agent(d)?,
+            auth: crate::auth::Auth::from_config(d)?,
             base: d.url.0.clone(),
             api_key: cfg.api_key().to_string(),
             api_key_header: d.api_key_header.0.clone(),
@@ -127,12 +145,15 @@ impl Client {
                 base_delay: d.retry_delay.0,
                 max_delay: RetryPolicy::MAX_DELAY,
             },
-        }
+        })
     }
 
     fn redactor(&self) -> Redactor {
         let mut r = Redactor::new();
         r.add(&self.api_key);
+        for s in self.auth.secrets() {
+            r.add(&s);
+        }
         r
     }
 
@@ -209,6 +230,18 @@ impl Client {
     }
 
     fn exchange(&self, op: Operation, body: &str, redactor: &Redactor) -> Result<(Format, Vec<u8>), ClientError> {
+        match self.exchange_once(op, body, redactor) {
+            // A refused bearer token may just have been revoked or expired
+            // early: fetch a fresh one, once.
+            Err(ClientError::Status { status: 401, .. }) if self.auth.invalidate() => {
+                log::info!("{op}: bearer token refused; fetching a new one");
+                self.exchange_once(op, body, redactor)
+            }
+            other => other,
+        }
+    }
+
+    fn exchange_once(&self, op: Operation, body: &str, redactor: &Redactor) -> Result<(Format, Vec<u8>), ClientError> {
         let url = format!("{}/{}", self.base, op.name());
         let mime = self.format.mime();
         let mut req = self
@@ -218,6 +251,13 @@ impl Client {
             .header("Accept", mime);
         if matches!(self.api_key_in, ApiKeyIn::Header | ApiKeyIn::Both) {
             req = req.header(self.api_key_header.as_str(), self.api_key.as_str());
+        }
+        if let Some(auth) = self
+            .auth
+            .header(&self.agent)
+            .map_err(|source| ClientError::Token { op, source })?
+        {
+            req = req.header("Authorization", auth);
         }
         let mut resp = req.send(body.as_bytes()).map_err(|e| transport(op, e, redactor))?;
         let status = resp.status().as_u16();
@@ -265,6 +305,9 @@ impl Client {
 }
 
 fn transport(op: Operation, e: ureq::Error, redactor: &Redactor) -> ClientError {
+    if let Some(reason) = crate::net::explain_tls(&e) {
+        return ClientError::Tls { op, reason };
+    }
     match e {
         ureq::Error::Timeout(_) => ClientError::Timeout { op },
         other => ClientError::Unreachable {

@@ -56,7 +56,7 @@ fn report_exit(report: &CycleReport) -> u8 {
 }
 
 pub fn run_once(cfg: &Config) -> Result<u8, AppError> {
-    let client = Client::new(cfg);
+    let client = Client::new(cfg)?;
     let report = cycle(cfg, &client, None)?;
     Ok(report_exit(&report))
 }
@@ -66,7 +66,7 @@ pub fn run_once(cfg: &Config) -> Result<u8, AppError> {
 /// logged and does not end the loop; SIGTERM/SIGINT end it between cycles.
 pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
-    let client = Client::new(cfg);
+    let client = Client::new(cfg)?;
     let interval = cfg.schedule.interval.0;
     log::info!("daemon started; polling every {}", humanize(interval));
     while !shutdown.requested() {
@@ -141,7 +141,7 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
     drop(store);
     Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     println!("audit log: writable");
-    let client = Client::new(cfg);
+    let client = Client::new(cfg)?;
     // $requestTasks does not change state on the dispatcher (affectsState: false).
     match client.request_tasks(cfg.site.study.as_str(), cfg.site.target.as_str()) {
         Ok(p) => {
@@ -247,7 +247,7 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
         print_import(&csv, &report);
     }
     println!("running one cycle against the simulator ({})", format.mime());
-    let client = Client::new(&cfg);
+    let client = Client::new(&cfg)?;
     let report = cycle(&cfg, &client, None)?;
     print!("{}", demo::summary(&report));
 

@@ -122,6 +122,57 @@ pub struct Dispatcher {
     /// Largest answer body accepted.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// PEM bundle of additional CAs to trust (an internal hospital or
+    /// trust-centre CA), on top of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// HTTP(S) proxy, e.g. `http://user:password@proxy.example.org:3128`.
+    /// Unset: HTTPS_PROXY / HTTP_PROXY / ALL_PROXY and NO_PROXY from the environment.
+    #[serde(default)]
+    pub proxy: Option<Secret>,
+    /// Allow plain `http://` to a host other than loopback. Never needed in
+    /// production: IDAT must not cross a network unencrypted.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// Authentication besides the API key, where a deployment requires it.
+    #[serde(default)]
+    pub auth: Auth,
+}
+
+/// `[dispatcher.auth]`: HTTP Basic, or OAuth2 bearer tokens from a token
+/// endpoint (Keycloak), with the client-credentials grant or, where a
+/// deployment uses it, the password grant.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// HTTP Basic user name.
+    #[serde(default)]
+    pub basic_user: Option<String>,
+    /// File holding the HTTP Basic password.
+    #[serde(default)]
+    pub basic_password_file: Option<PathBuf>,
+    /// OAuth2 token endpoint, e.g.
+    /// `https://keycloak.example.org/realms/ttp/protocol/openid-connect/token`.
+    #[serde(default)]
+    pub token_url: Option<BaseUrl>,
+    /// OAuth2 client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// File holding the OAuth2 client secret.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// Password grant: user name (unset: client-credentials grant).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password grant: file holding the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -437,7 +488,19 @@ impl Config {
         if let Some(p) = self.store.key_file.as_mut() {
             fix(p);
         }
-        if let Some(p) = self.dispatcher.api_key_file.as_mut() {
+        let d = &mut self.dispatcher;
+        for p in [
+            &mut d.api_key_file,
+            &mut d.ca_file,
+            &mut d.client_cert,
+            &mut d.client_key,
+            &mut d.auth.basic_password_file,
+            &mut d.auth.client_secret_file,
+            &mut d.auth.password_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             fix(p);
         }
         if let Some(p) = self.log.file.as_mut() {
@@ -482,6 +545,46 @@ impl Config {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 message: format!("[dispatcher] no API key: set api_key_file, api_key or {ENV_API_KEY}"),
+            });
+        }
+        let url = &self.dispatcher.url.0;
+        if url.starts_with("http://") && !self.dispatcher.allow_insecure_http && !is_loopback_url(url) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher] url uses plain http:// to a host that is not loopback: IDAT would cross \
+                          the network unencrypted. Use https://, or set allow_insecure_http = true for a test setup"
+                    .into(),
+            });
+        }
+        if self.dispatcher.client_cert.is_some() != self.dispatcher.client_key.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher] client_cert and client_key go together".into(),
+            });
+        }
+        let a = &self.dispatcher.auth;
+        if a.basic_user.is_some() != a.basic_password_file.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher.auth] basic_user and basic_password_file go together".into(),
+            });
+        }
+        if a.token_url.is_some() && (a.client_id.is_none() || a.client_secret_file.is_none()) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher.auth] token_url needs client_id and client_secret_file".into(),
+            });
+        }
+        if a.username.is_some() != a.password_file.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher.auth] username and password_file go together (password grant)".into(),
+            });
+        }
+        if a.token_url.is_some() && a.basic_user.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher.auth] choose HTTP Basic or OAuth2, not both".into(),
             });
         }
         if self.store.key_file.is_none() {
@@ -552,6 +655,41 @@ impl Config {
             ("dispatcher.max_attempts".into(), d.max_attempts.0.to_string()),
             ("dispatcher.retry_delay".into(), fmt_dur(&d.retry_delay)),
             ("dispatcher.max_response_bytes".into(), d.max_response_bytes.to_string()),
+            (
+                "dispatcher.ca_file".into(),
+                d.ca_file
+                    .as_ref()
+                    .map_or("unset (system roots)".into(), |p| p.display().to_string()),
+            ),
+            (
+                "dispatcher.client_cert".into(),
+                d.client_cert
+                    .as_ref()
+                    .map_or("unset".into(), |p| p.display().to_string()),
+            ),
+            (
+                "dispatcher.proxy".into(),
+                if d.proxy.is_some() {
+                    "set (hidden)".into()
+                } else {
+                    "from environment, if any".into()
+                },
+            ),
+            (
+                "dispatcher.auth".into(),
+                if d.auth.token_url.is_some() {
+                    if d.auth.username.is_some() {
+                        "oauth2 password grant"
+                    } else {
+                        "oauth2 client credentials"
+                    }
+                } else if d.auth.basic_user.is_some() {
+                    "http basic"
+                } else {
+                    "api key only"
+                }
+                .into(),
+            ),
             ("site.study".into(), self.site.study.0.clone()),
             ("site.target".into(), self.site.target.0.clone()),
             ("schedule.interval".into(), fmt_dur(&self.schedule.interval)),
@@ -603,6 +741,30 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         }
         None => message,
     }
+}
+
+/// `http://127.x.x.x`, `http://localhost`, `http://[::1]`.
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Reads a one-line secret from a file (password, client secret).
+pub fn read_secret(path: &Path, what: &'static str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Secret {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    warn_if_exposed(path, what);
+    Ok(Secret::new(text.trim()))
 }
 
 /// Warns when a secret-bearing file can be read by group or others.

@@ -34,6 +34,8 @@ pub enum AppError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Key(#[from] crate::crypto::KeyError),
+    #[error(transparent)]
+    ClientSetup(#[from] crate::client::ClientSetupError),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -43,7 +45,7 @@ pub enum AppError {
 impl AppError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) => exit::CONFIG,
+            AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) | AppError::ClientSetup(_) => exit::CONFIG,
             AppError::Store(StoreError::WrongKey { .. }) => exit::CONFIG,
             AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
             AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,

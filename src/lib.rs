@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod auth;
 pub mod client;
 pub mod commands;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod fhir;
 pub mod import;
 pub mod logger;
+pub mod net;
 pub mod privacy;
 pub mod retry;
 pub mod shutdown;

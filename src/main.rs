@@ -161,6 +161,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
                 api_key_header: api_key_header.clone(),
                 accept_body_key: true,
                 port: *port,
+                ..SimOptions::default()
             };
             commands::sim(options, !empty)
         }

@@ -27,6 +27,20 @@ pub struct SimOptions {
     /// Also accept the key as a Parameters entry `apikey` (older gateways).
     pub accept_body_key: bool,
     pub port: u16,
+    /// Require HTTP Basic with this user and password.
+    pub basic: Option<(String, String)>,
+    /// Require a bearer token from the simulator's token endpoint
+    /// (`/token`, Keycloak-style form POST).
+    pub oauth: Option<SimOAuth>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimOAuth {
+    pub client_id: String,
+    pub client_secret: String,
+    /// For the password grant; `None` accepts only client credentials.
+    pub user: Option<(String, String)>,
+    pub lifetime_secs: u64,
 }
 
 impl Default for SimOptions {
@@ -36,6 +50,8 @@ impl Default for SimOptions {
             api_key_header: "apikey".into(),
             accept_body_key: false,
             port: 0,
+            basic: None,
+            oauth: None,
         }
     }
 }
@@ -106,6 +122,10 @@ pub struct SimState {
     /// Answer the next `$requestPsnFromBfWorkflow` with an `all` error.
     pub batch_error: Option<String>,
     pub faults: VecDeque<Fault>,
+    /// Bearer tokens issued and still valid.
+    pub tokens: Vec<String>,
+    /// Token requests answered (granted or not).
+    pub token_requests: usize,
     next_psn: u32,
 }
 
@@ -169,6 +189,16 @@ impl Simulator {
                 retry_after: None,
             },
         );
+    }
+
+    /// Invalidates every bearer token issued so far (a Keycloak restart).
+    pub fn revoke_tokens(&self) {
+        self.state().tokens.clear();
+    }
+
+    /// The base URL of the simulator's token endpoint.
+    pub fn token_url(&self) -> String {
+        format!("{}/token", self.url.trim_end_matches("/ttp-fhir/fhir/dispatcher"))
     }
 
     pub fn push(&self, operation: Option<&str>, kind: FaultKind) {
@@ -291,8 +321,18 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
     let content_type = header(&req, "Content-Type");
     let accept = header(&req, "Accept");
     let header_key = header(&req, &options.api_key_header);
+    let authorization = header(&req, "Authorization");
     let mut body = Vec::new();
     let read_ok = req.as_reader().take(MAX_BODY).read_to_end(&mut body).is_ok();
+    if path == "/token" {
+        let (status, json) = token_endpoint(state, options, &body);
+        let mut resp = tiny_http::Response::from_string(json).with_status_code(status);
+        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
+            resp = resp.with_header(h);
+        }
+        let _ = req.respond(resp);
+        return;
+    }
     let request_format = Format::detect(content_type.as_deref(), &body).unwrap_or(Format::Xml);
     let answer_format = match accept.as_deref() {
         Some(a) if a.contains("json") => Format::Json,
@@ -316,11 +356,26 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
             .as_ref()
             .and_then(|p| p.first_string("apikey"))
             .is_some_and(|k| k == options.api_key);
+    let second_factor = match (&options.basic, &options.oauth) {
+        (Some((user, password)), _) => {
+            use base64::Engine;
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            );
+            authorization.as_deref() == Some(want.as_str())
+        }
+        (None, Some(_)) => authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|t| st.tokens.iter().any(|x| x == t)),
+        (None, None) => true,
+    };
     let mut rec = Received {
         operation: operation.clone(),
         content_type,
         accept,
-        authorized: key_in_header || key_in_body,
+        authorized: (key_in_header || key_in_body) && second_factor,
         key_in_header,
         parameters: parameters.clone(),
         status: 0,
@@ -424,6 +479,64 @@ fn misbehave(req: tiny_http::Request, kind: FaultKind) {
         }
         FaultKind::Drop => drop(req.into_writer()),
     }
+}
+
+/// A Keycloak-style token endpoint: form-encoded grant in, JSON token out.
+fn token_endpoint(state: &Mutex<SimState>, options: &SimOptions, body: &[u8]) -> (u16, String) {
+    let mut st = match state.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    st.token_requests += 1;
+    let form: HashMap<String, String> = String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (form_decode(k), form_decode(v)))
+        .collect();
+    let get = |k: &str| form.get(k).map(String::as_str);
+    let Some(o) = &options.oauth else {
+        return (404, "{\"error\":\"not_found\"}".into());
+    };
+    let client_ok = get("client_id") == Some(o.client_id.as_str()) && get("client_secret") == Some(&o.client_secret);
+    let grant_ok = match (get("grant_type"), &o.user) {
+        (Some("client_credentials"), None) => true,
+        (Some("password"), Some((u, p))) => get("username") == Some(u) && get("password") == Some(p),
+        _ => false,
+    };
+    if !client_ok || !grant_ok {
+        return (401, "{\"error\":\"invalid_grant\"}".into());
+    }
+    st.next_psn += 1;
+    let token = format!("tok-{}-{}", st.next_psn, st.token_requests);
+    st.tokens.push(token.clone());
+    (
+        200,
+        format!(
+            "{{\"access_token\":\"{token}\",\"token_type\":\"Bearer\",\"expires_in\":{}}}",
+            o.lifetime_secs
+        ),
+    )
+}
+
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(s.get(i + 1..i + 3).unwrap_or(""), 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {

@@ -1,0 +1,156 @@
+//! The HTTP agent as hospital networks need it: the system's CA roots plus
+//! an internal CA, mutual TLS, an HTTP(S) proxy from the config or the
+//! environment; and TLS failures explained in words an admin can act on.
+
+use crate::config::Dispatcher;
+use std::path::{Path, PathBuf};
+use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetSetupError {
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no usable PEM {expected}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("[dispatcher] proxy is not a usable proxy URL (e.g. http://user:password@proxy:3128)")]
+    Proxy,
+}
+
+/// Where Debian, RHEL and others keep the system's CA bundle.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, NetSetupError> {
+    std::fs::read(path).map_err(|source| NetSetupError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certs_of(pem: &[u8]) -> Vec<Certificate<'static>> {
+    ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The system roots (SSL_CERT_FILE, else the distribution's bundle) plus
+/// `ca_file`. `None` when neither exists: then ureq's bundled roots apply.
+fn roots(ca_file: Option<&Path>) -> Result<Option<Vec<Certificate<'static>>>, NetSetupError> {
+    let mut certs = Vec::new();
+    let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    let system = env
+        .into_iter()
+        .chain(SYSTEM_BUNDLES.iter().map(PathBuf::from))
+        .find(|p| p.is_file());
+    if let Some(p) = system
+        && let Ok(pem) = std::fs::read(&p)
+    {
+        certs.extend(certs_of(&pem));
+    }
+    if let Some(ca) = ca_file {
+        let extra = certs_of(&read(ca, "[dispatcher] ca_file")?);
+        if extra.is_empty() {
+            return Err(NetSetupError::Pem {
+                what: "[dispatcher] ca_file",
+                path: ca.to_path_buf(),
+                expected: "certificate",
+            });
+        }
+        certs.extend(extra);
+    }
+    Ok((!certs.is_empty()).then_some(certs))
+}
+
+fn client_cert(cert: &Path, key: &Path) -> Result<ClientCert, NetSetupError> {
+    let chain = certs_of(&read(cert, "[dispatcher] client_cert")?);
+    if chain.is_empty() {
+        return Err(NetSetupError::Pem {
+            what: "[dispatcher] client_cert",
+            path: cert.to_path_buf(),
+            expected: "certificate",
+        });
+    }
+    crate::config::warn_if_exposed(key, "client key");
+    let key_pem = read(key, "[dispatcher] client_key")?;
+    let key = PrivateKey::from_pem(&key_pem).map_err(|_| NetSetupError::Pem {
+        what: "[dispatcher] client_key",
+        path: key.to_path_buf(),
+        expected: "private key",
+    })?;
+    Ok(ClientCert::new_with_certs(&chain, key))
+}
+
+pub fn agent(d: &Dispatcher) -> Result<ureq::Agent, NetSetupError> {
+    let mut tls = TlsConfig::builder();
+    if let Some(certs) = roots(d.ca_file.as_deref())? {
+        tls = tls.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    if let (Some(cert), Some(key)) = (&d.client_cert, &d.client_key) {
+        tls = tls.client_cert(Some(client_cert(cert, key)?));
+    }
+    let mut config = ureq::Agent::config_builder()
+        .timeout_global(Some(d.timeout.0))
+        .http_status_as_error(false)
+        .user_agent(concat!("fttp-agent/", env!("CARGO_PKG_VERSION")))
+        .tls_config(tls.build());
+    if let Some(p) = &d.proxy {
+        let proxy = ureq::Proxy::new(p.expose()).map_err(|_| NetSetupError::Proxy)?;
+        config = config.proxy(Some(proxy));
+    }
+    Ok(ureq::Agent::new_with_config(config.build()))
+}
+
+/// Explains a TLS failure for an admin, or `None` if `e` is not one.
+pub fn explain_tls(e: &ureq::Error) -> Option<String> {
+    let rustls_err: &rustls::Error = match e {
+        ureq::Error::Rustls(r) => r,
+        ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,
+        _ => return None,
+    };
+    use rustls::CertificateError as C;
+    Some(match rustls_err {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer | C::BadSignature | C::UnhandledCriticalExtension => {
+                "the dispatcher's TLS certificate is not trusted: it is issued by a CA this machine does not \
+                 know. If the gateway uses an internal CA, put its PEM certificate in [dispatcher] ca_file"
+                    .into()
+            }
+            C::Expired | C::ExpiredContext { .. } => {
+                "the dispatcher's TLS certificate has expired (or this machine's clock is wrong): \
+                 tell the gateway's operators, and check the clock"
+                    .into()
+            }
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the dispatcher's TLS certificate is not valid yet: check this machine's clock".into()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the dispatcher's TLS certificate is for another host name: check [dispatcher] url \
+                 (use the name in the certificate)"
+                    .into()
+            }
+            C::Revoked => "the dispatcher's TLS certificate has been revoked".into(),
+            other => format!("the dispatcher's TLS certificate was refused ({other:?})"),
+        },
+        rustls::Error::AlertReceived(alert) => format!(
+            "the dispatcher refused the TLS handshake ({alert:?}); if it requires a client certificate, \
+             set [dispatcher] client_cert and client_key, and check that the gateway trusts its CA"
+        ),
+        other => format!("TLS failed: {other}"),
+    })
+}

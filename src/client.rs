@@ -118,6 +118,9 @@ impl Retryable for ClientError {
 
 pub struct Client {
     agent: ureq::Agent,
+    /// For the hint when a TLS 1.3 server drops us after the handshake,
+    /// which is how a missing client certificate shows.
+    mtls_hint: bool,
     auth: crate::auth::Auth,
     base: String,
     api_key: String,
@@ -133,6 +136,7 @@ impl Client {
         let d = &cfg.dispatcher;
         Ok(Client {
             agent: crate::net::agent(d)?,
+            mtls_hint: d.url.0.starts_with("https://") && d.client_cert.is_none(),
             auth: crate::auth::Auth::from_config(d)?,
             base: d.url.0.clone(),
             api_key: cfg.api_key().to_string(),
@@ -259,7 +263,7 @@ impl Client {
         {
             req = req.header("Authorization", auth);
         }
-        let mut resp = req.send(body.as_bytes()).map_err(|e| transport(op, e, redactor))?;
+        let mut resp = req.send(body.as_bytes()).map_err(|e| self.transport(op, e, redactor))?;
         let status = resp.status().as_u16();
         let header = |name: &str| {
             resp.headers()
@@ -281,7 +285,7 @@ impl Client {
                     op,
                     limit: self.max_response_bytes,
                 },
-                other => transport(op, other, redactor),
+                other => self.transport(op, other, redactor),
             })?;
         if (200..300).contains(&status) {
             let format = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -304,15 +308,26 @@ impl Client {
     }
 }
 
-fn transport(op: Operation, e: ureq::Error, redactor: &Redactor) -> ClientError {
-    if let Some(reason) = crate::net::explain_tls(&e) {
-        return ClientError::Tls { op, reason };
-    }
-    match e {
-        ureq::Error::Timeout(_) => ClientError::Timeout { op },
-        other => ClientError::Unreachable {
-            op,
-            reason: redactor.clean(&other.to_string(), 200),
-        },
+impl Client {
+    fn transport(&self, op: Operation, e: ureq::Error, redactor: &Redactor) -> ClientError {
+        if let Some(reason) = crate::net::explain_tls(&e) {
+            return ClientError::Tls { op, reason };
+        }
+        let dropped = matches!(&e, ureq::Error::Io(io) if matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+        ));
+        match e {
+            ureq::Error::Timeout(_) => ClientError::Timeout { op },
+            other => {
+                let mut reason = redactor.clean(&other.to_string(), 200);
+                if dropped && self.mtls_hint {
+                    reason.push_str(
+                        "; if the gateway requires a client certificate, set [dispatcher] client_cert and client_key",
+                    );
+                }
+                ClientError::Unreachable { op, reason }
+            }
+        }
     }
 }

@@ -835,4 +835,42 @@ key_file = "store.key"
         let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
         assert!(e.contains("line 3") && e.contains("https://"), "{e}");
     }
+
+    #[test]
+    fn loopback_detection() {
+        for url in [
+            "http://127.0.0.1:8080/x",
+            "http://localhost/x",
+            "http://[::1]:80/",
+            "http://127.9.9.9",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1/x",
+            "http://example.org",
+            "http://localhost.example.org/",
+            "http://user@10.1.1.1",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn plain_http_beyond_loopback_needs_an_explicit_opt_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let text = GOOD.replace("https://fttp.example.org", "http://10.20.30.40");
+        std::fs::write(&path, &text).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("plain http://") && e.contains("allow_insecure_http"), "{e}");
+        std::fs::write(
+            &path,
+            text.replace("api_key = \"k\"", "api_key = \"k\"\nallow_insecure_http = true"),
+        )
+        .unwrap();
+        assert!(Config::load(&path).is_ok());
+        std::fs::write(&path, GOOD.replace("https://fttp.example.org", "http://127.0.0.1:9")).unwrap();
+        assert!(Config::load(&path).is_ok());
+    }
 }

@@ -8,6 +8,8 @@ use fttp_agent::store::{LockMode, Store};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+pub mod net;
+
 pub const KEY: &str = "test-key-8f3a1c";
 pub const STUDY: &str = "mii";
 pub const TARGET: &str = "dic_test";

@@ -130,12 +130,16 @@ impl<'a> Agent<'a> {
             Ok(a) => a,
             Err(e) => {
                 let detail = e.to_string();
-                self.store.put(Record::Poll(PollRecord {
+                let prev = self.store.last_poll();
+                let record = PollRecord {
                     at: Utc::now(),
                     ok: false,
                     tasks: 0,
                     detail: Some(detail.clone()),
-                }))?;
+                    last_ok: prev.and_then(|p| p.last_ok),
+                    failures: prev.map_or(0, |p| p.failures) + 1,
+                };
+                self.store.put(Record::Poll(record))?;
                 let mut rec = AuditRecord::new("poll", "failed", &target);
                 rec.detail = Some(detail);
                 self.audit.write(&rec)?;
@@ -159,11 +163,14 @@ impl<'a> Agent<'a> {
         crashpoint::hit("ledger:merged");
         self.work()?;
 
+        let now = Utc::now();
         self.store.put(Record::Poll(PollRecord {
-            at: Utc::now(),
+            at: now,
             ok: true,
             tasks: self.report.received,
             detail: None,
+            last_ok: Some(now),
+            failures: 0,
         }))?;
         self.audit.sync()?;
         crashpoint::hit("cycle:end");

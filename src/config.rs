@@ -228,6 +228,14 @@ pub struct Log {
     /// `error`, `warn`, `info`, `debug` or `trace`.
     #[serde(default)]
     pub level: LogLevel,
+    /// `text` for people, `json` (one object per line: ts, level, message,
+    /// and the task's kind and id where there is one) for ELK/Graylog.
+    #[serde(default)]
+    pub format: crate::logger::LogFormat,
+    /// Prometheus text-format metrics file written after every cycle (for
+    /// node_exporter's textfile collector). Unset: no metrics.
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
     /// The audit log (NDJSON, one record per task outcome and per poll).
     /// Unset: `audit.ndjson` in the store directory.
     #[serde(default)]
@@ -510,6 +518,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = self.log.audit_hmac_key_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.log.metrics.as_mut() {
             fix(p);
         }
     }

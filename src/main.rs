@@ -121,7 +121,7 @@ fn load(cli: &Cli) -> Result<Config, AppError> {
     let path = config::resolve_path(cli.config.as_deref());
     let cfg = Config::load(&path)?;
     let level = cli.log_level.unwrap_or(cfg.log.level);
-    fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref()).map_err(AppError::Other)?;
+    fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref(), cfg.log.format).map_err(AppError::Other)?;
     for w in &cfg.warnings {
         log::warn!("{w}");
     }
@@ -142,7 +142,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Rekey { new_key } => commands::rekey(&load(&cli)?, new_key),
         Command::Demo { format, dir } => {
             let level = cli.log_level.unwrap_or(LogLevel::Info);
-            fttp_agent::logger::init(level.filter(), None).map_err(AppError::Other)?;
+            fttp_agent::logger::init(level.filter(), None, Default::default()).map_err(AppError::Other)?;
             let format = match format {
                 FormatArg::Xml => Format::Xml,
                 FormatArg::Json => Format::Json,
@@ -155,7 +155,8 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             api_key_header,
             empty,
         } => {
-            fttp_agent::logger::init(cli.log_level.unwrap_or_default().filter(), None).map_err(AppError::Other)?;
+            fttp_agent::logger::init(cli.log_level.unwrap_or_default().filter(), None, Default::default())
+                .map_err(AppError::Other)?;
             let options = SimOptions {
                 api_key: api_key.clone(),
                 api_key_header: api_key_header.clone(),

@@ -159,6 +159,17 @@ impl State {
                 self.ledger.insert(k, entry);
             }
             DiskRecord::Poll(p) => self.last_poll = Some(p),
+            DiskRecord::Purge { key: k } => {
+                self.ledger.remove(&k);
+            }
+            DiskRecord::Forget { id } => {
+                if let Some(old) = self.patients.remove(&id)
+                    && let Some(bf) = old.bf
+                    && self.by_bf.get(&bf) == Some(&id)
+                {
+                    self.by_bf.remove(&bf);
+                }
+            }
         }
         Ok(())
     }
@@ -223,6 +234,8 @@ fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
         }
         Record::Ledger(e) => seal_ledger(key, e),
         Record::Poll(p) => DiskRecord::Poll(p.clone()),
+        Record::Purge { key: k } => DiskRecord::Purge { key: k.clone() },
+        Record::Forget { local_id } => DiskRecord::Forget { id: local_id.clone() },
     }
 }
 
@@ -560,6 +573,24 @@ impl Store {
 
     pub fn key_id(&self) -> &str {
         self.key.id()
+    }
+
+    /// Removes a patient's IDAT and Bloom filter for good: the removal is
+    /// recorded, then the store is compacted and the previous generation
+    /// deleted, so the sealed data is gone from every store file.
+    pub fn forget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
+        if !self.state.patients.contains_key(id) {
+            return Ok(false);
+        }
+        self.put(Record::Forget { local_id: id.clone() })?;
+        self.compact()?;
+        for name in ["snapshot.prev", "journal.prev"] {
+            let p = self.dir.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io("remove the previous generation", &p))?;
+            }
+        }
+        Ok(true)
     }
 
     pub fn ledger(&self, key: &str) -> Option<&LedgerEntry> {

@@ -104,6 +104,12 @@ pub struct PollRecord {
     pub tasks: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The last poll that succeeded (this one, if it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ok: Option<DateTime<Utc>>,
+    /// Polls failed in a row, up to and including this one.
+    #[serde(default)]
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +119,14 @@ pub enum Record {
     Pseudonym(PseudonymRecord),
     Ledger(LedgerEntry),
     Poll(PollRecord),
+    /// Removes a finished ledger entry (retention).
+    Purge {
+        key: String,
+    },
+    /// Removes a patient's IDAT and Bloom filter (right to erasure).
+    Forget {
+        local_id: LocalId,
+    },
 }
 
 impl std::str::FromStr for Status {
@@ -149,6 +163,12 @@ pub(crate) enum DiskRecord {
         data: String,
     },
     Poll(PollRecord),
+    Purge {
+        key: String,
+    },
+    Forget {
+        id: LocalId,
+    },
 }
 
 /// The sealed part of a patient record.

@@ -2,18 +2,21 @@
 //! error; only `main` turns them into a process exit.
 
 use crate::agent::{Agent, CycleReport};
-use crate::audit::Audit;
+use crate::audit::{Audit, AuditRecord};
 use crate::client::Client;
 use crate::config::Config;
 use crate::error::{AppError, exit};
 use crate::fhir::Format;
 use crate::fhir::idat::Idat;
 use crate::import::{ImportReport, import_file};
+use crate::ops;
 use crate::shutdown::Shutdown;
 use crate::sim::{SimOptions, Simulator};
+use crate::store::Record;
 use crate::store::{LockMode, Status, Store, StoreError};
 use crate::{demo, tasks::TaskKind};
 use chrono::Utc;
+use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,15 +27,60 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
     Ok(store)
 }
 
-/// One cycle with the store locked for its duration.
+/// One cycle with the store locked for its duration; afterwards the
+/// metrics file (if configured) and the heartbeat are written.
 pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
+    let started = std::time::Instant::now();
     let mut store = open_store(cfg, LockMode::Try)?;
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let mut agent = Agent::new(cfg, client, &mut store, &mut audit);
     if let Some(s) = stop {
         agent = agent.with_shutdown(s.clone());
     }
-    Ok(agent.run_cycle()?)
+    let result = agent.run_cycle();
+    after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok());
+    Ok(result?)
+}
+
+/// Metrics and heartbeat; their failure is logged, never fatal.
+fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool) {
+    if let Some(path) = &cfg.log.metrics
+        && let Err(e) = ops::write_atomic(path, ops::metrics(store, seconds, ok).as_bytes())
+    {
+        log::warn!("cannot write metrics to {}: {e}", path.display());
+    }
+    let hb = ops::Heartbeat {
+        pid: std::process::id(),
+        cycle_end: Utc::now(),
+        last_success: store.last_poll().and_then(|p| p.last_ok),
+        next_poll: None,
+    };
+    if let Err(e) = ops::write_heartbeat(store.dir(), &hb) {
+        log::warn!("cannot write the heartbeat: {e}");
+    }
+}
+
+/// Purges finished ledger entries older than `[store] retention`.
+pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<usize, AppError> {
+    let retention = chrono::Duration::from_std(cfg.store.retention.0).unwrap_or(chrono::Duration::days(90));
+    let keys = ops::purgeable(store, Utc::now() - retention);
+    let n = keys.len();
+    if n > 0 {
+        store.write(keys.into_iter().map(|key| Record::Purge { key }).collect())?;
+        let mut rec = AuditRecord::new("purge", "purged", cfg.site.target.as_str());
+        rec.tasks = Some(n);
+        rec.detail = Some(format!(
+            "finished ledger entries older than {}",
+            humanize(cfg.store.retention.0)
+        ));
+        audit.write(&rec)?;
+        audit.sync()?;
+        log::info!(
+            "purged {n} finished ledger entr{} past retention",
+            if n == 1 { "y" } else { "ies" }
+        );
+    }
+    Ok(n)
 }
 
 fn report_exit(report: &CycleReport) -> u8 {
@@ -55,8 +103,18 @@ fn report_exit(report: &CycleReport) -> u8 {
     }
 }
 
-pub fn run_once(cfg: &Config) -> Result<u8, AppError> {
+pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
     let client = Client::new(cfg)?;
+    if dry_run {
+        let store = open_store(cfg, LockMode::Try)?;
+        let (received, plans) = crate::agent::dry_run(cfg, &client, &store)?;
+        println!("dry run: {received} task(s) received; nothing will be sent or recorded");
+        println!("{:<18} {:<22} {:<24} why", "KIND", "TASK", "WOULD");
+        for p in &plans {
+            println!("{:<18} {:<22} {:<24} {}", p.kind.as_str(), p.task, p.action, p.why);
+        }
+        return Ok(exit::OK);
+    }
     let report = cycle(cfg, &client, None)?;
     Ok(report_exit(&report))
 }
@@ -66,10 +124,24 @@ pub fn run_once(cfg: &Config) -> Result<u8, AppError> {
 /// logged and does not end the loop; SIGTERM/SIGINT end it between cycles.
 pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
+    if let Err(e) = crate::logger::reopen_on_sighup() {
+        log::warn!("cannot install the SIGHUP handler (log files will not reopen): {e}");
+    }
     let client = Client::new(cfg)?;
     let interval = cfg.schedule.interval.0;
     log::info!("daemon started; polling every {}", humanize(interval));
+    let mut last_purge: Option<std::time::Instant> = None;
     while !shutdown.requested() {
+        if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(86_400)) {
+            let purged = open_store(cfg, LockMode::Try).and_then(|mut store| {
+                let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+                purge_old(cfg, &mut store, &mut audit)
+            });
+            match purged {
+                Ok(_) => last_purge = Some(std::time::Instant::now()),
+                Err(e) => log::warn!("daily purge skipped: {e}"),
+            }
+        }
         match cycle(cfg, &client, Some(&shutdown)) {
             Ok(report) => {
                 report_exit(&report);
@@ -83,6 +155,12 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
         }
         let next = next_poll(cfg, interval);
         log::info!("next poll in {}", humanize(next));
+        if let Some(mut hb) = ops::read_heartbeat(&cfg.store.path) {
+            hb.next_poll = chrono::Duration::from_std(next).ok().map(|d| Utc::now() + d);
+            if let Err(e) = ops::write_heartbeat(&cfg.store.path, &hb) {
+                log::warn!("cannot write the heartbeat: {e}");
+            }
+        }
         if !shutdown.sleep(next) {
             break;
         }
@@ -187,33 +265,118 @@ fn print_import(file: &Path, r: &ImportReport) {
     );
 }
 
-pub fn tasks(cfg: &Config, status: Option<Status>, kind: Option<TaskKind>) -> Result<u8, AppError> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TasksFormat {
+    Table,
+    Json,
+    Fhir,
+}
+
+pub fn tasks(
+    cfg: &Config,
+    status: Option<Status>,
+    kind: Option<TaskKind>,
+    since: Option<&str>,
+    format: TasksFormat,
+) -> Result<u8, AppError> {
+    let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
     let store = open_store(cfg, LockMode::Wait)?;
     let mut entries: Vec<_> = store
         .ledger_entries()
         .filter(|e| status.is_none_or(|s| e.status == s))
         .filter(|e| kind.is_none_or(|k| e.kind == k))
+        .filter(|e| since.is_none_or(|t| e.updated >= t))
         .collect();
     entries.sort_by_key(|e| (e.first_seen, e.key.clone()));
-    println!(
-        "{:<18} {:<38} {:<10} {:<16} {:<21} {:<21} detail",
-        "kind", "task", "status", "outcome", "expires", "first seen"
-    );
-    let t = |d: chrono::DateTime<Utc>| d.format("%Y-%m-%d %H:%M:%SZ").to_string();
-    for e in &entries {
-        println!(
-            "{:<18} {:<38} {:<10} {:<16} {:<21} {:<21} {}",
-            e.kind.as_str(),
-            e.display_id,
-            e.status.as_str(),
-            e.outcome,
-            e.expires.map(t).unwrap_or_else(|| "-".into()),
-            t(e.first_seen),
-            e.detail.as_deref().unwrap_or("")
-        );
+    match format {
+        TasksFormat::Table => print!("{}", ops::table(&entries)),
+        TasksFormat::Json => {
+            for e in &entries {
+                println!(
+                    "{}",
+                    serde_json::to_string(&ops::TaskLine::from(*e)).unwrap_or_default()
+                );
+            }
+        }
+        TasksFormat::Fhir => println!("{}", crate::fhir::json::to_string_pretty(&ops::fhir_bundle(&entries))),
     }
-    println!("{} task(s)", entries.len());
     Ok(exit::OK)
+}
+
+/// Health for people and for monitoring (Nagios/Icinga, systemd):
+/// exit 0 ok, 1 warning, 2 critical.
+pub fn status(cfg: &Config, json: bool) -> Result<u8, AppError> {
+    let store = open_store(cfg, LockMode::Wait)?;
+    let rules = ops::StatusRules {
+        interval: cfg.schedule.interval.0,
+        warn_before: cfg.schedule.warn_before.0,
+        critical_failed_polls: cfg.schedule.critical_failed_polls,
+    };
+    let report = ops::status(&store, ops::read_heartbeat(&cfg.store.path).as_ref(), &rules);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", ops::status_text(&report));
+    }
+    Ok(report.health.exit_code())
+}
+
+/// The audit records as NDJSON (one record per line), from `since` on.
+pub fn audit_export(cfg: &Config, since: Option<&str>) -> Result<u8, AppError> {
+    let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
+    let path = cfg.audit_path();
+    let text = std::fs::read_to_string(&path).map_err(|source| crate::audit::AuditError {
+        path: path.clone(),
+        op: "read",
+        source,
+    })?;
+    let mut out = std::io::stdout().lock();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            log::warn!("skipping a line of {} that is not a JSON record", path.display());
+            continue;
+        };
+        let ts = v
+            .get("ts")
+            .and_then(|t| t.as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        if since.is_some_and(|s| ts.is_none_or(|t| t < s)) {
+            continue;
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    Ok(exit::OK)
+}
+
+pub fn purge(cfg: &Config) -> Result<u8, AppError> {
+    let mut store = open_store(cfg, LockMode::Wait)?;
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let n = purge_old(cfg, &mut store, &mut audit)?;
+    println!("purged {n} finished ledger entr{}", if n == 1 { "y" } else { "ies" });
+    Ok(exit::OK)
+}
+
+/// Right to erasure: removes one patient's IDAT and Bloom filter.
+pub fn forget(cfg: &Config, local_id: &str) -> Result<u8, AppError> {
+    let mut store = open_store(cfg, LockMode::Wait)?;
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let id = crate::types::LocalId(local_id.to_string());
+    let erased = store.forget(&id)?;
+    let mut rec = AuditRecord::new(
+        "forget",
+        if erased { "erased" } else { "not_found" },
+        cfg.site.target.as_str(),
+    );
+    rec.patient = Some(id.fingerprint());
+    audit.write(&rec)?;
+    audit.sync()?;
+    if erased {
+        println!("erased the IDAT and Bloom filter of patient {}", id.fingerprint());
+        Ok(exit::OK)
+    } else {
+        println!("no patient with that local id");
+        Ok(exit::TASKS_OPEN)
+    }
 }
 
 pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {

@@ -191,12 +191,20 @@ pub struct Schedule {
     /// recommends several polls a week; tasks expire.
     #[serde(default = "default_interval")]
     pub interval: HumanDuration,
+    /// `status` warns about every open task expiring within this time.
+    #[serde(default = "default_warn_before")]
+    pub warn_before: HumanDuration,
+    /// `status` is critical after this many failed polls in a row.
+    #[serde(default = "default_critical_failed_polls")]
+    pub critical_failed_polls: u32,
 }
 
 impl Default for Schedule {
     fn default() -> Self {
         Schedule {
             interval: default_interval(),
+            warn_before: default_warn_before(),
+            critical_failed_polls: default_critical_failed_polls(),
         }
     }
 }
@@ -212,6 +220,11 @@ pub struct Store {
     /// environment variable FTTP_AGENT_STORE_KEY_FILE overrides it.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Finished (resolved, expired, rejected) ledger entries older than this
+    /// are purged daily by the daemon and by `fttp-agent purge`. Open tasks
+    /// never are.
+    #[serde(default = "default_retention")]
+    pub retention: HumanDuration,
     /// Journal records after which the store is compacted into a new
     /// snapshot (the previous generation is kept as *.prev).
     #[serde(default = "default_compact_after")]
@@ -429,6 +442,15 @@ fn default_retry_delay() -> HumanDuration {
 }
 fn default_max_response_bytes() -> u64 {
     64 * 1024 * 1024
+}
+fn default_warn_before() -> HumanDuration {
+    HumanDuration(Duration::from_secs(24 * 3600))
+}
+fn default_critical_failed_polls() -> u32 {
+    3
+}
+fn default_retention() -> HumanDuration {
+    HumanDuration(Duration::from_secs(90 * 86_400))
 }
 fn default_compact_after() -> usize {
     crate::store::COMPACT_AFTER
@@ -704,6 +726,12 @@ impl Config {
             ("site.study".into(), self.site.study.0.clone()),
             ("site.target".into(), self.site.target.0.clone()),
             ("schedule.interval".into(), fmt_dur(&self.schedule.interval)),
+            ("schedule.warn_before".into(), fmt_dur(&self.schedule.warn_before)),
+            (
+                "schedule.critical_failed_polls".into(),
+                self.schedule.critical_failed_polls.to_string(),
+            ),
+            ("store.retention".into(), fmt_dur(&self.store.retention)),
             ("store.path".into(), self.store.path.display().to_string()),
             (
                 "store.key_file".into(),
@@ -721,6 +749,14 @@ impl Config {
                     .map_or("(stderr only)".into(), |p| p.display().to_string()),
             ),
             ("log.level".into(), format!("{:?}", self.log.level).to_lowercase()),
+            ("log.format".into(), format!("{:?}", self.log.format).to_lowercase()),
+            (
+                "log.metrics".into(),
+                self.log
+                    .metrics
+                    .as_ref()
+                    .map_or("unset".into(), |p| p.display().to_string()),
+            ),
             ("log.audit".into(), self.audit_path().display().to_string()),
             (
                 "log.audit_hmac_key_file".into(),

@@ -81,8 +81,10 @@ pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, Impor
         }
     };
     let mut report = ImportReport::default();
+    let mut progress = crate::progress::Progress::new("rows", None);
     let mut pending: Vec<Record> = Vec::new();
     let mut sink = |store: &mut Store, report: &mut ImportReport, row: Row| -> Result<(), ImportError> {
+        progress.tick(1);
         upsert(store, report, &mut pending, row)?;
         if pending.len() >= WRITE_BATCH {
             store.write(std::mem::take(&mut pending))?;
@@ -155,6 +157,7 @@ pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, Impor
         }
     }
     store.write(pending)?;
+    progress.finish();
     Ok(report)
 }
 

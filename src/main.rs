@@ -33,7 +33,22 @@ enum Command {
         /// Run one cycle and exit (exit code: 0 done, 1 tasks open, 3 dispatcher unreachable)
         #[arg(long)]
         once: bool,
+        /// With --once: poll and show what would be done with each task and
+        /// why, sending nothing and changing nothing
+        #[arg(long, requires = "once")]
+        dry_run: bool,
     },
+    /// Health for people and monitoring: last and next poll, open tasks and
+    /// time left, warnings (exit 0 ok, 1 warning, 2 critical)
+    Status {
+        /// text or json
+        #[arg(long, value_enum, default_value = "text")]
+        format: StatusFormat,
+    },
+    /// Remove finished ledger entries older than [store] retention (the daemon does this daily)
+    Purge,
+    /// Right to erasure: remove one patient's IDAT and Bloom filter from the store
+    Forget { local_id: String },
     /// Validate config and store, and check that the dispatcher accepts our API key
     Check,
     /// Load patients from CSV or NDJSON (FHIR Patient per line) into the store
@@ -46,6 +61,12 @@ enum Command {
         /// dic_psn_available, send_idat, repeat_request or unknown
         #[arg(long)]
         kind: Option<TaskKind>,
+        /// Only entries changed since T: RFC 3339 time, YYYY-MM-DD, or a duration back (24h, 7d)
+        #[arg(long)]
+        since: Option<String>,
+        /// table (terminal), json (one object per line) or fhir (a FHIR R4 Bundle of Task)
+        #[arg(long, value_enum, default_value = "table")]
+        format: TasksFormatArg,
     },
     /// Work with the audit log
     Audit {
@@ -96,6 +117,25 @@ enum AuditCommand {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+    /// The audit records as NDJSON (one record per line)
+    Export {
+        /// Only records since T: RFC 3339 time, YYYY-MM-DD, or a duration back (24h, 7d)
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TasksFormatArg {
+    Table,
+    Json,
+    Fhir,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,15 +170,33 @@ fn load(cli: &Cli) -> Result<Config, AppError> {
 
 fn dispatch(cli: Cli) -> Result<u8, AppError> {
     match &cli.command {
-        Command::Run { once: true } => commands::run_once(&load(&cli)?),
-        Command::Run { once: false } => commands::run_daemon(&load(&cli)?),
+        Command::Run { once: true, dry_run } => commands::run_once(&load(&cli)?, *dry_run),
+        Command::Run { once: false, .. } => commands::run_daemon(&load(&cli)?),
+        Command::Status { format } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json)),
+        Command::Purge => commands::purge(&load(&cli)?),
+        Command::Forget { local_id } => commands::forget(&load(&cli)?, local_id),
         Command::Check => commands::check(&load(&cli)?),
         Command::Import { file } => commands::import(&load(&cli)?, file),
-        Command::Tasks { status, kind } => commands::tasks(&load(&cli)?, *status, *kind),
+        Command::Tasks {
+            status,
+            kind,
+            since,
+            format,
+        } => {
+            let format = match format {
+                TasksFormatArg::Table => commands::TasksFormat::Table,
+                TasksFormatArg::Json => commands::TasksFormat::Json,
+                TasksFormatArg::Fhir => commands::TasksFormat::Fhir,
+            };
+            commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), format)
+        }
         Command::Keygen { path } => commands::keygen(path),
         Command::Audit {
             command: AuditCommand::Verify { files, key },
         } => commands::audit_verify(files, key.as_deref()),
+        Command::Audit {
+            command: AuditCommand::Export { since },
+        } => commands::audit_export(&load(&cli)?, since.as_deref()),
         Command::Rekey { new_key } => commands::rekey(&load(&cli)?, new_key),
         Command::Demo { format, dir } => {
             let level = cli.log_level.unwrap_or(LogLevel::Info);

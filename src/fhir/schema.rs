@@ -58,7 +58,7 @@ pub fn is_primitive(ty: &str) -> bool {
 
 /// Resource types this agent reads or writes with full fidelity.
 pub fn is_resource_type(ty: &str) -> bool {
-    matches!(ty, "Parameters" | "Patient" | "OperationOutcome" | "Bundle")
+    matches!(ty, "Parameters" | "Patient" | "OperationOutcome" | "Bundle" | "Task")
 }
 
 const PARAMETERS: &[Def] = &[
@@ -322,12 +322,74 @@ const ATTACHMENT: &[Def] = &[
     one("creation", "dateTime"),
 ];
 
+const TASK: &[Def] = &[
+    one("id", "id"),
+    one("meta", "Meta"),
+    one("implicitRules", "uri"),
+    one("language", "code"),
+    one("text", "Narrative"),
+    many("contained", RESOURCE),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    many("identifier", "Identifier"),
+    one("instantiatesCanonical", "canonical"),
+    one("instantiatesUri", "uri"),
+    many("basedOn", "Reference"),
+    one("groupIdentifier", "Identifier"),
+    many("partOf", "Reference"),
+    one("status", "code"),
+    one("statusReason", "CodeableConcept"),
+    one("businessStatus", "CodeableConcept"),
+    one("intent", "code"),
+    one("priority", "code"),
+    one("code", "CodeableConcept"),
+    one("description", "string"),
+    one("focus", "Reference"),
+    one("for", "Reference"),
+    one("encounter", "Reference"),
+    one("executionPeriod", "Period"),
+    one("authoredOn", "dateTime"),
+    one("lastModified", "dateTime"),
+    one("requester", "Reference"),
+    many("performerType", "CodeableConcept"),
+    one("owner", "Reference"),
+    one("location", "Reference"),
+    one("reasonCode", "CodeableConcept"),
+    one("reasonReference", "Reference"),
+    many("insurance", "Reference"),
+    many("note", UNKNOWN),
+    many("relevantHistory", "Reference"),
+    one("restriction", "TaskRestriction"),
+    many("input", "TaskParameter"),
+    many("output", "TaskParameter"),
+];
+
+const TASK_RESTRICTION: &[Def] = &[
+    one("id", "string"),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("repetitions", "positiveInt"),
+    one("period", "Period"),
+    many("recipient", "Reference"),
+];
+
+const TASK_PARAMETER: &[Def] = &[
+    one("id", "string"),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("type", "CodeableConcept"),
+    one("value[x]", "*"),
+];
+
 /// A bare element: what a primitive may contain besides its value.
 const ELEMENT: &[Def] = &[one("id", "string"), many("extension", "Extension")];
 
 pub fn defs(ty: &str) -> Option<&'static [Def]> {
     Some(match ty {
         "Element" => ELEMENT,
+        "Task" => TASK,
+        "TaskRestriction" => TASK_RESTRICTION,
+        "TaskParameter" => TASK_PARAMETER,
         "Parameters" => PARAMETERS,
         "ParametersParameter" => PARAMETERS_PARAMETER,
         "Patient" => PATIENT,

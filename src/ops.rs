@@ -1,0 +1,597 @@
+//! The operators' view: the ledger as a table, NDJSON or a FHIR Task
+//! Bundle; health status for monitoring; Prometheus metrics; the daemon's
+//! heartbeat; retention. Nothing here shows IDAT, raw Bloom filters or
+//! pseudonyms: they appear as fingerprints.
+
+use crate::fhir::element::{Node, Resource, Value};
+use crate::store::{LedgerEntry, Status, Store};
+use crate::tasks::{Task, TaskKind};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// `T` for `--since`: an RFC 3339 time, a date (`2026-11-01`), or a
+/// duration back from now (`24h`, `7d`).
+pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+    }
+    let d = crate::config::parse_duration(s)
+        .map_err(|_| format!("'{s}' is neither a time (RFC 3339), a date (YYYY-MM-DD) nor a duration (24h, 7d)"))?;
+    let d = chrono::Duration::from_std(d).map_err(|_| "duration too large".to_string())?;
+    Ok(Utc::now() - d)
+}
+
+/// One ledger entry as `tasks --format json` prints it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskLine {
+    pub key: String,
+    pub kind: String,
+    pub task: String,
+    pub status: String,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub updated: String,
+    pub attempts: u32,
+}
+
+impl From<&LedgerEntry> for TaskLine {
+    fn from(e: &LedgerEntry) -> Self {
+        TaskLine {
+            key: e.key.clone(),
+            kind: e.kind.as_str().into(),
+            task: e.display_id.clone(),
+            status: e.status.as_str().into(),
+            outcome: e.outcome.clone(),
+            detail: e.detail.clone(),
+            expires: e.expires.map(ts),
+            first_seen: ts(e.first_seen),
+            last_seen: ts(e.last_seen),
+            updated: ts(e.updated),
+            attempts: e.attempts,
+        }
+    }
+}
+
+pub fn table(entries: &[&LedgerEntry]) -> String {
+    let rows: Vec<[String; 7]> = entries
+        .iter()
+        .map(|e| {
+            [
+                e.kind.as_str().to_string(),
+                e.display_id.clone(),
+                e.status.as_str().to_string(),
+                e.outcome.clone(),
+                e.expires.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+                e.first_seen.format("%Y-%m-%d %H:%M").to_string(),
+                e.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let head = [
+        "KIND",
+        "TASK",
+        "STATUS",
+        "OUTCOME",
+        "EXPIRES (UTC)",
+        "FIRST SEEN",
+        "DETAIL",
+    ];
+    let mut width = head.map(|h| h.chars().count());
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let fmt = |cells: &[String]| {
+        let mut line = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        line.trim_end().to_string() + "\n"
+    };
+    let mut out = fmt(&head.map(String::from));
+    for r in &rows {
+        out.push_str(&fmt(r));
+    }
+    out.push_str(&format!("{} task(s)\n", rows.len()));
+    out
+}
+
+/// FHIR Task.status for a ledger status.
+pub fn fhir_status(s: Status) -> &'static str {
+    match s {
+        Status::Pending => "requested",
+        Status::InFlight => "in-progress",
+        Status::Resolved => "completed",
+        Status::Failed => "failed",
+        Status::Expired => "cancelled",
+        Status::Rejected => "rejected",
+    }
+}
+
+pub const TASK_ID_SYSTEM: &str = "urn:fttp-agent:task";
+
+fn input(name: &str, value_name: &str, value: Value) -> Node {
+    let mut n = Node::new().with_node("type", Node::new().with("text", name));
+    n.push(value_name, value);
+    n
+}
+
+fn prim(s: &str) -> Value {
+    Value::Primitive(crate::fhir::Primitive::new(s))
+}
+
+fn identifier_node(id: &crate::fhir::Identifier) -> Value {
+    let mut n = Node::new();
+    if let Some(s) = &id.system {
+        n.push_primitive("system", s);
+    }
+    if let Some(v) = &id.value {
+        n.push_primitive("value", v);
+    }
+    Value::Complex(n)
+}
+
+/// One ledger entry as a FHIR R4 Task. Inputs carry the task's parts, with
+/// Bloom filters and pseudonyms as fingerprints.
+pub fn fhir_task(e: &LedgerEntry) -> Resource {
+    let mut t = Resource::new("Task");
+    let id: String = e
+        .key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    t.node.push_primitive("id", id);
+    t.node.push_complex(
+        "identifier",
+        Node::new().with("system", TASK_ID_SYSTEM).with("value", &e.display_id),
+    );
+    t.node.push_primitive("status", fhir_status(e.status));
+    t.node
+        .push_complex("businessStatus", Node::new().with("text", &e.outcome));
+    t.node.push_primitive("intent", "order");
+    t.node.push_complex("code", Node::new().with("text", e.kind.as_str()));
+    if let Some(d) = &e.detail {
+        t.node.push_primitive("description", d);
+    }
+    t.node.push_primitive("authoredOn", ts(e.first_seen));
+    t.node.push_primitive("lastModified", ts(e.updated));
+    if let Some(x) = e.expires {
+        t.node.push_complex(
+            "restriction",
+            Node::new().with_node("period", Node::new().with("end", ts(x))),
+        );
+    }
+    let mut inputs = Vec::new();
+    match &e.task {
+        Some(Task::DicPsnAvailable {
+            expires,
+            bloomfilter,
+            target,
+            pseudonym,
+        }) => {
+            if let Some(x) = expires {
+                inputs.push(input("expires", "valueInstant", prim(&ts(*x))));
+            }
+            inputs.push(input("bloomfilter", "valueString", prim(&bloomfilter.fingerprint())));
+            inputs.push(input("target", "valueIdentifier", identifier_node(target)));
+            inputs.push(input("pseudonym", "valueString", prim(&pseudonym.fingerprint())));
+        }
+        Some(Task::SendIdat {
+            expires,
+            task_id,
+            pseudonym,
+            bloomfilter,
+            elements,
+        }) => {
+            inputs.push(input("expires", "valueInstant", prim(&ts(*expires))));
+            inputs.push(input("taskId", "valueId", prim(task_id.as_str())));
+            if let Some(p) = pseudonym {
+                inputs.push(input("pseudonym", "valueString", prim(&p.fingerprint())));
+            }
+            if let Some(b) = bloomfilter {
+                inputs.push(input("bloomfilter", "valueString", prim(&b.fingerprint())));
+            }
+            for el in elements {
+                let coding = Node::new()
+                    .with("system", crate::fhir::idat::ELEMENTS_SYSTEM)
+                    .with("code", el.code());
+                inputs.push(input("element", "valueCoding", Value::Complex(coding)));
+            }
+        }
+        Some(Task::RepeatRequest {
+            expires,
+            study,
+            bloomfilter,
+            target,
+        }) => {
+            if let Some(x) = expires {
+                inputs.push(input("expires", "valueInstant", prim(&ts(*x))));
+            }
+            inputs.push(input("study", "valueIdentifier", identifier_node(study)));
+            inputs.push(input("bloomfilter", "valueString", prim(&bloomfilter.fingerprint())));
+            inputs.push(input("target", "valueIdentifier", identifier_node(target)));
+        }
+        None => {}
+    }
+    for i in inputs {
+        t.node.push_complex("input", i);
+    }
+    t
+}
+
+pub fn fhir_bundle(entries: &[&LedgerEntry]) -> Resource {
+    let mut b = Resource::new("Bundle");
+    b.node.push_primitive("type", "searchset");
+    b.node
+        .push_primitive("timestamp", Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true));
+    b.node.push_primitive("total", entries.len().to_string());
+    for e in entries {
+        let mut entry = Node::new();
+        entry.push("resource", Value::Resource(fhir_task(e)));
+        entry.push_complex("search", Node::new().with("mode", "match"));
+        b.node.push_complex("entry", entry);
+    }
+    b
+}
+
+// ------------------------------------------------------------ heartbeat
+
+/// Written by the agent after every cycle, read by `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heartbeat {
+    pub pid: u32,
+    pub cycle_end: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success: Option<DateTime<Utc>>,
+    /// When the daemon will poll next (absent for `run --once`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_poll: Option<DateTime<Utc>>,
+}
+
+pub fn heartbeat_path(store_dir: &Path) -> std::path::PathBuf {
+    store_dir.join("heartbeat.json")
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename), mode 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn write_heartbeat(store_dir: &Path, hb: &Heartbeat) -> std::io::Result<()> {
+    write_atomic(
+        &heartbeat_path(store_dir),
+        serde_json::to_string(hb).unwrap_or_default().as_bytes(),
+    )
+}
+
+pub fn read_heartbeat(store_dir: &Path) -> Option<Heartbeat> {
+    serde_json::from_slice(&std::fs::read(heartbeat_path(store_dir)).ok()?).ok()
+}
+
+// ------------------------------------------------------------ status
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Ok,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Health::Ok => 0,
+            Health::Warning => 1,
+            Health::Critical => 2,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct PendingTask {
+    pub kind: String,
+    pub task: String,
+    pub status: String,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// Seconds until it expires (negative: already past).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds_left: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub health: Health,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_poll: Option<String>,
+    pub last_poll_ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_poll_detail: Option<String>,
+    pub failed_polls_in_a_row: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_successful_poll: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_poll: Option<String>,
+    pub outcomes: BTreeMap<String, usize>,
+    pub pending: Vec<PendingTask>,
+    pub warnings: Vec<String>,
+}
+
+pub struct StatusRules {
+    pub interval: Duration,
+    pub warn_before: Duration,
+    pub critical_failed_polls: u32,
+}
+
+pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules) -> StatusReport {
+    let now = Utc::now();
+    let mut warnings = Vec::new();
+    let mut health = Health::Ok;
+    let mut raise = |h: Health, msg: String, warnings: &mut Vec<String>| {
+        health = health.max(h);
+        warnings.push(msg);
+    };
+    let poll = store.last_poll();
+    let interval = chrono::Duration::from_std(rules.interval).unwrap_or(chrono::Duration::hours(6));
+    let next_poll = heartbeat
+        .and_then(|h| h.next_poll)
+        .or_else(|| poll.map(|p| p.at + interval));
+    match poll {
+        None => raise(Health::Warning, "the agent has never polled".into(), &mut warnings),
+        Some(p) if p.failures >= rules.critical_failed_polls => raise(
+            Health::Critical,
+            format!("CRITICAL: the last {} polls failed", p.failures),
+            &mut warnings,
+        ),
+        Some(p) if !p.ok => raise(
+            Health::Warning,
+            format!("the last poll failed ({} in a row)", p.failures),
+            &mut warnings,
+        ),
+        Some(_) => {}
+    }
+    let warn_before = chrono::Duration::from_std(rules.warn_before).unwrap_or(chrono::Duration::hours(24));
+    let mut open: Vec<&LedgerEntry> = store.ledger_entries().filter(|e| !e.status.is_terminal()).collect();
+    open.sort_by_key(|e| (e.expires.is_none(), e.expires));
+    let mut pending = Vec::new();
+    for e in open {
+        let left = e.expires.map(|x| x - now);
+        if let (Some(x), Some(left)) = (e.expires, left) {
+            let name = format!("{} {}", e.kind, e.display_id);
+            if next_poll.is_some_and(|n| x <= n) {
+                raise(
+                    Health::Critical,
+                    format!("CRITICAL: {name} expires at {} — before the next poll", ts(x)),
+                    &mut warnings,
+                );
+            } else if left <= warn_before {
+                raise(
+                    Health::Warning,
+                    format!("WARNING: {name} expires in {} ({})", human(left), ts(x)),
+                    &mut warnings,
+                );
+            }
+        }
+        pending.push(PendingTask {
+            kind: e.kind.as_str().into(),
+            task: e.display_id.clone(),
+            status: e.status.as_str().into(),
+            outcome: e.outcome.clone(),
+            expires: e.expires.map(ts),
+            seconds_left: left.map(|l| l.num_seconds()),
+        });
+    }
+    let mut outcomes = BTreeMap::new();
+    for e in store.ledger_entries() {
+        *outcomes.entry(e.outcome.clone()).or_insert(0) += 1;
+    }
+    StatusReport {
+        health,
+        last_poll: poll.map(|p| ts(p.at)),
+        last_poll_ok: poll.is_some_and(|p| p.ok),
+        last_poll_detail: poll.and_then(|p| p.detail.clone()),
+        failed_polls_in_a_row: poll.map_or(0, |p| p.failures),
+        last_successful_poll: poll.and_then(|p| p.last_ok).map(ts),
+        next_poll: next_poll.map(ts),
+        outcomes,
+        pending,
+        warnings,
+    }
+}
+
+pub fn human(d: chrono::Duration) -> String {
+    let s = d.num_seconds();
+    if s < 0 {
+        return "no time (past)".into();
+    }
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+pub fn status_text(r: &StatusReport) -> String {
+    let mut s = String::new();
+    let health = match r.health {
+        Health::Ok => "OK",
+        Health::Warning => "WARNING",
+        Health::Critical => "CRITICAL",
+    };
+    s.push_str(&format!("fttp-agent status: {health}\n"));
+    match &r.last_poll {
+        Some(t) => s.push_str(&format!(
+            "last poll:            {t} ({})\n",
+            if r.last_poll_ok {
+                "ok".to_string()
+            } else {
+                format!(
+                    "failed, {} in a row: {}",
+                    r.failed_polls_in_a_row,
+                    r.last_poll_detail.as_deref().unwrap_or("")
+                )
+            }
+        )),
+        None => s.push_str("last poll:            never\n"),
+    }
+    s.push_str(&format!(
+        "last successful poll: {}\n",
+        r.last_successful_poll.as_deref().unwrap_or("never")
+    ));
+    s.push_str(&format!(
+        "next poll:            {}\n",
+        r.next_poll.as_deref().unwrap_or("unknown")
+    ));
+    s.push_str("tasks by outcome:\n");
+    for (k, v) in &r.outcomes {
+        s.push_str(&format!("  {k:<18} {v}\n"));
+    }
+    s.push_str(&format!("open tasks: {}\n", r.pending.len()));
+    for p in &r.pending {
+        let left = p.seconds_left.map_or("no expiry".into(), |l| {
+            format!("{} left", human(chrono::Duration::seconds(l)))
+        });
+        s.push_str(&format!(
+            "  {:<18} {:<38} {:<10} {:<16} {left}\n",
+            p.kind, p.task, p.status, p.outcome
+        ));
+    }
+    for w in &r.warnings {
+        s.push_str(w);
+        s.push('\n');
+    }
+    s
+}
+
+// ------------------------------------------------------------ metrics
+
+/// Prometheus text exposition for node_exporter's textfile collector.
+pub fn metrics(store: &Store, cycle_seconds: f64, cycle_ok: bool) -> String {
+    let mut by: BTreeMap<(TaskKind, Status, String), usize> = BTreeMap::new();
+    for e in store.ledger_entries() {
+        *by.entry((e.kind, e.status, e.outcome.clone())).or_insert(0) += 1;
+    }
+    let mut s = String::new();
+    s.push_str("# HELP fttp_agent_tasks Tasks in the ledger by kind, status and outcome.\n");
+    s.push_str("# TYPE fttp_agent_tasks gauge\n");
+    for ((k, st, o), n) in &by {
+        s.push_str(&format!(
+            "fttp_agent_tasks{{kind=\"{}\",status=\"{}\",outcome=\"{}\"}} {n}\n",
+            k.as_str(),
+            st.as_str(),
+            o.replace(['"', '\\', '\n'], "_")
+        ));
+    }
+    let open: Vec<&LedgerEntry> = store.ledger_entries().filter(|e| !e.status.is_terminal()).collect();
+    s.push_str("# HELP fttp_agent_pending_tasks Tasks not yet resolved, expired or rejected.\n");
+    s.push_str("# TYPE fttp_agent_pending_tasks gauge\n");
+    s.push_str(&format!("fttp_agent_pending_tasks {}\n", open.len()));
+    if let Some(soonest) = open.iter().filter_map(|e| e.expires).min() {
+        s.push_str("# HELP fttp_agent_seconds_until_soonest_expiry Seconds until the first open task expires.\n");
+        s.push_str("# TYPE fttp_agent_seconds_until_soonest_expiry gauge\n");
+        s.push_str(&format!(
+            "fttp_agent_seconds_until_soonest_expiry {}\n",
+            (soonest - Utc::now()).num_seconds()
+        ));
+    }
+    if let Some(t) = store.last_poll().and_then(|p| p.last_ok) {
+        s.push_str("# HELP fttp_agent_last_successful_poll_timestamp_seconds Unix time of the last successful poll.\n");
+        s.push_str("# TYPE fttp_agent_last_successful_poll_timestamp_seconds gauge\n");
+        s.push_str(&format!(
+            "fttp_agent_last_successful_poll_timestamp_seconds {}\n",
+            t.timestamp()
+        ));
+    }
+    s.push_str("# HELP fttp_agent_cycle_duration_seconds Duration of the last cycle.\n");
+    s.push_str("# TYPE fttp_agent_cycle_duration_seconds gauge\n");
+    s.push_str(&format!("fttp_agent_cycle_duration_seconds {cycle_seconds:.3}\n"));
+    s.push_str("# HELP fttp_agent_cycle_success Whether the last cycle reached the dispatcher (1) or not (0).\n");
+    s.push_str("# TYPE fttp_agent_cycle_success gauge\n");
+    s.push_str(&format!("fttp_agent_cycle_success {}\n", u8::from(cycle_ok)));
+    s
+}
+
+// ------------------------------------------------------------ retention
+
+/// Finished ledger entries last changed before `cutoff`; open ones never.
+pub fn purgeable(store: &Store, cutoff: DateTime<Utc>) -> Vec<String> {
+    store
+        .ledger_entries()
+        .filter(|e| e.status.is_terminal() && e.updated < cutoff)
+        .map(|e| e.key.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_accepts_times_dates_and_durations() {
+        assert_eq!(
+            ts(parse_since("2026-11-01T10:00:00+01:00").unwrap()),
+            "2026-11-01T09:00:00Z"
+        );
+        assert_eq!(ts(parse_since("2026-11-01").unwrap()), "2026-11-01T00:00:00Z");
+        let ago = Utc::now() - parse_since("24h").unwrap();
+        assert!((ago.num_seconds() - 86_400).abs() < 5);
+        assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn every_ledger_status_maps_to_a_fhir_task_status() {
+        let got: Vec<&str> = Status::ALL.iter().map(|s| fhir_status(*s)).collect();
+        assert_eq!(
+            got,
+            vec![
+                "requested",
+                "in-progress",
+                "completed",
+                "failed",
+                "cancelled",
+                "rejected"
+            ]
+        );
+    }
+}

@@ -124,6 +124,8 @@ pub struct SimState {
     pub faults: VecDeque<Fault>,
     /// Bearer tokens issued and still valid.
     pub tokens: Vec<String>,
+    /// TCP connections accepted (keep-alive reuse shows as fewer connections than requests).
+    pub connections: usize,
     /// Token requests answered (granted or not).
     pub token_requests: usize,
     next_psn: u32,
@@ -143,15 +145,33 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// Starts the simulator: the dispatcher logic behind tiny_http on an
+    /// internal port, and in front of it a raw TCP listener on the public
+    /// port that forwards each request, so that connection-level faults
+    /// (reset, drop, stall) are real socket behaviour and connections can be
+    /// counted.
     pub fn start(options: SimOptions) -> std::io::Result<Simulator> {
-        let server = tiny_http::Server::http(("127.0.0.1", options.port)).map_err(std::io::Error::other)?;
-        let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(options.port);
+        let public_port = options.port;
+        let server = tiny_http::Server::http(("127.0.0.1", 0)).map_err(std::io::Error::other)?;
+        let internal = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| std::io::Error::other("no internal address"))?;
         let server = Arc::new(server);
         let state = Arc::new(Mutex::new(SimState::default()));
         let (srv, st) = (Arc::clone(&server), Arc::clone(&state));
         let thread = std::thread::spawn(move || {
             for request in srv.incoming_requests() {
                 handle(&st, &options, request);
+            }
+        });
+        let listener = std::net::TcpListener::bind(("127.0.0.1", public_port))?;
+        let port = listener.local_addr()?.port();
+        let st = Arc::clone(&state);
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let st = Arc::clone(&st);
+                std::thread::spawn(move || front::serve(conn, internal, &st));
             }
         });
         Ok(Simulator {
@@ -413,13 +433,15 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
                 retry_after = ra;
                 (status, outcome("exception", &diagnostics))
             }
-            other => {
+            other if !is_connection_fault(&other) => {
                 rec.status = 0;
                 st.received.push(rec);
                 drop(st);
                 misbehave(req, other);
                 return;
             }
+            // Connection faults are played by the front; never reached.
+            _ => (500, outcome("exception", "unexpected fault")),
         }
     } else if req.method() != &tiny_http::Method::Post {
         (405, outcome("not-supported", "only POST is supported"))
@@ -443,41 +465,208 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
     respond(req, status, answer_format, body, retry_after);
 }
 
-/// Answers the way broken networks and servers do.
+/// An arbitrary answer (a proxy's HTML page, a truncated document).
 fn misbehave(req: tiny_http::Request, kind: FaultKind) {
-    use std::io::Write;
-    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+xml\r\nContent-Length: 5000\r\n\r\n";
-    match kind {
-        FaultKind::Status { .. } | FaultKind::Delay(_) => {}
-        FaultKind::Raw {
-            status,
-            content_type,
-            body,
-        } => {
-            let mut resp = tiny_http::Response::from_data(body).with_status_code(status);
-            if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
-                resp = resp.with_header(h);
+    if let FaultKind::Raw {
+        status,
+        content_type,
+        body,
+    } = kind
+    {
+        let mut resp = tiny_http::Response::from_data(body).with_status_code(status);
+        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
+            resp = resp.with_header(h);
+        }
+        let _ = req.respond(resp);
+    }
+}
+
+fn is_connection_fault(k: &FaultKind) -> bool {
+    matches!(k, FaultKind::ResetMidBody | FaultKind::Drop | FaultKind::Stall(_))
+}
+
+/// The public side: reads requests off the socket, plays connection-level
+/// faults itself, forwards everything else to the dispatcher logic.
+mod front {
+    use super::{FaultKind, Received, SimState, is_connection_fault};
+    use crate::fhir::{Format, Parameters};
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::sync::Mutex;
+
+    const PARTIAL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+xml\r\nContent-Length: 5000\r\n\r\n<Parameters xmlns=\"http://hl7.org/fhir\"><parameter>";
+
+    fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
+        match m.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    struct Request {
+        head: Vec<String>,
+        body: Vec<u8>,
+    }
+
+    impl Request {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.head.iter().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        }
+    }
+
+    fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<Request>> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Ok(None);
             }
-            let _ = req.respond(resp);
+            let line = line.trim_end_matches(['\r', '\n']).to_string();
+            if line.is_empty() {
+                if head.is_empty() {
+                    continue;
+                }
+                break;
+            }
+            head.push(line);
         }
-        FaultKind::ResetMidBody => {
-            let mut w = req.into_writer();
-            let _ = w.write_all(HEAD);
-            let _ = w.write_all(b"<Parameters xmlns=\"http://hl7.org/fhir\"><parameter>");
-            let _ = w.flush();
+        let mut req = Request { head, body: Vec::new() };
+        let len: usize = req.header("Content-Length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        req.body = vec![0; len.min(super::MAX_BODY as usize)];
+        r.read_exact(&mut req.body)?;
+        Ok(Some(req))
+    }
+
+    pub(super) fn serve(client: TcpStream, internal: SocketAddr, state: &Mutex<SimState>) {
+        lock(state).connections += 1;
+        let Ok(read_half) = client.try_clone() else { return };
+        let mut reader = BufReader::new(read_half);
+        let mut client = client;
+        while let Ok(Some(req)) = read_request(&mut reader) {
+            let path = req.head[0].split_whitespace().nth(1).unwrap_or("").replace("%24", "$");
+            let operation = path
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let fault = {
+                let mut st = lock(state);
+                let first = st
+                    .faults
+                    .iter()
+                    .position(|f| f.operation.as_deref().is_none_or(|o| o == operation));
+                match first {
+                    Some(i) if st.faults.get(i).is_some_and(|f| is_connection_fault(&f.kind)) => {
+                        let fault = st.faults.remove(i);
+                        let parameters = Format::detect(req.header("Content-Type"), &req.body)
+                            .ok()
+                            .and_then(|f| Parameters::parse(f, &req.body).ok());
+                        st.received.push(Received {
+                            operation: operation.clone(),
+                            content_type: req.header("Content-Type").map(str::to_string),
+                            accept: req.header("Accept").map(str::to_string),
+                            authorized: false,
+                            key_in_header: false,
+                            parameters,
+                            status: 0,
+                        });
+                        fault
+                    }
+                    _ => None,
+                }
+            };
+            match fault.map(|f| f.kind) {
+                Some(FaultKind::ResetMidBody) => {
+                    let _ = client.write_all(PARTIAL);
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+                Some(FaultKind::Stall(d)) => {
+                    let _ = client.write_all(PARTIAL);
+                    std::thread::sleep(d);
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+                Some(_) => {
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+                None => {}
+            }
+            let close = req
+                .header("Connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+            match forward(&req, internal) {
+                Ok(resp) => {
+                    if client.write_all(&resp).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+            if close {
+                return;
+            }
         }
-        FaultKind::Stall(d) => {
-            let mut w = req.into_writer();
-            let _ = w.write_all(HEAD);
-            let _ = w.write_all(b"<Para");
-            let _ = w.flush();
-            // Hold the connection open elsewhere so the server keeps serving.
-            std::thread::spawn(move || {
-                std::thread::sleep(d);
-                drop(w);
-            });
+    }
+
+    /// One request to the dispatcher logic over HTTP/1.0 (so its answer is
+    /// never chunked and ends with the connection), and its answer rewritten
+    /// as an HTTP/1.1 keep-alive response.
+    fn forward(req: &Request, internal: SocketAddr) -> std::io::Result<Vec<u8>> {
+        let mut up = TcpStream::connect(internal)?;
+        let mut out = Vec::with_capacity(req.body.len() + 512);
+        let mut first = req.head[0].clone();
+        if let Some(i) = first.rfind("HTTP/1.1") {
+            first.replace_range(i.., "HTTP/1.0");
         }
-        FaultKind::Drop => drop(req.into_writer()),
+        out.extend_from_slice(first.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in req.head.iter().skip(1) {
+            if h.to_ascii_lowercase().starts_with("connection:") {
+                continue;
+            }
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(&req.body);
+        up.write_all(&out)?;
+        let mut raw = Vec::new();
+        up.read_to_end(&mut raw)?;
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("no response head"))?;
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let body = &raw[split + 4..];
+        let mut resp = Vec::with_capacity(raw.len() + 64);
+        for (i, line) in head.split("\r\n").enumerate() {
+            let lower = line.to_ascii_lowercase();
+            if i == 0 {
+                resp.extend_from_slice(line.replacen("HTTP/1.0", "HTTP/1.1", 1).as_bytes());
+            } else if lower.starts_with("connection:")
+                || lower.starts_with("content-length:")
+                || lower.starts_with("transfer-encoding:")
+            {
+                continue;
+            } else {
+                resp.extend_from_slice(line.as_bytes());
+            }
+            resp.extend_from_slice(b"\r\n");
+        }
+        resp.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        resp.extend_from_slice(body);
+        Ok(resp)
     }
 }
 

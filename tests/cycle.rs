@@ -68,6 +68,9 @@ fn every_task_kind_resolves_in_xml_and_in_json() {
         assert_eq!(p.first_string("study"), Some(STUDY));
         assert_eq!(p.get("bloomfilter").count(), 1);
         let issued = st.registry.get(&bf(3)).unwrap().clone();
+        // Keep-alive: the cycle's three requests share one connection.
+        assert_eq!(st.received.len(), 3);
+        assert_eq!(st.connections, 1, "{format}");
         drop(st);
 
         let store = site.store();

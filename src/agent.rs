@@ -74,7 +74,14 @@ pub struct Agent<'a> {
     /// Checked between tasks: a daemon asked to stop finishes the task in
     /// hand and leaves the rest open for the next run.
     stop: Option<Shutdown>,
+    /// Outcomes not yet written: they go to the store together with the next
+    /// in-flight record (one fsync per request, not per task) or at the end.
+    /// A crash loses only outcomes that the next run recomputes.
+    pending: Vec<Record>,
 }
+
+/// Outcomes buffered before a write is forced.
+const BUFFER: usize = 1000;
 
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -109,7 +116,23 @@ impl<'a> Agent<'a> {
             report: CycleReport::default(),
             network_down: None,
             stop: None,
+            pending: Vec::new(),
         }
+    }
+
+    fn buffer(&mut self, r: Record) -> Result<(), AgentError> {
+        self.pending.push(r);
+        if self.pending.len() >= BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), AgentError> {
+        if !self.pending.is_empty() {
+            self.store.write(std::mem::take(&mut self.pending))?;
+        }
+        Ok(())
     }
 
     pub fn with_shutdown(mut self, stop: Shutdown) -> Self {
@@ -332,7 +355,7 @@ impl<'a> Agent<'a> {
             }
         }
         progress.finish();
-        Ok(())
+        self.flush()
     }
 
     fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {
@@ -370,14 +393,13 @@ impl<'a> Agent<'a> {
         if self.store.pseudonym(bf, target)?.is_some_and(|p| p.pseudonym == psn) {
             return Ok(());
         }
-        self.store.put(Record::Pseudonym(PseudonymRecord {
+        self.buffer(Record::Pseudonym(PseudonymRecord {
             bloomfilter: bf.clone(),
             target: target.to_string(),
             pseudonym: psn,
             received: Utc::now(),
             source: source.to_string(),
-        }))?;
-        Ok(())
+        }))
     }
 
     fn send_idat(
@@ -420,7 +442,8 @@ impl<'a> Agent<'a> {
         flight.status = Status::InFlight;
         flight.attempts += 1;
         flight.updated = Utc::now();
-        self.store.put(Record::Ledger(flight.clone()))?;
+        self.pending.push(Record::Ledger(flight.clone()));
+        self.flush()?;
         let deadline = deadline(flight.expires);
         crashpoint::hit("send:before");
         let result = self
@@ -480,8 +503,12 @@ impl<'a> Agent<'a> {
                 e
             })
             .collect();
-        self.store
-            .write(flights.iter().cloned().map(Record::Ledger).collect())?;
+        self.store.write(
+            std::mem::take(&mut self.pending)
+                .into_iter()
+                .chain(flights.iter().cloned().map(Record::Ledger))
+                .collect(),
+        )?;
         let bfs: Vec<BloomFilter> = flights
             .iter()
             .filter_map(|e| match &e.task {
@@ -635,7 +662,7 @@ impl<'a> Agent<'a> {
         e.detail = rec.detail.clone();
         e.updated = Utc::now();
         if changed {
-            self.store.put(Record::Ledger(e.clone()))?;
+            self.buffer(Record::Ledger(e.clone()))?;
         }
         log_outcome(&e, outcome, rec.detail.as_deref());
         self.audit.write(&rec)?;

@@ -1,0 +1,322 @@
+//! Performance at re-keying scale. Run: `scripts/bench.sh` (or
+//! `cargo bench --bench perf [-- quick]`). Prints one table of figures;
+//! nothing here asserts: the README's Performance section records a run.
+//!
+//! 1. Parse throughput of `$requestTasks` answers (Parameters -> typed
+//!    tasks), JSON and XML, next to the raw floor on the same bytes.
+//! 2. A full cycle of 100k tasks against the simulator on loopback, with
+//!    batching and with batch_size = 1.
+//! 3. The store with 1M patients: open time, peak RSS, lookups; import rate.
+
+use chrono::{Duration, Utc};
+use fttp_agent::crypto::StoreKey;
+use fttp_agent::demo::sample_bloomfilter;
+use fttp_agent::fhir::idat::IdatElement;
+use fttp_agent::fhir::{Format, Parameter, Parameters};
+use fttp_agent::sim::{self, SimOptions, Simulator};
+use fttp_agent::store::{LockMode, PseudonymRecord, Record, Store};
+use fttp_agent::tasks::{Scope, parse_response};
+use fttp_agent::types::{BloomFilter, Pseudonym};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const STUDY: &str = "mii";
+const TARGET: &str = "dic_bench";
+const KEY: &str = "bench-key";
+
+fn bf(n: u32) -> String {
+    sample_bloomfilter(n).to_base64()
+}
+
+/// A `$requestTasks` answer: 90% repeat_request, 5% send_idat, 5% dic_psn_available.
+fn tasks(n: u32) -> Vec<Parameter> {
+    let later = Utc::now() + Duration::days(2);
+    (0..n)
+        .map(|i| match i % 20 {
+            0 => sim::send_idat(
+                &format!("task-{i}"),
+                later,
+                None,
+                Some(&bf(i)),
+                &[IdatElement::Given, IdatElement::Family, IdatElement::Birthdate],
+            ),
+            1 => sim::dic_psn_available(&bf(i), TARGET, &format!("mii_{i:08}"), None),
+            _ => sim::repeat_request(STUDY, &bf(i), TARGET, Some(later)),
+        })
+        .collect()
+}
+
+fn mb_per_s(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e6
+}
+
+/// Runs `f` repeatedly for about `budget` seconds; seconds per run.
+fn time_it(budget: f64, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let start = Instant::now();
+    let mut runs = 0u32;
+    while start.elapsed().as_secs_f64() < budget || runs < 3 {
+        f();
+        runs += 1;
+    }
+    start.elapsed().as_secs_f64() / f64::from(runs)
+}
+
+fn xml_floor(bytes: &[u8]) -> usize {
+    let mut r = quick_xml::Reader::from_reader(bytes);
+    let mut n = 0;
+    loop {
+        match r.read_event() {
+            Ok(quick_xml::events::Event::Eof) | Err(_) => break,
+            Ok(_) => n += 1,
+        }
+    }
+    n
+}
+
+fn parse_section(sizes: &[u32]) {
+    println!("\n## 1. Parse throughput: $requestTasks answer -> typed tasks (same bytes, same run)\n");
+    println!("| tasks | format | size MB | raw floor MB/s | typed MB/s | ratio |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    let scope = Scope {
+        study: STUDY,
+        target: TARGET,
+    };
+    for &n in sizes {
+        let p = Parameters::new(tasks(n));
+        for format in [Format::Json, Format::Xml] {
+            let text = p.write(format);
+            let bytes = text.as_bytes();
+            let budget = if n >= 100_000 { 2.0 } else { 0.7 };
+            let floor = match format {
+                Format::Json => time_it(budget, || {
+                    let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+                    std::hint::black_box(v);
+                }),
+                Format::Xml => time_it(budget, || {
+                    std::hint::black_box(xml_floor(bytes));
+                }),
+            };
+            let typed = time_it(budget, || {
+                let params = Parameters::parse(format, bytes).unwrap();
+                let tasks = parse_response(&params, &scope);
+                assert_eq!(tasks.len(), n as usize);
+                std::hint::black_box(tasks);
+            });
+            println!(
+                "| {n} | {} | {:.1} | {:.0} | {:.0} | {:.0}% |",
+                if format == Format::Json { "JSON" } else { "XML" },
+                bytes.len() as f64 / 1e6,
+                mb_per_s(bytes.len(), floor),
+                mb_per_s(bytes.len(), typed),
+                100.0 * floor / typed
+            );
+        }
+    }
+}
+
+fn bench_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Patients for the send_idat and dic_psn_available tasks of `tasks(n)`.
+fn patients_csv(path: &Path, ids: impl Iterator<Item = u32>) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    writeln!(f, "local_id,bloomfilter,given,family,birthdate,gender,address_city").unwrap();
+    for i in ids {
+        writeln!(
+            f,
+            "p{i},{},Vorname{i},Nachname{},19{:02}-0{}-1{},{},Stadt{}",
+            bf(i),
+            i % 977,
+            i % 100,
+            1 + i % 9,
+            i % 10,
+            if i % 2 == 0 { "f" } else { "m" },
+            i % 331
+        )
+        .unwrap();
+    }
+}
+
+fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
+    StoreKey::generate(&dir.join("store.key")).unwrap_or(());
+    let text = format!(
+        "[dispatcher]\nurl = \"{url}\"\napi_key = \"{KEY}\"\nformat = \"xml\"\ntimeout = \"120s\"\nbatch_size = {batch}\n\
+         max_attempts = 1\n\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\npath = \"store\"\n\
+         key_file = \"store.key\"\n\n[log]\nlevel = \"warn\"\naudit = \"audit.ndjson\"\n"
+    );
+    let path = dir.join("fttp-agent.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the release binary under GNU time: (wall seconds, peak RSS MB, exit code).
+fn timed(args: &[&str]) -> (f64, f64, i32) {
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "TIME %e %M"])
+        .arg(env!("CARGO_BIN_EXE_fttp-agent"))
+        .args(args)
+        .output()
+        .expect("GNU time at /usr/bin/time");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().rev().find(|l| l.starts_with("TIME ")).unwrap_or("TIME 0 0");
+    let mut it = line.split_whitespace().skip(1);
+    let wall: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let rss: f64 = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0;
+    let code = out.status.code().unwrap_or(-1);
+    if code != 0 {
+        eprintln!("{}", err.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
+    }
+    (wall, rss, code)
+}
+
+fn cycle_section(n: u32, batch_sizes: &[usize]) {
+    println!("\n## 2. One cycle of {n} tasks against the simulator on loopback (release binary)\n");
+    println!("| batch_size | wall s | HTTP requests | TCP connections | peak RSS MB | exit |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut walls = Vec::new();
+    for &batch in batch_sizes {
+        let dir = bench_dir(&format!("cycle-{batch}"));
+        let sim = Simulator::start(SimOptions {
+            api_key: KEY.into(),
+            ..SimOptions::default()
+        })
+        .unwrap();
+        for t in tasks(n) {
+            sim.add_task(t);
+        }
+        let config = write_config(&dir, sim.url(), batch);
+        let csv = dir.join("patients.csv");
+        patients_csv(&csv, (0..n).filter(|i| i % 20 < 2));
+        let cfg = config.to_str().unwrap();
+        let (_, _, code) = timed(&["--config", cfg, "import", csv.to_str().unwrap()]);
+        assert_eq!(code, 0);
+        let (wall, rss, code) = timed(&["--config", cfg, "run", "--once"]);
+        let st = sim.state();
+        println!(
+            "| {batch} | {wall:.2} | {} | {} | {rss:.0} | {code} |",
+            st.received.len(),
+            st.connections
+        );
+        walls.push(wall);
+    }
+    if walls.len() == 2 && walls[0] > 0.0 {
+        println!("\nbatching speed-up: {:.1}x", walls[1] / walls[0]);
+    }
+}
+
+/// Child mode: open the store, look up, report. A fresh process, so the
+/// peak RSS is the store's alone.
+fn store_child(dir: &Path, n: u32) {
+    let key = StoreKey::load(&dir.join("store.key")).unwrap();
+    let start = Instant::now();
+    let store = Store::open(&dir.join("store"), LockMode::Try, key).unwrap();
+    let open = start.elapsed().as_secs_f64();
+    assert_eq!(store.patient_count(), n as usize);
+    let probes: Vec<BloomFilter> = (0..10_000u32)
+        .map(|i| sample_bloomfilter((i.wrapping_mul(7919)) % n))
+        .collect();
+    let start = Instant::now();
+    for p in &probes {
+        assert!(store.patient_by_bloomfilter(p).unwrap().is_some());
+    }
+    let by_bf = start.elapsed().as_secs_f64() / probes.len() as f64;
+    let start = Instant::now();
+    let mut found = 0;
+    for i in 0..10_000u32 {
+        let id = (i.wrapping_mul(7919)) % (n / 10);
+        if store.patient_by_pseudonym(&format!("mii_{id:08}")).unwrap().is_some() {
+            found += 1;
+        }
+    }
+    assert_eq!(found, 10_000);
+    let by_psn = start.elapsed().as_secs_f64() / 10_000.0;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    println!("CHILD {open} {} {} {}", hwm_kb / 1024.0, by_bf * 1e6, by_psn * 1e6);
+}
+
+fn store_section(n: u32, import_rows: u32) {
+    println!("\n## 3. Store with {n} patients\n");
+    let dir = bench_dir("store");
+    StoreKey::generate(&dir.join("store.key")).unwrap();
+    // Import rate, through the real import path.
+    let csv = dir.join("patients.csv");
+    patients_csv(&csv, 0..import_rows);
+    {
+        let key = StoreKey::load(&dir.join("store.key")).unwrap();
+        let mut store = Store::open(&dir.join("store"), LockMode::Try, key).unwrap();
+        let start = Instant::now();
+        let r = fttp_agent::import::import_file(&mut store, &csv).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(r.added, import_rows as usize);
+        println!("import: {import_rows} CSV rows in {secs:.2} s = {:.0} rows/s", f64::from(import_rows) / secs);
+        // The rest of the patients, and pseudonyms for a tenth of all.
+        let csv2 = dir.join("rest.csv");
+        patients_csv(&csv2, import_rows..n);
+        fttp_agent::import::import_file(&mut store, &csv2).unwrap();
+        let mut batch = Vec::new();
+        for i in 0..n / 10 {
+            batch.push(Record::Pseudonym(PseudonymRecord {
+                bloomfilter: sample_bloomfilter(i),
+                target: TARGET.into(),
+                pseudonym: Pseudonym {
+                    system: Some(sim::GPAS.into()),
+                    value: format!("mii_{i:08}"),
+                },
+                received: Utc::now(),
+                source: "bench".into(),
+            }));
+            if batch.len() == 10_000 {
+                store.write(std::mem::take(&mut batch)).unwrap();
+            }
+        }
+        store.write(batch).unwrap();
+        store.compact().unwrap();
+    }
+    let size: u64 = std::fs::read_dir(dir.join("store"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("FTTP_BENCH_CHILD", format!("{}:{n}", dir.display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.starts_with("CHILD ")).unwrap_or("CHILD 0 0 0 0");
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    println!("store files: {:.0} MB", size as f64 / 1e6);
+    println!("open: {:.2} s, peak RSS {:.0} MB", v[0], v[1]);
+    println!("lookup by Bloom filter: {:.1} us, by pseudonym: {:.1} us (each decrypts the record)", v[2], v[3]);
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("FTTP_BENCH_CHILD") {
+        let (dir, n) = spec.rsplit_once(':').unwrap();
+        store_child(Path::new(dir), n.parse().unwrap());
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "quick");
+    println!("# fttp-agent benchmark{}", if quick { " (quick)" } else { "" });
+    println!("machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    if quick {
+        parse_section(&[1_000, 10_000]);
+        cycle_section(10_000, &[100, 1]);
+        store_section(100_000, 20_000);
+    } else {
+        parse_section(&[1_000, 10_000, 100_000]);
+        cycle_section(100_000, &[100, 1]);
+        store_section(1_000_000, 100_000);
+    }
+}

@@ -149,7 +149,7 @@ fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
     let text = format!(
         "[dispatcher]\nurl = \"{url}\"\napi_key = \"{KEY}\"\nformat = \"xml\"\ntimeout = \"120s\"\nbatch_size = {batch}\n\
          max_attempts = 1\n\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\npath = \"store\"\n\
-         key_file = \"store.key\"\n\n[log]\nlevel = \"warn\"\naudit = \"audit.ndjson\"\n"
+         key_file = \"store.key\"\n\n[log]\nlevel = \"info\"\naudit = \"audit.ndjson\"\n"
     );
     let path = dir.join("fttp-agent.toml");
     std::fs::write(&path, text).unwrap();
@@ -170,8 +170,12 @@ fn timed(args: &[&str]) -> (f64, f64, i32) {
     let wall: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let rss: f64 = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0;
     let code = out.status.code().unwrap_or(-1);
-    if code != 0 {
-        eprintln!("{}", err.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
+    if code != 0 || std::env::var_os("BENCH_TRACE").is_some() {
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.contains("] stored") && !l.contains("] sent"))
+            .collect();
+        eprintln!("{}", lines.join("\n"));
     }
     (wall, rss, code)
 }
@@ -260,7 +264,10 @@ fn store_section(n: u32, import_rows: u32) {
         let r = fttp_agent::import::import_file(&mut store, &csv).unwrap();
         let secs = start.elapsed().as_secs_f64();
         assert_eq!(r.added, import_rows as usize);
-        println!("import: {import_rows} CSV rows in {secs:.2} s = {:.0} rows/s", f64::from(import_rows) / secs);
+        println!(
+            "import: {import_rows} CSV rows in {secs:.2} s = {:.0} rows/s",
+            f64::from(import_rows) / secs
+        );
         // The rest of the patients, and pseudonyms for a tenth of all.
         let csv2 = dir.join("rest.csv");
         patients_csv(&csv2, import_rows..n);
@@ -294,11 +301,17 @@ fn store_section(n: u32, import_rows: u32) {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.starts_with("CHILD ")).unwrap_or("CHILD 0 0 0 0");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("CHILD "))
+        .unwrap_or("CHILD 0 0 0 0");
     let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
     println!("store files: {:.0} MB", size as f64 / 1e6);
     println!("open: {:.2} s, peak RSS {:.0} MB", v[0], v[1]);
-    println!("lookup by Bloom filter: {:.1} us, by pseudonym: {:.1} us (each decrypts the record)", v[2], v[3]);
+    println!(
+        "lookup by Bloom filter: {:.1} us, by pseudonym: {:.1} us (each decrypts the record)",
+        v[2], v[3]
+    );
 }
 
 fn main() {
@@ -309,7 +322,10 @@ fn main() {
     }
     let quick = std::env::args().any(|a| a == "quick");
     println!("# fttp-agent benchmark{}", if quick { " (quick)" } else { "" });
-    println!("machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     if quick {
         parse_section(&[1_000, 10_000]);
         cycle_section(10_000, &[100, 1]);

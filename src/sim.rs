@@ -114,6 +114,12 @@ pub enum FaultKind {
 pub struct SimState {
     /// Task parameters handed out by `$requestTasks` until done.
     pub tasks: Vec<Parameter>,
+    /// Identities (`task:<taskId>`, `bf:<base64>`) of tasks done since the
+    /// last poll; removed from `tasks` in one pass at the next poll, so a
+    /// large queue is not rescanned per request.
+    done: std::collections::HashSet<String>,
+    /// taskIds of the send_idat tasks handed out by the last poll.
+    handed_out: std::collections::HashSet<String>,
     pub received: Vec<Received>,
     /// Bloom filters (base64) the fTTP already knows, with their pseudonym.
     pub registry: HashMap<String, Identifier>,
@@ -132,6 +138,14 @@ pub struct SimState {
 }
 
 impl SimState {
+    /// Drops the tasks done since the last poll from the queue.
+    fn settle(&mut self) {
+        if !self.done.is_empty() {
+            let done = std::mem::take(&mut self.done);
+            self.tasks.retain(|t| identity(t).is_none_or(|id| !done.contains(&id)));
+        }
+    }
+
     pub fn received(&self, operation: &str) -> Vec<&Received> {
         self.received.iter().filter(|r| r.operation == operation).collect()
     }
@@ -197,7 +211,9 @@ impl Simulator {
     }
 
     pub fn add_task(&self, task: Parameter) {
-        self.state().tasks.push(task);
+        let mut st = self.state();
+        st.settle();
+        st.tasks.push(task);
     }
 
     pub fn push_fault(&self, operation: Option<&str>, status: u16, diagnostics: &str) {
@@ -728,6 +744,18 @@ fn form_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// What completes a task: its taskId (send_idat) or its Bloom filter (repeat_request).
+fn identity(t: &Parameter) -> Option<String> {
+    match t.name.as_str() {
+        "send_idat" => task_id_of(t).map(|id| format!("task:{id}")),
+        "repeat_request" => t
+            .parts("bloomfilter")
+            .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+            .map(|b| format!("bf:{b}")),
+        _ => None,
+    }
+}
+
 fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
     if p.first_string("study").is_none() || p.first_string("target").is_none() {
         return (400, outcome("required", "study and target are required"));
@@ -735,6 +763,13 @@ fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
     // Tasks stay queued until done or expired; a finished clearing
     // (dic_psn_available) has no "done" call, so it is handed out on every
     // poll until it expires and the agent recognises the repeats.
+    st.settle();
+    st.handed_out = st
+        .tasks
+        .iter()
+        .filter(|t| t.name == "send_idat")
+        .filter_map(|t| task_id_of(t).map(str::to_string))
+        .collect();
     (200, Parameters::new(st.tasks.clone()).to_resource())
 }
 
@@ -777,14 +812,12 @@ fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
             outcome("invalid", &format!("element {bad} is not allowed by the Idat profile")),
         );
     }
-    let Some(pos) = st
-        .tasks
-        .iter()
-        .position(|t| t.name == "send_idat" && task_id_of(t) == Some(task_id))
-    else {
+    let key = format!("task:{task_id}");
+    let outstanding = !st.done.contains(&key) && st.handed_out.contains(task_id);
+    if !outstanding {
         return (404, outcome("not-found", "unknown taskId"));
-    };
-    st.tasks.remove(pos);
+    }
+    st.done.insert(key);
     (200, Parameters::default().to_resource())
 }
 
@@ -845,11 +878,7 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
                 Parameter::identifier("pseudonym", psn),
             ],
         ));
-        st.tasks.retain(|t| {
-            !(t.name == "repeat_request"
-                && t.parts("bloomfilter")
-                    .any(|x| x.value.as_ref().and_then(ParamValue::as_str) == Some(bf.as_str())))
-        });
+        st.done.insert(format!("bf:{bf}"));
     }
     (200, Parameters::new(out).to_resource())
 }

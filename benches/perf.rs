@@ -30,11 +30,12 @@ fn bf(n: u32) -> String {
     sample_bloomfilter(n).to_base64()
 }
 
-/// A `$requestTasks` answer: 90% repeat_request, 5% send_idat, 5% dic_psn_available.
+/// A `$requestTasks` answer as at a re-keying: 99.8% repeat_request,
+/// 0.1% send_idat, 0.1% dic_psn_available.
 fn tasks(n: u32) -> Vec<Parameter> {
     let later = Utc::now() + Duration::days(2);
     (0..n)
-        .map(|i| match i % 20 {
+        .map(|i| match i % 1000 {
             0 => sim::send_idat(
                 &format!("task-{i}"),
                 later,
@@ -197,7 +198,7 @@ fn cycle_section(n: u32, batch_sizes: &[usize]) {
         }
         let config = write_config(&dir, sim.url(), batch);
         let csv = dir.join("patients.csv");
-        patients_csv(&csv, (0..n).filter(|i| i % 20 < 2));
+        patients_csv(&csv, (0..n).filter(|i| i % 1000 < 2));
         let cfg = config.to_str().unwrap();
         let (_, _, code) = timed(&["--config", cfg, "import", csv.to_str().unwrap()]);
         assert_eq!(code, 0);
@@ -326,13 +327,24 @@ fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    if quick {
-        parse_section(&[1_000, 10_000]);
-        cycle_section(10_000, &[100, 1]);
-        store_section(100_000, 20_000);
-    } else {
-        parse_section(&[1_000, 10_000, 100_000]);
-        cycle_section(100_000, &[100, 1]);
-        store_section(1_000_000, 100_000);
+    // BENCH_ONLY=parse|cycle|store runs one section.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |s: &str| only.is_empty() || only == s;
+    if run("parse") {
+        parse_section(if quick {
+            &[1_000, 10_000]
+        } else {
+            &[1_000, 10_000, 100_000]
+        });
+    }
+    if run("cycle") {
+        cycle_section(if quick { 10_000 } else { 100_000 }, &[100, 1]);
+    }
+    if run("store") {
+        if quick {
+            store_section(100_000, 20_000);
+        } else {
+            store_section(1_000_000, 100_000);
+        }
     }
 }

@@ -12,7 +12,6 @@ use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::{Coding, Format, Identifier, ParamValue, Parameter, Parameters, Resource};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::{HashMap, VecDeque};
-use std::io::Read;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -153,45 +152,38 @@ impl SimState {
 
 pub struct Simulator {
     url: String,
+    port: u16,
     state: Arc<Mutex<SimState>>,
-    server: Arc<tiny_http::Server>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Simulator {
-    /// Starts the simulator: the dispatcher logic behind tiny_http on an
-    /// internal port, and in front of it a raw TCP listener on the public
-    /// port that forwards each request, so that connection-level faults
-    /// (reset, drop, stall) are real socket behaviour and connections can be
-    /// counted.
+    /// Starts the simulator on 127.0.0.1 (`options.port`, 0 for any free
+    /// port). It speaks HTTP/1.1 with keep-alive itself, one thread per
+    /// connection, so that connection-level faults (reset, drop, stall) are
+    /// real socket behaviour and connections can be counted.
     pub fn start(options: SimOptions) -> std::io::Result<Simulator> {
-        let public_port = options.port;
-        let server = tiny_http::Server::http(("127.0.0.1", 0)).map_err(std::io::Error::other)?;
-        let internal = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| std::io::Error::other("no internal address"))?;
-        let server = Arc::new(server);
-        let state = Arc::new(Mutex::new(SimState::default()));
-        let (srv, st) = (Arc::clone(&server), Arc::clone(&state));
-        let thread = std::thread::spawn(move || {
-            for request in srv.incoming_requests() {
-                handle(&st, &options, request);
-            }
-        });
-        let listener = std::net::TcpListener::bind(("127.0.0.1", public_port))?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", options.port))?;
         let port = listener.local_addr()?.port();
-        let st = Arc::clone(&state);
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let st = Arc::clone(&st);
-                std::thread::spawn(move || front::serve(conn, internal, &st));
+        let state = Arc::new(Mutex::new(SimState::default()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, stop2, options) = (Arc::clone(&state), Arc::clone(&stop), Arc::new(options));
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (st, options) = (Arc::clone(&st), Arc::clone(&options));
+                std::thread::spawn(move || front::serve(conn, &st, &options));
             }
         });
         Ok(Simulator {
             url: format!("http://127.0.0.1:{port}/ttp-fhir/fhir/dispatcher"),
+            port,
             state,
-            server,
+            stop,
             thread: Some(thread),
         })
     }
@@ -254,7 +246,9 @@ impl Simulator {
 
 impl Drop for Simulator {
     fn drop(&mut self) {
-        self.server.unblock();
+        // Wake the accept loop so it sees the flag.
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -326,59 +320,76 @@ pub fn repeat_request(study: &str, bf_b64: &str, target: &str, expires: Option<D
 
 // ------------------------------------------------------------ HTTP handling
 
-fn header(req: &tiny_http::Request, name: &str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
+/// A request as the front read it off the socket.
+pub(crate) struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
-fn respond(req: tiny_http::Request, status: u16, format: Format, body: String, retry_after: Option<u64>) {
-    let ct = format!("{};charset=utf-8", format.mime());
-    let mut resp = tiny_http::Response::from_string(body).with_status_code(status);
-    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ct.as_bytes()) {
-        resp = resp.with_header(h);
+impl HttpRequest {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
     }
-    if let Some(secs) = retry_after
-        && let Ok(h) = tiny_http::Header::from_bytes(&b"Retry-After"[..], secs.to_string().as_bytes())
-    {
-        resp = resp.with_header(h);
+}
+
+/// What the simulator does with a request.
+pub(crate) enum Action {
+    Respond {
+        status: u16,
+        content_type: String,
+        body: Vec<u8>,
+        retry_after: Option<u64>,
+    },
+    /// A connection-level fault, played by the front.
+    Misbehave(FaultKind),
+}
+
+fn fhir_answer(status: u16, format: Format, resource: &Resource, retry_after: Option<u64>) -> Action {
+    Action::Respond {
+        status,
+        content_type: format!("{};charset=utf-8", format.mime()),
+        body: crate::fhir::write_resource(format, resource).into_bytes(),
+        retry_after,
     }
-    let _ = req.respond(resp);
 }
 
 fn outcome(code: &str, diagnostics: &str) -> Resource {
     OperationOutcome::error(code, diagnostics).to_resource()
 }
 
-fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Request) {
-    let path = req.url().split('?').next().unwrap_or("").replace("%24", "$");
+pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRequest) -> Action {
+    let path = req.path.split('?').next().unwrap_or("").replace("%24", "$");
     let operation = path.rsplit('/').next().unwrap_or("").to_string();
-    let content_type = header(&req, "Content-Type");
-    let accept = header(&req, "Accept");
-    let header_key = header(&req, &options.api_key_header);
-    let authorization = header(&req, "Authorization");
-    let mut body = Vec::new();
-    let read_ok = req.as_reader().take(MAX_BODY).read_to_end(&mut body).is_ok();
+    let content_type = req.header("Content-Type");
+    let accept = req.header("Accept");
+    let header_key = req.header(&options.api_key_header);
+    let authorization = req.header("Authorization");
+    let body = &req.body;
+    let read_ok = true;
     if path == "/token" {
-        let (status, json) = token_endpoint(state, options, &body);
-        let mut resp = tiny_http::Response::from_string(json).with_status_code(status);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
-            resp = resp.with_header(h);
-        }
-        let _ = req.respond(resp);
-        return;
+        let (status, json) = token_endpoint(state, options, body);
+        return Action::Respond {
+            status,
+            content_type: "application/json".into(),
+            body: json.into_bytes(),
+            retry_after: None,
+        };
     }
-    let request_format = Format::detect(content_type.as_deref(), &body).unwrap_or(Format::Xml);
+    let request_format = Format::detect(content_type.as_deref(), body).unwrap_or(Format::Xml);
     let answer_format = match accept.as_deref() {
         Some(a) if a.contains("json") => Format::Json,
         Some(a) if a.contains("xml") => Format::Xml,
         _ => request_format,
     };
     let parameters = if read_ok {
-        Format::detect(content_type.as_deref(), &body)
+        Format::detect(content_type.as_deref(), body)
             .ok()
-            .and_then(|f| Parameters::parse(f, &body).ok())
+            .and_then(|f| Parameters::parse(f, body).ok())
     } else {
         None
     };
@@ -449,17 +460,27 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
                 retry_after = ra;
                 (status, outcome("exception", &diagnostics))
             }
-            other if !is_connection_fault(&other) => {
+            FaultKind::Raw {
+                status,
+                content_type,
+                body,
+            } => {
                 rec.status = 0;
                 st.received.push(rec);
-                drop(st);
-                misbehave(req, other);
-                return;
+                return Action::Respond {
+                    status,
+                    content_type,
+                    body,
+                    retry_after: None,
+                };
             }
-            // Connection faults are played by the front; never reached.
-            _ => (500, outcome("exception", "unexpected fault")),
+            other => {
+                rec.status = 0;
+                st.received.push(rec);
+                return Action::Misbehave(other);
+            }
         }
-    } else if req.method() != &tiny_http::Method::Post {
+    } else if req.method != "POST" {
         (405, outcome("not-supported", "only POST is supported"))
     } else if !rec.authorized {
         (401, outcome("security", "missing or invalid API key"))
@@ -477,154 +498,128 @@ fn handle(state: &Mutex<SimState>, options: &SimOptions, mut req: tiny_http::Req
     rec.status = status;
     st.received.push(rec);
     drop(st);
-    let body = crate::fhir::write_resource(answer_format, &resource);
-    respond(req, status, answer_format, body, retry_after);
+    fhir_answer(status, answer_format, &resource, retry_after)
 }
 
-/// An arbitrary answer (a proxy's HTML page, a truncated document).
-fn misbehave(req: tiny_http::Request, kind: FaultKind) {
-    if let FaultKind::Raw {
-        status,
-        content_type,
-        body,
-    } = kind
-    {
-        let mut resp = tiny_http::Response::from_data(body).with_status_code(status);
-        if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
-            resp = resp.with_header(h);
-        }
-        let _ = req.respond(resp);
-    }
-}
-
-fn is_connection_fault(k: &FaultKind) -> bool {
-    matches!(k, FaultKind::ResetMidBody | FaultKind::Drop | FaultKind::Stall(_))
-}
-
-/// The public side: reads requests off the socket, plays connection-level
-/// faults itself, forwards everything else to the dispatcher logic.
+/// The HTTP side: reads requests off the socket (Content-Length bodies,
+/// keep-alive), lets `handle` decide, writes the answer or plays a
+/// connection fault on the real socket.
 mod front {
-    use super::{FaultKind, Received, SimState, is_connection_fault};
-    use crate::fhir::{Format, Parameters};
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use super::{Action, FaultKind, HttpRequest, SimOptions, SimState};
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{Shutdown, TcpStream};
     use std::sync::Mutex;
 
     const PARTIAL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+xml\r\nContent-Length: 5000\r\n\r\n<Parameters xmlns=\"http://hl7.org/fhir\"><parameter>";
 
-    fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
-        match m.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<HttpRequest>> {
+        let mut first = String::new();
+        loop {
+            first.clear();
+            if r.read_line(&mut first)? == 0 {
+                return Ok(None);
+            }
+            if !first.trim().is_empty() {
+                break;
+            }
         }
-    }
-
-    struct Request {
-        head: Vec<String>,
-        body: Vec<u8>,
-    }
-
-    impl Request {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.head.iter().skip(1).find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-            })
-        }
-    }
-
-    fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<Request>> {
-        let mut head = Vec::new();
+        let mut parts = first.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
         loop {
             let mut line = String::new();
             if r.read_line(&mut line)? == 0 {
                 return Ok(None);
             }
-            let line = line.trim_end_matches(['\r', '\n']).to_string();
+            let line = line.trim_end_matches(['\r', '\n']);
             if line.is_empty() {
-                if head.is_empty() {
-                    continue;
-                }
                 break;
             }
-            head.push(line);
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
         }
-        let mut req = Request { head, body: Vec::new() };
-        let len: usize = req.header("Content-Length").and_then(|v| v.parse().ok()).unwrap_or(0);
-        req.body = vec![0; len.min(super::MAX_BODY as usize)];
-        r.read_exact(&mut req.body)?;
-        Ok(Some(req))
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("Content-Length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len.min(super::MAX_BODY as usize)];
+        r.read_exact(&mut body)?;
+        Ok(Some(HttpRequest {
+            method,
+            path,
+            headers,
+            body,
+        }))
     }
 
-    pub(super) fn serve(client: TcpStream, internal: SocketAddr, state: &Mutex<SimState>) {
-        lock(state).connections += 1;
+    fn reason(status: u16) -> &'static str {
+        match status {
+            200 => "OK",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            408 => "Request Timeout",
+            422 => "Unprocessable Entity",
+            429 => "Too Many Requests",
+            500 => "Internal Server Error",
+            502 => "Bad Gateway",
+            503 => "Service Unavailable",
+            _ => "Status",
+        }
+    }
+
+    pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOptions) {
+        super::lock(state).connections += 1;
+        let _ = client.set_nodelay(true);
         let Ok(read_half) = client.try_clone() else { return };
         let mut reader = BufReader::new(read_half);
         let mut client = client;
         while let Ok(Some(req)) = read_request(&mut reader) {
-            let path = req.head[0].split_whitespace().nth(1).unwrap_or("").replace("%24", "$");
-            let operation = path
-                .split('?')
-                .next()
-                .unwrap_or("")
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_string();
-            let fault = {
-                let mut st = lock(state);
-                let first = st
-                    .faults
-                    .iter()
-                    .position(|f| f.operation.as_deref().is_none_or(|o| o == operation));
-                match first {
-                    Some(i) if st.faults.get(i).is_some_and(|f| is_connection_fault(&f.kind)) => {
-                        let fault = st.faults.remove(i);
-                        let parameters = Format::detect(req.header("Content-Type"), &req.body)
-                            .ok()
-                            .and_then(|f| Parameters::parse(f, &req.body).ok());
-                        st.received.push(Received {
-                            operation: operation.clone(),
-                            content_type: req.header("Content-Type").map(str::to_string),
-                            accept: req.header("Accept").map(str::to_string),
-                            authorized: false,
-                            key_in_header: false,
-                            parameters,
-                            status: 0,
-                        });
-                        fault
-                    }
-                    _ => None,
-                }
-            };
-            match fault.map(|f| f.kind) {
-                Some(FaultKind::ResetMidBody) => {
-                    let _ = client.write_all(PARTIAL);
-                    let _ = client.shutdown(Shutdown::Both);
-                    return;
-                }
-                Some(FaultKind::Stall(d)) => {
-                    let _ = client.write_all(PARTIAL);
-                    std::thread::sleep(d);
-                    let _ = client.shutdown(Shutdown::Both);
-                    return;
-                }
-                Some(_) => {
-                    let _ = client.shutdown(Shutdown::Both);
-                    return;
-                }
-                None => {}
-            }
             let close = req
-                .header("Connection")
-                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-            match forward(&req, internal) {
-                Ok(resp) => {
-                    if client.write_all(&resp).is_err() {
+                .headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("Connection") && v.eq_ignore_ascii_case("close"));
+            match super::handle(state, options, &req) {
+                Action::Respond {
+                    status,
+                    content_type,
+                    body,
+                    retry_after,
+                } => {
+                    let mut head = format!(
+                        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+                        reason(status),
+                        body.len()
+                    );
+                    if let Some(secs) = retry_after {
+                        head.push_str(&format!("Retry-After: {secs}\r\n"));
+                    }
+                    if close {
+                        head.push_str("Connection: close\r\n");
+                    }
+                    head.push_str("\r\n");
+                    let mut out = head.into_bytes();
+                    out.extend_from_slice(&body);
+                    if client.write_all(&out).is_err() {
                         return;
                     }
                 }
-                Err(_) => {
+                Action::Misbehave(kind) => {
+                    match kind {
+                        FaultKind::ResetMidBody => {
+                            let _ = client.write_all(PARTIAL);
+                        }
+                        FaultKind::Stall(d) => {
+                            let _ = client.write_all(PARTIAL);
+                            std::thread::sleep(d);
+                        }
+                        _ => {}
+                    }
                     let _ = client.shutdown(Shutdown::Both);
                     return;
                 }
@@ -634,55 +629,12 @@ mod front {
             }
         }
     }
+}
 
-    /// One request to the dispatcher logic over HTTP/1.0 (so its answer is
-    /// never chunked and ends with the connection), and its answer rewritten
-    /// as an HTTP/1.1 keep-alive response.
-    fn forward(req: &Request, internal: SocketAddr) -> std::io::Result<Vec<u8>> {
-        let mut up = TcpStream::connect(internal)?;
-        let mut out = Vec::with_capacity(req.body.len() + 512);
-        let mut first = req.head[0].clone();
-        if let Some(i) = first.rfind("HTTP/1.1") {
-            first.replace_range(i.., "HTTP/1.0");
-        }
-        out.extend_from_slice(first.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        for h in req.head.iter().skip(1) {
-            if h.to_ascii_lowercase().starts_with("connection:") {
-                continue;
-            }
-            out.extend_from_slice(h.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&req.body);
-        up.write_all(&out)?;
-        let mut raw = Vec::new();
-        up.read_to_end(&mut raw)?;
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| std::io::Error::other("no response head"))?;
-        let head = String::from_utf8_lossy(&raw[..split]).to_string();
-        let body = &raw[split + 4..];
-        let mut resp = Vec::with_capacity(raw.len() + 64);
-        for (i, line) in head.split("\r\n").enumerate() {
-            let lower = line.to_ascii_lowercase();
-            if i == 0 {
-                resp.extend_from_slice(line.replacen("HTTP/1.0", "HTTP/1.1", 1).as_bytes());
-            } else if lower.starts_with("connection:")
-                || lower.starts_with("content-length:")
-                || lower.starts_with("transfer-encoding:")
-            {
-                continue;
-            } else {
-                resp.extend_from_slice(line.as_bytes());
-            }
-            resp.extend_from_slice(b"\r\n");
-        }
-        resp.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
-        resp.extend_from_slice(body);
-        Ok(resp)
+fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

@@ -196,6 +196,7 @@ impl<'a> Agent<'a> {
             failures: 0,
         }))?;
         self.audit.sync()?;
+        self.store.maybe_compact()?;
         crashpoint::hit("cycle:end");
         Ok(self.report)
     }
@@ -664,7 +665,7 @@ impl<'a> Agent<'a> {
         if changed {
             self.buffer(Record::Ledger(e.clone()))?;
         }
-        log_outcome(&e, outcome, rec.detail.as_deref());
+        log_outcome(&e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
         self.audit.write(&rec)?;
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
@@ -688,7 +689,7 @@ impl<'a> Agent<'a> {
         let mut rec = self.record_for(e, outcome, detail, patient);
         rec.status = Some(status.as_str().to_string());
         self.audit.write(&rec)?;
-        log_outcome(e, outcome, rec.detail.as_deref());
+        log_outcome(e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
             task: e.display_id.clone(),
@@ -702,10 +703,17 @@ impl<'a> Agent<'a> {
 }
 
 /// Per-task log context: `[kind id] outcome: detail`; problems as warnings.
-fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>) {
+/// In a cycle with more tasks than this, successful outcomes are logged at
+/// debug level (the audit log has every one, and the summary counts them):
+/// a re-keying of 100,000 tasks should not write 100,000 lines to journald.
+const QUIET_ABOVE: usize = 1000;
+
+fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool) {
     let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
     if matches!(e.status, Status::Failed | Status::Rejected) || outcome == "unknown_patient" {
         log::warn!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
+    } else if quiet {
+        log::debug!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
     } else {
         log::info!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
     }

@@ -157,6 +157,7 @@ pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, Impor
         }
     }
     store.write(pending)?;
+    store.maybe_compact()?;
     progress.finish();
     Ok(report)
 }

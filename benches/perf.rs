@@ -150,7 +150,7 @@ fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
     let text = format!(
         "[dispatcher]\nurl = \"{url}\"\napi_key = \"{KEY}\"\nformat = \"xml\"\ntimeout = \"120s\"\nbatch_size = {batch}\n\
          max_attempts = 1\n\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\npath = \"store\"\n\
-         key_file = \"store.key\"\n\n[log]\nlevel = \"info\"\naudit = \"audit.ndjson\"\n"
+         key_file = \"store.key\"\n\n[log]\nlevel = \"warn\"\naudit = \"audit.ndjson\"\n"
     );
     let path = dir.join("fttp-agent.toml");
     std::fs::write(&path, text).unwrap();

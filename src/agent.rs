@@ -521,7 +521,9 @@ impl<'a> Agent<'a> {
         let deadline = deadline(flights.iter().filter_map(|e| e.expires).min());
         log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
         crashpoint::hit("batch:before");
+        let t0 = std::time::Instant::now();
         let result = self.client.request_psn_from_bf(study, target, &refs, deadline);
+        log::debug!("[repeat_request] answer after {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
         crashpoint::hit("batch:after");
         let answer = match result {
             Ok(a) => a,

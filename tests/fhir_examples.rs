@@ -126,3 +126,23 @@ fn narrative_xhtml_is_kept_verbatim() {
         "<div xmlns=\"http://www.w3.org/1999/xhtml\"><p>bad <b>request</b></p></div>"
     );
 }
+
+#[test]
+fn the_fast_paths_take_the_dispatcher_examples() {
+    // So that the agreement property test compares something.
+    for name in [
+        "Parameters-Parameters-RequestTasks-response-example-1",
+        "Parameters-Parameters-RequestPsnFromBfWorkflow-response-example-1",
+        "Parameters-Parameters-RequestTasks-request-example-1",
+    ] {
+        let json = std::fs::read(dir("json").join(format!("{name}.json"))).unwrap();
+        let xml = std::fs::read(dir("xml").join(format!("{name}.xml"))).unwrap();
+        let fast_json = fhir::fast::parameters_json(&json).unwrap_or_else(|| panic!("{name} json"));
+        let fast_xml = fhir::fast::parameters_xml(&xml).unwrap_or_else(|| panic!("{name} xml"));
+        assert_eq!(fast_json, Parameters::parse_generic(Format::Json, &json).unwrap());
+        assert_eq!(fast_xml, Parameters::parse_generic(Format::Xml, &xml).unwrap());
+    }
+    // A contained resource is not for the fast path.
+    let provide = std::fs::read(dir("json").join("Parameters-Parameters-ProvidePatientData-request-example-1.json")).unwrap();
+    assert!(fhir::fast::parameters_json(&provide).is_none());
+}

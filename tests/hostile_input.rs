@@ -147,6 +147,30 @@ proptest! {
     }
 
     #[test]
+    fn the_fast_paths_agree_with_the_generic_reader(
+        params in prop::collection::vec(parameter(), 0..6),
+        which in any::<prop::sample::Index>(),
+        edits in prop::collection::vec(edit(), 0..4),
+    ) {
+        let p = Parameters::new(params);
+        let mut docs = vec![(Format::Json, p.to_json().into_bytes()), (Format::Xml, p.to_xml().into_bytes())];
+        let all = examples();
+        let example = all[which.index(all.len())].clone();
+        docs.push((Format::Json, apply(example.clone(), &edits)));
+        docs.push((Format::Xml, apply(example, &edits)));
+        for (format, bytes) in docs {
+            let fast = match format {
+                Format::Json => fhir::fast::parameters_json(&bytes),
+                Format::Xml => fhir::fast::parameters_xml(&bytes),
+            };
+            if let Some(fast) = fast {
+                let generic = Parameters::parse_generic(format, &bytes);
+                prop_assert_eq!(Ok(fast), generic);
+            }
+        }
+    }
+
+    #[test]
     fn any_parameters_round_trip_through_json_and_xml(params in prop::collection::vec(parameter(), 0..6)) {
         let p = Parameters::new(params);
         let from_json = Parameters::parse(Format::Json, p.to_json().as_bytes()).unwrap();

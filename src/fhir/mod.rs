@@ -2,6 +2,7 @@
 //! OperationOutcome, in JSON and XML.
 
 pub mod element;
+pub mod fast;
 pub mod idat;
 pub mod json;
 pub mod outcome;

@@ -172,7 +172,21 @@ impl Parameters {
         r
     }
 
+    /// Reads a Parameters document: the fast path for the common shape,
+    /// the generic element tree for anything else (same result either way).
     pub fn parse(format: Format, body: &[u8]) -> Result<Parameters, FhirError> {
+        let fast = match format {
+            Format::Json => super::fast::parameters_json(body),
+            Format::Xml => super::fast::parameters_xml(body),
+        };
+        match fast {
+            Some(p) => Ok(p),
+            None => Parameters::parse_generic(format, body),
+        }
+    }
+
+    /// The generic reader alone (the reference the fast paths are tested against).
+    pub fn parse_generic(format: Format, body: &[u8]) -> Result<Parameters, FhirError> {
         Parameters::from_resource(&super::parse_resource(format, body)?)
     }
 

@@ -523,7 +523,10 @@ impl<'a> Agent<'a> {
         crashpoint::hit("batch:before");
         let t0 = std::time::Instant::now();
         let result = self.client.request_psn_from_bf(study, target, &refs, deadline);
-        log::debug!("[repeat_request] answer after {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+        log::debug!(
+            "[repeat_request] answer after {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1e3
+        );
         crashpoint::hit("batch:after");
         let answer = match result {
             Ok(a) => a,

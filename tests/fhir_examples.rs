@@ -143,6 +143,7 @@ fn the_fast_paths_take_the_dispatcher_examples() {
         assert_eq!(fast_xml, Parameters::parse_generic(Format::Xml, &xml).unwrap());
     }
     // A contained resource is not for the fast path.
-    let provide = std::fs::read(dir("json").join("Parameters-Parameters-ProvidePatientData-request-example-1.json")).unwrap();
+    let provide =
+        std::fs::read(dir("json").join("Parameters-Parameters-ProvidePatientData-request-example-1.json")).unwrap();
     assert!(fhir::fast::parameters_json(&provide).is_none());
 }

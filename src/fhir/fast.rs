@@ -125,7 +125,7 @@ fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Par
                         return None;
                     }
                     p.value = Some(ParamValue::Primitive {
-                        ty: ty.to_string(),
+                        ty: std::borrow::Cow::Borrowed(ty),
                         value: value_attr(&e)??,
                     });
                 } else if tag == "valueIdentifier" && no_attrs(&e) {
@@ -243,7 +243,10 @@ impl JParameter {
             return None;
         }
         let mut values: Vec<ParamValue> = Vec::new();
-        let prim = |ty: &str, v: String| ParamValue::Primitive { ty: ty.into(), value: v };
+        let prim = |ty: &'static str, v: String| ParamValue::Primitive {
+            ty: std::borrow::Cow::Borrowed(ty),
+            value: v,
+        };
         for (ty, v) in [
             ("string", self.value_string),
             ("id", self.value_id),

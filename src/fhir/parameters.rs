@@ -2,6 +2,7 @@
 
 use super::element::{Node, Primitive, Resource, Value};
 use super::{FhirError, Format, schema};
+use std::borrow::Cow;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Parameters {
@@ -23,7 +24,7 @@ pub struct Parameter {
 pub enum ParamValue {
     /// string, id, code, uri, instant, dateTime, base64Binary, boolean, ... by FHIR type name.
     Primitive {
-        ty: String,
+        ty: Cow<'static, str>,
         value: String,
     },
     Identifier(Identifier),
@@ -72,7 +73,7 @@ impl Parameter {
     pub fn primitive(name: &str, ty: &str, value: &str) -> Self {
         Parameter {
             value: Some(ParamValue::Primitive {
-                ty: ty.to_string(),
+                ty: intern(ty),
                 value: value.to_string(),
             }),
             ..Parameter::new(name)
@@ -114,7 +115,8 @@ impl Parameter {
     /// FHIR type name of the value, if any (`string`, `Identifier`, ...).
     pub fn value_type(&self) -> Option<&str> {
         match self.value.as_ref()? {
-            ParamValue::Primitive { ty, .. } | ParamValue::Other { ty, .. } => Some(ty),
+            ParamValue::Primitive { ty, .. } => Some(ty),
+            ParamValue::Other { ty, .. } => Some(ty),
             ParamValue::Identifier(_) => Some("Identifier"),
             ParamValue::Coding(_) => Some("Coding"),
         }
@@ -253,7 +255,7 @@ fn value_from(ty: &str, v: &Value) -> ParamValue {
     match v {
         Value::Primitive(prim) => match plain(prim) {
             Some(s) => ParamValue::Primitive {
-                ty: ty.to_string(),
+                ty: intern(ty),
                 value: s.to_string(),
             },
             None => other(),
@@ -295,7 +297,7 @@ fn parameter_to_node(p: &Parameter) -> Node {
     n.push_primitive("name", &p.name);
     if let Some(v) = &p.value {
         let (ty, value) = match v {
-            ParamValue::Primitive { ty, value } => (ty.as_str(), Value::Primitive(Primitive::new(value.clone()))),
+            ParamValue::Primitive { ty, value } => (ty.as_ref(), Value::Primitive(Primitive::new(value.clone()))),
             ParamValue::Identifier(id) => {
                 let mut node = Node::new();
                 if let Some(s) = &id.system {
@@ -335,5 +337,36 @@ impl ParamValue {
             ParamValue::Primitive { value, .. } => Some(value),
             _ => None,
         }
+    }
+}
+
+/// The FHIR primitive type names as static strings (no allocation per value).
+pub(crate) fn intern(ty: &str) -> Cow<'static, str> {
+    const NAMES: &[&str] = &[
+        "string",
+        "id",
+        "instant",
+        "base64Binary",
+        "code",
+        "uri",
+        "url",
+        "canonical",
+        "dateTime",
+        "date",
+        "time",
+        "boolean",
+        "integer",
+        "decimal",
+        "positiveInt",
+        "unsignedInt",
+        "markdown",
+        "oid",
+        "uuid",
+        "integer64",
+        "xhtml",
+    ];
+    match NAMES.iter().find(|n| **n == ty) {
+        Some(n) => Cow::Borrowed(n),
+        None => Cow::Owned(ty.to_string()),
     }
 }

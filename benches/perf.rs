@@ -150,7 +150,7 @@ fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
     let text = format!(
         "[dispatcher]\nurl = \"{url}\"\napi_key = \"{KEY}\"\nformat = \"xml\"\ntimeout = \"120s\"\nbatch_size = {batch}\n\
          max_attempts = 1\n\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\npath = \"store\"\n\
-         key_file = \"store.key\"\n\n[log]\nlevel = \"warn\"\naudit = \"audit.ndjson\"\n"
+         key_file = \"store.key\"\n\n[log]\nlevel = \"info\"\naudit = \"audit.ndjson\"\n"
     );
     let path = dir.join("fttp-agent.toml");
     std::fs::write(&path, text).unwrap();
@@ -160,7 +160,7 @@ fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
 /// Runs the release binary under GNU time: (wall seconds, peak RSS MB, exit code).
 fn timed(args: &[&str]) -> (f64, f64, i32) {
     let out = Command::new("/usr/bin/time")
-        .args(["-f", "TIME %e %M"])
+        .args(["-f", "TIME %e %M %U %S"])
         .arg(env!("CARGO_BIN_EXE_fttp-agent"))
         .args(args)
         .output()
@@ -170,6 +170,13 @@ fn timed(args: &[&str]) -> (f64, f64, i32) {
     let mut it = line.split_whitespace().skip(1);
     let wall: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let rss: f64 = it.next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0;
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        eprintln!(
+            "cpu user {} s, sys {} s",
+            it.next().unwrap_or("?"),
+            it.next().unwrap_or("?")
+        );
+    }
     let code = out.status.code().unwrap_or(-1);
     if code != 0 || std::env::var_os("BENCH_TRACE").is_some() {
         let lines: Vec<&str> = err
@@ -338,7 +345,12 @@ fn main() {
         });
     }
     if run("cycle") {
-        cycle_section(if quick { 10_000 } else { 100_000 }, &[100, 1]);
+        let batches: &[usize] = if std::env::var_os("BENCH_NO_UNBATCHED").is_some() {
+            &[100]
+        } else {
+            &[100, 1]
+        };
+        cycle_section(if quick { 10_000 } else { 100_000 }, batches);
     }
     if run("store") {
         if quick {

@@ -12,7 +12,7 @@ use crate::crashpoint;
 use crate::fhir::ParamValue;
 use crate::fhir::idat::IdatElement;
 use crate::shutdown::Shutdown;
-use crate::store::{LedgerEntry, PollRecord, PseudonymRecord, Record, Status, Store, StoreError};
+use crate::store::{LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store, StoreError};
 use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
 use crate::types::{BloomFilter, LocalId, Pseudonym};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -272,7 +272,7 @@ impl<'a> Agent<'a> {
                 }
                 Some(mut old) => {
                     old.last_seen = now;
-                    batch.push(Record::Ledger(old));
+                    batch.push(Record::Progress(Progress::of(&old)));
                 }
                 None => {
                     if entry.status == Status::Rejected {
@@ -443,7 +443,7 @@ impl<'a> Agent<'a> {
         flight.status = Status::InFlight;
         flight.attempts += 1;
         flight.updated = Utc::now();
-        self.pending.push(Record::Ledger(flight.clone()));
+        self.pending.push(Record::Progress(Progress::of(&flight)));
         self.flush()?;
         let deadline = deadline(flight.expires);
         crashpoint::hit("send:before");
@@ -668,7 +668,12 @@ impl<'a> Agent<'a> {
         e.detail = rec.detail.clone();
         e.updated = Utc::now();
         if changed {
-            self.buffer(Record::Ledger(e.clone()))?;
+            let record = if self.store.ledger(&e.key).is_some() {
+                Record::Progress(Progress::of(&e))
+            } else {
+                Record::Ledger(e.clone())
+            };
+            self.buffer(record)?;
         }
         log_outcome(&e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
         self.audit.write(&rec)?;

@@ -107,7 +107,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 pub struct Audit {
     path: PathBuf,
-    file: File,
+    /// Buffered: a record is never split across writes (BufWriter flushes
+    /// before a record that does not fit), and `sync` flushes and fsyncs.
+    file: std::io::BufWriter<File>,
     chain: Chain,
     last: String,
 }
@@ -171,7 +173,7 @@ impl Audit {
             .unwrap_or_else(|| GENESIS.to_string());
         Ok(Audit {
             path: path.to_path_buf(),
-            file,
+            file: std::io::BufWriter::with_capacity(64 * 1024, file),
             chain,
             last,
         })
@@ -186,9 +188,12 @@ impl Audit {
         rec.hash = None;
         let canonical = serde_json::to_string(&rec).unwrap_or_default();
         let hash = self.chain.hash(canonical.as_bytes());
-        rec.hash = Some(hash.clone());
-        let mut line = serde_json::to_string(&rec).unwrap_or_default();
-        line.push('\n');
+        // `hash` is the last field: the line is the canonical form plus it.
+        let mut line = canonical;
+        line.pop();
+        line.push_str(",\"hash\":\"");
+        line.push_str(&hash);
+        line.push_str("\"}\n");
         self.file.write_all(line.as_bytes()).map_err(|source| AuditError {
             path: self.path.clone(),
             op: "append",
@@ -205,7 +210,8 @@ impl Audit {
             let path = self.path.clone();
             move |source| AuditError { path, op, source }
         };
-        self.file.sync_data().map_err(err("sync"))?;
+        self.file.flush().map_err(err("write"))?;
+        self.file.get_ref().sync_data().map_err(err("sync"))?;
         let head = head_path(&self.path);
         let tmp = head.with_extension("head.tmp");
         OpenOptions::new()

@@ -349,17 +349,27 @@ pub(crate) enum Action {
     Misbehave(FaultKind),
 }
 
-fn fhir_answer(status: u16, format: Format, resource: &Resource, retry_after: Option<u64>) -> Action {
+fn fhir_answer(status: u16, format: Format, answer: &Answer, retry_after: Option<u64>) -> Action {
+    let body = match answer {
+        Answer::Resource(r) => crate::fhir::write_resource(format, r),
+        Answer::Params(p) => p.write(format),
+    };
     Action::Respond {
         status,
         content_type: format!("{};charset=utf-8", format.mime()),
-        body: crate::fhir::write_resource(format, resource).into_bytes(),
+        body: body.into_bytes(),
         retry_after,
     }
 }
 
-fn outcome(code: &str, diagnostics: &str) -> Resource {
-    OperationOutcome::error(code, diagnostics).to_resource()
+/// A simulator answer: an OperationOutcome or a Parameters resource.
+pub(crate) enum Answer {
+    Resource(Resource),
+    Params(Parameters),
+}
+
+fn outcome(code: &str, diagnostics: &str) -> Answer {
+    Answer::Resource(OperationOutcome::error(code, diagnostics).to_resource())
 }
 
 pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRequest) -> Action {
@@ -708,7 +718,7 @@ fn identity(t: &Parameter) -> Option<String> {
     }
 }
 
-fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
+fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
     if p.first_string("study").is_none() || p.first_string("target").is_none() {
         return (400, outcome("required", "study and target are required"));
     }
@@ -722,7 +732,7 @@ fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         .filter(|t| t.name == "send_idat")
         .filter_map(|t| task_id_of(t).map(str::to_string))
         .collect();
-    (200, Parameters::new(st.tasks.clone()).to_resource())
+    (200, Answer::Params(Parameters::new(st.tasks.clone())))
 }
 
 fn task_id_of(t: &Parameter) -> Option<&str> {
@@ -742,7 +752,7 @@ const IDAT_ALLOWED: [&str; 8] = [
     "communication",
 ];
 
-fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
+fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
     let task_id = p
         .get("taskId")
         .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str));
@@ -770,10 +780,10 @@ fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         return (404, outcome("not-found", "unknown taskId"));
     }
     st.done.insert(key);
-    (200, Parameters::default().to_resource())
+    (200, Answer::Params(Parameters::default()))
 }
 
-fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
+fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
     let (Some(study), Some(target)) = (p.first_string("study"), p.first_string("target")) else {
         return (400, outcome("required", "study and target are required"));
     };
@@ -798,7 +808,7 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
     };
     if let Some(code) = st.batch_error.take() {
         let err = Parameter::with_parts("error", vec![Parameter::string("all", "all"), error_code(&code)]);
-        return (200, Parameters::new(vec![err]).to_resource());
+        return (200, Answer::Params(Parameters::new(vec![err])));
     }
     let mut out = Vec::new();
     for bf in bfs {
@@ -832,5 +842,5 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Resource) {
         ));
         st.done.insert(format!("bf:{bf}"));
     }
-    (200, Parameters::new(out).to_resource())
+    (200, Answer::Params(Parameters::new(out)))
 }

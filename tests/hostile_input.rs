@@ -171,6 +171,17 @@ proptest! {
     }
 
     #[test]
+    fn the_fast_writers_equal_the_tree_writers(params in prop::collection::vec(parameter(), 0..6), id in proptest::option::of("[a-z0-9-]{1,10}")) {
+        let mut p = Parameters::new(params);
+        p.id = id;
+        let tree = p.to_resource();
+        prop_assert_eq!(fhir::fast::write_xml(&p).unwrap(), xml::to_string(&tree));
+        let fast: serde_json::Value = serde_json::from_str(&fhir::fast::write_json(&p).unwrap()).unwrap();
+        let slow: serde_json::Value = serde_json::from_str(&json::to_string(&tree)).unwrap();
+        prop_assert_eq!(fast, slow);
+    }
+
+    #[test]
     fn any_parameters_round_trip_through_json_and_xml(params in prop::collection::vec(parameter(), 0..6)) {
         let p = Parameters::new(params);
         let from_json = Parameters::parse(Format::Json, p.to_json().as_bytes()).unwrap();

@@ -87,7 +87,7 @@ fn node_from_json(ty: &str, obj: &Map<String, J>, path: &str, depth: usize) -> R
         let child_path = join(path, name);
         let info = schema::child(ty, name);
         let order = info.as_ref().map_or(usize::MAX, |i| i.order);
-        let elem_ty = info.as_ref().map(|i| i.ty.as_str()).unwrap_or(schema::UNKNOWN);
+        let elem_ty = info.as_ref().map(|i| i.ty.as_ref()).unwrap_or(schema::UNKNOWN);
 
         let values: Vec<Value> = if companion_only.is_some() {
             // Only `_name` present: primitives that carry only id/extension.
@@ -219,7 +219,7 @@ fn node_into_map(ty: &str, node: &Node, map: &mut Map<String, J>) {
     for name in names {
         let group: Vec<&Value> = node.all(name).collect();
         let info = schema::child(ty, name);
-        let elem_ty = info.as_ref().map(|i| i.ty.as_str()).unwrap_or(schema::UNKNOWN);
+        let elem_ty = info.as_ref().map(|i| i.ty.as_ref()).unwrap_or(schema::UNKNOWN);
         let array = info.as_ref().map_or(group.len() > 1, |i| i.array);
         let is_prim = group.iter().all(|v| matches!(v, Value::Primitive(_)));
         if is_prim {
@@ -268,6 +268,11 @@ fn pack(mut vals: Vec<J>, array: bool) -> J {
     } else {
         vals.pop().unwrap_or(J::Null)
     }
+}
+
+/// A primitive of FHIR type `ty` as a JSON value (bool and number types as such).
+pub fn primitive_value(ty: &str, s: &str) -> J {
+    primitive_json(schema::json_kind(ty), s)
 }
 
 fn primitive_json(kind: JsonKind, s: &str) -> J {

@@ -193,15 +193,18 @@ impl Parameters {
     }
 
     pub fn to_json(&self) -> String {
-        super::json::to_string(&self.to_resource())
+        super::fast::write_json(self).unwrap_or_else(|| super::json::to_string(&self.to_resource()))
     }
 
     pub fn to_xml(&self) -> String {
-        super::xml::to_string(&self.to_resource())
+        super::fast::write_xml(self).unwrap_or_else(|| super::xml::to_string(&self.to_resource()))
     }
 
     pub fn write(&self, format: Format) -> String {
-        super::write_resource(format, &self.to_resource())
+        match format {
+            Format::Json => self.to_json(),
+            Format::Xml => self.to_xml(),
+        }
     }
 }
 
@@ -221,7 +224,7 @@ fn parameter_from_node(n: &Node, path: &str, depth: usize) -> Result<Parameter, 
                 continue;
             }
             let ty = schema::child("ParametersParameter", &c.name)
-                .map(|i| i.ty)
+                .map(|i| i.ty.into_owned())
                 .ok_or_else(|| FhirError::structure(&here, "unknown value type"))?;
             if p.value.is_some() {
                 return Err(FhirError::structure(&here, "more than one value[x]"));
@@ -364,6 +367,16 @@ pub(crate) fn intern(ty: &str) -> Cow<'static, str> {
         "uuid",
         "integer64",
         "xhtml",
+        "Identifier",
+        "Coding",
+        "CodeableConcept",
+        "Reference",
+        "Period",
+        "Address",
+        "HumanName",
+        "Quantity",
+        "Attachment",
+        "ContactPoint",
     ];
     match NAMES.iter().find(|n| **n == ty) {
         Some(n) => Cow::Borrowed(n),

@@ -423,7 +423,7 @@ pub fn defs(ty: &str) -> Option<&'static [Def]> {
 pub struct ChildInfo {
     /// Position in definition order (XML element order).
     pub order: usize,
-    pub ty: String,
+    pub ty: std::borrow::Cow<'static, str>,
     pub array: bool,
 }
 
@@ -438,14 +438,14 @@ pub fn child(parent: &str, name: &str) -> Option<ChildInfo> {
             {
                 return Some(ChildInfo {
                     order,
-                    ty,
+                    ty: super::parameters::intern(&ty),
                     array: def.array,
                 });
             }
         } else if def.name == name {
             return Some(ChildInfo {
                 order,
-                ty: def.ty.to_string(),
+                ty: std::borrow::Cow::Borrowed(def.ty),
                 array: def.array,
             });
         }

@@ -156,7 +156,7 @@ impl<'a> Parser<'a> {
             let order = info.as_ref().map_or(usize::MAX, |i| i.order);
             let elem_ty = info
                 .as_ref()
-                .map(|i| i.ty.clone())
+                .map(|i| i.ty.to_string())
                 .unwrap_or_else(|| schema::UNKNOWN.to_string());
 
             if elem_ty == "xhtml" {
@@ -366,7 +366,7 @@ fn write_children(out: &mut String, ty: &str, node: &Node, is_resource: bool) {
         if !is_resource && (c.name == "id" || (ty == "Extension" && c.name == "url")) {
             continue;
         }
-        let elem_ty = schema::child(ty, &c.name).map_or_else(|| schema::UNKNOWN.to_string(), |i| i.ty);
+        let elem_ty = schema::child(ty, &c.name).map_or(std::borrow::Cow::Borrowed(schema::UNKNOWN), |i| i.ty);
         match &c.value {
             Value::Primitive(p) if elem_ty == "xhtml" => {
                 out.push_str(p.value.as_deref().unwrap_or(""));

@@ -17,7 +17,7 @@
 
 pub mod records;
 
-pub use records::{LedgerEntry, PatientRecord, PollRecord, PseudonymRecord, Record, Status};
+pub use records::{LedgerEntry, PatientRecord, PollRecord, Progress, PseudonymRecord, Record, Status};
 
 use crate::crypto::{OpenError, StoreKey};
 use records::{DiskRecord, PatientSecret};
@@ -162,6 +162,13 @@ impl State {
             DiskRecord::Purge { key: k } => {
                 self.ledger.remove(&k);
             }
+            DiskRecord::Progress { key: k, data } => {
+                let plain = key.open("ledger", &ledger_context(&k), &data)?;
+                let p: Progress = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
+                if let Some(e) = self.ledger.get_mut(&k) {
+                    p.apply_to(e);
+                }
+            }
             DiskRecord::Forget { id } => {
                 if let Some(old) = self.patients.remove(&id)
                     && let Some(bf) = old.bf
@@ -235,6 +242,10 @@ fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
         Record::Ledger(e) => seal_ledger(key, e),
         Record::Poll(p) => DiskRecord::Poll(p.clone()),
         Record::Purge { key: k } => DiskRecord::Purge { key: k.clone() },
+        Record::Progress(p) => DiskRecord::Progress {
+            key: p.key.clone(),
+            data: key.seal(&ledger_context(&p.key), &serde_json::to_vec(p).unwrap_or_default()),
+        },
         Record::Forget { local_id } => DiskRecord::Forget { id: local_id.clone() },
     }
 }
@@ -401,6 +412,11 @@ impl Store {
                 Record::Ledger(e) => {
                     self.state.ledger.insert(e.key.clone(), e);
                 }
+                Record::Progress(p) => {
+                    if let Some(e) = self.state.ledger.get_mut(&p.key) {
+                        p.apply_to(e);
+                    }
+                }
                 _ => self.state.apply(sealed, &self.key).map_err(tampered(&path))?,
             }
         }
@@ -560,6 +576,7 @@ impl Store {
         records.extend(self.state.ledger.values().cloned().map(Record::Ledger));
         records.extend(self.state.last_poll.clone().map(Record::Poll));
         let mut state = State::default();
+        // (Progress, Purge and Forget records never reach a rekeyed snapshot.)
         let disk: Vec<DiskRecord> = records.iter().map(|r| seal(&new, r)).collect();
         for r in &disk {
             state.apply(r.clone(), &new).map_err(tampered(&self.dir))?;

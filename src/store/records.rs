@@ -127,6 +127,44 @@ pub enum Record {
     Forget {
         local_id: LocalId,
     },
+    /// A new state of a ledger entry already recorded: the task's content
+    /// does not change after it is first seen, so it is not written again.
+    Progress(Progress),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub key: String,
+    pub status: Status,
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub last_seen: DateTime<Utc>,
+    pub updated: DateTime<Utc>,
+    pub attempts: u32,
+}
+
+impl Progress {
+    pub fn of(e: &LedgerEntry) -> Progress {
+        Progress {
+            key: e.key.clone(),
+            status: e.status,
+            outcome: e.outcome.clone(),
+            detail: e.detail.clone(),
+            last_seen: e.last_seen,
+            updated: e.updated,
+            attempts: e.attempts,
+        }
+    }
+
+    pub fn apply_to(&self, e: &mut LedgerEntry) {
+        e.status = self.status;
+        e.outcome.clone_from(&self.outcome);
+        e.detail.clone_from(&self.detail);
+        e.last_seen = self.last_seen;
+        e.updated = self.updated;
+        e.attempts = self.attempts;
+    }
 }
 
 impl std::str::FromStr for Status {
@@ -168,6 +206,10 @@ pub(crate) enum DiskRecord {
     },
     Forget {
         id: LocalId,
+    },
+    Progress {
+        key: String,
+        data: String,
     },
 }
 

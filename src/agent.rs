@@ -176,6 +176,7 @@ impl<'a> Agent<'a> {
             target: &target,
         };
         let parsed = parse_response(&answer, &scope);
+        drop(answer); // a re-keying answer is large: keep only the typed tasks
         self.report.received = parsed.len();
         let mut rec = AuditRecord::new("poll", "ok", &target);
         rec.tasks = Some(parsed.len());
@@ -318,11 +319,13 @@ impl<'a> Agent<'a> {
         };
         for ((study, target), mut entries) in groups {
             entries.sort_by(by_expiry);
-            for chunk in entries.chunks(self.cfg.dispatcher.batch_size.0) {
+            let size = self.cfg.dispatcher.batch_size.0;
+            let mut rest = entries.into_iter().peekable();
+            while rest.peek().is_some() {
                 items.push(Work::Batch {
                     study: study.clone(),
                     target: target.clone(),
-                    entries: chunk.to_vec(),
+                    entries: rest.by_ref().take(size).collect(),
                 });
             }
         }
@@ -519,7 +522,11 @@ impl<'a> Agent<'a> {
             .collect();
         let refs: Vec<&BloomFilter> = bfs.iter().collect();
         let deadline = deadline(flights.iter().filter_map(|e| e.expires).min());
-        log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
+        if self.report.received > QUIET_ABOVE {
+            log::debug!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
+        } else {
+            log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
+        }
         crashpoint::hit("batch:before");
         let t0 = std::time::Instant::now();
         let result = self.client.request_psn_from_bf(study, target, &refs, deadline);

@@ -160,8 +160,13 @@ impl StoreKey {
     }
 
     pub fn open(&self, what: &'static str, context: &[u8], sealed: &str) -> Result<Vec<u8>, OpenError> {
+        let raw = STANDARD.decode(sealed).map_err(|_| OpenError { what })?;
+        self.open_raw(what, context, &raw)
+    }
+
+    /// `open` for the sealed bytes without their base64 form.
+    pub fn open_raw(&self, what: &'static str, context: &[u8], raw: &[u8]) -> Result<Vec<u8>, OpenError> {
         let err = OpenError { what };
-        let raw = STANDARD.decode(sealed).map_err(|_| err.clone())?;
         if raw.len() < NONCE_LEN {
             return Err(err);
         }
@@ -175,13 +180,20 @@ impl StoreKey {
         Ok(plain.to_vec())
     }
 
-    /// Keyed index of a value in a domain ("bf", "psn"): 128 bits of HMAC.
+    /// Keyed index of a value in a domain ("bf", "psn"): 128 bits of HMAC, as hex.
     pub fn index(&self, domain: &str, value: &[u8]) -> String {
+        crate::privacy::hex(&self.index_bytes(domain, value))
+    }
+
+    /// The same index as bytes.
+    pub fn index_bytes(&self, domain: &str, value: &[u8]) -> [u8; 16] {
         let mut ctx = hmac::Context::with_key(&self.mac);
         ctx.update(domain.as_bytes());
         ctx.update(&[0]);
         ctx.update(value);
-        crate::privacy::hex(&ctx.sign().as_ref()[..16])
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&ctx.sign().as_ref()[..16]);
+        out
     }
 }
 

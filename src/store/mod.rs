@@ -94,17 +94,50 @@ pub enum LockMode {
     Wait,
 }
 
+/// A keyed HMAC index (128 bits), as bytes in memory and hex on disk.
+type Index = [u8; 16];
+
+fn index_hex(i: &Index) -> String {
+    crate::privacy::hex(i)
+}
+
+fn parse_index(hex: &str) -> Result<Index, OpenError> {
+    let bad = OpenError { what: "index" };
+    if hex.len() != 32 {
+        return Err(bad);
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or(bad.clone())?, 16).map_err(|_| bad.clone())?;
+    }
+    Ok(out)
+}
+
+fn decode_sealed(b64: &str, what: &'static str) -> Result<Box<[u8]>, OpenError> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map(Vec::into_boxed_slice)
+        .map_err(|_| OpenError { what })
+}
+
+fn encode_sealed(raw: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// A patient as held in memory: sealed bytes, opened on lookup.
 #[derive(Debug)]
 struct SealedPatient {
-    bf: Option<String>,
-    data: String,
+    bf: Option<Index>,
+    data: Box<[u8]>,
     updated: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug)]
 struct SealedPseudonym {
-    psn: String,
-    data: String,
+    psn: Index,
+    data: Box<[u8]>,
 }
 
 /// The store in memory: patients and pseudonyms stay sealed and are opened
@@ -113,11 +146,11 @@ struct SealedPseudonym {
 struct State {
     patients: HashMap<LocalId, SealedPatient>,
     /// HMAC index of a Bloom filter -> patient.
-    by_bf: HashMap<String, LocalId>,
+    by_bf: HashMap<Index, LocalId>,
     /// (HMAC index of the Bloom filter, target) -> pseudonym.
-    pseudonyms: HashMap<(String, String), SealedPseudonym>,
+    pseudonyms: HashMap<(Index, String), SealedPseudonym>,
     /// HMAC index of a pseudonym value -> HMAC index of its Bloom filter.
-    by_psn: HashMap<String, String>,
+    by_psn: HashMap<Index, Index>,
     ledger: HashMap<String, LedgerEntry>,
     last_poll: Option<PollRecord>,
 }
@@ -138,19 +171,23 @@ impl State {
     fn apply(&mut self, r: DiskRecord, key: &StoreKey) -> Result<(), OpenError> {
         match r {
             DiskRecord::Patient { id, bf, data, updated } => {
+                let bf = bf.as_deref().map(parse_index).transpose()?;
+                let data = decode_sealed(&data, "patient")?;
                 if let Some(old) = self.patients.get(&id)
                     && let Some(old_bf) = &old.bf
                     && self.by_bf.get(old_bf) == Some(&id)
                 {
                     self.by_bf.remove(old_bf);
                 }
-                if let Some(bf) = &bf {
-                    self.by_bf.insert(bf.clone(), id.clone());
+                if let Some(bf) = bf {
+                    self.by_bf.insert(bf, id.clone());
                 }
                 self.patients.insert(id, SealedPatient { bf, data, updated });
             }
             DiskRecord::Pseudonym { bf, target, psn, data } => {
-                self.by_psn.insert(psn.clone(), bf.clone());
+                let (bf, psn) = (parse_index(&bf)?, parse_index(&psn)?);
+                let data = decode_sealed(&data, "pseudonym")?;
+                self.by_psn.insert(psn, bf);
                 self.pseudonyms.insert((bf, target), SealedPseudonym { psn, data });
             }
             DiskRecord::Ledger { key: k, data } => {
@@ -184,15 +221,15 @@ impl State {
     fn disk_records<'a>(&'a self, key: &'a StoreKey) -> impl Iterator<Item = DiskRecord> + 'a {
         let patients = self.patients.iter().map(|(id, p)| DiskRecord::Patient {
             id: id.clone(),
-            bf: p.bf.clone(),
-            data: p.data.clone(),
+            bf: p.bf.as_ref().map(index_hex),
+            data: encode_sealed(&p.data),
             updated: p.updated,
         });
         let pseudonyms = self.pseudonyms.iter().map(|((bf, target), p)| DiskRecord::Pseudonym {
-            bf: bf.clone(),
+            bf: index_hex(bf),
             target: target.clone(),
-            psn: p.psn.clone(),
-            data: p.data.clone(),
+            psn: index_hex(&p.psn),
+            data: encode_sealed(&p.data),
         });
         let ledger = self.ledger.values().map(|e| seal_ledger(key, e));
         patients
@@ -224,17 +261,20 @@ fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
             let plain = serde_json::to_vec(&secret).unwrap_or_default();
             DiskRecord::Patient {
                 id: p.local_id.clone(),
-                bf: p.bloomfilter.as_ref().map(|bf| key.index("bf", bf.as_bytes())),
+                bf: p
+                    .bloomfilter
+                    .as_ref()
+                    .map(|bf| index_hex(&key.index_bytes("bf", bf.as_bytes()))),
                 data: key.seal(&patient_context(&p.local_id), &plain),
                 updated: p.updated,
             }
         }
         Record::Pseudonym(p) => {
-            let bf = key.index("bf", p.bloomfilter.as_bytes());
+            let bf = index_hex(&key.index_bytes("bf", p.bloomfilter.as_bytes()));
             let plain = serde_json::to_vec(p).unwrap_or_default();
             DiskRecord::Pseudonym {
                 data: key.seal(&pseudonym_context(&bf, &p.target), &plain),
-                psn: key.index("psn", p.pseudonym.value.as_bytes()),
+                psn: index_hex(&key.index_bytes("psn", p.pseudonym.value.as_bytes())),
                 target: p.target.clone(),
                 bf,
             }
@@ -273,66 +313,82 @@ impl Store {
 
         let mut state = State::default();
         let snap_path = dir.join(SNAPSHOT);
-        let generation = match read_file(&snap_path)? {
-            Some(text) => {
-                let (header, lines) = parse_lines(&snap_path, &text, false)?;
-                check_key(&snap_path, &header, &key)?;
-                for r in lines.records {
-                    state.apply(r, &key).map_err(tampered(&snap_path))?;
-                }
-                header.generation
-            }
-            None => 0,
-        };
+        let snapshot = load(
+            &snap_path,
+            false,
+            |h| check_key(&snap_path, h, &key).map(|_| true),
+            |r| state.apply(r, &key).map_err(tampered(&snap_path)),
+        )?;
+        let generation = snapshot.map_or(0, |l| l.header.generation);
 
         let journal_path = dir.join(JOURNAL);
         let mut journal_records = 0;
         let mut journal_len = 0u64;
         let mut start_new_journal = true;
-        if let Some(text) = read_file(&journal_path)? {
-            let (header, lines) = parse_lines(&journal_path, &text, true)?;
-            if header.generation == generation {
-                check_key(&journal_path, &header, &key)?;
-                journal_records = lines.records.len();
-                for r in lines.records {
-                    state.apply(r, &key).map_err(tampered(&journal_path))?;
+        let loaded = load(
+            &journal_path,
+            true,
+            |h| {
+                if h.generation > generation {
+                    return Err(StoreError::Corrupt {
+                        path: journal_path.clone(),
+                        line: 1,
+                        reason: format!(
+                            "journal generation {} is newer than snapshot generation {generation}",
+                            h.generation
+                        ),
+                    });
                 }
-                journal_len = lines.good_len as u64;
-                if lines.good_len < text.len() {
-                    let kept = dir.join(format!("journal.torn-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")));
-                    log::warn!(
-                        "store journal {}: an incomplete last record (an interrupted write) was never \
-                         acknowledged; it is cut off and kept in {}",
-                        journal_path.display(),
-                        kept.display()
-                    );
-                    OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&kept)
-                        .and_then(|mut f| f.write_all(&text.as_bytes()[lines.good_len..]))
-                        .map_err(io("keep the torn record", &kept))?;
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&journal_path)
-                        .map_err(io("open the journal", &journal_path))?;
-                    f.set_len(journal_len)
-                        .map_err(io("truncate the journal", &journal_path))?;
-                    f.sync_all().map_err(io("sync the journal", &journal_path))?;
+                // An older journal: its records are already in the snapshot.
+                if h.generation < generation {
+                    return Ok(false);
                 }
-                start_new_journal = false;
-            } else if header.generation > generation {
-                return Err(StoreError::Corrupt {
-                    path: journal_path,
-                    line: 1,
-                    reason: format!(
-                        "journal generation {} is newer than snapshot generation {generation}",
-                        header.generation
-                    ),
-                });
+                check_key(&journal_path, h, &key)?;
+                Ok(true)
+            },
+            |r| {
+                journal_records += 1;
+                state.apply(r, &key).map_err(tampered(&journal_path))
+            },
+        )?;
+        if let Some(l) = loaded
+            && l.header.generation == generation
+        {
+            journal_len = l.good_len;
+            if l.good_len < l.file_len {
+                let kept = dir.join(format!("journal.torn-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")));
+                log::warn!(
+                    "store journal {}: an incomplete last record (an interrupted write) was never \
+                     acknowledged; it is cut off and kept in {}",
+                    journal_path.display(),
+                    kept.display()
+                );
+                let tail = {
+                    use std::io::{Seek, SeekFrom};
+                    let mut f = File::open(&journal_path).map_err(io("open the journal", &journal_path))?;
+                    f.seek(SeekFrom::Start(l.good_len))
+                        .map_err(io("read the journal", &journal_path))?;
+                    let mut tail = Vec::new();
+                    f.read_to_end(&mut tail)
+                        .map_err(io("read the journal", &journal_path))?;
+                    tail
+                };
+                OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&kept)
+                    .and_then(|mut f| f.write_all(&tail))
+                    .map_err(io("keep the torn record", &kept))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&journal_path)
+                    .map_err(io("open the journal", &journal_path))?;
+                f.set_len(journal_len)
+                    .map_err(io("truncate the journal", &journal_path))?;
+                f.sync_all().map_err(io("sync the journal", &journal_path))?;
             }
-            // An older journal: its records are already in the snapshot.
+            start_new_journal = false;
         }
         if start_new_journal {
             journal_len = write_atomically(dir, JOURNAL, generation, key.id(), std::iter::empty())?;
@@ -471,7 +527,7 @@ impl Store {
     fn open_patient(&self, id: &LocalId, p: &SealedPatient) -> Result<PatientRecord, StoreError> {
         let plain = self
             .key
-            .open("patient", &patient_context(id), &p.data)
+            .open_raw("patient", &patient_context(id), &p.data)
             .map_err(tampered(&self.dir))?;
         let secret: PatientSecret =
             serde_json::from_slice(&plain).map_err(|_| tampered(&self.dir)(OpenError { what: "patient" }))?;
@@ -493,12 +549,14 @@ impl Store {
 
     /// Whether a patient has this Bloom filter, without decrypting anything.
     pub fn knows_bloomfilter(&self, bf: &BloomFilter) -> bool {
-        self.state.by_bf.contains_key(&self.key.index("bf", bf.as_bytes()))
+        self.state
+            .by_bf
+            .contains_key(&self.key.index_bytes("bf", bf.as_bytes()))
     }
 
     /// The local id of the patient with this Bloom filter, without decrypting.
     pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Option<&LocalId> {
-        self.state.by_bf.get(&self.key.index("bf", bf.as_bytes()))
+        self.state.by_bf.get(&self.key.index_bytes("bf", bf.as_bytes()))
     }
 
     pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<PatientRecord>, StoreError> {
@@ -510,7 +568,7 @@ impl Store {
 
     /// The patient a pseudonym was issued for (any target, any system).
     pub fn patient_by_pseudonym(&self, value: &str) -> Result<Option<PatientRecord>, StoreError> {
-        let Some(bf) = self.state.by_psn.get(&self.key.index("psn", value.as_bytes())) else {
+        let Some(bf) = self.state.by_psn.get(&self.key.index_bytes("psn", value.as_bytes())) else {
             return Ok(None);
         };
         match self.state.by_bf.get(bf) {
@@ -520,18 +578,18 @@ impl Store {
     }
 
     pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Result<Option<PseudonymRecord>, StoreError> {
-        let bf = self.key.index("bf", bf.as_bytes());
+        let bf = self.key.index_bytes("bf", bf.as_bytes());
         self.state
             .pseudonyms
-            .get(&(bf.clone(), target.to_string()))
+            .get(&(bf, target.to_string()))
             .map(|p| self.open_pseudonym(&bf, target, p))
             .transpose()
     }
 
-    fn open_pseudonym(&self, bf: &str, target: &str, p: &SealedPseudonym) -> Result<PseudonymRecord, StoreError> {
+    fn open_pseudonym(&self, bf: &Index, target: &str, p: &SealedPseudonym) -> Result<PseudonymRecord, StoreError> {
         let plain = self
             .key
-            .open("pseudonym", &pseudonym_context(bf, target), &p.data)
+            .open_raw("pseudonym", &pseudonym_context(&index_hex(bf), target), &p.data)
             .map_err(tampered(&self.dir))?;
         serde_json::from_slice(&plain).map_err(|_| tampered(&self.dir)(OpenError { what: "pseudonym" }))
     }
@@ -695,18 +753,6 @@ fn acquire_lock(dir: &Path, mode: LockMode) -> Result<File, StoreError> {
     Ok(file)
 }
 
-fn read_file(path: &Path) -> Result<Option<String>, StoreError> {
-    match std::fs::read(path) {
-        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|e| StoreError::Corrupt {
-            path: path.to_path_buf(),
-            line: 0,
-            reason: format!("not UTF-8 at byte {}", e.utf8_error().valid_up_to()),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io("read", path)(e)),
-    }
-}
-
 fn checksum(payload: &str) -> String {
     sha256_hex(payload.as_bytes())[..16].to_string()
 }
@@ -720,60 +766,90 @@ fn push_line<T: Serialize>(buf: &mut String, value: &T) {
     buf.push('\n');
 }
 
-struct Lines {
-    records: Vec<DiskRecord>,
+struct Loaded {
+    header: Header,
     /// Bytes up to the end of the last good line.
-    good_len: usize,
+    good_len: u64,
+    file_len: u64,
 }
 
-/// Parses a snapshot or journal. With `tolerate_torn_tail`, a damaged *last*
-/// line is dropped (it was never acknowledged); otherwise any damage is fatal.
-fn parse_lines(path: &Path, text: &str, tolerate_torn_tail: bool) -> Result<(Header, Lines), StoreError> {
+/// Streams a snapshot or journal, line by line, so that opening a large
+/// store never holds the file and its records in memory at once.
+/// `on_header` says whether to apply the records; `on_record` applies one.
+/// With `tolerate_torn_tail`, a damaged *last* line is left out (it was
+/// never acknowledged); otherwise, and anywhere else, damage is fatal.
+fn load(
+    path: &Path,
+    tolerate_torn_tail: bool,
+    mut on_header: impl FnMut(&Header) -> Result<bool, StoreError>,
+    mut on_record: impl FnMut(DiskRecord) -> Result<(), StoreError>,
+) -> Result<Option<Loaded>, StoreError> {
+    use std::io::BufRead;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("read", path)(e)),
+    };
     let corrupt = |line: usize, reason: &str| StoreError::Corrupt {
         path: path.to_path_buf(),
         line,
         reason: reason.to_string(),
     };
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::with_capacity(1024);
     let mut header: Option<Header> = None;
-    let mut records = Vec::new();
-    let mut offset = 0usize;
-    let mut good_len = 0usize;
-    let total_lines = text.split_inclusive('\n').count();
-    for (i, raw) in text.split_inclusive('\n').enumerate() {
-        let lineno = i + 1;
-        let is_last = lineno == total_lines;
-        offset += raw.len();
-        let parsed = parse_line(raw);
-        let outcome = match (parsed, header.is_none()) {
-            (Ok(payload), true) => serde_json::from_str::<Header>(payload)
-                .map_err(|_| "bad header".to_string())
-                .and_then(|h| {
-                    if h.format != FORMAT || h.version != VERSION {
-                        Err(format!("not a {FORMAT} v{VERSION} file"))
-                    } else {
-                        header = Some(h);
-                        Ok(())
-                    }
-                }),
-            (Ok(payload), false) => serde_json::from_str::<DiskRecord>(payload)
-                .map(|r| records.push(r))
-                .map_err(|_| "unreadable record".to_string()),
-            (Err(reason), _) => Err(reason.to_string()),
-        };
-        match outcome {
-            Ok(()) => good_len = offset,
-            Err(reason) if is_last && tolerate_torn_tail && header.is_some() => {
-                let _ = reason;
-                break;
-            }
-            Err(reason) => return Err(corrupt(lineno, &reason)),
+    let mut apply = false;
+    let (mut lineno, mut offset, mut good_len) = (0usize, 0u64, 0u64);
+    let mut torn: Option<(usize, &'static str)> = None;
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(io("read", path))?;
+        if n == 0 {
+            break;
         }
+        if let Some((line, reason)) = torn {
+            // The damaged line was not the last: real damage.
+            return Err(corrupt(line, reason));
+        }
+        lineno += 1;
+        offset += n as u64;
+        let payload = match std::str::from_utf8(&buf).map_err(|_| "not UTF-8").and_then(parse_line) {
+            Ok(p) => p,
+            Err(reason) if tolerate_torn_tail && header.is_some() => {
+                torn = Some((lineno, reason));
+                continue;
+            }
+            Err(reason) => return Err(corrupt(lineno, reason)),
+        };
+        if header.is_none() {
+            let h: Header = serde_json::from_str(payload).map_err(|_| corrupt(lineno, "bad header"))?;
+            if h.format != FORMAT || h.version != VERSION {
+                return Err(corrupt(lineno, &format!("not a {FORMAT} v{VERSION} file")));
+            }
+            apply = on_header(&h)?;
+            header = Some(h);
+        } else if apply {
+            match serde_json::from_str::<DiskRecord>(payload) {
+                Ok(r) => on_record(r)?,
+                Err(_) if tolerate_torn_tail => {
+                    torn = Some((lineno, "unreadable record"));
+                    continue;
+                }
+                Err(_) => return Err(corrupt(lineno, "unreadable record")),
+            }
+        }
+        good_len = offset;
     }
     let header = header.ok_or_else(|| corrupt(1, "missing header"))?;
-    Ok((header, Lines { records, good_len }))
+    Ok(Some(Loaded {
+        header,
+        good_len,
+        file_len: offset,
+    }))
 }
 
 fn parse_line(raw: &str) -> Result<&str, &'static str> {
+    // (a checksum mismatch on the last line of a journal is a torn write)
     let line = raw.strip_suffix('\n').ok_or("incomplete line")?;
     let (sum, payload) = line.split_once(' ').ok_or("missing checksum")?;
     if sum != checksum(payload) {

@@ -11,7 +11,7 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::{hkdf, hmac};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -90,26 +90,7 @@ impl StoreKey {
 
     /// Reads a key file: 32 bytes as base64 (what `keygen` writes).
     pub fn load(path: &Path) -> Result<StoreKey, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Format {
-            path: path.to_path_buf(),
-        })?;
-        let secret: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Format {
-            path: path.to_path_buf(),
-        })?;
-        if let Ok(meta) = std::fs::metadata(path)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            log::warn!(
-                "key file {} can be read by group or others (mode {:o}); chmod 600 it",
-                path.display(),
-                meta.permissions().mode() & 0o777
-            );
-        }
-        Ok(StoreKey::from_bytes(&secret))
+        Ok(StoreKey::from_bytes(&read_key_bytes(path)?))
     }
 
     /// Writes a new random key to `path` (mode 0600); never overwrites.
@@ -200,6 +181,7 @@ impl StoreKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn seal_open_and_tamper_detection() {

@@ -82,6 +82,17 @@ struct Header {
     generation: u64,
     /// Which store key wrote this file (a public name of the key).
     key_id: String,
+    /// Records of each kind in a snapshot, so that loading sizes its tables
+    /// once instead of growing them (a growing table briefly holds two copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counts: Option<Counts>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Counts {
+    patients: usize,
+    pseudonyms: usize,
+    ledger: usize,
 }
 
 /// How to wait for the store lock.
@@ -241,6 +252,22 @@ impl State {
     fn len(&self) -> usize {
         self.patients.len() + self.pseudonyms.len() + self.ledger.len() + 1
     }
+
+    fn counts(&self) -> Counts {
+        Counts {
+            patients: self.patients.len(),
+            pseudonyms: self.pseudonyms.len(),
+            ledger: self.ledger.len(),
+        }
+    }
+
+    fn reserve(&mut self, c: Counts) {
+        self.patients.reserve(c.patients);
+        self.by_bf.reserve(c.patients);
+        self.pseudonyms.reserve(c.pseudonyms);
+        self.by_psn.reserve(c.pseudonyms);
+        self.ledger.reserve(c.ledger);
+    }
 }
 
 fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> DiskRecord {
@@ -311,14 +338,22 @@ impl Store {
             .map_err(io("create the store directory", dir))?;
         let lock = acquire_lock(dir, mode)?;
 
-        let mut state = State::default();
+        let state = State::default();
         let snap_path = dir.join(SNAPSHOT);
+        let cell = std::cell::RefCell::new(state);
         let snapshot = load(
             &snap_path,
             false,
-            |h| check_key(&snap_path, h, &key).map(|_| true),
-            |r| state.apply(r, &key).map_err(tampered(&snap_path)),
+            |h| {
+                check_key(&snap_path, h, &key)?;
+                if let Some(c) = h.counts {
+                    cell.borrow_mut().reserve(c);
+                }
+                Ok(true)
+            },
+            |r| cell.borrow_mut().apply(r, &key).map_err(tampered(&snap_path)),
         )?;
+        let mut state = cell.into_inner();
         let generation = snapshot.map_or(0, |l| l.header.generation);
 
         let journal_path = dir.join(JOURNAL);
@@ -391,7 +426,7 @@ impl Store {
             start_new_journal = false;
         }
         if start_new_journal {
-            journal_len = write_atomically(dir, JOURNAL, generation, key.id(), std::iter::empty())?;
+            journal_len = write_atomically(dir, JOURNAL, generation, key.id(), None, std::iter::empty())?;
         }
         let journal = OpenOptions::new()
             .append(true)
@@ -510,10 +545,11 @@ impl Store {
             SNAPSHOT,
             next,
             self.key.id(),
+            Some(self.state.counts()),
             self.state.disk_records(&self.key),
         )?;
         crate::crashpoint::hit("snapshot:installed");
-        self.journal_len = write_atomically(&self.dir, JOURNAL, next, self.key.id(), std::iter::empty())?;
+        self.journal_len = write_atomically(&self.dir, JOURNAL, next, self.key.id(), None, std::iter::empty())?;
         let path = self.dir.join(JOURNAL);
         self.journal = OpenOptions::new()
             .append(true)
@@ -640,8 +676,15 @@ impl Store {
             state.apply(r.clone(), &new).map_err(tampered(&self.dir))?;
         }
         let next = self.generation + 1;
-        write_atomically(&self.dir, SNAPSHOT, next, new.id(), disk.into_iter())?;
-        self.journal_len = write_atomically(&self.dir, JOURNAL, next, new.id(), std::iter::empty())?;
+        write_atomically(
+            &self.dir,
+            SNAPSHOT,
+            next,
+            new.id(),
+            Some(state.counts()),
+            disk.into_iter(),
+        )?;
+        self.journal_len = write_atomically(&self.dir, JOURNAL, next, new.id(), None, std::iter::empty())?;
         let path = self.dir.join(JOURNAL);
         self.journal = OpenOptions::new()
             .append(true)
@@ -865,6 +908,7 @@ fn write_atomically(
     name: &str,
     generation: u64,
     key_id: &str,
+    counts: Option<Counts>,
     records: impl Iterator<Item = DiskRecord>,
 ) -> Result<u64, StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
@@ -877,6 +921,7 @@ fn write_atomically(
             version: VERSION,
             generation,
             key_id: key_id.to_string(),
+            counts,
         },
     );
     let mut file = OpenOptions::new()

@@ -188,6 +188,8 @@ pub(crate) enum DiskRecord {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bf: Option<String>,
         data: String,
+        /// Milliseconds since the epoch: a million of these are read at open.
+        #[serde(with = "chrono::serde::ts_milliseconds")]
         updated: DateTime<Utc>,
     },
     Pseudonym {

@@ -14,7 +14,7 @@ use crate::fhir::idat::IdatElement;
 use crate::shutdown::Shutdown;
 use crate::store::{LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store, StoreError};
 use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
-use crate::types::{BloomFilter, LocalId, Pseudonym};
+use crate::types::{BloomFilter, Pseudonym};
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -365,7 +365,7 @@ impl<'a> Agent<'a> {
     fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {
         let target = self.target().to_string();
         self.save_pseudonym(&bf, &target, psn, &e.key)?;
-        let patient = self.store.local_id_by_bloomfilter(&bf).map(LocalId::fingerprint);
+        let patient = self.store.local_id_by_bloomfilter(&bf).map(|id| id.fingerprint());
         let mut done = e;
         match patient {
             Some(fp) => {
@@ -600,7 +600,7 @@ impl<'a> Agent<'a> {
                 let fp = self
                     .store
                     .local_id_by_bloomfilter(&bloomfilter)
-                    .map(LocalId::fingerprint);
+                    .map(|id| id.fingerprint());
                 let detail = fp
                     .is_none()
                     .then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());

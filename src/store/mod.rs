@@ -155,9 +155,10 @@ struct SealedPseudonym {
 /// one at a time on lookup; the (small) ledger is held decrypted.
 #[derive(Debug, Default)]
 struct State {
-    patients: HashMap<LocalId, SealedPatient>,
+    /// Local ids are shared between the two tables (one allocation each).
+    patients: HashMap<std::sync::Arc<str>, SealedPatient>,
     /// HMAC index of a Bloom filter -> patient.
-    by_bf: HashMap<Index, LocalId>,
+    by_bf: HashMap<Index, std::sync::Arc<str>>,
     /// (HMAC index of the Bloom filter, target) -> pseudonym.
     pseudonyms: HashMap<(Index, String), SealedPseudonym>,
     /// HMAC index of a pseudonym value -> HMAC index of its Bloom filter.
@@ -184,6 +185,10 @@ impl State {
             DiskRecord::Patient { id, bf, data, updated } => {
                 let bf = bf.as_deref().map(parse_index).transpose()?;
                 let data = decode_sealed(&data, "patient")?;
+                let id: std::sync::Arc<str> = match self.patients.get_key_value(id.0.as_str()) {
+                    Some((k, _)) => k.clone(),
+                    None => std::sync::Arc::from(id.0),
+                };
                 if let Some(old) = self.patients.get(&id)
                     && let Some(old_bf) = &old.bf
                     && self.by_bf.get(old_bf) == Some(&id)
@@ -218,9 +223,9 @@ impl State {
                 }
             }
             DiskRecord::Forget { id } => {
-                if let Some(old) = self.patients.remove(&id)
+                if let Some(old) = self.patients.remove(id.0.as_str())
                     && let Some(bf) = old.bf
-                    && self.by_bf.get(&bf) == Some(&id)
+                    && self.by_bf.get(&bf).is_some_and(|x| **x == *id.0)
                 {
                     self.by_bf.remove(&bf);
                 }
@@ -231,7 +236,7 @@ impl State {
 
     fn disk_records<'a>(&'a self, key: &'a StoreKey) -> impl Iterator<Item = DiskRecord> + 'a {
         let patients = self.patients.iter().map(|(id, p)| DiskRecord::Patient {
-            id: id.clone(),
+            id: LocalId(id.to_string()),
             bf: p.bf.as_ref().map(index_hex),
             data: encode_sealed(&p.data),
             updated: p.updated,
@@ -285,7 +290,7 @@ fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
                 idat: p.idat.clone(),
                 bloomfilter: p.bloomfilter.clone(),
             };
-            let plain = serde_json::to_vec(&secret).unwrap_or_default();
+            let plain = secret.encode();
             DiskRecord::Patient {
                 id: p.local_id.clone(),
                 bf: p
@@ -565,8 +570,7 @@ impl Store {
             .key
             .open_raw("patient", &patient_context(id), &p.data)
             .map_err(tampered(&self.dir))?;
-        let secret: PatientSecret =
-            serde_json::from_slice(&plain).map_err(|_| tampered(&self.dir)(OpenError { what: "patient" }))?;
+        let secret = PatientSecret::decode(&plain).ok_or_else(|| tampered(&self.dir)(OpenError { what: "patient" }))?;
         Ok(PatientRecord {
             local_id: id.clone(),
             idat: secret.idat,
@@ -578,7 +582,7 @@ impl Store {
     pub fn patient(&self, id: &LocalId) -> Result<Option<PatientRecord>, StoreError> {
         self.state
             .patients
-            .get(id)
+            .get(id.0.as_str())
             .map(|p| self.open_patient(id, p))
             .transpose()
     }
@@ -591,13 +595,16 @@ impl Store {
     }
 
     /// The local id of the patient with this Bloom filter, without decrypting.
-    pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Option<&LocalId> {
-        self.state.by_bf.get(&self.key.index_bytes("bf", bf.as_bytes()))
+    pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Option<LocalId> {
+        self.state
+            .by_bf
+            .get(&self.key.index_bytes("bf", bf.as_bytes()))
+            .map(|id| LocalId(id.to_string()))
     }
 
     pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<PatientRecord>, StoreError> {
         match self.local_id_by_bloomfilter(bf) {
-            Some(id) => self.patient(id),
+            Some(id) => self.patient(&id),
             None => Ok(None),
         }
     }
@@ -608,7 +615,7 @@ impl Store {
             return Ok(None);
         };
         match self.state.by_bf.get(bf) {
-            Some(id) => self.patient(id),
+            Some(id) => self.patient(&LocalId(id.to_string())),
             None => Ok(None),
         }
     }
@@ -644,7 +651,7 @@ impl Store {
         self.state
             .patients
             .iter()
-            .map(|(id, p)| self.open_patient(id, p))
+            .map(|(id, p)| self.open_patient(&LocalId(id.to_string()), p))
             .collect()
     }
 
@@ -709,7 +716,7 @@ impl Store {
     /// recorded, then the store is compacted and the previous generation
     /// deleted, so the sealed data is gone from every store file.
     pub fn forget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
-        if !self.state.patients.contains_key(id) {
+        if !self.state.patients.contains_key(id.0.as_str()) {
             return Ok(false);
         }
         self.put(Record::Forget { local_id: id.clone() })?;

@@ -216,9 +216,89 @@ pub(crate) enum DiskRecord {
 }
 
 /// The sealed part of a patient record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PatientSecret {
     pub idat: Idat,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bloomfilter: Option<BloomFilter>,
+}
+
+/// Marks an absent field in the binary form.
+const ABSENT: u16 = u16::MAX;
+
+impl PatientSecret {
+    /// A compact binary form (a million of these are held in memory): a
+    /// version byte, then each IDAT element in code-system order and the raw
+    /// Bloom filter, each as a u16 length (or ABSENT) and its bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        out.push(1);
+        let mut field = |v: Option<&[u8]>| match v {
+            Some(b) if b.len() < usize::from(ABSENT) => {
+                out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+            _ => out.extend_from_slice(&ABSENT.to_le_bytes()),
+        };
+        for e in crate::fhir::idat::IdatElement::ALL {
+            field(self.idat.get(e).map(str::as_bytes));
+        }
+        field(self.bloomfilter.as_ref().map(BloomFilter::as_bytes));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<PatientSecret> {
+        let (&version, mut rest) = bytes.split_first()?;
+        if version != 1 {
+            return None;
+        }
+        let mut next = || -> Option<Option<&[u8]>> {
+            let (len, tail) = rest.split_at_checked(2)?;
+            let len = u16::from_le_bytes([len[0], len[1]]);
+            if len == ABSENT {
+                rest = tail;
+                return Some(None);
+            }
+            let (v, tail) = tail.split_at_checked(usize::from(len))?;
+            rest = tail;
+            Some(Some(v))
+        };
+        let mut idat = Idat::default();
+        for e in crate::fhir::idat::IdatElement::ALL {
+            if let Some(v) = next()? {
+                idat.set(e, Some(String::from_utf8(v.to_vec()).ok()?));
+            }
+        }
+        let bloomfilter = match next()? {
+            Some(b) => Some(BloomFilter::from_bytes(b.to_vec()).ok()?),
+            None => None,
+        };
+        Some(PatientSecret { idat, bloomfilter })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::idat::IdatElement;
+
+    #[test]
+    fn the_binary_secret_round_trips() {
+        let mut idat = Idat::default();
+        for (i, e) in IdatElement::ALL.into_iter().enumerate() {
+            if i % 2 == 0 {
+                idat.set(e, Some(format!("Wert {i} äöü")));
+            }
+        }
+        for bf in [None, Some(BloomFilter::from_bytes(vec![1, 2, 3, 255]).unwrap())] {
+            let s = PatientSecret {
+                idat: idat.clone(),
+                bloomfilter: bf,
+            };
+            assert_eq!(PatientSecret::decode(&s.encode()), Some(s.clone()));
+            let bytes = s.encode();
+            assert_eq!(PatientSecret::decode(&bytes[..bytes.len() - 1]), None, "truncated");
+        }
+        assert_eq!(PatientSecret::decode(&[]), None);
+        assert_eq!(PatientSecret::decode(&[2]), None);
+    }
 }

@@ -834,68 +834,140 @@ fn load(
     mut on_header: impl FnMut(&Header) -> Result<bool, StoreError>,
     mut on_record: impl FnMut(DiskRecord) -> Result<(), StoreError>,
 ) -> Result<Option<Loaded>, StoreError> {
-    use std::io::BufRead;
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io("read", path)(e)),
     };
+    // Reading, checksumming and parsing run on a second thread while this
+    // one indexes: opening a large store uses both cores.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(16);
+        scope.spawn(move || parse_file(path, file, tolerate_torn_tail, &tx));
+        let mut header = None;
+        let mut apply = false;
+        for msg in rx {
+            match msg {
+                Parsed::Header(h) => {
+                    apply = on_header(&h)?;
+                    header = Some(h);
+                }
+                Parsed::Records(records) => {
+                    if apply {
+                        for r in records {
+                            on_record(r)?;
+                        }
+                    }
+                }
+                Parsed::Done { good_len, file_len } => {
+                    let header = header.take().ok_or_else(|| StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        line: 1,
+                        reason: "missing header".into(),
+                    })?;
+                    return Ok(Some(Loaded {
+                        header,
+                        good_len,
+                        file_len,
+                    }));
+                }
+                Parsed::Failed(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: "the reader stopped unexpectedly".into(),
+        })
+    })
+}
+
+enum Parsed {
+    Header(Header),
+    Records(Vec<DiskRecord>),
+    Done { good_len: u64, file_len: u64 },
+    Failed(StoreError),
+}
+
+/// The reading side of `load`. Sends the header, records in batches, then
+/// `Done` or `Failed`; stops early if the receiver has gone.
+fn parse_file(path: &Path, file: File, tolerate_torn_tail: bool, tx: &std::sync::mpsc::SyncSender<Parsed>) {
+    use std::io::BufRead;
+    const BATCH: usize = 1024;
     let corrupt = |line: usize, reason: &str| StoreError::Corrupt {
         path: path.to_path_buf(),
         line,
         reason: reason.to_string(),
     };
+    let fail = |e: StoreError| {
+        let _ = tx.send(Parsed::Failed(e));
+    };
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut buf = Vec::with_capacity(1024);
-    let mut header: Option<Header> = None;
-    let mut apply = false;
+    let mut have_header = false;
+    let mut batch = Vec::with_capacity(BATCH);
     let (mut lineno, mut offset, mut good_len) = (0usize, 0u64, 0u64);
     let mut torn: Option<(usize, &'static str)> = None;
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(io("read", path))?;
+        let n = match reader.read_until(b'\n', &mut buf) {
+            Ok(n) => n,
+            Err(e) => return fail(io("read", path)(e)),
+        };
         if n == 0 {
             break;
         }
         if let Some((line, reason)) = torn {
             // The damaged line was not the last: real damage.
-            return Err(corrupt(line, reason));
+            return fail(corrupt(line, reason));
         }
         lineno += 1;
         offset += n as u64;
         let payload = match std::str::from_utf8(&buf).map_err(|_| "not UTF-8").and_then(parse_line) {
             Ok(p) => p,
-            Err(reason) if tolerate_torn_tail && header.is_some() => {
+            Err(reason) if tolerate_torn_tail && have_header => {
                 torn = Some((lineno, reason));
                 continue;
             }
-            Err(reason) => return Err(corrupt(lineno, reason)),
+            Err(reason) => return fail(corrupt(lineno, reason)),
         };
-        if header.is_none() {
-            let h: Header = serde_json::from_str(payload).map_err(|_| corrupt(lineno, "bad header"))?;
+        if !have_header {
+            let h: Header = match serde_json::from_str(payload) {
+                Ok(h) => h,
+                Err(_) => return fail(corrupt(lineno, "bad header")),
+            };
             if h.format != FORMAT || h.version != VERSION {
-                return Err(corrupt(lineno, &format!("not a {FORMAT} v{VERSION} file")));
+                return fail(corrupt(lineno, &format!("not a {FORMAT} v{VERSION} file")));
             }
-            apply = on_header(&h)?;
-            header = Some(h);
-        } else if apply {
+            have_header = true;
+            if tx.send(Parsed::Header(h)).is_err() {
+                return;
+            }
+        } else {
             match serde_json::from_str::<DiskRecord>(payload) {
-                Ok(r) => on_record(r)?,
+                Ok(r) => batch.push(r),
                 Err(_) if tolerate_torn_tail => {
                     torn = Some((lineno, "unreadable record"));
                     continue;
                 }
-                Err(_) => return Err(corrupt(lineno, "unreadable record")),
+                Err(_) => return fail(corrupt(lineno, "unreadable record")),
+            }
+            if batch.len() == BATCH && tx.send(Parsed::Records(std::mem::take(&mut batch))).is_err() {
+                return;
             }
         }
         good_len = offset;
     }
-    let header = header.ok_or_else(|| corrupt(1, "missing header"))?;
-    Ok(Some(Loaded {
-        header,
+    if !have_header {
+        return fail(corrupt(1, "missing header"));
+    }
+    if !batch.is_empty() && tx.send(Parsed::Records(batch)).is_err() {
+        return;
+    }
+    let _ = tx.send(Parsed::Done {
         good_len,
         file_len: offset,
-    }))
+    });
 }
 
 fn parse_line(raw: &str) -> Result<&str, &'static str> {

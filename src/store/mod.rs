@@ -161,6 +161,33 @@ impl std::hash::Hasher for IndexHasher {
 
 type ByIndex = std::hash::BuildHasherDefault<IndexHasher>;
 
+/// FxHash (as in rustc) for local ids: they come from the site's own
+/// registry, not from the network, so a fast hash is safe and a million
+/// lookups at open are cheaper.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ById = std::hash::BuildHasherDefault<IdHasher>;
+
 /// A record as the loader's reading thread hands it over: patients already
 /// decoded, so the indexing thread only inserts.
 enum Ready {
@@ -206,7 +233,7 @@ struct SealedPseudonym {
 #[derive(Debug, Default)]
 struct State {
     /// Local ids are shared between the two tables (one allocation each).
-    patients: HashMap<std::sync::Arc<str>, SealedPatient>,
+    patients: HashMap<std::sync::Arc<str>, SealedPatient, ById>,
     /// HMAC index of a Bloom filter -> patient.
     by_bf: HashMap<Index, std::sync::Arc<str>, ByIndex>,
     /// (HMAC index of the Bloom filter, target) -> pseudonym.
@@ -237,17 +264,18 @@ impl State {
     fn apply_ready(&mut self, r: Ready, key: &StoreKey) -> Result<(), OpenError> {
         let r = match r {
             Ready::Patient { id, bf, data, updated } => {
-                if let Some(old) = self.patients.get(id.as_str())
-                    && let Some(old_bf) = &old.bf
-                    && self.by_bf.get(old_bf).is_some_and(|x| **x == *id)
-                {
-                    self.by_bf.remove(old_bf);
-                }
                 let id: std::sync::Arc<str> = std::sync::Arc::from(id);
-                if let Some(bf) = bf {
-                    self.by_bf.insert(bf, id.clone());
+                // One probe: insert, then tidy up after a replaced record.
+                if let Some(old) = self.patients.insert(id.clone(), SealedPatient { bf, data, updated })
+                    && let Some(old_bf) = old.bf
+                    && Some(old_bf) != bf
+                    && self.by_bf.get(&old_bf).is_some_and(|x| *x == id)
+                {
+                    self.by_bf.remove(&old_bf);
                 }
-                self.patients.insert(id, SealedPatient { bf, data, updated });
+                if let Some(bf) = bf {
+                    self.by_bf.insert(bf, id);
+                }
                 return Ok(());
             }
             Ready::Other(r) => r,

@@ -124,12 +124,17 @@ fn parse_index(hex: &str) -> Result<Index, OpenError> {
     Ok(out)
 }
 
+/// Decodes into a buffer of exactly the decoded size (no reallocation:
+/// a million of these are made at open).
 fn decode_sealed(b64: &str, what: &'static str) -> Result<Box<[u8]>, OpenError> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .map(Vec::into_boxed_slice)
-        .map_err(|_| OpenError { what })
+    let padding = b64.bytes().rev().take_while(|b| *b == b'=').count();
+    let exact = (b64.len() / 4 * 3).saturating_sub(padding);
+    let mut out = vec![0u8; exact].into_boxed_slice();
+    match base64::engine::general_purpose::STANDARD.decode_slice(b64, &mut out) {
+        Ok(n) if n == exact => Ok(out),
+        _ => Err(OpenError { what }),
+    }
 }
 
 fn encode_sealed(raw: &[u8]) -> String {
@@ -192,7 +197,7 @@ type ById = std::hash::BuildHasherDefault<IdHasher>;
 /// decoded, so the indexing thread only inserts.
 enum Ready {
     Patient {
-        id: String,
+        id: std::sync::Arc<str>,
         bf: Option<Index>,
         data: Box<[u8]>,
         updated: chrono::DateTime<chrono::Utc>,
@@ -204,7 +209,7 @@ impl Ready {
     fn from_disk(r: DiskRecord) -> Result<Ready, OpenError> {
         Ok(match r {
             DiskRecord::Patient { id, bf, data, updated } => Ready::Patient {
-                id: id.0,
+                id: std::sync::Arc::from(id.0),
                 bf: bf.as_deref().map(parse_index).transpose()?,
                 data: decode_sealed(&data, "patient")?,
                 updated,
@@ -264,7 +269,6 @@ impl State {
     fn apply_ready(&mut self, r: Ready, key: &StoreKey) -> Result<(), OpenError> {
         let r = match r {
             Ready::Patient { id, bf, data, updated } => {
-                let id: std::sync::Arc<str> = std::sync::Arc::from(id);
                 // One probe: insert, then tidy up after a replaced record.
                 if let Some(old) = self.patients.insert(id.clone(), SealedPatient { bf, data, updated })
                     && let Some(old_bf) = old.bf

@@ -510,7 +510,7 @@ impl<'a> Agent<'a> {
         self.store.write(
             std::mem::take(&mut self.pending)
                 .into_iter()
-                .chain(flights.iter().cloned().map(Record::Ledger))
+                .chain(flights.iter().map(|e| Record::Progress(Progress::of(e))))
                 .collect(),
         )?;
         let bfs: Vec<BloomFilter> = flights

@@ -79,8 +79,8 @@ fn xml_floor(bytes: &[u8]) -> usize {
 
 fn parse_section(sizes: &[u32]) {
     println!("\n## 1. Parse throughput: $requestTasks answer -> typed tasks (same bytes, same run)\n");
-    println!("| tasks | format | size MB | raw floor MB/s | typed MB/s | ratio |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("| tasks | format | size MB | raw floor MB/s | Parameters MB/s | typed tasks MB/s | ratio |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     let scope = Scope {
         study: STUDY,
         target: TARGET,
@@ -100,6 +100,9 @@ fn parse_section(sizes: &[u32]) {
                     std::hint::black_box(xml_floor(bytes));
                 }),
             };
+            let params_only = time_it(budget, || {
+                std::hint::black_box(Parameters::parse(format, bytes).unwrap());
+            });
             let typed = time_it(budget, || {
                 let params = Parameters::parse(format, bytes).unwrap();
                 let tasks = parse_response(&params, &scope);
@@ -107,10 +110,11 @@ fn parse_section(sizes: &[u32]) {
                 std::hint::black_box(tasks);
             });
             println!(
-                "| {n} | {} | {:.1} | {:.0} | {:.0} | {:.0}% |",
+                "| {n} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0}% |",
                 if format == Format::Json { "JSON" } else { "XML" },
                 bytes.len() as f64 / 1e6,
                 mb_per_s(bytes.len(), floor),
+                mb_per_s(bytes.len(), params_only),
                 mb_per_s(bytes.len(), typed),
                 100.0 * floor / typed
             );

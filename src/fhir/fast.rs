@@ -41,21 +41,27 @@ fn primitive_type(suffix: &str) -> Option<&'static str> {
 
 // ------------------------------------------------------------------ XML
 
-/// The only attribute allowed here; its unescaped value.
+/// The only attribute allowed here; its unescaped value. Exactly one
+/// `value` attribute or none: anything else (a duplicate included, which
+/// is why quick-xml's own duplicate check can be skipped) is for the
+/// generic reader.
 fn value_attr(e: &BytesStart<'_>) -> Option<Option<String>> {
-    let mut value = None;
-    for a in e.attributes() {
-        let a = a.ok()?;
-        if a.key.as_ref() != b"value" {
-            return None;
-        }
-        value = Some(a.unescape_value().ok()?.into_owned());
+    let mut attrs = e.attributes();
+    attrs.with_checks(false);
+    let Some(first) = attrs.next() else {
+        return Some(None);
+    };
+    let a = first.ok()?;
+    if a.key.as_ref() != b"value" || attrs.next().is_some() {
+        return None;
     }
-    Some(value)
+    Some(Some(a.unescape_value().ok()?.into_owned()))
 }
 
 fn no_attrs(e: &BytesStart<'_>) -> bool {
-    e.attributes().next().is_none()
+    let mut attrs = e.attributes();
+    attrs.with_checks(false);
+    attrs.next().is_none()
 }
 
 pub fn parameters_xml(bytes: &[u8]) -> Option<Parameters> {
@@ -113,14 +119,18 @@ fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Par
     loop {
         match r.read_event().ok()? {
             Event::Empty(e) => {
-                let tag = e.name();
-                let tag = std::str::from_utf8(tag.as_ref()).ok()?;
-                if tag == "name" {
+                let qname = e.name();
+                let tag = qname.as_ref();
+                if tag == b"name" {
                     if name.is_some() {
                         return None;
                     }
                     name = Some(value_attr(&e)??);
-                } else if let Some(ty) = tag.strip_prefix("value").and_then(primitive_type) {
+                } else if let Some(ty) = tag
+                    .strip_prefix(b"value")
+                    .and_then(|t| std::str::from_utf8(t).ok())
+                    .and_then(primitive_type)
+                {
                     if p.value.is_some() {
                         return None;
                     }
@@ -128,12 +138,12 @@ fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Par
                         ty: std::borrow::Cow::Borrowed(ty),
                         value: value_attr(&e)??,
                     });
-                } else if tag == "valueIdentifier" && no_attrs(&e) {
+                } else if tag == b"valueIdentifier" && no_attrs(&e) {
                     if p.value.is_some() {
                         return None;
                     }
                     p.value = Some(ParamValue::Identifier(Identifier::default()));
-                } else if tag == "valueCoding" && no_attrs(&e) {
+                } else if tag == b"valueCoding" && no_attrs(&e) {
                     if p.value.is_some() {
                         return None;
                     }

@@ -74,7 +74,7 @@ impl Received {
         self.parameters
             .as_ref()?
             .get("patient")
-            .find_map(|p| p.resource.as_ref())
+            .find_map(|p| p.resource.as_deref())
     }
 }
 
@@ -762,7 +762,7 @@ fn provide_patient_data(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
     if p.first_string("target").is_none() {
         return (400, outcome("required", "target is required"));
     }
-    let Some(patient) = p.get("patient").find_map(|x| x.resource.as_ref()) else {
+    let Some(patient) = p.get("patient").find_map(|x| x.resource.as_deref()) else {
         return (400, outcome("required", "patient is required"));
     };
     if patient.resource_type != "Patient" {

@@ -115,7 +115,10 @@ fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Par
         return None;
     }
     let mut name: Option<String> = None;
-    let mut p = Parameter::default();
+    let mut p = Parameter {
+        part: Vec::with_capacity(if depth == 0 { 6 } else { 0 }),
+        ..Parameter::default()
+    };
     loop {
         match r.read_event().ok()? {
             Event::Empty(e) => {

@@ -14,7 +14,8 @@ pub struct Parameters {
 pub struct Parameter {
     pub name: String,
     pub value: Option<ParamValue>,
-    pub resource: Option<Resource>,
+    /// Boxed: rare in dispatcher answers, large, and a Parameter is moved a lot.
+    pub resource: Option<Box<Resource>>,
     pub part: Vec<Parameter>,
 }
 
@@ -31,7 +32,7 @@ pub enum ParamValue {
     Coding(Coding),
     Other {
         ty: String,
-        value: Value,
+        value: Box<Value>,
     },
 }
 
@@ -100,7 +101,7 @@ impl Parameter {
 
     pub fn resource(name: &str, resource: Resource) -> Self {
         Parameter {
-            resource: Some(resource),
+            resource: Some(Box::new(resource)),
             ..Parameter::new(name)
         }
     }
@@ -233,7 +234,7 @@ fn parameter_from_node(n: &Node, path: &str, depth: usize) -> Result<Parameter, 
         }
     }
     if let Some(Value::Resource(r)) = n.first("resource") {
-        p.resource = Some(r.clone());
+        p.resource = Some(Box::new(r.clone()));
     }
     for part in n.nodes("part") {
         p.part
@@ -253,7 +254,7 @@ fn plain(p: &Primitive) -> Option<&str> {
 fn value_from(ty: &str, v: &Value) -> ParamValue {
     let other = || ParamValue::Other {
         ty: ty.to_string(),
-        value: v.clone(),
+        value: Box::new(v.clone()),
     };
     match v {
         Value::Primitive(prim) => match plain(prim) {
@@ -320,12 +321,12 @@ fn parameter_to_node(p: &Parameter) -> Node {
                 }
                 ("Coding", Value::Complex(node))
             }
-            ParamValue::Other { ty, value } => (ty.as_str(), value.clone()),
+            ParamValue::Other { ty, value } => (ty.as_str(), (**value).clone()),
         };
         n.push(schema::choice_name("value", ty), value);
     }
     if let Some(r) = &p.resource {
-        n.push("resource", Value::Resource(r.clone()));
+        n.push("resource", Value::Resource((**r).clone()));
     }
     for part in &p.part {
         n.push_complex("part", parameter_to_node(part));

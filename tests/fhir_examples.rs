@@ -147,3 +147,26 @@ fn the_fast_paths_take_the_dispatcher_examples() {
         std::fs::read(dir("json").join("Parameters-Parameters-ProvidePatientData-request-example-1.json")).unwrap();
     assert!(fhir::fast::parameters_json(&provide).is_none());
 }
+
+#[test]
+fn the_xml_fast_path_agrees_on_awkward_but_valid_documents() {
+    let docs = [
+        r#"<?xml version="1.0"?><Parameters xmlns="http://hl7.org/fhir"><!-- c --><parameter><name value='a &amp; b &#x41;&#66;'/><valueString value="x&gt;y"/></parameter></Parameters>"#,
+        "<Parameters xmlns=\"http://hl7.org/fhir\">\n  <parameter >\n    <name   value = \"n\" />\n  </parameter >\n</Parameters>\n<!-- trailing -->",
+        r#" <?xml version="1.0"?><Parameters xmlns="http://hl7.org/fhir"/>"#,
+        r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="a&#0;"/></parameter></Parameters>"#,
+        r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name xmlns="http://hl7.org/fhir" value="n"/></parameter></Parameters>"#,
+        r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="n"/><valueIdentifier><system value="s"/></valueIdentifier><part><name value="p"/><valueCoding/></part></parameter></Parameters>"#,
+        r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="n"/></parametr></Parameters>"#,
+        r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="n"/>text</parameter></Parameters>"#,
+    ];
+    let mut taken = 0;
+    for doc in docs {
+        let generic = Parameters::parse_generic(Format::Xml, doc.as_bytes());
+        if let Some(fast) = fhir::fast::parameters_xml(doc.as_bytes()) {
+            taken += 1;
+            assert_eq!(Ok(fast), generic, "{doc}");
+        }
+    }
+    assert!(taken >= 3, "the fast path took only {taken} of the valid documents");
+}

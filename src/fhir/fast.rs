@@ -5,8 +5,6 @@
 //! give the same result on every input (a property test checks this).
 
 use super::parameters::{Coding, Identifier, ParamValue, Parameter, Parameters};
-use quick_xml::Reader;
-use quick_xml::events::{BytesStart, Event};
 use serde::Deserialize;
 
 /// Deeper `part` nesting than this goes to the generic reader (which
@@ -41,76 +39,210 @@ fn primitive_type(suffix: &str) -> Option<&'static str> {
 
 // ------------------------------------------------------------------ XML
 
-/// The only attribute allowed here; its unescaped value. Exactly one
-/// `value` attribute or none: anything else (a duplicate included, which
-/// is why quick-xml's own duplicate check can be skipped) is for the
-/// generic reader.
-fn value_attr(e: &BytesStart<'_>) -> Option<Option<String>> {
-    let mut attrs = e.attributes();
-    attrs.with_checks(false);
-    let Some(first) = attrs.next() else {
-        return Some(None);
-    };
-    let a = first.ok()?;
-    if a.key.as_ref() != b"value" || attrs.next().is_some() {
-        return None;
-    }
-    Some(Some(a.unescape_value().ok()?.into_owned()))
+/// A tag as the scanner sees it: its name and its only attribute, if any.
+enum Tag<'a> {
+    Empty(&'a str, Option<(&'a str, &'a str)>),
+    Start(&'a str, Option<(&'a str, &'a str)>),
+    End(&'a str),
 }
 
-fn no_attrs(e: &BytesStart<'_>) -> bool {
-    let mut attrs = e.attributes();
-    attrs.with_checks(false);
-    attrs.next().is_none()
+/// A minimal scanner for the XML that Parameters documents are made of:
+/// elements with at most one attribute, comments and whitespace between
+/// tags. Anything else makes it give up (`None`), and the generic reader,
+/// which reports errors properly, takes the document.
+struct Scanner<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn new(s: &'a str) -> Self {
+        Scanner {
+            s,
+            b: s.as_bytes(),
+            pos: 0,
+        }
+    }
+
+    fn skip_ws(&mut self) {
+        while self.pos < self.b.len() && matches!(self.b[self.pos], b' ' | b'\t' | b'\n' | b'\r') {
+            self.pos += 1;
+        }
+    }
+
+    fn starts(&self, lit: &[u8]) -> bool {
+        self.b[self.pos..].starts_with(lit)
+    }
+
+    fn skip_past(&mut self, lit: &str) -> Option<()> {
+        let i = self.s[self.pos..].find(lit)?;
+        self.pos += i + lit.len();
+        Some(())
+    }
+
+    fn name(&mut self) -> Option<&'a str> {
+        let start = self.pos;
+        while self.pos < self.b.len() && (self.b[self.pos].is_ascii_alphanumeric() || self.b[self.pos] == b'_') {
+            self.pos += 1;
+        }
+        (self.pos > start).then(|| &self.s[start..self.pos])
+    }
+
+    fn expect(&mut self, c: u8) -> Option<()> {
+        (self.b.get(self.pos) == Some(&c)).then(|| self.pos += 1)
+    }
+
+    /// `name="raw value"` (or single quotes).
+    fn attribute(&mut self) -> Option<(&'a str, &'a str)> {
+        let attr = self.name()?;
+        self.skip_ws();
+        self.expect(b'=')?;
+        self.skip_ws();
+        let quote = *self.b.get(self.pos)?;
+        if quote != b'"' && quote != b'\'' {
+            return None;
+        }
+        self.pos += 1;
+        let start = self.pos;
+        let len = self.b[start..].iter().position(|c| *c == quote || *c == b'<')?;
+        if self.b[start + len] != quote {
+            return None;
+        }
+        self.pos = start + len + 1;
+        Some((attr, &self.s[start..start + len]))
+    }
+
+    /// The next tag, past whitespace and comments; `None` at anything else.
+    fn tag(&mut self) -> Option<Tag<'a>> {
+        loop {
+            self.skip_ws();
+            if self.starts(b"<!--") {
+                self.skip_past("-->")?;
+                continue;
+            }
+            break;
+        }
+        self.expect(b'<')?;
+        if self.expect(b'/').is_some() {
+            let name = self.name()?;
+            self.skip_ws();
+            self.expect(b'>')?;
+            return Some(Tag::End(name));
+        }
+        let name = self.name()?;
+        let mut attr = None;
+        loop {
+            let had_space = self.b.get(self.pos).is_some_and(|c| c.is_ascii_whitespace());
+            self.skip_ws();
+            match self.b.get(self.pos)? {
+                b'/' => {
+                    self.pos += 1;
+                    self.expect(b'>')?;
+                    return Some(Tag::Empty(name, attr));
+                }
+                b'>' => {
+                    self.pos += 1;
+                    return Some(Tag::Start(name, attr));
+                }
+                // One attribute per element, after whitespace.
+                _ if attr.is_some() || !had_space => return None,
+                _ => attr = Some(self.attribute()?),
+            }
+        }
+    }
+
+    /// After the root element: only whitespace and comments.
+    fn at_end(&mut self) -> bool {
+        loop {
+            self.skip_ws();
+            if self.starts(b"<!--") {
+                if self.skip_past("-->").is_none() {
+                    return false;
+                }
+                continue;
+            }
+            return self.pos == self.b.len();
+        }
+    }
+}
+
+/// The value of a `value` attribute, unescaped; `None` for another
+/// attribute or an escape the generic reader would refuse.
+fn unescape(raw: &str) -> Option<String> {
+    if !raw.contains('&') {
+        return Some(raw.to_string());
+    }
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 1..];
+        let end = tail.find(';')?;
+        let entity = &tail[..end];
+        match entity {
+            "amp" => out.push('&'),
+            "lt" => out.push('<'),
+            "gt" => out.push('>'),
+            "quot" => out.push('"'),
+            "apos" => out.push('\''),
+            _ => {
+                // Only plain character references; anything unusual is
+                // left to the generic reader.
+                let code = if let Some(hex) = entity.strip_prefix("#x") {
+                    if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return None;
+                    }
+                    u32::from_str_radix(hex, 16).ok()?
+                } else {
+                    let dec = entity.strip_prefix('#')?;
+                    if dec.is_empty() || !dec.bytes().all(|b| b.is_ascii_digit()) {
+                        return None;
+                    }
+                    dec.parse::<u32>().ok()?
+                };
+                let c = char::from_u32(code).filter(|c| *c != '\0')?;
+                out.push(c);
+            }
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+fn value_of(attr: Option<(&str, &str)>) -> Option<Option<String>> {
+    match attr {
+        None => Some(None),
+        Some(("value", raw)) => Some(Some(unescape(raw)?)),
+        Some(_) => None,
+    }
 }
 
 pub fn parameters_xml(bytes: &[u8]) -> Option<Parameters> {
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut r = Reader::from_str(text);
-    r.config_mut().trim_text(true);
-    // Prolog, then <Parameters xmlns="http://hl7.org/fhir">.
-    loop {
-        match r.read_event().ok()? {
-            Event::Decl(_) | Event::Comment(_) => continue,
-            Event::Start(e) if e.name().as_ref() == b"Parameters" => {
-                let mut ok = false;
-                for a in e.attributes() {
-                    let a = a.ok()?;
-                    if a.key.as_ref() != b"xmlns" || a.value.as_ref() != super::xml::FHIR_NS.as_bytes() {
-                        return None;
-                    }
-                    ok = true;
-                }
-                if !ok {
-                    return None;
-                }
-                break;
-            }
-            _ => return None,
-        }
+    let mut sc = Scanner::new(text);
+    // A declaration only at the very start, as XML requires.
+    if sc.starts(b"<?xml") {
+        sc.skip_past("?>")?;
+    }
+    match sc.tag()? {
+        Tag::Start("Parameters", Some(("xmlns", ns))) if ns == super::xml::FHIR_NS => {}
+        _ => return None,
     }
     let mut out = Parameters::default();
     loop {
-        match r.read_event().ok()? {
-            Event::Empty(e) if e.name().as_ref() == b"id" => out.id = Some(value_attr(&e)??),
-            Event::Start(e) if e.name().as_ref() == b"parameter" && no_attrs(&e) => {
-                out.parameter.push(xml_parameter(&mut r, b"parameter", 0)?)
-            }
-            Event::Comment(_) => continue,
-            Event::End(_) => break,
+        match sc.tag()? {
+            Tag::Empty("id", attr) => out.id = Some(value_of(attr)??),
+            Tag::Start("parameter", None) => out.parameter.push(xml_parameter(&mut sc, "parameter", 0)?),
+            Tag::End("Parameters") => break,
             _ => return None,
         }
     }
-    loop {
-        match r.read_event().ok()? {
-            Event::Eof => return Some(out),
-            Event::Comment(_) => continue,
-            _ => return None,
-        }
-    }
+    sc.at_end().then_some(out)
 }
 
-fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Parameter> {
+fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parameter> {
     if depth > MAX_DEPTH {
         return None;
     }
@@ -120,60 +252,39 @@ fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Par
         ..Parameter::default()
     };
     loop {
-        match r.read_event().ok()? {
-            Event::Empty(e) => {
-                let qname = e.name();
-                let tag = qname.as_ref();
-                if tag == b"name" {
-                    if name.is_some() {
-                        return None;
-                    }
-                    name = Some(value_attr(&e)??);
-                } else if let Some(ty) = tag
-                    .strip_prefix(b"value")
-                    .and_then(|t| std::str::from_utf8(t).ok())
-                    .and_then(primitive_type)
-                {
-                    if p.value.is_some() {
-                        return None;
-                    }
-                    p.value = Some(ParamValue::Primitive {
-                        ty: std::borrow::Cow::Borrowed(ty),
-                        value: value_attr(&e)??,
-                    });
-                } else if tag == b"valueIdentifier" && no_attrs(&e) {
-                    if p.value.is_some() {
-                        return None;
-                    }
-                    p.value = Some(ParamValue::Identifier(Identifier::default()));
-                } else if tag == b"valueCoding" && no_attrs(&e) {
-                    if p.value.is_some() {
-                        return None;
-                    }
-                    p.value = Some(ParamValue::Coding(Coding::default()));
-                } else {
+        match sc.tag()? {
+            Tag::Empty("name", attr) => {
+                if name.is_some() {
                     return None;
                 }
+                name = Some(value_of(attr)??);
             }
-            Event::Start(e) => {
-                if !no_attrs(&e) {
+            Tag::Empty("valueIdentifier", None) if p.value.is_none() => {
+                p.value = Some(ParamValue::Identifier(Identifier::default()));
+            }
+            Tag::Empty("valueCoding", None) if p.value.is_none() => {
+                p.value = Some(ParamValue::Coding(Coding::default()));
+            }
+            Tag::Empty(el, attr) => {
+                let ty = el.strip_prefix("value").and_then(primitive_type)?;
+                if p.value.is_some() {
                     return None;
                 }
-                match e.name().as_ref() {
-                    b"part" => p.part.push(xml_parameter(r, b"part", depth + 1)?),
-                    b"valueIdentifier" if p.value.is_none() => {
-                        let [system, value] = xml_fields(r, [b"system".as_slice(), b"value"])?;
-                        p.value = Some(ParamValue::Identifier(Identifier { system, value }));
-                    }
-                    b"valueCoding" if p.value.is_none() => {
-                        let [system, code, display] = xml_fields(r, [b"system".as_slice(), b"code", b"display"])?;
-                        p.value = Some(ParamValue::Coding(Coding { system, code, display }));
-                    }
-                    _ => return None,
-                }
+                p.value = Some(ParamValue::Primitive {
+                    ty: std::borrow::Cow::Borrowed(ty),
+                    value: value_of(attr)??,
+                });
             }
-            Event::End(_) => break,
-            Event::Comment(_) => continue,
+            Tag::Start("part", None) => p.part.push(xml_parameter(sc, "part", depth + 1)?),
+            Tag::Start("valueIdentifier", None) if p.value.is_none() => {
+                let [system, value] = xml_fields(sc, "valueIdentifier", ["system", "value"])?;
+                p.value = Some(ParamValue::Identifier(Identifier { system, value }));
+            }
+            Tag::Start("valueCoding", None) if p.value.is_none() => {
+                let [system, code, display] = xml_fields(sc, "valueCoding", ["system", "code", "display"])?;
+                p.value = Some(ParamValue::Coding(Coding { system, code, display }));
+            }
+            Tag::End(end) if end == tag => break,
             _ => return None,
         }
     }
@@ -181,20 +292,19 @@ fn xml_parameter(r: &mut Reader<&[u8]>, _tag: &[u8], depth: usize) -> Option<Par
     Some(p)
 }
 
-/// Reads `<x value=".."/>` children named in `names`, each at most once.
-fn xml_fields<const N: usize>(r: &mut Reader<&[u8]>, names: [&[u8]; N]) -> Option<[Option<String>; N]> {
+/// Reads `<x value=".."/>` children named in `names`, each at most once, up to `</tag>`.
+fn xml_fields<const N: usize>(sc: &mut Scanner<'_>, tag: &str, names: [&str; N]) -> Option<[Option<String>; N]> {
     let mut out: [Option<String>; N] = std::array::from_fn(|_| None);
     loop {
-        match r.read_event().ok()? {
-            Event::Empty(e) => {
-                let i = names.iter().position(|n| *n == e.name().as_ref())?;
+        match sc.tag()? {
+            Tag::Empty(el, attr) => {
+                let i = names.iter().position(|n| *n == el)?;
                 if out[i].is_some() {
                     return None;
                 }
-                out[i] = Some(value_attr(&e)??);
+                out[i] = Some(value_of(attr)??);
             }
-            Event::End(_) => return Some(out),
-            Event::Comment(_) => continue,
+            Tag::End(end) if end == tag => return Some(out),
             _ => return None,
         }
     }

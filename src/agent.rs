@@ -550,7 +550,7 @@ impl<'a> Agent<'a> {
         let mut errors: Vec<(Option<BloomFilter>, String)> = Vec::new();
         let mut batch_error: Option<String> = None;
         for p in &answer.parameter {
-            match p.name.as_str() {
+            match p.name.as_ref() {
                 "pseudonym-bf" => {
                     let bf = part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok());
                     let psn = p.parts("pseudonym").find_map(|x| match &x.value {

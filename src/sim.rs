@@ -708,7 +708,7 @@ fn form_decode(s: &str) -> String {
 
 /// What completes a task: its taskId (send_idat) or its Bloom filter (repeat_request).
 fn identity(t: &Parameter) -> Option<String> {
-    match t.name.as_str() {
+    match t.name.as_ref() {
         "send_idat" => task_id_of(t).map(|id| format!("task:{id}")),
         "repeat_request" => t
             .parts("bloomfilter")

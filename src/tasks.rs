@@ -157,7 +157,7 @@ pub fn parse_task(p: &Parameter, scope: &Scope<'_>) -> Result<Task, Rejected> {
             &sha256_hex(Parameters::new(vec![p.clone()]).to_json().as_bytes())[..32]
         ),
     };
-    let task = match p.name.as_str() {
+    let task = match p.name.as_ref() {
         "dic_psn_available" => dic_psn_available(p),
         "send_idat" => send_idat(p),
         "repeat_request" => repeat_request(p),

@@ -246,7 +246,7 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
     if depth > MAX_DEPTH {
         return None;
     }
-    let mut name: Option<String> = None;
+    let mut name: Option<std::borrow::Cow<'static, str>> = None;
     let mut p = Parameter {
         part: Vec::with_capacity(if depth == 0 { 6 } else { 0 }),
         ..Parameter::default()
@@ -257,7 +257,11 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
                 if name.is_some() {
                     return None;
                 }
-                name = Some(value_of(attr)??);
+                name = Some(match attr {
+                    // The usual case: a known name, no escapes, no allocation.
+                    Some(("value", raw)) if !raw.contains('&') => super::parameters::intern_name(raw),
+                    other => super::parameters::intern_name(&value_of(other)??),
+                });
             }
             Tag::Empty("valueIdentifier", None) if p.value.is_none() => {
                 p.value = Some(ParamValue::Identifier(Identifier::default()));
@@ -416,7 +420,7 @@ impl JParameter {
             part.push(p.into_typed(depth + 1)?);
         }
         Some(Parameter {
-            name: self.name,
+            name: super::parameters::intern_name(&self.name),
             value: values.pop(),
             resource: None,
             part,
@@ -531,7 +535,7 @@ pub fn write_json(p: &Parameters) -> Option<String> {
     use serde_json::{Map, Value as J};
     fn param(p: &Parameter) -> J {
         let mut m = Map::new();
-        m.insert("name".into(), J::String(p.name.clone()));
+        m.insert("name".into(), J::String(p.name.to_string()));
         match &p.value {
             Some(ParamValue::Primitive { ty, value }) => {
                 m.insert(

@@ -12,7 +12,8 @@ pub struct Parameters {
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Parameter {
-    pub name: String,
+    /// Static for the names the dispatcher uses (no allocation per part).
+    pub name: Cow<'static, str>,
     pub value: Option<ParamValue>,
     /// Boxed: rare in dispatcher answers, large, and a Parameter is moved a lot.
     pub resource: Option<Box<Resource>>,
@@ -66,7 +67,7 @@ impl Identifier {
 impl Parameter {
     pub fn new(name: &str) -> Self {
         Parameter {
-            name: name.to_string(),
+            name: intern_name(name),
             ..Default::default()
         }
     }
@@ -217,6 +218,7 @@ fn parameter_from_node(n: &Node, path: &str, depth: usize) -> Result<Parameter, 
         .str("name")
         .ok_or_else(|| FhirError::structure(path, "parameter without name"))?
         .to_string();
+    let name = intern_name(&name);
     let mut p = Parameter::new(&name);
     let here = format!("{path}[{name}]");
     for c in &n.children {
@@ -298,7 +300,7 @@ fn value_from(ty: &str, v: &Value) -> ParamValue {
 
 fn parameter_to_node(p: &Parameter) -> Node {
     let mut n = Node::new();
-    n.push_primitive("name", &p.name);
+    n.push_primitive("name", p.name.as_ref());
     if let Some(v) = &p.value {
         let (ty, value) = match v {
             ParamValue::Primitive { ty, value } => (ty.as_ref(), Value::Primitive(Primitive::new(value.clone()))),
@@ -382,5 +384,31 @@ pub(crate) fn intern(ty: &str) -> Cow<'static, str> {
     match NAMES.iter().find(|n| **n == ty) {
         Some(n) => Cow::Borrowed(n),
         None => Cow::Owned(ty.to_string()),
+    }
+}
+
+/// The parameter names of the dispatcher operations as static strings.
+pub(crate) fn intern_name(name: &str) -> Cow<'static, str> {
+    const NAMES: &[&str] = &[
+        "dic_psn_available",
+        "send_idat",
+        "repeat_request",
+        "expires",
+        "bloomfilter",
+        "target",
+        "pseudonym",
+        "taskId",
+        "element",
+        "study",
+        "patient",
+        "pseudonym-bf",
+        "error",
+        "error-code",
+        "all",
+        "apikey",
+    ];
+    match NAMES.iter().find(|n| **n == name) {
+        Some(n) => Cow::Borrowed(n),
+        None => Cow::Owned(name.to_string()),
     }
 }

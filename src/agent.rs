@@ -11,11 +11,12 @@ use crate::config::Config;
 use crate::crashpoint;
 use crate::fhir::ParamValue;
 use crate::fhir::idat::IdatElement;
+use crate::ops::ts;
 use crate::shutdown::Shutdown;
 use crate::store::{LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store, StoreError};
 use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
 use crate::types::{BloomFilter, Pseudonym};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -83,11 +84,8 @@ pub struct Agent<'a> {
 /// Outcomes buffered before a write is forced.
 const BUFFER: usize = 1000;
 
-fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 /// A unit of work: one task, or one batch of repeat_requests sent together.
+/// (The single entry is boxed: it is large next to a batch.)
 enum Work {
     One(Box<LedgerEntry>),
     Batch {
@@ -228,12 +226,7 @@ impl<'a> Agent<'a> {
                     (key, entry)
                 }
                 Err(rej) => {
-                    let kind = match rej.name.as_str() {
-                        "dic_psn_available" => TaskKind::DicPsnAvailable,
-                        "send_idat" => TaskKind::SendIdat,
-                        "repeat_request" => TaskKind::RepeatRequest,
-                        _ => TaskKind::Unknown,
-                    };
+                    let kind = rej.name.parse().unwrap_or(TaskKind::Unknown);
                     let entry = LedgerEntry {
                         key: rej.key.clone(),
                         kind,
@@ -299,7 +292,7 @@ impl<'a> Agent<'a> {
         let mut groups: BTreeMap<(String, String), Vec<LedgerEntry>> = BTreeMap::new();
         for e in open {
             if e.expires.is_some_and(|x| x <= now) {
-                let mut done = e.clone();
+                let mut done = e;
                 done.status = Status::Expired;
                 self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
                 continue;
@@ -342,7 +335,6 @@ impl<'a> Agent<'a> {
             }
             match item {
                 Work::One(e) => match e.task.clone() {
-                    // (boxed: a ledger entry is large next to a batch)
                     Some(Task::DicPsnAvailable {
                         bloomfilter, pseudonym, ..
                     }) => self.dic_psn_available(*e, bloomfilter, pseudonym)?,
@@ -414,16 +406,7 @@ impl<'a> Agent<'a> {
         bloomfilter: Option<BloomFilter>,
         elements: &[IdatElement],
     ) -> Result<(), AgentError> {
-        let mut found = match &pseudonym {
-            Some(p) => self.store.patient_by_pseudonym(&p.value)?,
-            None => None,
-        };
-        if found.is_none()
-            && let Some(bf) = &bloomfilter
-        {
-            found = self.store.patient_by_bloomfilter(bf)?;
-        }
-        let Some(patient) = found else {
+        let Some(patient) = self.store.find_patient(pseudonym.as_ref(), bloomfilter.as_ref())? else {
             let mut done = e;
             done.status = Status::Pending;
             return self.finish(
@@ -528,12 +511,7 @@ impl<'a> Agent<'a> {
             log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
         }
         crashpoint::hit("batch:before");
-        let t0 = std::time::Instant::now();
         let result = self.client.request_psn_from_bf(study, target, &refs, deadline);
-        log::debug!(
-            "[repeat_request] answer after {:.1} ms",
-            t0.elapsed().as_secs_f64() * 1e3
-        );
         crashpoint::hit("batch:after");
         let answer = match result {
             Ok(a) => a,
@@ -546,8 +524,8 @@ impl<'a> Agent<'a> {
                 return Ok(());
             }
         };
-        let mut psns: Vec<(BloomFilter, Pseudonym)> = Vec::new();
-        let mut errors: Vec<(Option<BloomFilter>, String)> = Vec::new();
+        let mut psns: std::collections::HashMap<BloomFilter, Pseudonym> = Default::default();
+        let mut errors: std::collections::HashMap<BloomFilter, String> = Default::default();
         let mut batch_error: Option<String> = None;
         for p in &answer.parameter {
             match p.name.as_ref() {
@@ -561,7 +539,9 @@ impl<'a> Agent<'a> {
                         _ => None,
                     });
                     match (bf, psn) {
-                        (Some(bf), Some(psn)) => psns.push((bf, psn)),
+                        (Some(bf), Some(psn)) => {
+                            psns.insert(bf, psn);
+                        }
                         _ => log::warn!("[repeat_request] ignoring a malformed pseudonym-bf answer"),
                     }
                 }
@@ -576,8 +556,12 @@ impl<'a> Agent<'a> {
                     if p.parts("all").next().is_some() {
                         batch_error = Some(code);
                     } else {
-                        let bf = part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok());
-                        errors.push((bf, code));
+                        match part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok()) {
+                            Some(bf) => {
+                                errors.insert(bf, code);
+                            }
+                            None => log::warn!("[repeat_request] an error part without a Bloom filter: {code}"),
+                        }
                     }
                 }
                 _ => {}
@@ -595,8 +579,8 @@ impl<'a> Agent<'a> {
                     Some(format!("whole batch refused: {code}")),
                     None,
                 )?;
-            } else if let Some((_, psn)) = psns.iter().find(|(bf, _)| *bf == bloomfilter) {
-                self.save_pseudonym(&bloomfilter, target, psn.clone(), &e.key)?;
+            } else if let Some(psn) = psns.remove(&bloomfilter) {
+                self.save_pseudonym(&bloomfilter, target, psn, &e.key)?;
                 let fp = self
                     .store
                     .local_id_by_bloomfilter(&bloomfilter)
@@ -606,7 +590,7 @@ impl<'a> Agent<'a> {
                     .then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());
                 e.status = Status::Resolved;
                 self.finish(e, "stored", detail, fp)?;
-            } else if let Some((_, code)) = errors.iter().find(|(bf, _)| bf.as_ref() == Some(&bloomfilter)) {
+            } else if let Some(code) = errors.get(&bloomfilter) {
                 e.status = Status::Failed;
                 self.finish(e, "dispatcher_error", Some(format!("error code {code}")), None)?;
             } else {
@@ -667,15 +651,16 @@ impl<'a> Agent<'a> {
     }
 
     fn commit(&mut self, mut e: LedgerEntry, outcome: &str, rec: AuditRecord) -> Result<(), AgentError> {
-        let changed = self
-            .store
-            .ledger(&e.key)
-            .is_none_or(|old| old.status != e.status || old.outcome != outcome || old.detail != rec.detail);
+        let old = self.store.ledger(&e.key);
+        let changed =
+            old.is_none_or(|old| old.status != e.status || old.outcome != outcome || old.detail != rec.detail);
+        let known = old.is_some();
         e.outcome = outcome.to_string();
         e.detail = rec.detail.clone();
         e.updated = Utc::now();
         if changed {
-            let record = if self.store.ledger(&e.key).is_some() {
+            // Once recorded, a task's content never changes: only its progress is written.
+            let record = if known {
                 Record::Progress(Progress::of(&e))
             } else {
                 Record::Ledger(e.clone())
@@ -836,48 +821,37 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                     bloomfilter,
                     elements,
                     ..
-                } => {
-                    let mut found = match pseudonym {
-                        Some(p) => store.patient_by_pseudonym(&p.value)?,
-                        None => None,
-                    };
-                    if found.is_none()
-                        && let Some(bf) = bloomfilter
-                    {
-                        found = store.patient_by_bloomfilter(bf)?;
+                } => match store.find_patient(pseudonym.as_ref(), bloomfilter.as_ref())? {
+                    Some(p) => {
+                        let have: Vec<&str> = elements
+                            .iter()
+                            .filter(|e| p.idat.get(**e).is_some())
+                            .map(|e| e.code())
+                            .collect();
+                        let missing: Vec<&str> = elements
+                            .iter()
+                            .filter(|e| p.idat.get(**e).is_none())
+                            .map(|e| e.code())
+                            .collect();
+                        (
+                            format!("send {} element(s)", have.len()),
+                            format!(
+                                "patient {}: {}{}",
+                                p.local_id.fingerprint(),
+                                have.join(", "),
+                                if missing.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; not on file: {}", missing.join(", "))
+                                }
+                            ),
+                        )
                     }
-                    match found {
-                        Some(p) => {
-                            let have: Vec<&str> = elements
-                                .iter()
-                                .filter(|e| p.idat.get(**e).is_some())
-                                .map(|e| e.code())
-                                .collect();
-                            let missing: Vec<&str> = elements
-                                .iter()
-                                .filter(|e| p.idat.get(**e).is_none())
-                                .map(|e| e.code())
-                                .collect();
-                            (
-                                format!("send {} element(s)", have.len()),
-                                format!(
-                                    "patient {}: {}{}",
-                                    p.local_id.fingerprint(),
-                                    have.join(", "),
-                                    if missing.is_empty() {
-                                        String::new()
-                                    } else {
-                                        format!("; not on file: {}", missing.join(", "))
-                                    }
-                                ),
-                            )
-                        }
-                        None => (
-                            "wait".to_string(),
-                            "no local patient has this pseudonym or Bloom filter (unknown_patient)".to_string(),
-                        ),
-                    }
-                }
+                    None => (
+                        "wait".to_string(),
+                        "no local patient has this pseudonym or Bloom filter (unknown_patient)".to_string(),
+                    ),
+                },
                 Task::RepeatRequest { bloomfilter, .. } => (
                     "resend Bloom filter".to_string(),
                     format!(

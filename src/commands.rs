@@ -27,9 +27,10 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
     Ok(store)
 }
 
-/// One cycle with the store locked for its duration; afterwards the
-/// metrics file (if configured) and the heartbeat are written.
-pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
+/// One cycle with the store locked for its duration; with `purge`, the
+/// retention purge runs on the same open store afterwards. Then the metrics
+/// file (if configured) and the heartbeat are written.
+pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>, purge: bool) -> Result<CycleReport, AppError> {
     let started = std::time::Instant::now();
     let mut store = open_store(cfg, LockMode::Try)?;
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
@@ -38,6 +39,9 @@ pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<C
         agent = agent.with_shutdown(s.clone());
     }
     let result = agent.run_cycle();
+    if purge && let Err(e) = purge_old(cfg, &mut store, &mut audit) {
+        log::warn!("retention purge skipped: {e}");
+    }
     after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok());
     Ok(result?)
 }
@@ -54,6 +58,7 @@ fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool) {
         cycle_end: Utc::now(),
         last_success: store.last_poll().and_then(|p| p.last_ok),
         next_poll: None,
+        soonest_expiry: ops::soonest_open_expiry(store),
     };
     if let Err(e) = ops::write_heartbeat(store.dir(), &hb) {
         log::warn!("cannot write the heartbeat: {e}");
@@ -115,7 +120,7 @@ pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
         }
         return Ok(exit::OK);
     }
-    let report = cycle(cfg, &client, None)?;
+    let report = cycle(cfg, &client, None, false)?;
     Ok(report_exit(&report))
 }
 
@@ -132,19 +137,13 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     log::info!("daemon started; polling every {}", humanize(interval));
     let mut last_purge: Option<std::time::Instant> = None;
     while !shutdown.requested() {
-        if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(86_400)) {
-            let purged = open_store(cfg, LockMode::Try).and_then(|mut store| {
-                let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
-                purge_old(cfg, &mut store, &mut audit)
-            });
-            match purged {
-                Ok(_) => last_purge = Some(std::time::Instant::now()),
-                Err(e) => log::warn!("daily purge skipped: {e}"),
-            }
-        }
-        match cycle(cfg, &client, Some(&shutdown)) {
+        let purge = last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(86_400));
+        match cycle(cfg, &client, Some(&shutdown), purge) {
             Ok(report) => {
                 report_exit(&report);
+                if purge {
+                    last_purge = Some(std::time::Instant::now());
+                }
             }
             Err(AppError::Store(e @ StoreError::Locked { .. })) => log::warn!("skipping this cycle: {e}"),
             Err(e @ AppError::Config(_) | e @ AppError::Key(_) | e @ AppError::Store(StoreError::WrongKey { .. })) => {
@@ -153,9 +152,14 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
             }
             Err(e) => log::error!("cycle failed: {e}"),
         }
-        let next = next_poll(cfg, interval);
+        let heartbeat = ops::read_heartbeat(&cfg.store.path);
+        let left = heartbeat
+            .as_ref()
+            .and_then(|h| h.soonest_expiry)
+            .and_then(|x| (x - Utc::now()).to_std().ok());
+        let next = poll_delay(interval, left, crate::retry::jitter());
         log::info!("next poll in {}", humanize(next));
-        if let Some(mut hb) = ops::read_heartbeat(&cfg.store.path) {
+        if let Some(mut hb) = heartbeat {
             hb.next_poll = chrono::Duration::from_std(next).ok().map(|d| Utc::now() + d);
             if let Err(e) = ops::write_heartbeat(&cfg.store.path, &hb) {
                 log::warn!("cannot write the heartbeat: {e}");
@@ -167,17 +171,6 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     }
     log::info!("shutting down");
     Ok(exit::OK)
-}
-
-fn next_poll(cfg: &Config, interval: Duration) -> Duration {
-    let soonest = open_store(cfg, LockMode::Try).ok().and_then(|s| {
-        s.ledger_entries()
-            .filter(|e| !e.status.is_terminal())
-            .filter_map(|e| e.expires)
-            .min()
-    });
-    let left = soonest.and_then(|x| (x - Utc::now()).to_std().ok());
-    poll_delay(interval, left, crate::retry::jitter())
 }
 
 /// The interval with up to ±10% jitter (`jitter` in [0, 1)), so that many
@@ -193,13 +186,7 @@ pub fn poll_delay(interval: Duration, left: Option<Duration>, jitter: f64) -> Du
 }
 
 fn humanize(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0 => format!("{}ms", d.as_millis()),
-        1..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
+    ops::human(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
 }
 
 pub fn check(cfg: &Config) -> Result<u8, AppError> {
@@ -411,7 +398,7 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     }
     println!("running one cycle against the simulator ({})", format.mime());
     let client = Client::new(&cfg)?;
-    let report = cycle(&cfg, &client, None)?;
+    let report = cycle(&cfg, &client, None, false)?;
     print!("{}", demo::summary(&report));
 
     let st = sim.state();

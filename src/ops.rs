@@ -275,6 +275,10 @@ pub struct Heartbeat {
     /// When the daemon will poll next (absent for `run --once`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_poll: Option<DateTime<Utc>>,
+    /// When the first still-open task expires: the daemon polls sooner for
+    /// it without opening the store again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soonest_expiry: Option<DateTime<Utc>>,
 }
 
 pub fn heartbeat_path(store_dir: &Path) -> std::path::PathBuf {
@@ -439,13 +443,23 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
     }
 }
 
+/// When the first still-open task expires.
+pub fn soonest_open_expiry(store: &Store) -> Option<DateTime<Utc>> {
+    store
+        .ledger_entries()
+        .filter(|e| !e.status.is_terminal())
+        .filter_map(|e| e.expires)
+        .min()
+}
+
 pub fn human(d: chrono::Duration) -> String {
     let s = d.num_seconds();
     if s < 0 {
         return "no time (past)".into();
     }
     match s {
-        0..=119 => format!("{s}s"),
+        0 => format!("{}ms", d.num_milliseconds()),
+        1..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),
         7200..=172_799 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
         _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
@@ -527,7 +541,7 @@ pub fn metrics(store: &Store, cycle_seconds: f64, cycle_ok: bool) -> String {
     s.push_str("# HELP fttp_agent_pending_tasks Tasks not yet resolved, expired or rejected.\n");
     s.push_str("# TYPE fttp_agent_pending_tasks gauge\n");
     s.push_str(&format!("fttp_agent_pending_tasks {}\n", open.len()));
-    if let Some(soonest) = open.iter().filter_map(|e| e.expires).min() {
+    if let Some(soonest) = soonest_open_expiry(store) {
         s.push_str("# HELP fttp_agent_seconds_until_soonest_expiry Seconds until the first open task expires.\n");
         s.push_str("# TYPE fttp_agent_seconds_until_soonest_expiry gauge\n");
         s.push_str(&format!(

@@ -707,6 +707,23 @@ impl Store {
         }
     }
 
+    /// The patient a task names: by pseudonym, else by Bloom filter.
+    pub fn find_patient(
+        &self,
+        pseudonym: Option<&crate::types::Pseudonym>,
+        bloomfilter: Option<&BloomFilter>,
+    ) -> Result<Option<PatientRecord>, StoreError> {
+        if let Some(p) = pseudonym
+            && let Some(found) = self.patient_by_pseudonym(&p.value)?
+        {
+            return Ok(Some(found));
+        }
+        match bloomfilter {
+            Some(bf) => self.patient_by_bloomfilter(bf),
+            None => Ok(None),
+        }
+    }
+
     pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Result<Option<PseudonymRecord>, StoreError> {
         let bf = self.key.index_bytes("bf", bf.as_bytes());
         self.state

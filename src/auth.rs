@@ -81,22 +81,15 @@ impl Auth {
     /// one to forget, i.e. a retry with a fresh token may help.
     pub fn invalidate(&self) -> bool {
         match self {
-            Auth::OAuth(o) => lock(&o.cached).take().is_some(),
+            Auth::OAuth(o) => crate::lock(&o.cached).take().is_some(),
             _ => false,
         }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 impl OAuth {
     fn token(&self, agent: &ureq::Agent) -> Result<String, TokenError> {
-        let mut cached = lock(&self.cached);
+        let mut cached = crate::lock(&self.cached);
         if let Some((t, until)) = cached.as_ref()
             && Instant::now() < *until
         {

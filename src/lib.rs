@@ -29,3 +29,13 @@ pub mod sim;
 pub mod store;
 pub mod tasks;
 pub mod types;
+
+/// Locks a mutex, carrying on past a poisoned one: the data behind our
+/// locks (a log file, a token cache, the simulator's state) stays usable
+/// after a panic elsewhere.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -104,10 +104,7 @@ impl Log for Logger {
         }
         eprintln!("{}", self.line(record, self.color));
         if let Some(file) = &self.file {
-            let mut guard = match file.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut guard = crate::lock(file);
             if reopen_flag().swap(false, Ordering::SeqCst)
                 && let Ok(f) = open(&guard.0)
             {

@@ -195,11 +195,7 @@ impl Simulator {
 
     /// The simulator's state; tests read and change it between cycles.
     pub fn state(&self) -> MutexGuard<'_, SimState> {
-        // A panic while holding the lock only happens in a failing test.
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::lock(&self.state)
     }
 
     pub fn add_task(&self, task: Parameter) {
@@ -403,10 +399,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
     } else {
         None
     };
-    let mut st = match state.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut st = crate::lock(state);
     let key_in_header = header_key.as_deref() == Some(options.api_key.as_str());
     let key_in_body = options.accept_body_key
         && parameters
@@ -452,10 +445,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
             // Sleep without holding the state lock.
             drop(st);
             std::thread::sleep(d);
-            st = match state.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            st = crate::lock(state);
             None
         }
         other => other,
@@ -584,7 +574,7 @@ mod front {
     }
 
     pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOptions) {
-        super::lock(state).connections += 1;
+        crate::lock(state).connections += 1;
         let _ = client.set_nodelay(true);
         let Ok(read_half) = client.try_clone() else { return };
         let mut reader = BufReader::new(read_half);
@@ -641,19 +631,9 @@ mod front {
     }
 }
 
-fn lock(m: &Mutex<SimState>) -> std::sync::MutexGuard<'_, SimState> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 /// A Keycloak-style token endpoint: form-encoded grant in, JSON token out.
 fn token_endpoint(state: &Mutex<SimState>, options: &SimOptions, body: &[u8]) -> (u16, String) {
-    let mut st = match state.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let mut st = crate::lock(state);
     st.token_requests += 1;
     let form: HashMap<String, String> = String::from_utf8_lossy(body)
         .split('&')

@@ -674,13 +674,6 @@ impl Store {
             .transpose()
     }
 
-    /// Whether a patient has this Bloom filter, without decrypting anything.
-    pub fn knows_bloomfilter(&self, bf: &BloomFilter) -> bool {
-        self.state
-            .by_bf
-            .contains_key(&self.key.index_bytes("bf", bf.as_bytes()))
-    }
-
     /// The local id of the patient with this Bloom filter, without decrypting.
     pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Option<LocalId> {
         self.state
@@ -1351,6 +1344,6 @@ mod crypto_tests {
         let s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[5; 32])).unwrap();
         assert_eq!(s.all_patients().unwrap().len(), 1);
         let bf = BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap();
-        assert!(s.knows_bloomfilter(&bf));
+        assert!(s.local_id_by_bloomfilter(&bf).is_some());
     }
 }

@@ -118,6 +118,7 @@ impl Retryable for ClientError {
 
 pub struct Client {
     agent: ureq::Agent,
+    proxy: Option<String>,
     /// For the hint when a TLS 1.3 server drops us after the handshake,
     /// which is how a missing client certificate shows.
     mtls_hint: bool,
@@ -140,6 +141,7 @@ impl Client {
             auth: crate::auth::Auth::from_config(d)?,
             base: d.url.0.clone(),
             api_key: cfg.api_key().to_string(),
+            proxy: d.proxy.as_ref().map(|p| p.expose().to_string()),
             api_key_header: d.api_key_header.0.clone(),
             api_key_in: d.api_key_in,
             format: d.format,
@@ -157,6 +159,13 @@ impl Client {
         r.add(&self.api_key);
         for s in self.auth.secrets() {
             r.add(&s);
+        }
+        // A transport error may quote the proxy URL, credentials included.
+        if let Some(proxy) = &self.proxy {
+            r.add(proxy);
+            if let Some(password) = proxy_password(proxy) {
+                r.add(password);
+            }
         }
         r
     }
@@ -308,6 +317,13 @@ impl Client {
     }
 }
 
+/// The password in `scheme://user:password@host`.
+fn proxy_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let userinfo = rest.rsplit_once('@')?.0;
+    userinfo.split_once(':').map(|(_, p)| p)
+}
+
 impl Client {
     fn transport(&self, op: Operation, e: ureq::Error, redactor: &Redactor) -> ClientError {
         if let Some(reason) = crate::net::explain_tls(&e) {
@@ -329,5 +345,14 @@ impl Client {
                 ClientError::Unreachable { op, reason }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_proxy_password_is_found_for_redaction() {
+        assert_eq!(super::proxy_password("http://u:s3cret@proxy:3128"), Some("s3cret"));
+        assert_eq!(super::proxy_password("http://proxy:3128"), None);
     }
 }

@@ -373,11 +373,7 @@ fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> DiskRecord {
 fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
     match r {
         Record::Patient(p) => {
-            let secret = PatientSecret {
-                idat: p.idat.clone(),
-                bloomfilter: p.bloomfilter.clone(),
-            };
-            let plain = secret.encode();
+            let plain = PatientSecret::encode_parts(&p.idat, p.bloomfilter.as_ref());
             DiskRecord::Patient {
                 id: p.local_id.clone(),
                 bf: p

@@ -63,9 +63,16 @@ pub struct Config {
     pub store: Store,
     #[serde(default)]
     pub log: Log,
+    /// How this site computes Bloom filters (`bloom`, `import`, `enroll`,
+    /// `update-bf`). Unset: filters come precomputed with the import.
+    #[serde(default)]
+    pub bloomfilter: Option<BloomFilterConfig>,
     /// Problems worth a warning but not a refusal, logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// The file this was read from (for messages).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 /// Where an API key travels.
@@ -258,6 +265,187 @@ pub struct Log {
     /// forge it. Unset: a plain SHA-256 chain (detects edits, not forgery).
     #[serde(default)]
     pub audit_hmac_key_file: Option<PathBuf>,
+}
+
+/// `[bloomfilter]`: the record-level Bloom filter of the NUM fTTP, with the
+/// parameters of the Mainzelliste fTTP client (named in brackets), so a
+/// site can move its settings over; README "Bloom filters" has an example.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BloomFilterConfig {
+    /// Bits per filter before balancing (`length`; the balanced filter has
+    /// twice as many). The NUM fTTP's studies use 500 to 1000.
+    #[serde(default = "default_bf_length")]
+    pub length: usize,
+    /// Bit positions drawn per bigram and field (`randomPositionNumber`).
+    #[serde(default = "default_bf_positions")]
+    pub random_position_number: u32,
+    /// The characters bigrams are made of (`vocabulary`); bigrams with any
+    /// other character add nothing. A repeated character adds nothing either.
+    #[serde(default = "default_bf_vocabulary")]
+    pub vocabulary: String,
+    /// Only bigrams (2) are defined (`nGramLength`).
+    #[serde(default = "default_bf_ngram")]
+    pub n_gram_length: u32,
+    /// Balanced filter: complement appended, bits permuted with
+    /// `balanced.seed` (what `generateBalancedBloomFilter` makes, and what
+    /// the NUM fTTP expects).
+    #[serde(default = "default_true")]
+    pub balanced: bool,
+    /// File with the seeds, which are study secrets (mode 0600, never logged
+    /// or printed): the client's property lines `balanced.seed = N` and
+    /// `field.<name>.seed = N` as they are.
+    pub seeds_file: PathBuf,
+    /// `bfVersion` sent with `$updateBf` (needed by `update-bf` only).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The study's fields, each made from IDAT (`field.<name>`).
+    #[serde(rename = "field", default)]
+    pub fields: Vec<BloomField>,
+}
+
+/// `[[bloomfilter.field]]`: one field of the record's filter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BloomField {
+    /// The study's name of the field (`firstName`, ...): its seed is
+    /// `field.<name>.seed` in the seeds file.
+    pub name: String,
+    /// The IDAT element it is made of (`given`, `family`, `birthdate`,
+    /// `gender`, `birthplace`, ...), or a list whose values are concatenated
+    /// (the client's `StringFieldConcatenation`). A patient without any of
+    /// them has no such field: it adds no bits.
+    pub source: BloomSource,
+    /// For a date element: its format in Java SimpleDateFormat letters
+    /// (`yyyyMMdd`; supported: yyyy, yy, MM, M, dd, d, literal text).
+    /// Unset: the date as stored (YYYY-MM-DD).
+    #[serde(default)]
+    pub date_format: Option<String>,
+    /// Normalisation steps in order (`transformer.0`, `transformer.1`, ...).
+    /// None: the value is used as it is.
+    #[serde(rename = "transformer", default)]
+    pub transformers: Vec<BloomTransformer>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum BloomSource {
+    One(crate::fhir::idat::IdatElement),
+    Many(Vec<crate::fhir::idat::IdatElement>),
+}
+
+impl BloomSource {
+    pub fn elements(&self) -> Vec<crate::fhir::idat::IdatElement> {
+        match self {
+            BloomSource::One(e) => vec![*e],
+            BloomSource::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `[[bloomfilter.field.transformer]]`: one `StringFieldTransformer`. Its
+/// steps run in the client's order: replacement, allowed_chars, upper_case, trim.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BloomTransformer {
+    /// Regex -> replacement, applied in the order written (`replacement`,
+    /// the client's JSON map); `$1` in a replacement is the first group.
+    #[serde(default)]
+    pub replacement: Replacements,
+    /// A regex each single character must match to be kept (`allowedChars`,
+    /// e.g. `[A-Z\s]`); `\s`, `\d`, `\w` are ASCII, as in Java.
+    #[serde(default, rename = "allowed_chars")]
+    pub allowed_chars: Option<String>,
+    /// Upper case (`upperCase`).
+    #[serde(default)]
+    pub upper_case: bool,
+    /// Strip leading and trailing spaces and control characters (`trim`).
+    #[serde(default)]
+    pub trim: bool,
+}
+
+/// An ordered map read from a TOML table (document order matters:
+/// replacements apply one after the other).
+#[derive(Debug, Clone, Default)]
+pub struct Replacements(pub Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for Replacements {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Replacements;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table of regex = replacement")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Replacements, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, String>()? {
+                    out.push((k, v));
+                }
+                Ok(Replacements(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+// The client's defaults.
+fn default_bf_length() -> usize {
+    900
+}
+fn default_bf_positions() -> u32 {
+    30
+}
+fn default_bf_vocabulary() -> String {
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ .-0123456789".into()
+}
+fn default_bf_ngram() -> u32 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+
+impl BloomFilterConfig {
+    /// The encoder with its normalisation: reads the seeds file.
+    pub fn encoder(&self) -> Result<crate::bloom::RecordEncoder, String> {
+        use crate::bloom::{Encoder, Params, RecordEncoder, normalize::FieldRule, seeds::Seeds};
+        if self.n_gram_length != 2 {
+            return Err("n_gram_length: only bigrams (2) are supported".into());
+        }
+        if self.fields.is_empty() {
+            return Err("no [[bloomfilter.field]] defined".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        if let Some(dup) = self.fields.iter().find(|f| !names.insert(f.name.as_str())) {
+            return Err(format!("field {} is defined twice", dup.name));
+        }
+        let rules = self
+            .fields
+            .iter()
+            .map(FieldRule::from_config)
+            .collect::<Result<Vec<_>, _>>()?;
+        let seeds = Seeds::load(&self.seeds_file).map_err(|e| e.to_string())?;
+        let fields = self
+            .fields
+            .iter()
+            .map(|f| seeds.field(&f.name).map(|s| (f.name.clone(), s)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let balanced_seed = if self.balanced {
+            Some(seeds.balanced().map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        let encoder = Encoder::new(&Params {
+            length: self.length,
+            positions: self.random_position_number,
+            vocabulary: self.vocabulary.clone(),
+            balanced_seed,
+            fields,
+        })?;
+        Ok(RecordEncoder::new(encoder, rules))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -496,6 +684,7 @@ impl Config {
         cfg.resolve_relative(base);
         cfg.apply_env();
         cfg.validate(path)?;
+        cfg.path = path.to_path_buf();
         Ok(cfg)
     }
 
@@ -544,6 +733,9 @@ impl Config {
         }
         if let Some(p) = self.log.metrics.as_mut() {
             fix(p);
+        }
+        if let Some(b) = self.bloomfilter.as_mut() {
+            fix(&mut b.seeds_file);
         }
     }
 
@@ -636,6 +828,16 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The Bloom filter encoder of `[bloomfilter]` (reads the seeds file);
+    /// `None` when the section is absent.
+    pub fn bloom_encoder(&self) -> Result<Option<crate::bloom::RecordEncoder>, ConfigError> {
+        let Some(b) = &self.bloomfilter else { return Ok(None) };
+        b.encoder().map(Some).map_err(|message| ConfigError::Invalid {
+            path: self.path.clone(),
+            message: format!("[bloomfilter] {message}"),
+        })
     }
 
     /// Loads the store key named by `[store] key_file`.

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod bloom;
 pub mod auth;
 pub mod client;
 pub mod commands;

@@ -9,12 +9,11 @@ use crate::audit::{Audit, AuditError, AuditRecord};
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::crashpoint;
-use crate::fhir::ParamValue;
 use crate::fhir::idat::IdatElement;
 use crate::ops::ts;
 use crate::shutdown::Shutdown;
 use crate::store::{LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store, StoreError};
-use crate::tasks::{Rejected, Scope, Task, TaskKind, parse_response};
+use crate::tasks::{PsnAnswers, Rejected, Scope, Task, TaskKind, parse_response};
 use crate::types::{BloomFilter, Pseudonym};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -524,48 +523,14 @@ impl<'a> Agent<'a> {
                 return Ok(());
             }
         };
-        let mut psns: std::collections::HashMap<BloomFilter, Pseudonym> = Default::default();
-        let mut errors: std::collections::HashMap<BloomFilter, String> = Default::default();
-        let mut batch_error: Option<String> = None;
-        for p in &answer.parameter {
-            match p.name.as_ref() {
-                "pseudonym-bf" => {
-                    let bf = part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok());
-                    let psn = p.parts("pseudonym").find_map(|x| match &x.value {
-                        Some(ParamValue::Identifier(id)) => id.value.clone().map(|v| Pseudonym {
-                            system: id.system.clone(),
-                            value: v,
-                        }),
-                        _ => None,
-                    });
-                    match (bf, psn) {
-                        (Some(bf), Some(psn)) => {
-                            psns.insert(bf, psn);
-                        }
-                        _ => log::warn!("[repeat_request] ignoring a malformed pseudonym-bf answer"),
-                    }
-                }
-                "error" => {
-                    let code = p
-                        .parts("error-code")
-                        .find_map(|x| match &x.value {
-                            Some(ParamValue::Coding(c)) => c.code.clone(),
-                            _ => None,
-                        })
-                        .unwrap_or_else(|| "unspecified".into());
-                    if p.parts("all").next().is_some() {
-                        batch_error = Some(code);
-                    } else {
-                        match part_str(p, "bloomfilter").and_then(|s| BloomFilter::from_base64(s).ok()) {
-                            Some(bf) => {
-                                errors.insert(bf, code);
-                            }
-                            None => log::warn!("[repeat_request] an error part without a Bloom filter: {code}"),
-                        }
-                    }
-                }
-                _ => {}
-            }
+        let PsnAnswers {
+            pseudonyms: mut psns,
+            errors,
+            batch_error,
+            malformed,
+        } = PsnAnswers::from_parameters(&answer);
+        if malformed > 0 {
+            log::warn!("[repeat_request] ignoring {malformed} malformed part(s) of the answer");
         }
         for mut e in flights {
             let Some(Task::RepeatRequest { bloomfilter, .. }) = e.task.clone() else {
@@ -719,13 +684,6 @@ fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool
     } else {
         log::info!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
     }
-}
-
-fn part_str<'p>(p: &'p crate::fhir::Parameter, name: &str) -> Option<&'p str> {
-    p.part
-        .iter()
-        .filter(|x| x.name == name)
-        .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
 }
 
 /// The monotonic instant of a wall-clock expiry, for retry deadlines.

@@ -15,6 +15,7 @@ pub enum Operation {
     RequestTasks,
     ProvidePatientData,
     RequestPsnFromBfWorkflow,
+    UpdateBf,
 }
 
 impl Operation {
@@ -23,6 +24,7 @@ impl Operation {
             Operation::RequestTasks => "$requestTasks",
             Operation::ProvidePatientData => "$providePatientData",
             Operation::RequestPsnFromBfWorkflow => "$requestPsnFromBfWorkflow",
+            Operation::UpdateBf => "$updateBf",
         }
     }
 }
@@ -223,6 +225,32 @@ impl Client {
         let op = Operation::RequestPsnFromBfWorkflow;
         let (format, body) = self.call(op, Parameters::new(list), &redactor, deadline)?;
         Parameters::parse(format, &body).map_err(|source| ClientError::Decode { op, source })
+    }
+
+    /// `$updateBf` {study, bloomfilter, source, pseudonym, bfVersion}: the
+    /// fTTP replaces the filter it holds for `pseudonym` (of this site's
+    /// domain `source`). The answer is an OperationOutcome; an HTTP error
+    /// status is the refusal.
+    pub fn update_bf(
+        &self,
+        study: &str,
+        bloomfilter: &BloomFilter,
+        source: &str,
+        pseudonym: &str,
+        version: &str,
+    ) -> Result<(), ClientError> {
+        let b64 = bloomfilter.to_base64();
+        let mut redactor = self.redactor();
+        redactor.add(&b64);
+        let params = Parameters::new(vec![
+            Parameter::string("study", study),
+            Parameter::primitive("bloomfilter", "base64Binary", &b64),
+            Parameter::string("source", source),
+            Parameter::string("pseudonym", pseudonym),
+            Parameter::string("bfVersion", version),
+        ]);
+        self.call(Operation::UpdateBf, params, &redactor, None)?;
+        Ok(())
     }
 
     fn call(

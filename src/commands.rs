@@ -228,10 +228,11 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
 }
 
 pub fn import(cfg: &Config, file: &Path) -> Result<u8, AppError> {
+    let encoder = cfg.bloom_encoder()?;
     let mut store = open_store(cfg, LockMode::Wait)?;
-    let report = import_file(&mut store, file)?;
+    let report = import_file(&mut store, file, encoder.as_ref())?;
     print_import(file, &report);
-    Ok(if report.errors.is_empty() {
+    Ok(if report.errors.is_empty() && report.without_filter.is_empty() {
         exit::OK
     } else {
         exit::TASKS_OPEN
@@ -242,6 +243,12 @@ fn print_import(file: &Path, r: &ImportReport) {
     for (line, reason) in &r.errors {
         eprintln!("{}:{line}: skipped: {reason}", file.display());
     }
+    for (line, reason) in &r.without_filter {
+        eprintln!("{}:{line}: imported without a Bloom filter: {reason}", file.display());
+    }
+    if r.computed > 0 {
+        println!("computed {} Bloom filter(s) from IDAT ([bloomfilter])", r.computed);
+    }
     println!(
         "import {}: {} added, {} updated, {} unchanged, {} skipped",
         file.display(),
@@ -250,6 +257,101 @@ fn print_import(file: &Path, r: &ImportReport) {
         r.unchanged,
         r.errors.len()
     );
+}
+
+fn need_encoder(cfg: &Config) -> Result<crate::bloom::RecordEncoder, AppError> {
+    cfg.bloom_encoder()?.ok_or_else(|| {
+        AppError::Usage(format!(
+            "{}: no [bloomfilter] section; README \"Bloom filters\" shows how to configure the encoding",
+            cfg.path.display()
+        ))
+    })
+}
+
+/// `bloom FILE`: the filter of each row, as CSV on standard output.
+pub fn bloom(cfg: &Config, file: &Path) -> Result<u8, AppError> {
+    let encoder = need_encoder(cfg)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let (written, errors) = crate::import::bloom_file(file, &encoder, &mut out)?;
+    drop(out);
+    for (line, reason) in &errors {
+        eprintln!("{}:{line}: no Bloom filter: {reason}", file.display());
+    }
+    eprintln!("{written} Bloom filter(s), {} row(s) without", errors.len());
+    Ok(if errors.is_empty() { exit::OK } else { exit::TASKS_OPEN })
+}
+
+/// `enroll`: sends the filters of patients without a pseudonym.
+pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<u8, AppError> {
+    let encoder = cfg.bloom_encoder()?;
+    let client = Client::new(cfg)?;
+    let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
+    let mut store = open_store(cfg, LockMode::Try)?;
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let opts = crate::enroll::EnrollOptions { limit, retry_errors };
+    let r = crate::enroll::enroll(cfg, &client, &mut store, &mut audit, encoder.as_ref(), &opts, Some(&stop))?;
+    for (id, reason) in &r.no_filter {
+        eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
+    }
+    if r.computed > 0 {
+        println!("computed {} Bloom filter(s) from IDAT", r.computed);
+    }
+    println!(
+        "enroll: {} sent: {} enrolled, {} in clearing (pseudonym follows as a task), {} refused with an error, {} not answered",
+        r.sent, r.enrolled, r.clearing, r.errors, r.failed
+    );
+    if r.waiting + r.earlier_errors + r.changed > 0 {
+        println!(
+            "left alone: {} in clearing from earlier runs, {} refused earlier (--retry-errors sends them again), \
+             {} enrolled earlier with a filter they no longer have (see update-bf)",
+            r.waiting, r.earlier_errors, r.changed
+        );
+    }
+    if let Some(why) = &r.stopped {
+        eprintln!("enroll stopped early: {why}");
+        return Ok(exit::DISPATCHER);
+    }
+    Ok(if r.errors + r.failed == 0 && r.no_filter.is_empty() {
+        exit::OK
+    } else {
+        exit::TASKS_OPEN
+    })
+}
+
+/// `update-bf`: sends `$updateBf` for patients whose filter changed.
+pub fn update_bf(cfg: &Config, limit: Option<usize>) -> Result<u8, AppError> {
+    let encoder = need_encoder(cfg)?;
+    let client = Client::new(cfg)?;
+    let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
+    let mut store = open_store(cfg, LockMode::Try)?;
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let r = crate::enroll::update_bf(cfg, &client, &mut store, &mut audit, &encoder, limit, Some(&stop))?;
+    for (id, reason) in &r.no_filter {
+        eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
+    }
+    for (fp, reason) in &r.refused {
+        eprintln!("patient {fp}: $updateBf refused: {reason}");
+    }
+    println!(
+        "update-bf: {} updated at the fTTP, {} changed locally only (never sent), {} unchanged, \
+         {} waiting for a pseudonym, {} refused, {} not answered",
+        r.updated,
+        r.local,
+        r.unchanged,
+        r.waiting,
+        r.refused.len(),
+        r.failed
+    );
+    if let Some(why) = &r.stopped {
+        eprintln!("update-bf stopped early: {why}");
+        return Ok(exit::DISPATCHER);
+    }
+    Ok(if r.refused.is_empty() && r.failed == 0 && r.no_filter.is_empty() {
+        exit::OK
+    } else {
+        exit::TASKS_OPEN
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,7 +495,7 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     std::fs::write(&csv, demo::sample_csv()).map_err(io("write the sample patients"))?;
     {
         let mut store = open_store(&cfg, LockMode::Try)?;
-        let report = import_file(&mut store, &csv)?;
+        let report = import_file(&mut store, &csv, None)?;
         print_import(&csv, &report);
     }
     println!("running one cycle against the simulator ({})", format.mime());

@@ -33,6 +33,8 @@ pub enum AppError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
+    Enroll(#[from] crate::enroll::EnrollError),
+    #[error(transparent)]
     Key(#[from] crate::crypto::KeyError),
     #[error(transparent)]
     ClientSetup(#[from] crate::client::ClientSetupError),
@@ -46,6 +48,8 @@ impl AppError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) | AppError::ClientSetup(_) => exit::CONFIG,
+            AppError::Enroll(crate::enroll::EnrollError::NoVersion) => exit::CONFIG,
+            AppError::Enroll(crate::enroll::EnrollError::Store(StoreError::Locked { .. })) => exit::LOCKED,
             AppError::Store(StoreError::WrongKey { .. }) => exit::CONFIG,
             AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
             AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,

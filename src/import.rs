@@ -7,6 +7,7 @@
 use crate::fhir::idat::{BLOOMFILTER_SYSTEM, Idat, IdatElement, normalize_gender, valid_birthdate};
 use crate::fhir::{Format, Resource};
 use crate::store::{PatientRecord, Record, Store, StoreError};
+use crate::bloom::RecordEncoder;
 use crate::types::{BloomFilter, LocalId};
 use chrono::Utc;
 use std::io::BufRead;
@@ -50,6 +51,11 @@ pub struct ImportReport {
     pub unchanged: usize,
     /// (line number, reason) of each row that was skipped.
     pub errors: Vec<(usize, String)>,
+    /// Bloom filters computed from IDAT (rows without one).
+    pub computed: usize,
+    /// (line number, reason) of rows imported without a Bloom filter
+    /// because none could be computed.
+    pub without_filter: Vec<(usize, String)>,
 }
 
 /// A parsed row: the patient's key, IDAT and Bloom filter.
@@ -57,7 +63,72 @@ pub type Row = (LocalId, Idat, Option<BloomFilter>);
 
 const WRITE_BATCH: usize = 1000;
 
-pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, ImportError> {
+/// Imports a file. With `encoder` (a `[bloomfilter]` section), a row
+/// without a Bloom filter gets one computed from its IDAT, unless the
+/// patient already has one (changing a filter is `update-bf`'s job).
+pub fn import_file(store: &mut Store, path: &Path, encoder: Option<&RecordEncoder>) -> Result<ImportReport, ImportError> {
+    let mut report = ImportReport::default();
+    let mut progress = crate::progress::Progress::new("rows", None);
+    let mut pending: Vec<Record> = Vec::new();
+    read_rows(path, |lineno, row| {
+        progress.tick(1);
+        match row {
+            Ok(row) => {
+                upsert(store, &mut report, &mut pending, encoder, lineno, row)?;
+                if pending.len() >= WRITE_BATCH {
+                    store.write(std::mem::take(&mut pending))?;
+                }
+            }
+            Err(reason) => report.errors.push((lineno, reason)),
+        }
+        Ok(())
+    })?;
+    store.write(pending)?;
+    store.maybe_compact()?;
+    progress.finish();
+    Ok(report)
+}
+
+/// `fttp-agent bloom`: each row's Bloom filter computed from its IDAT, as
+/// CSV `local_id,bloomfilter` on `out`. Returns the rows that had none,
+/// by line number and reason.
+pub fn bloom_file(
+    path: &Path,
+    encoder: &RecordEncoder,
+    out: &mut impl std::io::Write,
+) -> Result<(usize, Vec<(usize, String)>), ImportError> {
+    let mut errors = Vec::new();
+    let mut written = 0;
+    let write_err = |source| ImportError::Read {
+        path: "standard output".into(),
+        source,
+    };
+    writeln!(out, "local_id,bloomfilter").map_err(write_err)?;
+    read_rows(path, |lineno, row| {
+        match row.and_then(|(id, idat, _)| encoder.encode(&idat).map(|bf| (id, bf)).map_err(|e| e.to_string())) {
+            Ok((id, bf)) => {
+                let id = if id.0.contains([',', '"', '\n', '\r']) {
+                    format!("\"{}\"", id.0.replace('"', "\"\""))
+                } else {
+                    id.0
+                };
+                writeln!(out, "{id},{}", bf.to_base64()).map_err(write_err)?;
+                written += 1;
+            }
+            Err(reason) => errors.push((lineno, reason)),
+        }
+        Ok(())
+    })?;
+    out.flush().map_err(write_err)?;
+    Ok((written, errors))
+}
+
+/// Reads CSV or NDJSON of FHIR Patients (by extension, else by the first
+/// character) and hands each row, or why it is bad, to `sink` with its line.
+fn read_rows(
+    path: &Path,
+    mut sink: impl FnMut(usize, Result<Row, String>) -> Result<(), ImportError>,
+) -> Result<(), ImportError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| ImportError::Read {
         path: shown.clone(),
@@ -80,86 +151,60 @@ pub fn import_file(store: &mut Store, path: &Path) -> Result<ImportReport, Impor
             head.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
         }
     };
-    let mut report = ImportReport::default();
-    let mut progress = crate::progress::Progress::new("rows", None);
-    let mut pending: Vec<Record> = Vec::new();
-    let mut sink = |store: &mut Store, report: &mut ImportReport, row: Row| -> Result<(), ImportError> {
-        progress.tick(1);
-        upsert(store, report, &mut pending, row)?;
-        if pending.len() >= WRITE_BATCH {
-            store.write(std::mem::take(&mut pending))?;
-        }
-        Ok(())
-    };
     if ndjson {
         for (i, line) in reader.lines().enumerate() {
             let lineno = i + 1;
-            let line = match line {
-                Ok(l) => l,
-                Err(_) => {
-                    report.errors.push((lineno, "not valid UTF-8".into()));
-                    continue;
-                }
-            };
-            if line.trim().is_empty() {
-                continue;
-            }
-            match parse_ndjson_line(&line) {
-                Ok(row) => sink(store, &mut report, row)?,
-                Err(reason) => report.errors.push((lineno, reason)),
+            match line {
+                Ok(l) if l.trim().is_empty() => {}
+                Ok(l) => sink(lineno, parse_ndjson_line(&l))?,
+                Err(_) => sink(lineno, Err("not valid UTF-8".into()))?,
             }
         }
-    } else {
-        let mut csv = csv::ReaderBuilder::new().flexible(false).from_reader(reader);
-        let headers = csv
-            .headers()
-            .map_err(|e| ImportError::Header {
-                path: shown.clone(),
-                reason: format!("cannot read the header row: {}", csv_reason(&e)),
-            })?
-            .clone();
-        let columns: Vec<String> = headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
-        if let Some(bad) = columns.iter().find(|c| !CSV_COLUMNS.contains(&c.as_str())) {
-            return Err(ImportError::Header {
-                path: shown,
-                reason: format!("unknown column '{bad}'; known columns: {}", CSV_COLUMNS.join(",")),
-            });
-        }
-        if !columns.iter().any(|c| c == "local_id") {
-            return Err(ImportError::Header {
-                path: shown,
-                reason: "the header row has no local_id column".into(),
-            });
-        }
-        let mut record = csv::StringRecord::new();
-        loop {
-            let lineno = csv.position().line() as usize;
-            match csv.read_record(&mut record) {
-                Ok(false) => break,
-                Ok(true) => {
-                    let lineno = record.position().map_or(lineno, |p| p.line() as usize);
-                    match parse_csv_row(&columns, &record) {
-                        Ok(row) => sink(store, &mut report, row)?,
-                        Err(reason) => report.errors.push((lineno, reason)),
-                    }
-                }
-                Err(e) => {
-                    let line = e.position().map_or(lineno, |p| p.line() as usize);
-                    report.errors.push((line, csv_reason(&e)));
-                    if !matches!(
-                        e.kind(),
-                        csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
-                    ) {
-                        break;
-                    }
+        return Ok(());
+    }
+    let mut csv = csv::ReaderBuilder::new().flexible(false).from_reader(reader);
+    let headers = csv
+        .headers()
+        .map_err(|e| ImportError::Header {
+            path: shown.clone(),
+            reason: format!("cannot read the header row: {}", csv_reason(&e)),
+        })?
+        .clone();
+    let columns: Vec<String> = headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    if let Some(bad) = columns.iter().find(|c| !CSV_COLUMNS.contains(&c.as_str())) {
+        return Err(ImportError::Header {
+            path: shown,
+            reason: format!("unknown column '{bad}'; known columns: {}", CSV_COLUMNS.join(",")),
+        });
+    }
+    if !columns.iter().any(|c| c == "local_id") {
+        return Err(ImportError::Header {
+            path: shown,
+            reason: "the header row has no local_id column".into(),
+        });
+    }
+    let mut record = csv::StringRecord::new();
+    loop {
+        let lineno = csv.position().line() as usize;
+        match csv.read_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {
+                let lineno = record.position().map_or(lineno, |p| p.line() as usize);
+                sink(lineno, parse_csv_row(&columns, &record))?;
+            }
+            Err(e) => {
+                let line = e.position().map_or(lineno, |p| p.line() as usize);
+                sink(line, Err(csv_reason(&e)))?;
+                if !matches!(
+                    e.kind(),
+                    csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
+                ) {
+                    break;
                 }
             }
         }
     }
-    store.write(pending)?;
-    store.maybe_compact()?;
-    progress.finish();
-    Ok(report)
+    Ok(())
 }
 
 // csv's messages can include a field's bytes for UTF-8 errors; describe by kind.
@@ -242,11 +287,25 @@ fn upsert(
     store: &Store,
     report: &mut ImportReport,
     pending: &mut Vec<Record>,
+    encoder: Option<&RecordEncoder>,
+    lineno: usize,
     (local_id, idat, bf): Row,
 ) -> Result<(), ImportError> {
-    // A row without a Bloom filter keeps the one already stored.
+    // A row without a Bloom filter keeps the one already stored, else gets
+    // one computed (when configured).
     let existing = store.patient(&local_id)?;
-    let bloomfilter = bf.or_else(|| existing.as_ref().and_then(|p| p.bloomfilter.clone()));
+    let mut bloomfilter = bf.or_else(|| existing.as_ref().and_then(|p| p.bloomfilter.clone()));
+    if bloomfilter.is_none()
+        && let Some(encoder) = encoder
+    {
+        match encoder.encode(&idat) {
+            Ok(bf) => {
+                bloomfilter = Some(bf);
+                report.computed += 1;
+            }
+            Err(e) => report.without_filter.push((lineno, e.to_string())),
+        }
+    }
     match existing {
         Some(old) if old.idat == idat && old.bloomfilter == bloomfilter => {
             report.unchanged += 1;

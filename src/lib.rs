@@ -16,6 +16,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod crypto;
 pub mod demo;
+pub mod enroll;
 pub mod error;
 pub mod fhir;
 pub mod import;

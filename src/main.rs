@@ -53,6 +53,29 @@ enum Command {
     Check,
     /// Load patients from CSV or NDJSON (FHIR Patient per line) into the store
     Import { file: PathBuf },
+    /// Print the Bloom filter of each row of an import file (CSV
+    /// `local_id,bloomfilter`, balanced, base64), computed with
+    /// [bloomfilter], to compare with the filters of another tool.
+    Bloom { file: PathBuf },
+    /// Enrol stored patients that have no pseudonym yet: send their Bloom
+    /// filters with $requestPsnFromBfWorkflow in batches and store the
+    /// pseudonyms; patients in clearing get theirs later as a task.
+    /// Computes missing filters first when [bloomfilter] is configured.
+    Enroll {
+        /// Enrol at most this many patients in this run.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Send again the filters an earlier run saw refused with an error.
+        #[arg(long)]
+        retry_errors: bool,
+    },
+    /// Recompute every patient's Bloom filter with the current [bloomfilter]
+    /// and send $updateBf for those that changed and have a pseudonym.
+    UpdateBf {
+        /// Send at most this many updates in this run.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Show the task ledger
     Tasks {
         /// pending, in_flight, resolved, failed, expired or rejected
@@ -177,6 +200,9 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Forget { local_id } => commands::forget(&load(&cli)?, local_id),
         Command::Check => commands::check(&load(&cli)?),
         Command::Import { file } => commands::import(&load(&cli)?, file),
+        Command::Bloom { file } => commands::bloom(&load(&cli)?, file),
+        Command::Enroll { limit, retry_errors } => commands::enroll(&load(&cli)?, *limit, *retry_errors),
+        Command::UpdateBf { limit } => commands::update_bf(&load(&cli)?, *limit),
         Command::Tasks {
             status,
             kind,

@@ -457,3 +457,64 @@ mod tests {
         assert!(!r.reason.contains("Mustermann"));
     }
 }
+
+/// The answer of `$requestPsnFromBfWorkflow`, typed: a pseudonym per Bloom
+/// filter (`pseudonym-bf`), an error code per filter (`error`), or an error
+/// for the whole request (an `error` with an `all` part). A filter in
+/// neither map went to clearing.
+#[derive(Debug, Default)]
+pub struct PsnAnswers {
+    pub pseudonyms: std::collections::HashMap<BloomFilter, Pseudonym>,
+    pub errors: std::collections::HashMap<BloomFilter, String>,
+    pub batch_error: Option<String>,
+    /// Parts that could not be read (reported, then ignored).
+    pub malformed: usize,
+}
+
+impl PsnAnswers {
+    pub fn from_parameters(answer: &Parameters) -> PsnAnswers {
+        let mut out = PsnAnswers::default();
+        let bf_of = |p: &Parameter| {
+            p.parts("bloomfilter")
+                .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+                .and_then(|s| BloomFilter::from_base64(s).ok())
+        };
+        for p in &answer.parameter {
+            match p.name.as_ref() {
+                "pseudonym-bf" => {
+                    let psn = p.parts("pseudonym").find_map(|x| match &x.value {
+                        Some(ParamValue::Identifier(id)) => id.value.clone().map(|v| Pseudonym {
+                            system: id.system.clone(),
+                            value: v,
+                        }),
+                        _ => None,
+                    });
+                    match (bf_of(p), psn) {
+                        (Some(bf), Some(psn)) => {
+                            out.pseudonyms.insert(bf, psn);
+                        }
+                        _ => out.malformed += 1,
+                    }
+                }
+                "error" => {
+                    let code = p
+                        .parts("error-code")
+                        .find_map(|x| match &x.value {
+                            Some(ParamValue::Coding(c)) => c.code.clone(),
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| "unspecified".into());
+                    if p.parts("all").next().is_some() {
+                        out.batch_error = Some(code);
+                    } else if let Some(bf) = bf_of(p) {
+                        out.errors.insert(bf, code);
+                    } else {
+                        out.malformed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}

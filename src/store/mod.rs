@@ -17,7 +17,9 @@
 
 pub mod records;
 
-pub use records::{LedgerEntry, PatientRecord, PollRecord, Progress, PseudonymRecord, Record, Status};
+pub use records::{
+    EnrolmentRecord, EnrolmentStatus, LedgerEntry, PatientRecord, PollRecord, Progress, PseudonymRecord, Record, Status,
+};
 
 use crate::crypto::{OpenError, StoreKey};
 use records::{DiskRecord, PatientSecret};
@@ -107,6 +109,9 @@ pub enum LockMode {
 
 /// A keyed HMAC index (128 bits), as bytes in memory and hex on disk.
 type Index = [u8; 16];
+
+/// An index no Bloom filter has (HMAC outputs of all ones: 2^-128).
+const NO_FILTER: Index = [0xff; 16];
 
 fn index_hex(i: &Index) -> String {
     crate::privacy::hex(i)
@@ -247,6 +252,25 @@ struct State {
     by_psn: HashMap<Index, Index, ByIndex>,
     ledger: HashMap<String, LedgerEntry>,
     last_poll: Option<PollRecord>,
+    enrolments: HashMap<LocalId, Enrolment>,
+}
+
+#[derive(Debug, Clone)]
+struct Enrolment {
+    bf: Index,
+    status: EnrolmentStatus,
+    detail: Option<String>,
+    updated: chrono::DateTime<chrono::Utc>,
+}
+
+/// A patient's enrolment, as `Store::enrolment` tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrolmentState {
+    pub status: EnrolmentStatus,
+    pub detail: Option<String>,
+    pub updated: chrono::DateTime<chrono::Utc>,
+    /// Whether the filter sent is the patient's current one.
+    pub same_filter: bool,
 }
 
 fn patient_context(id: &LocalId) -> Vec<u8> {
@@ -309,7 +333,26 @@ impl State {
                     p.apply_to(e);
                 }
             }
+            DiskRecord::Enrolment {
+                id,
+                bf,
+                status,
+                detail,
+                updated,
+            } => {
+                let bf = parse_index(&bf)?;
+                self.enrolments.insert(
+                    id,
+                    Enrolment {
+                        bf,
+                        status,
+                        detail,
+                        updated,
+                    },
+                );
+            }
             DiskRecord::Forget { id } => {
+                self.enrolments.remove(&id);
                 if let Some(old) = self.patients.remove(id.0.as_str())
                     && let Some(bf) = old.bf
                     && self.by_bf.get(&bf).is_some_and(|x| **x == *id.0)
@@ -335,14 +378,22 @@ impl State {
             data: encode_sealed(&p.data),
         });
         let ledger = self.ledger.values().map(|e| seal_ledger(key, e));
+        let enrolments = self.enrolments.iter().map(|(id, e)| DiskRecord::Enrolment {
+            id: id.clone(),
+            bf: index_hex(&e.bf),
+            status: e.status,
+            detail: e.detail.clone(),
+            updated: e.updated,
+        });
         patients
             .chain(pseudonyms)
             .chain(ledger)
+            .chain(enrolments)
             .chain(self.last_poll.clone().map(DiskRecord::Poll))
     }
 
     fn len(&self) -> usize {
-        self.patients.len() + self.pseudonyms.len() + self.ledger.len() + 1
+        self.patients.len() + self.pseudonyms.len() + self.ledger.len() + self.enrolments.len() + 1
     }
 
     fn counts(&self) -> Counts {
@@ -402,6 +453,13 @@ fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
             data: key.seal(&ledger_context(&p.key), &serde_json::to_vec(p).unwrap_or_default()),
         },
         Record::Forget { local_id } => DiskRecord::Forget { id: local_id.clone() },
+        Record::Enrolment(e) => DiskRecord::Enrolment {
+            id: e.local_id.clone(),
+            bf: index_hex(&key.index_bytes("bf", e.bloomfilter.as_bytes())),
+            status: e.status,
+            detail: e.detail.clone(),
+            updated: e.updated,
+        },
     }
 }
 
@@ -771,7 +829,8 @@ impl Store {
         records.extend(self.state.last_poll.clone().map(Record::Poll));
         let mut state = State::default();
         // (Progress, Purge and Forget records never reach a rekeyed snapshot.)
-        let disk: Vec<DiskRecord> = records.iter().map(|r| seal(&new, r)).collect();
+        let mut disk: Vec<DiskRecord> = records.iter().map(|r| seal(&new, r)).collect();
+        disk.extend(self.rekeyed_enrolments(&new)?);
         for r in &disk {
             state.apply(r.clone(), &new).map_err(tampered(&self.dir))?;
         }
@@ -799,6 +858,85 @@ impl Store {
         self.state = state;
         self.key = new;
         Ok(())
+    }
+
+    /// Enrolments keep only the index of the filter sent, which cannot be
+    /// recomputed under a new key without the filter: it is taken from the
+    /// patient when it is still their filter; otherwise the index becomes
+    /// one no filter has, which keeps what matters ("not the current one").
+    fn rekeyed_enrolments(&self, new: &StoreKey) -> Result<Vec<DiskRecord>, StoreError> {
+        let mut out = Vec::with_capacity(self.state.enrolments.len());
+        for (id, e) in &self.state.enrolments {
+            let current = self.patient(id)?.and_then(|p| p.bloomfilter);
+            let bf = match current {
+                Some(bf) if self.key.index_bytes("bf", bf.as_bytes()) == e.bf => new.index_bytes("bf", bf.as_bytes()),
+                _ => NO_FILTER,
+            };
+            out.push(DiskRecord::Enrolment {
+                id: id.clone(),
+                bf: index_hex(&bf),
+                status: e.status,
+                detail: e.detail.clone(),
+                updated: e.updated,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A patient's enrolment, compared with `current`, their filter now.
+    pub fn enrolment(&self, id: &LocalId, current: Option<&BloomFilter>) -> Option<EnrolmentState> {
+        let e = self.state.enrolments.get(id)?;
+        Some(EnrolmentState {
+            status: e.status,
+            detail: e.detail.clone(),
+            updated: e.updated,
+            same_filter: current.is_some_and(|bf| self.key.index_bytes("bf", bf.as_bytes()) == e.bf),
+        })
+    }
+
+    pub fn enrolment_counts(&self) -> std::collections::BTreeMap<EnrolmentStatus, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for e in self.state.enrolments.values() {
+            *counts.entry(e.status).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Patients with a Bloom filter but no pseudonym for `target`, by local
+    /// id; found from the indexes, without decrypting anyone.
+    pub fn without_pseudonym(&self, target: &str) -> Vec<LocalId> {
+        let mut ids: Vec<LocalId> = self
+            .state
+            .patients
+            .iter()
+            .filter(|(_, p)| {
+                p.bf
+                    .is_some_and(|bf| !self.state.pseudonyms.contains_key(&(bf, target.to_string())))
+            })
+            .map(|(id, _)| LocalId(id.to_string()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Local ids of the patients without a Bloom filter.
+    pub fn without_bloomfilter(&self) -> Vec<LocalId> {
+        let mut ids: Vec<LocalId> = self
+            .state
+            .patients
+            .iter()
+            .filter(|(_, p)| p.bf.is_none())
+            .map(|(id, _)| LocalId(id.to_string()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Local ids of every patient, sorted.
+    pub fn local_ids(&self) -> Vec<LocalId> {
+        let mut ids: Vec<LocalId> = self.state.patients.keys().map(|id| LocalId(id.to_string())).collect();
+        ids.sort();
+        ids
     }
 
     pub fn key_id(&self) -> &str {

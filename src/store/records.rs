@@ -130,6 +130,47 @@ pub enum Record {
     /// A new state of a ledger entry already recorded: the task's content
     /// does not change after it is first seen, so it is not written again.
     Progress(Progress),
+    /// What `enroll` sent for a patient and what came of it.
+    Enrolment(EnrolmentRecord),
+}
+
+/// Where a patient's enrolment (`$requestPsnFromBfWorkflow` by `enroll`) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrolmentStatus {
+    /// Written before the request: after a crash the same filter is sent again.
+    Sending,
+    /// The fTTP answered with a pseudonym (stored).
+    Enrolled,
+    /// The fTTP answered with neither pseudonym nor error: the record went
+    /// to clearing, and the pseudonym comes later as a task.
+    Clearing,
+    /// The fTTP answered with an error for this filter.
+    Error,
+}
+
+impl EnrolmentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnrolmentStatus::Sending => "sending",
+            EnrolmentStatus::Enrolled => "enrolled",
+            EnrolmentStatus::Clearing => "clearing",
+            EnrolmentStatus::Error => "error",
+        }
+    }
+}
+
+/// An enrolment. On disk the Bloom filter is kept only as its keyed index:
+/// all that is ever asked is whether a patient's filter is the one sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrolmentRecord {
+    pub local_id: LocalId,
+    pub bloomfilter: BloomFilter,
+    pub status: EnrolmentStatus,
+    /// The error code, for `Error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub updated: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +253,14 @@ pub(crate) enum DiskRecord {
     Progress {
         key: String,
         data: String,
+    },
+    Enrolment {
+        id: LocalId,
+        bf: String,
+        status: EnrolmentStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+        updated: DateTime<Utc>,
     },
 }
 

@@ -1,0 +1,370 @@
+//! Enrolling stored patients with the fTTP (`enroll`) and replacing
+//! filters that changed (`update-bf`).
+//!
+//! Enrolment is idempotent by construction: the filter to be sent is
+//! recorded (fsynced) before the request, a rerun sends only that same
+//! filter again, and a patient whose filter has changed since is never
+//! enrolled a second time: that is what `update-bf` is for.
+
+use crate::audit::{Audit, AuditError, AuditRecord};
+use crate::bloom::RecordEncoder;
+use crate::client::{Client, ClientError};
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+use crate::store::{EnrolmentRecord, EnrolmentStatus, PatientRecord, PseudonymRecord, Record, Store, StoreError};
+use crate::tasks::PsnAnswers;
+use crate::types::{BloomFilter, LocalId};
+use chrono::Utc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("update-bf needs [bloomfilter] version (the bfVersion sent with $updateBf)")]
+    NoVersion,
+}
+
+/// What `enroll` did; every count is of patients.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EnrollReport {
+    /// Filters computed for patients who had none.
+    pub computed: usize,
+    /// Sent to the fTTP in this run (including resends after a crash).
+    pub sent: usize,
+    pub enrolled: usize,
+    pub clearing: usize,
+    /// Answered with an error for the filter (or the whole request).
+    pub errors: usize,
+    /// Not answered (network, HTTP error): sent again by the next run.
+    pub failed: usize,
+    /// Left alone: enrolled earlier with a filter they no longer have.
+    pub changed: usize,
+    /// Left alone: an earlier enrolment was answered with an error
+    /// (`--retry-errors` sends them again).
+    pub earlier_errors: usize,
+    /// Left alone: in clearing since an earlier run.
+    pub waiting: usize,
+    /// Patients for whom no filter could be computed, and why.
+    pub no_filter: Vec<(LocalId, String)>,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+}
+
+pub struct EnrollOptions {
+    pub limit: Option<usize>,
+    pub retry_errors: bool,
+}
+
+/// Computes missing filters (with `encoder`), then enrols every patient
+/// with a filter, no pseudonym for this site's target and no earlier
+/// enrolment, in batches of `[dispatcher] batch_size`.
+pub fn enroll(
+    cfg: &Config,
+    client: &Client,
+    store: &mut Store,
+    audit: &mut Audit,
+    encoder: Option<&RecordEncoder>,
+    opts: &EnrollOptions,
+    stop: Option<&Shutdown>,
+) -> Result<EnrollReport, EnrollError> {
+    let mut report = EnrollReport::default();
+    if let Some(encoder) = encoder {
+        compute_missing(store, encoder, &mut report)?;
+    }
+    let target = cfg.site.target.as_str();
+    let mut todo: Vec<(LocalId, BloomFilter)> = Vec::new();
+    for id in store.without_pseudonym(target) {
+        if opts.limit.is_some_and(|n| todo.len() >= n) {
+            break;
+        }
+        let Some(bf) = store.patient(&id)?.and_then(|p| p.bloomfilter) else {
+            continue;
+        };
+        match store.enrolment(&id, Some(&bf)) {
+            None => {}
+            Some(e) if !e.same_filter => {
+                report.changed += 1;
+                continue;
+            }
+            Some(e) => match e.status {
+                EnrolmentStatus::Sending => {}
+                EnrolmentStatus::Error if opts.retry_errors => {}
+                EnrolmentStatus::Error => {
+                    report.earlier_errors += 1;
+                    continue;
+                }
+                EnrolmentStatus::Clearing | EnrolmentStatus::Enrolled => {
+                    report.waiting += 1;
+                    continue;
+                }
+            },
+        }
+        todo.push((id, bf));
+    }
+    let batch_size = cfg.dispatcher.batch_size.0.max(1);
+    let mut progress = crate::progress::Progress::new("patients", Some(todo.len()));
+    for batch in todo.chunks(batch_size) {
+        if stop.is_some_and(Shutdown::requested) {
+            report.stopped = Some("stopped by a signal; the rest is enrolled by the next run".into());
+            break;
+        }
+        if let Err(err) = enroll_batch(cfg, client, store, audit, batch, &mut report) {
+            match err {
+                BatchError::Client(e) => {
+                    report.failed += todo.len() - report.sent;
+                    report.stopped = Some(e.to_string());
+                    break;
+                }
+                BatchError::Enroll(e) => return Err(e),
+            }
+        }
+        progress.tick(batch.len());
+    }
+    progress.finish();
+    audit.sync()?;
+    store.maybe_compact()?;
+    Ok(report)
+}
+
+enum BatchError {
+    Client(ClientError),
+    Enroll(EnrollError),
+}
+
+impl<E: Into<EnrollError>> From<E> for BatchError {
+    fn from(e: E) -> Self {
+        BatchError::Enroll(e.into())
+    }
+}
+
+fn enroll_batch(
+    cfg: &Config,
+    client: &Client,
+    store: &mut Store,
+    audit: &mut Audit,
+    batch: &[(LocalId, BloomFilter)],
+    report: &mut EnrollReport,
+) -> Result<(), BatchError> {
+    let target = cfg.site.target.as_str();
+    let now = Utc::now();
+    let record = |id: &LocalId, bf: &BloomFilter, status, detail| {
+        Record::Enrolment(EnrolmentRecord {
+            local_id: id.clone(),
+            bloomfilter: bf.clone(),
+            status,
+            detail,
+            updated: now,
+        })
+    };
+    // Recorded before the request: a crash after it resends this filter, never another.
+    store.write(
+        batch
+            .iter()
+            .map(|(id, bf)| record(id, bf, EnrolmentStatus::Sending, None))
+            .collect(),
+    )?;
+    crate::crashpoint::hit("enroll:sending");
+    let refs: Vec<&BloomFilter> = batch.iter().map(|(_, bf)| bf).collect();
+    let answer = match client.request_psn_from_bf(cfg.site.study.as_str(), target, &refs, None) {
+        Ok(a) => a,
+        Err(e) => {
+            for (id, bf) in batch {
+                let mut rec = AuditRecord::new("enroll", "failed", target);
+                rec.patient = Some(id.fingerprint());
+                rec.bloomfilter = Some(bf.fingerprint());
+                rec.detail = Some(e.to_string());
+                audit.write(&rec)?;
+            }
+            return Err(BatchError::Client(e));
+        }
+    };
+    report.sent += batch.len();
+    let mut answers = PsnAnswers::from_parameters(&answer);
+    if answers.malformed > 0 {
+        log::warn!("enroll: ignoring {} malformed part(s) of the answer", answers.malformed);
+    }
+    let mut records = Vec::with_capacity(2 * batch.len());
+    for (id, bf) in batch {
+        let (outcome, status, detail) = if let Some(code) = &answers.batch_error {
+            ("dispatcher_error", EnrolmentStatus::Error, Some(format!("whole request refused: {code}")))
+        } else if let Some(psn) = answers.pseudonyms.remove(bf) {
+            records.push(Record::Pseudonym(PseudonymRecord {
+                bloomfilter: bf.clone(),
+                target: target.to_string(),
+                pseudonym: psn,
+                received: now,
+                source: "enroll".into(),
+            }));
+            ("enrolled", EnrolmentStatus::Enrolled, None)
+        } else if let Some(code) = answers.errors.get(bf) {
+            ("dispatcher_error", EnrolmentStatus::Error, Some(format!("error code {code}")))
+        } else {
+            ("clearing", EnrolmentStatus::Clearing, None)
+        };
+        match status {
+            EnrolmentStatus::Enrolled => report.enrolled += 1,
+            EnrolmentStatus::Clearing => report.clearing += 1,
+            _ => report.errors += 1,
+        }
+        let mut rec = AuditRecord::new("enroll", outcome, target);
+        rec.patient = Some(id.fingerprint());
+        rec.bloomfilter = Some(bf.fingerprint());
+        rec.detail = detail.clone();
+        audit.write(&rec)?;
+        if status == EnrolmentStatus::Error {
+            log::warn!("[enroll {}] {outcome}: {}", id.fingerprint(), detail.as_deref().unwrap_or(""));
+        } else {
+            log::debug!("[enroll {}] {outcome}", id.fingerprint());
+        }
+        records.push(record(id, bf, status, detail));
+    }
+    crate::crashpoint::hit("enroll:answered");
+    store.write(records)?;
+    Ok(())
+}
+
+fn compute_missing(store: &mut Store, encoder: &RecordEncoder, report: &mut EnrollReport) -> Result<(), StoreError> {
+    let mut pending = Vec::new();
+    for id in store.without_bloomfilter() {
+        let Some(p) = store.patient(&id)? else { continue };
+        match encoder.encode(&p.idat) {
+            Ok(bf) => {
+                report.computed += 1;
+                pending.push(Record::Patient(PatientRecord {
+                    bloomfilter: Some(bf),
+                    updated: Utc::now(),
+                    ..p
+                }));
+                if pending.len() >= 1000 {
+                    store.write(std::mem::take(&mut pending))?;
+                }
+            }
+            Err(e) => report.no_filter.push((id, e.to_string())),
+        }
+    }
+    store.write(pending)
+}
+
+/// What `update-bf` did; every count is of patients.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UpdateReport {
+    /// Filter unchanged under the current configuration.
+    pub unchanged: usize,
+    /// `$updateBf` accepted: new filter and pseudonym stored.
+    pub updated: usize,
+    /// Changed, but never sent to the fTTP: the new filter is just stored.
+    pub local: usize,
+    /// Changed, but an enrolment with the old filter awaits its pseudonym:
+    /// updated by a later run, once the pseudonym has come.
+    pub waiting: usize,
+    /// Refused by the fTTP (HTTP 4xx): (patient fingerprint, reason).
+    pub refused: Vec<(String, String)>,
+    /// Not answered: tried again by the next run.
+    pub failed: usize,
+    pub no_filter: Vec<(LocalId, String)>,
+    pub stopped: Option<String>,
+}
+
+/// Recomputes every patient's filter under the current `[bloomfilter]`;
+/// for each that changed and has a pseudonym, sends `$updateBf` and then
+/// stores the new filter with the pseudonym. A crash in between sends the
+/// same update again on the next run (the fTTP keeps the newer filter).
+pub fn update_bf(
+    cfg: &Config,
+    client: &Client,
+    store: &mut Store,
+    audit: &mut Audit,
+    encoder: &RecordEncoder,
+    limit: Option<usize>,
+    stop: Option<&Shutdown>,
+) -> Result<UpdateReport, EnrollError> {
+    let version = cfg
+        .bloomfilter
+        .as_ref()
+        .and_then(|b| b.version.clone())
+        .ok_or(EnrollError::NoVersion)?;
+    let target = cfg.site.target.as_str();
+    let mut report = UpdateReport::default();
+    let mut sent = 0usize;
+    for id in store.local_ids() {
+        if limit.is_some_and(|n| sent >= n) {
+            break;
+        }
+        if stop.is_some_and(Shutdown::requested) {
+            report.stopped = Some("stopped by a signal; the rest is updated by the next run".into());
+            break;
+        }
+        let Some(p) = store.patient(&id)? else { continue };
+        let new = match encoder.encode(&p.idat) {
+            Ok(bf) => bf,
+            Err(e) => {
+                report.no_filter.push((id, e.to_string()));
+                continue;
+            }
+        };
+        let Some(old) = p.bloomfilter.clone() else {
+            // Never had one: enroll computes and sends it.
+            continue;
+        };
+        if old == new {
+            report.unchanged += 1;
+            continue;
+        }
+        let with_new = |p: &PatientRecord| {
+            Record::Patient(PatientRecord {
+                bloomfilter: Some(new.clone()),
+                updated: Utc::now(),
+                ..p.clone()
+            })
+        };
+        let Some(psn) = store.pseudonym(&old, target)? else {
+            if store.enrolment(&id, Some(&old)).is_some_and(|e| e.status != EnrolmentStatus::Error) {
+                report.waiting += 1;
+            } else {
+                store.put(with_new(&p))?;
+                report.local += 1;
+            }
+            continue;
+        };
+        sent += 1;
+        let mut rec = AuditRecord::new("update_bf", "updated", target);
+        rec.patient = Some(id.fingerprint());
+        rec.bloomfilter = Some(new.fingerprint());
+        match client.update_bf(cfg.site.study.as_str(), &new, target, &psn.pseudonym.value, &version) {
+            Ok(()) => {
+                crate::crashpoint::hit("update_bf:answered");
+                store.write(vec![
+                    with_new(&p),
+                    Record::Pseudonym(PseudonymRecord {
+                        bloomfilter: new.clone(),
+                        received: Utc::now(),
+                        source: "update_bf".into(),
+                        ..psn
+                    }),
+                ])?;
+                report.updated += 1;
+                audit.write(&rec)?;
+            }
+            Err(e) if e.is_unreachable() || e.is_auth() || matches!(e, ClientError::Status { status: 500.., .. }) => {
+                rec.outcome = "failed".into();
+                rec.detail = Some(e.to_string());
+                audit.write(&rec)?;
+                report.failed += 1;
+                report.stopped = Some(e.to_string());
+                break;
+            }
+            Err(e) => {
+                log::warn!("[update_bf {}] refused: {e}", id.fingerprint());
+                rec.outcome = "dispatcher_error".into();
+                rec.detail = Some(e.to_string());
+                audit.write(&rec)?;
+                report.refused.push((id.fingerprint(), e.to_string()));
+            }
+        }
+    }
+    audit.sync()?;
+    store.maybe_compact()?;
+    Ok(report)
+}

@@ -273,7 +273,7 @@ fn store_section(n: u32, import_rows: u32) {
         let key = StoreKey::load(&dir.join("store.key")).unwrap();
         let mut store = Store::open(&dir.join("store"), LockMode::Try, key).unwrap();
         let start = Instant::now();
-        let r = fttp_agent::import::import_file(&mut store, &csv).unwrap();
+        let r = fttp_agent::import::import_file(&mut store, &csv, None).unwrap();
         let secs = start.elapsed().as_secs_f64();
         assert_eq!(r.added, import_rows as usize);
         println!(
@@ -283,7 +283,7 @@ fn store_section(n: u32, import_rows: u32) {
         // The rest of the patients, and pseudonyms for a tenth of all.
         let csv2 = dir.join("rest.csv");
         patients_csv(&csv2, import_rows..n);
-        fttp_agent::import::import_file(&mut store, &csv2).unwrap();
+        fttp_agent::import::import_file(&mut store, &csv2, None).unwrap();
         let mut batch = Vec::new();
         for i in 0..n / 10 {
             batch.push(Record::Pseudonym(PseudonymRecord {

@@ -206,6 +206,13 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
     drop(store);
     Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     println!("audit log: writable");
+    if let Some(e) = cfg.bloom_encoder()? {
+        println!(
+            "bloomfilter: ok (seeds file readable and complete; {} fields, {} bits)",
+            e.encoder().field_names().len(),
+            e.encoder().bits()
+        );
+    }
     let client = Client::new(cfg)?;
     // $requestTasks does not change state on the dispatcher (affectsState: false).
     match client.request_tasks(cfg.site.study.as_str(), cfg.site.target.as_str()) {
@@ -261,10 +268,10 @@ fn print_import(file: &Path, r: &ImportReport) {
 
 fn need_encoder(cfg: &Config) -> Result<crate::bloom::RecordEncoder, AppError> {
     cfg.bloom_encoder()?.ok_or_else(|| {
-        AppError::Usage(format!(
-            "{}: no [bloomfilter] section; README \"Bloom filters\" shows how to configure the encoding",
-            cfg.path.display()
-        ))
+        AppError::Config(crate::config::ConfigError::Invalid {
+            path: cfg.path.clone(),
+            message: "no [bloomfilter] section; README \"Bloom filters\" shows how to configure the encoding".into(),
+        })
     })
 }
 
@@ -290,7 +297,15 @@ pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<
     let mut store = open_store(cfg, LockMode::Try)?;
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let opts = crate::enroll::EnrollOptions { limit, retry_errors };
-    let r = crate::enroll::enroll(cfg, &client, &mut store, &mut audit, encoder.as_ref(), &opts, Some(&stop))?;
+    let r = crate::enroll::enroll(
+        cfg,
+        &client,
+        &mut store,
+        &mut audit,
+        encoder.as_ref(),
+        &opts,
+        Some(&stop),
+    )?;
     for (id, reason) in &r.no_filter {
         eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
     }
@@ -519,10 +534,11 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     Ok(report_exit(&report))
 }
 
-pub fn sim(options: SimOptions, sample_tasks: bool) -> Result<u8, AppError> {
+pub fn sim(options: SimOptions, sample_tasks: bool, clearing_every: Option<u32>) -> Result<u8, AppError> {
     let key = options.api_key.clone();
     let header = options.api_key_header.clone();
     let sim = Simulator::start(options).map_err(|e| AppError::Other(format!("cannot start the simulator: {e}")))?;
+    sim.state().clearing_every = clearing_every;
     if sample_tasks {
         demo::load_sample_tasks(&sim);
     }

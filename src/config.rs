@@ -869,7 +869,7 @@ impl Config {
     pub fn describe(&self) -> Vec<(String, String)> {
         let d = &self.dispatcher;
         let fmt_dur = |h: &HumanDuration| format!("{:?}", h.0);
-        vec![
+        let mut out: Vec<(String, String)> = vec![
             ("dispatcher.url".into(), d.url.0.clone()),
             (
                 "dispatcher.api_key".into(),
@@ -967,7 +967,48 @@ impl Config {
                     .as_ref()
                     .map_or("unset (SHA-256 chain)".into(), |p| p.display().to_string()),
             ),
-        ]
+        ];
+        match &self.bloomfilter {
+            None => out.push(("bloomfilter".into(), "unset (filters come with the import)".into())),
+            Some(b) => {
+                let fields: Vec<String> = b
+                    .fields
+                    .iter()
+                    .map(|f| {
+                        let src: Vec<&str> = f.source.elements().iter().map(|e| e.code()).collect();
+                        format!("{} <- {}", f.name, src.join("+"))
+                    })
+                    .collect();
+                out.extend([
+                    (
+                        "bloomfilter.length".into(),
+                        format!(
+                            "{} ({})",
+                            b.length,
+                            if b.balanced { "balanced" } else { "not balanced" }
+                        ),
+                    ),
+                    (
+                        "bloomfilter.random_position_number".into(),
+                        b.random_position_number.to_string(),
+                    ),
+                    (
+                        "bloomfilter.vocabulary".into(),
+                        format!("{} characters", b.vocabulary.chars().count()),
+                    ),
+                    ("bloomfilter.fields".into(), fields.join(", ")),
+                    (
+                        "bloomfilter.seeds_file".into(),
+                        format!("{} (seeds hidden)", b.seeds_file.display()),
+                    ),
+                    (
+                        "bloomfilter.version".into(),
+                        b.version.clone().unwrap_or_else(|| "unset".into()),
+                    ),
+                ]);
+            }
+        }
+        out
     }
 }
 

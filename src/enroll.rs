@@ -188,7 +188,11 @@ fn enroll_batch(
     let mut records = Vec::with_capacity(2 * batch.len());
     for (id, bf) in batch {
         let (outcome, status, detail) = if let Some(code) = &answers.batch_error {
-            ("dispatcher_error", EnrolmentStatus::Error, Some(format!("whole request refused: {code}")))
+            (
+                "dispatcher_error",
+                EnrolmentStatus::Error,
+                Some(format!("whole request refused: {code}")),
+            )
         } else if let Some(psn) = answers.pseudonyms.remove(bf) {
             records.push(Record::Pseudonym(PseudonymRecord {
                 bloomfilter: bf.clone(),
@@ -199,7 +203,11 @@ fn enroll_batch(
             }));
             ("enrolled", EnrolmentStatus::Enrolled, None)
         } else if let Some(code) = answers.errors.get(bf) {
-            ("dispatcher_error", EnrolmentStatus::Error, Some(format!("error code {code}")))
+            (
+                "dispatcher_error",
+                EnrolmentStatus::Error,
+                Some(format!("error code {code}")),
+            )
         } else {
             ("clearing", EnrolmentStatus::Clearing, None)
         };
@@ -214,7 +222,11 @@ fn enroll_batch(
         rec.detail = detail.clone();
         audit.write(&rec)?;
         if status == EnrolmentStatus::Error {
-            log::warn!("[enroll {}] {outcome}: {}", id.fingerprint(), detail.as_deref().unwrap_or(""));
+            log::warn!(
+                "[enroll {}] {outcome}: {}",
+                id.fingerprint(),
+                detail.as_deref().unwrap_or("")
+            );
         } else {
             log::debug!("[enroll {}] {outcome}", id.fingerprint());
         }
@@ -320,7 +332,10 @@ pub fn update_bf(
             })
         };
         let Some(psn) = store.pseudonym(&old, target)? else {
-            if store.enrolment(&id, Some(&old)).is_some_and(|e| e.status != EnrolmentStatus::Error) {
+            if store
+                .enrolment(&id, Some(&old))
+                .is_some_and(|e| e.status != EnrolmentStatus::Error)
+            {
                 report.waiting += 1;
             } else {
                 store.put(with_new(&p))?;

@@ -4,10 +4,10 @@
 //! and skipped; the good rows are imported. Importing the same file again
 //! updates rows in place and writes nothing for unchanged ones.
 
+use crate::bloom::RecordEncoder;
 use crate::fhir::idat::{BLOOMFILTER_SYSTEM, Idat, IdatElement, normalize_gender, valid_birthdate};
 use crate::fhir::{Format, Resource};
 use crate::store::{PatientRecord, Record, Store, StoreError};
-use crate::bloom::RecordEncoder;
 use crate::types::{BloomFilter, LocalId};
 use chrono::Utc;
 use std::io::BufRead;
@@ -66,7 +66,11 @@ const WRITE_BATCH: usize = 1000;
 /// Imports a file. With `encoder` (a `[bloomfilter]` section), a row
 /// without a Bloom filter gets one computed from its IDAT, unless the
 /// patient already has one (changing a filter is `update-bf`'s job).
-pub fn import_file(store: &mut Store, path: &Path, encoder: Option<&RecordEncoder>) -> Result<ImportReport, ImportError> {
+pub fn import_file(
+    store: &mut Store,
+    path: &Path,
+    encoder: Option<&RecordEncoder>,
+) -> Result<ImportReport, ImportError> {
     let mut report = ImportReport::default();
     let mut progress = crate::progress::Progress::new("rows", None);
     let mut pending: Vec<Record> = Vec::new();

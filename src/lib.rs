@@ -8,8 +8,8 @@
 
 pub mod agent;
 pub mod audit;
-pub mod bloom;
 pub mod auth;
+pub mod bloom;
 pub mod client;
 pub mod commands;
 pub mod config;

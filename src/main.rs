@@ -125,6 +125,10 @@ enum Command {
         /// Start with no tasks instead of the demo's sample tasks
         #[arg(long)]
         empty: bool,
+        /// Send every n-th newly enrolled Bloom filter to clearing (its
+        /// pseudonym then comes as a dic_psn_available task)
+        #[arg(long)]
+        clearing_every: Option<u32>,
     },
 }
 
@@ -238,6 +242,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             api_key,
             api_key_header,
             empty,
+            clearing_every,
         } => {
             fttp_agent::logger::init(cli.log_level.unwrap_or_default().filter(), None, Default::default())
                 .map_err(AppError::Other)?;
@@ -248,7 +253,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
                 port: *port,
                 ..SimOptions::default()
             };
-            commands::sim(options, !empty)
+            commands::sim(options, !empty, *clearing_every)
         }
     }
     .or_else(|e| match e {

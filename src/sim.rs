@@ -126,6 +126,16 @@ pub struct SimState {
     pub bf_errors: HashMap<String, String>,
     /// Answer the next `$requestPsnFromBfWorkflow` with an `all` error.
     pub batch_error: Option<String>,
+    /// Bloom filters (base64) whose first enrolment goes to clearing: the
+    /// answer has nothing for them, and the pseudonym follows as a
+    /// `dic_psn_available` task on the next `$requestTasks`.
+    pub clearing: std::collections::HashSet<String>,
+    /// Also send every n-th new Bloom filter to clearing (the `sim` command's
+    /// `--clearing-every`).
+    pub clearing_every: Option<u32>,
+    new_filters: u32,
+    /// `$updateBf` calls accepted: (pseudonym, bfVersion).
+    pub updated_bf: Vec<(String, String)>,
     pub faults: VecDeque<Fault>,
     /// Bearer tokens issued and still valid.
     pub tokens: Vec<String>,
@@ -491,6 +501,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
                 "$requestTasks" => request_tasks(&mut st, &p),
                 "$providePatientData" => provide_patient_data(&mut st, &p),
                 "$requestPsnFromBfWorkflow" => request_psn(&mut st, &p),
+                "$updateBf" => update_bf(&mut st, &p),
                 _ => (404, outcome("not-found", "unknown operation")),
             },
         }
@@ -809,6 +820,15 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
                 st.next_psn += 1;
                 let id = Identifier::new(Some(DISPATCHER), &format!("{study}_SIM{:04}", st.next_psn));
                 st.registry.insert(bf.clone(), id.clone());
+                st.new_filters += 1;
+                let nth = st.clearing_every.is_some_and(|n| n > 0 && st.new_filters.is_multiple_of(n));
+                if st.clearing.remove(&bf) || nth {
+                    // Clearing: nothing now; once "resolved", the pseudonym as a task.
+                    let expires = Utc::now() + chrono::Duration::days(7);
+                    let value = id.value.clone().unwrap_or_default();
+                    st.tasks.push(dic_psn_available(&bf, target, &value, Some(expires)));
+                    continue;
+                }
                 id
             }
         };
@@ -823,4 +843,43 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
         st.done.insert(format!("bf:{bf}"));
     }
     (200, Answer::Params(Parameters::new(out)))
+}
+
+fn update_bf(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
+    let get = |name| p.first_string(name);
+    let bf = p
+        .get("bloomfilter")
+        .find_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+        .map(str::to_string);
+    let (Some(_study), Some(bf), Some(_source), Some(psn), Some(version)) =
+        (get("study"), bf, get("source"), get("pseudonym"), get("bfVersion"))
+    else {
+        return (
+            400,
+            outcome(
+                "required",
+                "study, bloomfilter, source, pseudonym and bfVersion are required",
+            ),
+        );
+    };
+    if crate::types::BloomFilter::from_base64(&bf).is_err() {
+        return (400, outcome("invalid", "bloomfilter is not a Bloom filter"));
+    }
+    let old = st
+        .registry
+        .iter()
+        .find(|(_, id)| id.value.as_deref() == Some(psn))
+        .map(|(k, id)| (k.clone(), id.clone()));
+    let Some((old_bf, id)) = old else {
+        return (404, outcome("not-found", "unknown pseudonym"));
+    };
+    st.registry.remove(&old_bf);
+    st.registry.insert(bf, id);
+    st.updated_bf.push((psn.to_string(), version.to_string()));
+    let mut ok = OperationOutcome::error("informational", "Bloomfilter updated.");
+    if let Some(issue) = ok.issues.first_mut() {
+        issue.severity = "information".into();
+        issue.details = Some("MSG_UPDATED".into());
+    }
+    (200, Answer::Resource(ok.to_resource()))
 }

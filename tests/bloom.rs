@@ -83,7 +83,11 @@ fn the_usual_lengths_give_filters_of_twice_their_bits() {
         let bytes = e.encode_bytes(&[Some("HERR"), Some("MUSTERMANN")]);
         // The last of 2 x length bits is set with probability 1/2: at most
         // 2 x length / 8 bytes, and a few fewer only if the top bytes are zero.
-        assert!(bytes.len() <= 2 * length / 8 && bytes.len() > 2 * length / 8 - 4, "length {length}: {}", bytes.len());
+        assert!(
+            bytes.len() <= 2 * length / 8 && bytes.len() > 2 * length / 8 - 4,
+            "length {length}: {}",
+            bytes.len()
+        );
         // Unbalanced: length bits, of which the bigrams set some.
         let plain = Encoder::new(&params(length, None, [487484864, 311296856])).unwrap();
         assert_eq!(plain.bits(), length);
@@ -107,9 +111,21 @@ fn negative_and_large_seeds_work_and_every_seed_matters() {
     // derived from them likewise), so 4 distinct filters, as in Java.
     assert_eq!(seen.len(), 4);
     // Changing one field's seed changes the filter; the balanced seed too.
-    let base = Encoder::new(&params(800, Some(5), [1, 2])).unwrap().encode_bytes(&values);
-    assert_ne!(Encoder::new(&params(800, Some(5), [1, 3])).unwrap().encode_bytes(&values), base);
-    assert_ne!(Encoder::new(&params(800, Some(6), [1, 2])).unwrap().encode_bytes(&values), base);
+    let base = Encoder::new(&params(800, Some(5), [1, 2]))
+        .unwrap()
+        .encode_bytes(&values);
+    assert_ne!(
+        Encoder::new(&params(800, Some(5), [1, 3]))
+            .unwrap()
+            .encode_bytes(&values),
+        base
+    );
+    assert_ne!(
+        Encoder::new(&params(800, Some(6), [1, 2]))
+            .unwrap()
+            .encode_bytes(&values),
+        base
+    );
 }
 
 #[test]

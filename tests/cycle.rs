@@ -575,17 +575,39 @@ fn the_example_config_is_valid() {
     let key = dir.path().join("api-key");
     std::fs::write(&key, "k\n").unwrap();
     let path = dir.path().join("config.toml");
+    let seeds = dir.path().join("seeds.toml");
+    std::fs::write(
+        &seeds,
+        "balanced.seed = 1\nfield.firstName.seed = 2\nfield.lastName.seed = 3\nfield.birthDate.seed = 4\nfield.gender.seed = 5\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&seeds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::write(
         &path,
         example
             .replace("/etc/fttp-agent/api-key", key.to_str().unwrap())
-            .replace("/etc/fttp-agent/store.key", "store.key"),
+            .replace("/etc/fttp-agent/store.key", "store.key")
+            .replace("/etc/fttp-agent/bloom-seeds.toml", "seeds.toml"),
     )
     .unwrap();
     let cfg = fttp_agent::config::Config::load(&path).unwrap();
     assert_eq!(cfg.api_key(), "k");
     assert_eq!(cfg.site.target.as_str(), "dic_example");
     assert_eq!(cfg.schedule.interval.0, std::time::Duration::from_secs(6 * 3600));
+    // Its [bloomfilter] section builds, and normalises as it says.
+    let encoder = cfg.bloom_encoder().unwrap().unwrap();
+    let idat = fttp_agent::fhir::idat::Idat {
+        given: Some(" Dr. Jürgen-Maß ".into()),
+        family: Some("Müller".into()),
+        birthdate: Some("1920-01-05".into()),
+        gender: Some("female".into()),
+        ..Default::default()
+    };
+    let fields = encoder.fields(&idat).unwrap();
+    let fields: Vec<&str> = fields.iter().map(|f| f.as_deref().unwrap_or("-")).collect();
+    assert_eq!(fields, ["JUERGENMASS", "MUELLER", "19200105", "f"]);
+    assert_eq!(encoder.encoder().bits(), 1000);
+    assert!(encoder.encode(&idat).is_ok());
 }
 
 #[test]

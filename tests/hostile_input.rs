@@ -199,7 +199,7 @@ proptest! {
         std::fs::write(&path, body).unwrap();
         let key = fttp_agent::crypto::StoreKey::from_bytes(&[9; 32]);
         let mut store = Store::open(&dir.path().join("store"), LockMode::Try, key).unwrap();
-        let r = fttp_agent::import::import_file(&mut store, &path).unwrap();
+        let r = fttp_agent::import::import_file(&mut store, &path, None).unwrap();
         prop_assert!(r.added + r.updated + r.unchanged + r.errors.len() <= rows.len());
         prop_assert_eq!(store.patient_count(), r.added);
     }

@@ -202,7 +202,11 @@ impl Encoder {
 
     /// Bits of the filter (after balancing).
     pub fn bits(&self) -> usize {
-        if self.source.is_some() { 2 * self.length } else { self.length }
+        if self.source.is_some() {
+            2 * self.length
+        } else {
+            self.length
+        }
     }
 
     fn row(&self, field: usize, a: u16, b: u16) -> Option<&[u64]> {

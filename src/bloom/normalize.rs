@@ -194,11 +194,19 @@ impl FieldRule {
             element,
         };
         let mut it = raw.trim().split('-');
-        let year = it.next().filter(|y| y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit())).ok_or_else(bad)?;
+        let year = it
+            .next()
+            .filter(|y| y.len() == 4 && y.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(bad)?;
         let mut number = |max: u32| -> Result<Option<u32>, EncodeError> {
             match it.next() {
                 None => Ok(None),
-                Some(s) if s.len() == 2 => s.parse::<u32>().ok().filter(|n| (1..=max).contains(n)).map(Some).ok_or_else(bad),
+                Some(s) if s.len() == 2 => s
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .map(Some)
+                    .ok_or_else(bad),
                 Some(_) => Err(bad()),
             }
         };
@@ -257,7 +265,12 @@ mod tests {
     use super::*;
     use crate::config::{BloomSource, Replacements};
 
-    fn transformer(replacement: &[(&str, &str)], allowed: Option<&str>, upper_case: bool, trim: bool) -> BloomTransformer {
+    fn transformer(
+        replacement: &[(&str, &str)],
+        allowed: Option<&str>,
+        upper_case: bool,
+        trim: bool,
+    ) -> BloomTransformer {
         BloomTransformer {
             replacement: Replacements(
                 replacement
@@ -296,7 +309,10 @@ mod tests {
     fn each_option_does_one_thing_in_the_clients_order() {
         let n = |t: BloomTransformer, v: &str| rule(&[IdatElement::Given], None, vec![t]).normalize(v.into());
         // Replacements only (regex, titles removed, umlauts spelled out).
-        assert_eq!(n(transformer(&UMLAUTS, None, false, false), "Dr. Jürgen Émile"), " Juergen Émile");
+        assert_eq!(
+            n(transformer(&UMLAUTS, None, false, false), "Dr. Jürgen Émile"),
+            " Juergen Émile"
+        );
         assert_eq!(n(transformer(&UMLAUTS, None, false, false), "Dipl.Müller"), "Mueller");
         // Upper case only: Java's toUpperCase turns ß into SS, as Rust does.
         assert_eq!(n(transformer(&[], None, true, false), "straße ö"), "STRASSE Ö");
@@ -304,7 +320,10 @@ mod tests {
         assert_eq!(n(transformer(&[], None, false, true), "\t Anna \u{1}"), "Anna");
         assert_eq!(n(transformer(&[], None, false, true), "\u{a0}Anna"), "\u{a0}Anna");
         // Allowed characters only: per character, whole-match; ASCII \s as in Java.
-        assert_eq!(n(transformer(&[], Some(r"[A-Z\s]"), false, false), "AN-NA b\u{a0}C"), "ANNA C");
+        assert_eq!(
+            n(transformer(&[], Some(r"[A-Z\s]"), false, false), "AN-NA b\u{a0}C"),
+            "ANNA C"
+        );
         // Within one transformer: replace, then restrict, then upper case,
         // then trim; so lower-case letters are dropped before upper-casing.
         assert_eq!(n(transformer(&UMLAUTS, Some(r"[A-Z\s]"), true, true), " Jörg "), "J");
@@ -312,11 +331,17 @@ mod tests {
         let chained = rule(
             &[IdatElement::Given],
             None,
-            vec![transformer(&UMLAUTS, None, true, true), transformer(&[], Some(r"[A-Z\s]"), false, false)],
+            vec![
+                transformer(&UMLAUTS, None, true, true),
+                transformer(&[], Some(r"[A-Z\s]"), false, false),
+            ],
         );
         assert_eq!(chained.normalize(" Dr. Jörg-Peter ".into()), "JOERGPETER");
         // No transformer: the value as it is.
-        assert_eq!(rule(&[IdatElement::Given], None, vec![]).normalize(" x-Y ".into()), " x-Y ");
+        assert_eq!(
+            rule(&[IdatElement::Given], None, vec![]).normalize(" x-Y ".into()),
+            " x-Y "
+        );
     }
 
     #[test]
@@ -326,7 +351,10 @@ mod tests {
         let t = transformer(&[("b", "c"), ("a", "b")], None, false, false);
         assert_eq!(rule(&[IdatElement::Given], None, vec![t]).normalize("ab".into()), "bc");
         let t = transformer(&[(r"(\w+), (\w+)", "$2 $1")], None, false, false);
-        assert_eq!(rule(&[IdatElement::Given], None, vec![t]).normalize("Doe, Jane".into()), "Jane Doe");
+        assert_eq!(
+            rule(&[IdatElement::Given], None, vec![t]).normalize("Doe, Jane".into()),
+            "Jane Doe"
+        );
     }
 
     #[test]
@@ -343,7 +371,10 @@ mod tests {
         assert_eq!(f(d, "dd.MM.yyyy").unwrap().as_deref(), Some("05.01.1920"));
         assert_eq!(f(d, "d.M.yy").unwrap().as_deref(), Some("5.1.20"));
         assert_eq!(f(d, "yyyy'T'MM").unwrap().as_deref(), Some("1920T01"));
-        assert!(matches!(f("1920-01", "yyyyMMdd"), Err(EncodeError::PartialDate { part: "day", .. })));
+        assert!(matches!(
+            f("1920-01", "yyyyMMdd"),
+            Err(EncodeError::PartialDate { part: "day", .. })
+        ));
         assert_eq!(f("1920-01", "yyyyMM").unwrap().as_deref(), Some("192001"));
         let err = f("01.01.1920", "yyyyMMdd").unwrap_err();
         assert!(!err.to_string().contains("1920"), "{err}");

@@ -108,7 +108,9 @@ impl Seeds {
     }
 
     pub fn balanced(&self) -> Result<i64, SeedsError> {
-        self.balanced.ok_or_else(|| SeedsError::MissingBalanced { path: self.path.clone() })
+        self.balanced.ok_or_else(|| SeedsError::MissingBalanced {
+            path: self.path.clone(),
+        })
     }
 }
 

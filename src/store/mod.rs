@@ -910,8 +910,7 @@ impl Store {
             .patients
             .iter()
             .filter(|(_, p)| {
-                p.bf
-                    .is_some_and(|bf| !self.state.pseudonyms.contains_key(&(bf, target.to_string())))
+                p.bf.is_some_and(|bf| !self.state.pseudonyms.contains_key(&(bf, target.to_string())))
             })
             .map(|(id, _)| LocalId(id.to_string()))
             .collect();

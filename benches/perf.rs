@@ -7,6 +7,8 @@
 //! 2. A full cycle of 100k tasks against the simulator on loopback, with
 //!    batching and with batch_size = 1.
 //! 3. The store with 1M patients: open time, peak RSS, lookups; import rate.
+//! 4. Bloom filter encoding (records/s on one core), with and without the
+//!    normalisation of `config.example.toml`.
 
 use chrono::{Duration, Utc};
 use fttp_agent::crypto::StoreKey;
@@ -326,6 +328,102 @@ fn store_section(n: u32, import_rows: u32) {
     );
 }
 
+/// Invented IDAT with the characters real names bring: umlauts, titles,
+/// hyphens, lower case.
+fn sample_idat(n: u32) -> fttp_agent::fhir::idat::Idat {
+    const GIVEN: [&str; 8] = [
+        "Erika",
+        "Jürgen",
+        "Anna-Lena",
+        "Dr. Max",
+        "Sören",
+        "Émile",
+        "Özlem",
+        "Hans Peter",
+    ];
+    const FAMILY: [&str; 8] = [
+        "Mustermann",
+        "Müller",
+        "Schmidt",
+        "von Bülow",
+        "Weiß",
+        "Öztürk",
+        "Meyer-Lüdenscheidt",
+        "Nguyen",
+    ];
+    fttp_agent::fhir::idat::Idat {
+        given: Some(format!("{}{}", GIVEN[n as usize % 8], n % 97)),
+        family: Some(FAMILY[(n / 8) as usize % 8].to_string()),
+        birthdate: Some(format!("{}-{:02}-{:02}", 1930 + n % 80, 1 + n % 12, 1 + n % 28)),
+        gender: Some(if n % 2 == 0 { "female" } else { "male" }.to_string()),
+        ..Default::default()
+    }
+}
+
+fn bloom_section(records: u32) {
+    use fttp_agent::bloom::{Encoder, Params};
+    println!("\n## 4. Bloom filter encoding, {records} records, one thread");
+    let dir = bench_dir("bloom");
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let key = dir.join("api-key");
+    std::fs::write(&key, "k").unwrap();
+    let seeds = dir.join("seeds.toml");
+    std::fs::write(
+        &seeds,
+        "balanced.seed = 154866848\nfield.firstName.seed = 487484864\nfield.lastName.seed = 311296856\nfield.birthDate.seed = 897689196\nfield.gender.seed = 298767897\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&seeds, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    println!("| length | normalisation | records/s | µs/record |");
+    println!("|---:|---|---:|---:|");
+    for length in [500usize, 1000] {
+        let cfg_path = dir.join("config.toml");
+        std::fs::write(
+            &cfg_path,
+            example
+                .replace("/etc/fttp-agent/api-key", key.to_str().unwrap())
+                .replace("/etc/fttp-agent/store.key", "store.key")
+                .replace("/etc/fttp-agent/bloom-seeds.toml", seeds.to_str().unwrap())
+                .replace("length = 500", &format!("length = {length}")),
+        )
+        .unwrap();
+        let cfg = fttp_agent::config::Config::load(&cfg_path).unwrap();
+        let encoder = cfg.bloom_encoder().unwrap().unwrap();
+        let idat: Vec<_> = (0..records).map(sample_idat).collect();
+        let start = Instant::now();
+        let mut ones = 0usize;
+        for i in &idat {
+            ones += encoder.encode(i).map_or(0, |bf| bf.as_bytes().len());
+        }
+        let full = start.elapsed().as_secs_f64();
+        // The encoder alone, on values already normalised.
+        let normalised: Vec<Vec<Option<String>>> = idat.iter().map(|i| encoder.fields(i).unwrap()).collect();
+        let plain = Encoder::new(&Params {
+            length,
+            positions: 15,
+            vocabulary: "ABCDEFGHIJKLMNOPQRSTUVWXYZ .-0123456789".into(),
+            balanced_seed: Some(154866848),
+            fields: (0..4).map(|i| (format!("f{i}"), 1000 + i)).collect(),
+        })
+        .unwrap();
+        let start = Instant::now();
+        for v in &normalised {
+            let refs: Vec<Option<&str>> = v.iter().map(Option::as_deref).collect();
+            ones += plain.encode_bytes(&refs).len();
+        }
+        let bare = start.elapsed().as_secs_f64();
+        std::hint::black_box(ones);
+        for (what, secs) in [("config.example.toml", full), ("none (values given)", bare)] {
+            println!(
+                "| {length} | {what} | {:.0} | {:.2} |",
+                f64::from(records) / secs,
+                secs * 1e6 / f64::from(records)
+            );
+        }
+    }
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("FTTP_BENCH_CHILD") {
         let (dir, n) = spec.rsplit_once(':').unwrap();
@@ -338,7 +436,7 @@ fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // BENCH_ONLY=parse|cycle|store runs one section.
+    // BENCH_ONLY=parse|cycle|store|bloom runs one section.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only == s;
     if run("parse") {
@@ -355,6 +453,9 @@ fn main() {
             &[100, 1]
         };
         cycle_section(if quick { 10_000 } else { 100_000 }, batches);
+    }
+    if run("bloom") {
+        bloom_section(if quick { 50_000 } else { 200_000 });
     }
     if run("store") {
         if quick {

@@ -821,7 +821,9 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
                 let id = Identifier::new(Some(DISPATCHER), &format!("{study}_SIM{:04}", st.next_psn));
                 st.registry.insert(bf.clone(), id.clone());
                 st.new_filters += 1;
-                let nth = st.clearing_every.is_some_and(|n| n > 0 && st.new_filters.is_multiple_of(n));
+                let nth = st
+                    .clearing_every
+                    .is_some_and(|n| n > 0 && st.new_filters.is_multiple_of(n));
                 if st.clearing.remove(&bf) || nth {
                     // Clearing: nothing now; once "resolved", the pseudonym as a task.
                     let expires = Utc::now() + chrono::Duration::days(7);

@@ -116,9 +116,60 @@ pub struct Encoder {
     names: Vec<String>,
     /// Per field: `distinct * distinct` rows of `words` words.
     tables: Vec<Vec<u64>>,
-    /// Balanced: output bit j is bit `source[j]` of the filter followed by
-    /// its complement (the swaps are fixed, so they compose to one permutation).
-    source: Option<Vec<u32>>,
+    balance: Option<Balance>,
+}
+
+/// Balancing, precomputed. The swaps are fixed, so they compose to one
+/// permutation: output bit j is bit `source[j]` of the filter followed by
+/// its complement. Written as a mask (the output of an all-zero filter)
+/// and, per filter bit, the two output bits it flips, it costs two bit
+/// flips per set bit instead of a gather per output bit.
+#[derive(Debug)]
+struct Balance {
+    mask: Vec<u64>,
+    flips: Vec<[u32; 2]>,
+}
+
+impl Balance {
+    fn new(length: usize, seed: i64) -> Balance {
+        let n = 2 * length;
+        let mut rng = JavaRandom::new(seed);
+        let mut source: Vec<u32> = (0..n as u32).collect();
+        for i in 0..n {
+            let j = rng.next_below(n as i32) as usize;
+            source.swap(i, j);
+        }
+        let mut mask = vec![0u64; n.div_ceil(64)];
+        let mut flips = vec![[0u32; 2]; length];
+        for (j, &s) in source.iter().enumerate() {
+            let s = s as usize;
+            if s < length {
+                flips[s][0] = j as u32;
+            } else {
+                // The complement half: set while the filter bit is clear.
+                mask[j / 64] |= 1 << (j % 64);
+                flips[s - length][1] = j as u32;
+            }
+        }
+        Balance { mask, flips }
+    }
+
+    fn apply(&self, bits: &[u64]) -> Vec<u64> {
+        let mut out = self.mask.clone();
+        for (k, &word) in bits.iter().enumerate() {
+            let mut w = word;
+            while w != 0 {
+                let i = k * 64 + w.trailing_zeros() as usize;
+                w &= w - 1;
+                if let Some(pair) = self.flips.get(i) {
+                    for &j in pair {
+                        out[j as usize / 64] ^= 1 << (j % 64);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Debug for Encoder {
@@ -127,7 +178,7 @@ impl fmt::Debug for Encoder {
         f.debug_struct("Encoder")
             .field("length", &self.length)
             .field("fields", &self.names)
-            .field("balanced", &self.source.is_some())
+            .field("balanced", &self.balance.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -175,16 +226,7 @@ impl Encoder {
             }
             tables.push(table);
         }
-        let source = p.balanced_seed.map(|seed| {
-            let n = 2 * p.length;
-            let mut rng = JavaRandom::new(seed);
-            let mut source: Vec<u32> = (0..n as u32).collect();
-            for i in 0..n {
-                let j = rng.next_below(n as i32) as usize;
-                source.swap(i, j);
-            }
-            source
-        });
+        let balance = p.balanced_seed.map(|seed| Balance::new(p.length, seed));
         Ok(Encoder {
             length: p.length,
             words,
@@ -192,7 +234,7 @@ impl Encoder {
             distinct,
             names: p.fields.iter().map(|(n, _)| n.clone()).collect(),
             tables,
-            source,
+            balance,
         })
     }
 
@@ -202,7 +244,7 @@ impl Encoder {
 
     /// Bits of the filter (after balancing).
     pub fn bits(&self) -> usize {
-        if self.source.is_some() {
+        if self.balance.is_some() {
             2 * self.length
         } else {
             self.length
@@ -236,20 +278,9 @@ impl Encoder {
                 last = unit;
             }
         }
-        match &self.source {
+        match &self.balance {
             None => bits,
-            Some(source) => {
-                let get = |i: usize| bits[i / 64] >> (i % 64) & 1 == 1;
-                let mut out = vec![0u64; (2 * self.length).div_ceil(64)];
-                for (j, &s) in source.iter().enumerate() {
-                    let s = s as usize;
-                    let bit = if s < self.length { get(s) } else { !get(s - self.length) };
-                    if bit {
-                        out[j / 64] |= 1 << (j % 64);
-                    }
-                }
-                out
-            }
+            Some(b) => b.apply(&bits),
         }
     }
 

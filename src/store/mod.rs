@@ -1479,4 +1479,57 @@ mod crypto_tests {
         let bf = BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap();
         assert!(s.local_id_by_bloomfilter(&bf).is_some());
     }
+
+    #[test]
+    fn enrolments_survive_reopen_compaction_and_rekey_and_keep_which_filter_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let bf = BloomFilter::from_bytes(b"bloom-bytes".to_vec()).unwrap();
+        let other = BloomFilter::from_bytes(b"other-bytes".to_vec()).unwrap();
+        let enrol = |id: &str, bf: &BloomFilter, status| {
+            Record::Enrolment(EnrolmentRecord {
+                local_id: LocalId(id.into()),
+                bloomfilter: bf.clone(),
+                status,
+                detail: None,
+                updated: chrono::Utc::now(),
+            })
+        };
+        let id = LocalId("p1".into());
+        let check = |s: &Store, key: &str| {
+            // p1 was sent its current filter; p2 was sent a filter it no longer has.
+            let p1 = s.enrolment(&id, Some(&bf)).unwrap();
+            assert_eq!((p1.status, p1.same_filter), (EnrolmentStatus::Clearing, true), "{key}");
+            assert!(!s.enrolment(&id, Some(&other)).unwrap().same_filter, "{key}");
+            let p2 = s.enrolment(&LocalId("p2".into()), Some(&bf)).unwrap();
+            assert_eq!((p2.status, p2.same_filter), (EnrolmentStatus::Sending, false), "{key}");
+            assert_eq!(s.enrolment_counts().values().sum::<usize>(), 2, "{key}");
+        };
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[4; 32])).unwrap();
+            s.put(patient()).unwrap();
+            s.write(vec![
+                enrol("p1", &bf, EnrolmentStatus::Sending),
+                enrol("p1", &bf, EnrolmentStatus::Clearing),
+                enrol("p2", &other, EnrolmentStatus::Sending),
+            ])
+            .unwrap();
+            check(&s, "written");
+        }
+        let mut s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[4; 32])).unwrap();
+        check(&s, "reopened");
+        s.compact().unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[4; 32])).unwrap();
+        check(&s, "compacted");
+        s.rekey(StoreKey::from_bytes(&[5; 32])).unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[5; 32])).unwrap();
+        check(&s, "rekeyed");
+        // The filter itself is never on disk with an enrolment: only its keyed index.
+        let text = String::from_utf8_lossy(&files(dir.path())).to_string();
+        assert!(text.contains("\"t\":\"enrolment\""));
+        // Forgetting the patient forgets the enrolment too.
+        s.forget(&id).unwrap();
+        assert!(s.enrolment(&id, Some(&bf)).is_none());
+    }
 }

@@ -355,7 +355,7 @@ fn sample_idat(n: u32) -> fttp_agent::fhir::idat::Idat {
         given: Some(format!("{}{}", GIVEN[n as usize % 8], n % 97)),
         family: Some(FAMILY[(n / 8) as usize % 8].to_string()),
         birthdate: Some(format!("{}-{:02}-{:02}", 1930 + n % 80, 1 + n % 12, 1 + n % 28)),
-        gender: Some(if n % 2 == 0 { "female" } else { "male" }.to_string()),
+        gender: Some(if n.is_multiple_of(2) { "female" } else { "male" }.to_string()),
         ..Default::default()
     }
 }

@@ -12,7 +12,10 @@ use crate::crashpoint;
 use crate::fhir::idat::IdatElement;
 use crate::ops::ts;
 use crate::shutdown::Shutdown;
-use crate::store::{LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store, StoreError};
+use crate::store::{
+    EnrolmentRecord, EnrolmentStatus, LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store,
+    StoreError,
+};
 use crate::tasks::{PsnAnswers, Rejected, Scope, Task, TaskKind, parse_response};
 use crate::types::{BloomFilter, Pseudonym};
 use chrono::{DateTime, Utc};
@@ -394,7 +397,23 @@ impl<'a> Agent<'a> {
             pseudonym: psn,
             received: Utc::now(),
             source: source.to_string(),
-        }))
+        }))?;
+        // A patient `enroll` left in clearing: the clearing has ended.
+        if let Some(id) = self.store.local_id_by_bloomfilter(bf)
+            && self
+                .store
+                .enrolment(&id, Some(bf))
+                .is_some_and(|e| e.same_filter && e.status == EnrolmentStatus::Clearing)
+        {
+            self.buffer(Record::Enrolment(EnrolmentRecord {
+                local_id: id,
+                bloomfilter: bf.clone(),
+                status: EnrolmentStatus::Enrolled,
+                detail: Some("after clearing".into()),
+                updated: Utc::now(),
+            }))?;
+        }
+        Ok(())
     }
 
     fn send_idat(

@@ -357,6 +357,9 @@ pub struct StatusReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_poll: Option<String>,
     pub outcomes: BTreeMap<String, usize>,
+    /// Patients by enrolment status (`enroll`), if any were enrolled.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub enrolments: BTreeMap<String, usize>,
     pub pending: Vec<PendingTask>,
     pub warnings: Vec<String>,
 }
@@ -438,6 +441,11 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
         last_successful_poll: poll.and_then(|p| p.last_ok).map(ts),
         next_poll: next_poll.map(ts),
         outcomes,
+        enrolments: store
+            .enrolment_counts()
+            .into_iter()
+            .map(|(k, v)| (k.as_str().to_string(), v))
+            .collect(),
         pending,
         warnings,
     }
@@ -500,6 +508,12 @@ pub fn status_text(r: &StatusReport) -> String {
     s.push_str("tasks by outcome:\n");
     for (k, v) in &r.outcomes {
         s.push_str(&format!("  {k:<18} {v}\n"));
+    }
+    if !r.enrolments.is_empty() {
+        s.push_str("patients by enrolment:\n");
+        for (k, v) in &r.enrolments {
+            s.push_str(&format!("  {k:<18} {v}\n"));
+        }
     }
     s.push_str(&format!("open tasks: {}\n", r.pending.len()));
     for p in &r.pending {

@@ -270,6 +270,10 @@ fn enroll_stores_pseudonyms_and_a_clearing_comes_back_as_a_task() {
     assert_eq!(code, 0, "{out}");
     assert!(pseudonym_of(&site, "p2").is_some());
     assert_ne!(pseudonym_of(&site, "p2"), pseudonym_of(&site, "p1"));
+    assert_eq!(enrolment(&site, "p2"), Some((EnrolmentStatus::Enrolled, true)));
+    let (_, status, _) = run(&site, &["status", "--format", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["enrolments"], serde_json::json!({"enrolled": 2, "error": 1}));
 
     // --retry-errors sends p3's filter again, the same filter.
     site.sim.state().bf_errors.clear();

@@ -1163,4 +1163,16 @@ key_file = "store.key"
         std::fs::write(&path, GOOD.replace("https://fttp.example.org", "http://127.0.0.1:9")).unwrap();
         assert!(Config::load(&path).is_ok());
     }
+
+    #[test]
+    fn replacements_keep_the_order_they_are_written_in() {
+        let t: BloomTransformer =
+            toml::from_str("replacement = { \"b\" = \"c\", \"a\" = \"b\", 'Dr\\.' = \"\" }\ntrim = true\n").unwrap();
+        let keys: Vec<&str> = t.replacement.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["b", "a", "Dr\\."]);
+        assert!(t.trim && !t.upper_case);
+        let f: BloomField = toml::from_str("name = \"x\"\nsource = [\"given\", \"family\"]\n").unwrap();
+        assert_eq!(f.source.elements().len(), 2);
+        assert!(toml::from_str::<BloomField>("name = \"x\"\nsource = \"nickname\"\n").is_err());
+    }
 }

@@ -156,7 +156,11 @@ fn bloom_prints_the_published_vector_from_idat() {
     assert!(stderr.contains("2 Bloom filter(s), 2 row(s) without"), "{stderr}");
     // The bloomfilter column may be absent; the output is the same.
     let bare = site.dir.path().join("bare.csv");
-    std::fs::write(&bare, "local_id,given,family,birthdate,gender\nx1,Herr,Mustermann,1920-01-01,m\n").unwrap();
+    std::fs::write(
+        &bare,
+        "local_id,given,family,birthdate,gender\nx1,Herr,Mustermann,1920-01-01,m\n",
+    )
+    .unwrap();
     let (code, stdout, _) = run(&site, &["bloom", bare.to_str().unwrap()]);
     assert_eq!(code, 0);
     assert_eq!(stdout, format!("local_id,bloomfilter\nx1,{EXPECTED}\n"));

@@ -294,7 +294,7 @@ pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<
     let encoder = cfg.bloom_encoder()?;
     let client = Client::new(cfg)?;
     let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
-    let mut store = open_store(cfg, LockMode::Try)?;
+    let mut store = open_store(cfg, LockMode::Wait)?;
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let opts = crate::enroll::EnrollOptions { limit, retry_errors };
     let r = crate::enroll::enroll(
@@ -339,7 +339,7 @@ pub fn update_bf(cfg: &Config, limit: Option<usize>) -> Result<u8, AppError> {
     let encoder = need_encoder(cfg)?;
     let client = Client::new(cfg)?;
     let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
-    let mut store = open_store(cfg, LockMode::Try)?;
+    let mut store = open_store(cfg, LockMode::Wait)?;
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let r = crate::enroll::update_bf(cfg, &client, &mut store, &mut audit, &encoder, limit, Some(&stop))?;
     for (id, reason) in &r.no_filter {

@@ -17,7 +17,7 @@ use fttp_agent::fhir::idat::IdatElement;
 use fttp_agent::fhir::{Format, Parameter, Parameters};
 use fttp_agent::sim::{self, SimOptions, Simulator};
 use fttp_agent::store::{LockMode, PseudonymRecord, Record, Store};
-use fttp_agent::tasks::{Scope, parse_response};
+use fttp_agent::tasks::{Scope, parse_answer};
 use fttp_agent::types::{BloomFilter, Pseudonym};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -105,9 +105,9 @@ fn parse_section(sizes: &[u32]) {
             let params_only = time_it(budget, || {
                 std::hint::black_box(Parameters::parse(format, bytes).unwrap());
             });
+            // What the agent does with an answer (`Client::request_tasks`).
             let typed = time_it(budget, || {
-                let params = Parameters::parse(format, bytes).unwrap();
-                let tasks = parse_response(&params, &scope);
+                let tasks = parse_answer(format, bytes, &scope).unwrap();
                 assert_eq!(tasks.len(), n as usize);
                 std::hint::black_box(tasks);
             });

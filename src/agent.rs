@@ -16,7 +16,7 @@ use crate::store::{
     EnrolmentRecord, EnrolmentStatus, LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store,
     StoreError,
 };
-use crate::tasks::{PsnAnswers, Rejected, Scope, Task, TaskKind, parse_response};
+use crate::tasks::{PsnAnswers, Rejected, Task, TaskKind};
 use crate::types::{BloomFilter, Pseudonym};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -171,12 +171,7 @@ impl<'a> Agent<'a> {
             }
         };
         crashpoint::hit("poll:after");
-        let scope = Scope {
-            study: &study,
-            target: &target,
-        };
-        let parsed = parse_response(&answer, &scope);
-        drop(answer); // a re-keying answer is large: keep only the typed tasks
+        let parsed = answer;
         self.report.received = parsed.len();
         let mut rec = AuditRecord::new("poll", "ok", &target);
         rec.tasks = Some(parsed.len());
@@ -725,8 +720,7 @@ pub struct Plan {
 pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, Vec<Plan>), AgentError> {
     let study = cfg.site.study.as_str();
     let target = cfg.site.target.as_str();
-    let answer = client.request_tasks(study, target).map_err(AgentError::Poll)?;
-    let parsed = parse_response(&answer, &Scope { study, target });
+    let parsed = client.request_tasks(study, target).map_err(AgentError::Poll)?;
     let received = parsed.len();
     let now = Utc::now();
     let mut plans = Vec::new();

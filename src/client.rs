@@ -6,6 +6,7 @@ use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::{FhirError, Format, Parameter, Parameters, Resource};
 use crate::privacy::Redactor;
 use crate::retry::{RetryPolicy, Retryable, with_backoff};
+use crate::tasks::{Rejected, Scope, Task};
 use crate::types::{BloomFilter, TaskId};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -172,15 +173,17 @@ impl Client {
         r
     }
 
-    /// `$requestTasks` {study, target}: the open tasks of this site.
-    pub fn request_tasks(&self, study: &str, target: &str) -> Result<Parameters, ClientError> {
+    /// `$requestTasks` {study, target}: the open tasks of this site, typed;
+    /// a task for another study or target is rejected.
+    pub fn request_tasks(&self, study: &str, target: &str) -> Result<Vec<Result<Task, Rejected>>, ClientError> {
         let params = Parameters::new(vec![
             Parameter::string("study", study),
             Parameter::string("target", target),
         ]);
         let op = Operation::RequestTasks;
         let (format, body) = self.call(op, params, &self.redactor(), None)?;
-        Parameters::parse(format, &body).map_err(|source| ClientError::Decode { op, source })
+        crate::tasks::parse_answer(format, &body, &Scope { study, target })
+            .map_err(|source| ClientError::Decode { op, source })
     }
 
     /// `$providePatientData` {taskId, target, patient}. `secrets` are the

@@ -216,10 +216,10 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
     let client = Client::new(cfg)?;
     // $requestTasks does not change state on the dispatcher (affectsState: false).
     match client.request_tasks(cfg.site.study.as_str(), cfg.site.target.as_str()) {
-        Ok(p) => {
+        Ok(tasks) => {
             println!(
                 "dispatcher: reachable, API key accepted, {} task(s) waiting",
-                p.parameter.len()
+                tasks.len()
             );
             Ok(exit::OK)
         }

@@ -142,6 +142,18 @@ fn the_fast_paths_take_the_dispatcher_examples() {
         assert_eq!(fast_json, Parameters::parse_generic(Format::Json, &json).unwrap());
         assert_eq!(fast_xml, Parameters::parse_generic(Format::Xml, &xml).unwrap());
     }
+    // The tasks of the guide's example, read straight from XML into tasks.
+    let xml = std::fs::read(dir("xml").join("Parameters-Parameters-RequestTasks-response-example-1.xml")).unwrap();
+    let scope = fttp_agent::tasks::Scope {
+        study: "mii",
+        target: "eyematics",
+    };
+    let typed = fttp_agent::tasks::typed_xml(&xml, &scope).expect("the typed XML path takes the example");
+    assert_eq!(typed.len(), 3);
+    assert_eq!(
+        typed,
+        fttp_agent::tasks::parse_response(&Parameters::parse_generic(Format::Xml, &xml).unwrap(), &scope)
+    );
     // A contained resource is not for the fast path.
     let provide =
         std::fs::read(dir("json").join("Parameters-Parameters-ProvidePatientData-request-example-1.json")).unwrap();

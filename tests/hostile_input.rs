@@ -34,6 +34,7 @@ fn read_everything(bytes: &[u8]) {
             let _ = parse_response(&p, &SCOPE);
         }
         let _ = fhir::outcome::OperationOutcome::parse(format, bytes);
+        let _ = fttp_agent::tasks::parse_answer(format, bytes, &SCOPE);
     }
     let _ = Format::detect(Some("application/fhir+xml"), bytes);
 }
@@ -131,8 +132,91 @@ fn parameter() -> impl Strategy<Value = Parameter> {
     })
 }
 
+/// Valid tasks of every kind for SCOPE, then edits that make some of them
+/// invalid or unusual: parts dropped, doubled or given odd values.
+fn task_document() -> impl Strategy<Value = Parameters> {
+    use fttp_agent::fhir::idat::IdatElement;
+    use fttp_agent::sim;
+    let odd = prop::sample::select(vec![
+        "",
+        "a&b",
+        "x<y",
+        "not base64!",
+        "QUJD",
+        "mii",
+        "eyematics",
+        "elsewhere",
+        "2030-01-01",
+        "2030-01-01T00:00:00+02:00",
+        "task-1",
+        "bad id!",
+        "given",
+        "shoe-size",
+    ]);
+    let edit = (
+        0usize..3,
+        any::<prop::sample::Index>(),
+        any::<prop::sample::Index>(),
+        odd,
+    );
+    (1usize..6, prop::collection::vec(edit, 0..3)).prop_map(|(n, edits)| {
+        let later = chrono::Utc::now() + chrono::Duration::days(1);
+        let bf = |i: usize| fttp_agent::demo::sample_bloomfilter(i as u32).to_base64();
+        let mut tasks: Vec<Parameter> = (0..n)
+            .map(|i| match i % 3 {
+                0 => sim::repeat_request("mii", &bf(i), "eyematics", Some(later)),
+                1 => sim::send_idat(
+                    &format!("t-{i}"),
+                    later,
+                    (i % 2 == 0).then_some("mii_P1"),
+                    Some(&bf(i)),
+                    &[IdatElement::Given, IdatElement::Family, IdatElement::Given],
+                ),
+                _ => sim::dic_psn_available(&bf(i), "eyematics", "mii_P2", (i % 2 == 0).then_some(later)),
+            })
+            .collect();
+        for (kind, task, part, value) in edits {
+            let t = task.index(tasks.len());
+            let parts = &mut tasks[t].part;
+            let at = part.index(parts.len());
+            match kind {
+                0 => {
+                    parts.remove(at);
+                }
+                1 => {
+                    let again = parts[at].clone();
+                    parts.push(again);
+                }
+                _ => match &mut parts[at].value {
+                    Some(fhir::ParamValue::Primitive { value: v, .. }) => *v = value.to_string(),
+                    Some(fhir::ParamValue::Identifier(id)) => id.value = Some(value.to_string()),
+                    Some(fhir::ParamValue::Coding(c)) => c.code = Some(value.to_string()),
+                    _ => {}
+                },
+            }
+        }
+        Parameters::new(tasks)
+    })
+}
+
 // Cases: 256 by default; PROPTEST_CASES raises it (scripts/fuzz.sh).
 proptest! {
+
+    /// The XML reader straight into tasks gives what the Parameters path
+    /// gives, or leaves the document to it.
+    #[test]
+    fn typed_xml_agrees_with_the_parameters_path(doc in task_document()) {
+        let bytes = doc.to_xml().into_bytes();
+        let reference = parse_response(&Parameters::parse_generic(Format::Xml, &bytes).unwrap(), &SCOPE);
+        if let Some(fast) = fttp_agent::tasks::typed_xml(&bytes, &SCOPE) {
+            prop_assert_eq!(&fast, &reference);
+            prop_assert!(fast.iter().all(Result::is_ok));
+        } else {
+            // It gives up only on documents with something the fast path does not do.
+            prop_assert!(reference.iter().any(Result::is_err) || doc.to_xml().contains('&'));
+        }
+        prop_assert_eq!(fttp_agent::tasks::parse_answer(Format::Xml, &bytes, &SCOPE).unwrap(), reference);
+    }
 
     #[test]
     fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {

@@ -314,6 +314,128 @@ fn xml_fields<const N: usize>(sc: &mut Scanner<'_>, tag: &str, names: [&str; N])
     }
 }
 
+// ------------------------------------------------- XML, straight to tasks
+
+/// A part of a task as it stands in the document: borrowed, unescaped
+/// (values with an escape make the scanner give up).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RawValue<'a> {
+    Primitive(&'static str, &'a str),
+    Identifier {
+        system: Option<&'a str>,
+        value: Option<&'a str>,
+    },
+    Coding {
+        system: Option<&'a str>,
+        code: Option<&'a str>,
+        display: Option<&'a str>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawPart<'a> {
+    pub name: &'a str,
+    pub value: RawValue<'a>,
+}
+
+/// The plain value of a `value` attribute: `None` if it has an escape (the
+/// caller then leaves the document to the Parameters reader).
+fn plain<'a>(attr: Option<(&'a str, &'a str)>) -> Option<Option<&'a str>> {
+    match attr {
+        None => Some(None),
+        Some(("value", raw)) if !raw.contains('&') => Some(Some(raw)),
+        Some(_) => None,
+    }
+}
+
+/// Scans a `$requestTasks` answer in the usual shape (top-level
+/// parameters, each a name and parts with one value each) and hands each
+/// task's name and parts to `each`, reusing one buffer: no allocation per
+/// task. `None` when the document is anything else, or `each` says so.
+pub(crate) fn scan_tasks_xml<'a>(
+    bytes: &'a [u8],
+    mut each: impl FnMut(&'a str, &[RawPart<'a>]) -> Option<()>,
+) -> Option<()> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut sc = Scanner::new(text);
+    if sc.starts(b"<?xml") {
+        sc.skip_past("?>")?;
+    }
+    match sc.tag()? {
+        Tag::Start("Parameters", Some(("xmlns", ns))) if ns == super::xml::FHIR_NS => {}
+        _ => return None,
+    }
+    let mut parts: Vec<RawPart<'a>> = Vec::with_capacity(8);
+    loop {
+        match sc.tag()? {
+            Tag::Empty("id", attr) => {
+                plain(attr)?;
+            }
+            Tag::Start("parameter", None) => {
+                parts.clear();
+                let name = match sc.tag()? {
+                    Tag::Empty("name", attr) => plain(attr)??,
+                    _ => return None,
+                };
+                loop {
+                    match sc.tag()? {
+                        Tag::Start("part", None) => parts.push(raw_part(&mut sc)?),
+                        Tag::End("parameter") => break,
+                        _ => return None,
+                    }
+                }
+                each(name, &parts)?;
+            }
+            Tag::End("Parameters") => break,
+            _ => return None,
+        }
+    }
+    sc.at_end().then_some(())
+}
+
+/// One `<part>`: a name, then exactly one value, then `</part>`.
+fn raw_part<'a>(sc: &mut Scanner<'a>) -> Option<RawPart<'a>> {
+    let name = match sc.tag()? {
+        Tag::Empty("name", attr) => plain(attr)??,
+        _ => return None,
+    };
+    let value = match sc.tag()? {
+        Tag::Empty(el, attr) if el.starts_with("value") && el != "valueIdentifier" && el != "valueCoding" => {
+            RawValue::Primitive(el.strip_prefix("value").and_then(primitive_type)?, plain(attr)??)
+        }
+        Tag::Start("valueIdentifier", None) => {
+            let [system, value] = raw_fields(sc, "valueIdentifier", ["system", "value"])?;
+            RawValue::Identifier { system, value }
+        }
+        Tag::Start("valueCoding", None) => {
+            let [system, code, display] = raw_fields(sc, "valueCoding", ["system", "code", "display"])?;
+            RawValue::Coding { system, code, display }
+        }
+        _ => return None,
+    };
+    match sc.tag()? {
+        Tag::End("part") => Some(RawPart { name, value }),
+        _ => None,
+    }
+}
+
+fn raw_fields<'a, const N: usize>(sc: &mut Scanner<'a>, tag: &str, names: [&str; N]) -> Option<[Option<&'a str>; N]> {
+    let mut out: [Option<&'a str>; N] = [None; N];
+    loop {
+        match sc.tag()? {
+            Tag::Empty(el, attr) => {
+                let i = names.iter().position(|n| *n == el)?;
+                if out[i].is_some() {
+                    return None;
+                }
+                out[i] = Some(plain(attr)??);
+            }
+            Tag::End(end) if end == tag => return Some(out),
+            _ => return None,
+        }
+    }
+}
+
 // ------------------------------------------------------------------ JSON
 
 #[derive(Deserialize)]

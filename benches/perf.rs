@@ -55,16 +55,26 @@ fn mb_per_s(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e6
 }
 
-/// Runs `f` repeatedly for about `budget` seconds; seconds per run.
-fn time_it(budget: f64, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
-    let start = Instant::now();
-    let mut runs = 0u32;
-    while start.elapsed().as_secs_f64() < budget || runs < 3 {
-        f();
-        runs += 1;
+/// Runs the functions in turn, round after round, for about `budget`
+/// seconds in all; seconds per run of each. Interleaving makes the ratios
+/// between them robust against the machine's speed changing meanwhile
+/// (other load, frequency scaling).
+fn time_interleaved(budget: f64, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    for f in fs.iter_mut() {
+        f(); // warm-up
     }
-    start.elapsed().as_secs_f64() / f64::from(runs)
+    let mut spent = vec![0.0f64; fs.len()];
+    let mut rounds = 0u32;
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < budget || rounds < 3 {
+        for (f, t) in fs.iter_mut().zip(spent.iter_mut()) {
+            let s = Instant::now();
+            f();
+            *t += s.elapsed().as_secs_f64();
+        }
+        rounds += 1;
+    }
+    spent.iter().map(|t| t / f64::from(rounds)).collect()
 }
 
 fn xml_floor(bytes: &[u8]) -> usize {
@@ -92,25 +102,27 @@ fn parse_section(sizes: &[u32]) {
         for format in [Format::Json, Format::Xml] {
             let text = p.write(format);
             let bytes = text.as_bytes();
-            let budget = if n >= 100_000 { 2.0 } else { 0.7 };
-            let floor = match format {
-                Format::Json => time_it(budget, || {
+            let budget = if n >= 100_000 { 6.0 } else { 2.0 };
+            let mut floor_run = || match format {
+                Format::Json => {
                     let v: serde_json::Value = serde_json::from_slice(bytes).unwrap();
                     std::hint::black_box(v);
-                }),
-                Format::Xml => time_it(budget, || {
+                }
+                Format::Xml => {
                     std::hint::black_box(xml_floor(bytes));
-                }),
+                }
             };
-            let params_only = time_it(budget, || {
+            let mut params_run = || {
                 std::hint::black_box(Parameters::parse(format, bytes).unwrap());
-            });
+            };
             // What the agent does with an answer (`Client::request_tasks`).
-            let typed = time_it(budget, || {
+            let mut typed_run = || {
                 let tasks = parse_answer(format, bytes, &scope).unwrap();
                 assert_eq!(tasks.len(), n as usize);
                 std::hint::black_box(tasks);
-            });
+            };
+            let times = time_interleaved(budget, &mut [&mut floor_run, &mut params_run, &mut typed_run]);
+            let (floor, params_only, typed) = (times[0], times[1], times[2]);
             println!(
                 "| {n} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0}% |",
                 if format == Format::Json { "JSON" } else { "XML" },

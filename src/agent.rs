@@ -209,7 +209,7 @@ impl<'a> Agent<'a> {
                     let entry = LedgerEntry {
                         key: key.clone(),
                         kind: task.kind(),
-                        display_id: task.display_id(),
+                        display_id: task.display_id_of(&key),
                         expires: task.expires(),
                         task: Some(task),
                         status: Status::Pending,

@@ -281,6 +281,45 @@ fn pseudonym_context(bf: &str, target: &str) -> Vec<u8> {
     format!("pseudonym\0{bf}\0{target}").into_bytes()
 }
 
+/// The associated data of a progress batch (the keys are inside, sealed).
+const PROGRESS_BATCH_CONTEXT: &[u8] = b"progress-batch";
+
+/// Seals `records` for the journal: one line each, except that a run of
+/// consecutive `Progress` records becomes one `ProgressBatch` line. Returns
+/// the lines and, per record, the index of its own line (`None` for those
+/// in a batch, which are applied from their plaintext).
+fn seal_for_journal(key: &StoreKey, records: &[Record]) -> (Vec<DiskRecord>, Vec<Option<usize>>) {
+    let mut lines = Vec::with_capacity(records.len());
+    let mut own = Vec::with_capacity(records.len());
+    let mut i = 0;
+    while i < records.len() {
+        let run = records[i..]
+            .iter()
+            .take_while(|r| matches!(r, Record::Progress(_)))
+            .count();
+        if run >= 2 {
+            let batch: Vec<&Progress> = records[i..i + run]
+                .iter()
+                .filter_map(|r| match r {
+                    Record::Progress(p) => Some(p),
+                    _ => None,
+                })
+                .collect();
+            let plain = serde_json::to_vec(&batch).unwrap_or_default();
+            lines.push(DiskRecord::ProgressBatch {
+                data: key.seal(PROGRESS_BATCH_CONTEXT, &plain),
+            });
+            own.extend(std::iter::repeat_n(None, run));
+            i += run;
+        } else {
+            lines.push(seal(key, &records[i]));
+            own.push(Some(lines.len() - 1));
+            i += 1;
+        }
+    }
+    (lines, own)
+}
+
 fn ledger_context(key: &str) -> Vec<u8> {
     format!("ledger\0{key}").into_bytes()
 }
@@ -331,6 +370,16 @@ impl State {
                 let p: Progress = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
                 if let Some(e) = self.ledger.get_mut(&k) {
                     p.apply_to(e);
+                }
+            }
+            DiskRecord::ProgressBatch { data } => {
+                let plain = key.open("ledger", PROGRESS_BATCH_CONTEXT, &data)?;
+                let batch: Vec<Progress> =
+                    serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
+                for p in batch {
+                    if let Some(e) = self.ledger.get_mut(&p.key) {
+                        p.apply_to(e);
+                    }
                 }
             }
             DiskRecord::Enrolment {
@@ -609,7 +658,7 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
-        let disk: Vec<DiskRecord> = records.iter().map(|r| seal(&self.key, r)).collect();
+        let (disk, own) = seal_for_journal(&self.key, &records);
         let mut buf = String::new();
         for r in &disk {
             push_line(&mut buf, r);
@@ -643,7 +692,8 @@ impl Store {
         crate::crashpoint::hit("journal:written");
         self.journal_len += buf.len() as u64;
         self.journal_records += disk.len();
-        for (plain, sealed) in records.into_iter().zip(disk) {
+        let mut disk: Vec<Option<DiskRecord>> = disk.into_iter().map(Some).collect();
+        for (plain, line) in records.into_iter().zip(own) {
             match plain {
                 // The plaintext is at hand: no need to decrypt what we just sealed.
                 Record::Ledger(e) => {
@@ -654,7 +704,11 @@ impl Store {
                         p.apply_to(e);
                     }
                 }
-                _ => self.state.apply(sealed, &self.key).map_err(tampered(&path))?,
+                _ => {
+                    if let Some(sealed) = line.and_then(|i| disk.get_mut(i)).and_then(Option::take) {
+                        self.state.apply(sealed, &self.key).map_err(tampered(&path))?;
+                    }
+                }
             }
         }
         Ok(())
@@ -1615,5 +1669,55 @@ mod crypto_tests {
         };
         assert_eq!(parse_line(&flipped), Err("checksum mismatch"));
         assert!(parse_line(&line).is_ok());
+    }
+
+    #[test]
+    fn consecutive_progress_records_are_one_sealed_line_and_replay_in_order() {
+        use crate::tasks::TaskKind;
+        let dir = tempfile::tempdir().unwrap();
+        let key = || StoreKey::from_bytes(&[7; 32]);
+        let entry = |k: &str| LedgerEntry {
+            key: k.into(),
+            kind: TaskKind::RepeatRequest,
+            display_id: k.into(),
+            task: None,
+            status: Status::Pending,
+            outcome: "received".into(),
+            detail: None,
+            expires: None,
+            first_seen: Utc::now(),
+            last_seen: Utc::now(),
+            updated: Utc::now(),
+            attempts: 0,
+        };
+        let step = |k: &str, status: Status, outcome: &str, attempts: u32| {
+            let mut e = entry(k);
+            e.status = status;
+            e.outcome = outcome.into();
+            e.attempts = attempts;
+            Record::Progress(Progress::of(&e))
+        };
+        let expected;
+        {
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+            s.write(vec![Record::Ledger(entry("a")), Record::Ledger(entry("b"))]).unwrap();
+            s.write(vec![
+                step("a", Status::InFlight, "sending", 1),
+                step("b", Status::InFlight, "sending", 1),
+                // A later state of "a" in the same batch wins.
+                step("a", Status::Resolved, "stored", 1),
+                Record::Purge { key: "gone".into() },
+                step("b", Status::Failed, "failed", 1),
+            ])
+            .unwrap();
+            expected = (s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap());
+            assert_eq!(expected.0.status, Status::Resolved);
+            assert_eq!(expected.1.status, Status::Failed);
+        }
+        let journal = std::fs::read_to_string(dir.path().join(JOURNAL)).unwrap();
+        assert_eq!(journal.matches("\"t\":\"progress_batch\"").count(), 1);
+        assert_eq!(journal.matches("\"t\":\"progress\"").count(), 1);
+        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        assert_eq!((s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap()), expected);
     }
 }

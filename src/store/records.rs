@@ -254,6 +254,11 @@ pub(crate) enum DiskRecord {
         key: String,
         data: String,
     },
+    /// Consecutive `Progress` records of one write, sealed as one: a batch of
+    /// 100 task outcomes is one line, one seal and one checksum.
+    ProgressBatch {
+        data: String,
+    },
     Enrolment {
         id: LocalId,
         bf: String,

@@ -284,39 +284,43 @@ fn pseudonym_context(bf: &str, target: &str) -> Vec<u8> {
 /// The associated data of a progress batch (the keys are inside, sealed).
 const PROGRESS_BATCH_CONTEXT: &[u8] = b"progress-batch";
 
-/// Seals `records` for the journal: one line each, except that a run of
-/// consecutive `Progress` records becomes one `ProgressBatch` line. Returns
-/// the lines and, per record, the index of its own line (`None` for those
-/// in a batch, which are applied from their plaintext).
+/// Seals `records` for the journal, one line each, except that the
+/// `Progress` records are gathered into one `ProgressBatch` line. They only
+/// touch the ledger, so a batch may move past records of other kinds (a
+/// pseudonym, a patient) but not past a `Ledger` or `Purge` record, before
+/// which it is written out. Returns the lines and, per record, the index of
+/// its own line (`None` for progress, which is applied from its plaintext).
 fn seal_for_journal(key: &StoreKey, records: &[Record]) -> (Vec<DiskRecord>, Vec<Option<usize>>) {
+    fn flush(key: &StoreKey, batch: &mut Vec<&Progress>, lines: &mut Vec<DiskRecord>) {
+        match batch.len() {
+            0 => {}
+            1 => lines.push(seal(key, &Record::Progress(batch[0].clone()))),
+            _ => {
+                let plain = serde_json::to_vec(&batch).unwrap_or_default();
+                lines.push(DiskRecord::ProgressBatch {
+                    data: key.seal(PROGRESS_BATCH_CONTEXT, &plain),
+                });
+            }
+        }
+        batch.clear();
+    }
     let mut lines = Vec::with_capacity(records.len());
     let mut own = Vec::with_capacity(records.len());
-    let mut i = 0;
-    while i < records.len() {
-        let run = records[i..]
-            .iter()
-            .take_while(|r| matches!(r, Record::Progress(_)))
-            .count();
-        if run >= 2 {
-            let batch: Vec<&Progress> = records[i..i + run]
-                .iter()
-                .filter_map(|r| match r {
-                    Record::Progress(p) => Some(p),
-                    _ => None,
-                })
-                .collect();
-            let plain = serde_json::to_vec(&batch).unwrap_or_default();
-            lines.push(DiskRecord::ProgressBatch {
-                data: key.seal(PROGRESS_BATCH_CONTEXT, &plain),
-            });
-            own.extend(std::iter::repeat_n(None, run));
-            i += run;
-        } else {
-            lines.push(seal(key, &records[i]));
-            own.push(Some(lines.len() - 1));
-            i += 1;
+    let mut batch: Vec<&Progress> = Vec::new();
+    for r in records {
+        match r {
+            Record::Progress(p) => {
+                batch.push(p);
+                own.push(None);
+                continue;
+            }
+            Record::Ledger(_) | Record::Purge { .. } => flush(key, &mut batch, &mut lines),
+            _ => {}
         }
+        lines.push(seal(key, r));
+        own.push(Some(lines.len() - 1));
     }
+    flush(key, &mut batch, &mut lines);
     (lines, own)
 }
 
@@ -374,8 +378,7 @@ impl State {
             }
             DiskRecord::ProgressBatch { data } => {
                 let plain = key.open("ledger", PROGRESS_BATCH_CONTEXT, &data)?;
-                let batch: Vec<Progress> =
-                    serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
+                let batch: Vec<Progress> = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
                 for p in batch {
                     if let Some(e) = self.ledger.get_mut(&p.key) {
                         p.apply_to(e);
@@ -1700,7 +1703,8 @@ mod crypto_tests {
         let expected;
         {
             let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
-            s.write(vec![Record::Ledger(entry("a")), Record::Ledger(entry("b"))]).unwrap();
+            s.write(vec![Record::Ledger(entry("a")), Record::Ledger(entry("b"))])
+                .unwrap();
             s.write(vec![
                 step("a", Status::InFlight, "sending", 1),
                 step("b", Status::InFlight, "sending", 1),
@@ -1710,14 +1714,36 @@ mod crypto_tests {
                 step("b", Status::Failed, "failed", 1),
             ])
             .unwrap();
+            // Progress moves past a pseudonym (it only touches the ledger).
+            s.write(vec![
+                step("a", Status::Resolved, "stored", 2),
+                Record::Pseudonym(PseudonymRecord {
+                    bloomfilter: BloomFilter::from_bytes(b"bf".to_vec()).unwrap(),
+                    target: "t".into(),
+                    pseudonym: crate::types::Pseudonym {
+                        system: None,
+                        value: "psn".into(),
+                    },
+                    received: Utc::now(),
+                    source: "a".into(),
+                }),
+                step("b", Status::Resolved, "stored", 2),
+            ])
+            .unwrap();
             expected = (s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap());
-            assert_eq!(expected.0.status, Status::Resolved);
-            assert_eq!(expected.1.status, Status::Failed);
+            assert_eq!((expected.0.status, expected.0.attempts), (Status::Resolved, 2));
+            assert_eq!((expected.1.status, expected.1.attempts), (Status::Resolved, 2));
         }
         let journal = std::fs::read_to_string(dir.path().join(JOURNAL)).unwrap();
-        assert_eq!(journal.matches("\"t\":\"progress_batch\"").count(), 1);
+        // The purge closes the first batch, so "b"'s failure stands alone;
+        // the third write is one batch after the pseudonym.
+        assert_eq!(journal.matches("\"t\":\"progress_batch\"").count(), 2);
         assert_eq!(journal.matches("\"t\":\"progress\"").count(), 1);
         let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
-        assert_eq!((s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap()), expected);
+        assert_eq!(
+            (s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap()),
+            expected
+        );
+        assert_eq!(s.pseudonym_count(), 1);
     }
 }

@@ -222,17 +222,23 @@ fn value_of(attr: Option<(&str, &str)>) -> Option<Option<String>> {
     }
 }
 
+impl<'a> Scanner<'a> {
+    /// A scanner past the declaration and the `<Parameters>` start tag.
+    fn parameters(bytes: &'a [u8]) -> Option<Scanner<'a>> {
+        let mut sc = Scanner::new(std::str::from_utf8(bytes).ok()?);
+        // A declaration only at the very start, as XML requires.
+        if sc.starts(b"<?xml") {
+            sc.skip_past("?>")?;
+        }
+        match sc.tag()? {
+            Tag::Start("Parameters", Some(("xmlns", ns))) if ns == super::xml::FHIR_NS => Some(sc),
+            _ => None,
+        }
+    }
+}
+
 pub fn parameters_xml(bytes: &[u8]) -> Option<Parameters> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut sc = Scanner::new(text);
-    // A declaration only at the very start, as XML requires.
-    if sc.starts(b"<?xml") {
-        sc.skip_past("?>")?;
-    }
-    match sc.tag()? {
-        Tag::Start("Parameters", Some(("xmlns", ns))) if ns == super::xml::FHIR_NS => {}
-        _ => return None,
-    }
+    let mut sc = Scanner::parameters(bytes)?;
     let mut out = Parameters::default();
     loop {
         match sc.tag()? {
@@ -299,9 +305,15 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
     Some(p)
 }
 
-/// Reads `<x value=".."/>` children named in `names`, each at most once, up to `</tag>`.
-fn xml_fields<const N: usize>(sc: &mut Scanner<'_>, tag: &str, names: [&str; N]) -> Option<[Option<String>; N]> {
-    let mut out: [Option<String>; N] = std::array::from_fn(|_| None);
+/// Reads `<x value=".."/>` children named in `names`, each at most once, up
+/// to `</tag>`, each value read by `value` (`None`: give up).
+fn fields_with<'a, T, const N: usize>(
+    sc: &mut Scanner<'a>,
+    tag: &str,
+    names: [&str; N],
+    value: impl Fn(Option<(&'a str, &'a str)>) -> Option<Option<T>>,
+) -> Option<[Option<T>; N]> {
+    let mut out: [Option<T>; N] = std::array::from_fn(|_| None);
     loop {
         match sc.tag()? {
             Tag::Empty(el, attr) => {
@@ -309,12 +321,16 @@ fn xml_fields<const N: usize>(sc: &mut Scanner<'_>, tag: &str, names: [&str; N])
                 if out[i].is_some() {
                     return None;
                 }
-                out[i] = Some(value_of(attr)??);
+                out[i] = Some(value(attr)??);
             }
             Tag::End(end) if end == tag => return Some(out),
             _ => return None,
         }
     }
+}
+
+fn xml_fields<const N: usize>(sc: &mut Scanner<'_>, tag: &str, names: [&str; N]) -> Option<[Option<String>; N]> {
+    fields_with(sc, tag, names, value_of)
 }
 
 // ------------------------------------------------- XML, straight to tasks
@@ -359,15 +375,7 @@ pub(crate) fn scan_tasks_xml<'a>(
     bytes: &'a [u8],
     mut each: impl FnMut(&'a str, &[RawPart<'a>]) -> Option<()>,
 ) -> Option<()> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut sc = Scanner::new(text);
-    if sc.starts(b"<?xml") {
-        sc.skip_past("?>")?;
-    }
-    match sc.tag()? {
-        Tag::Start("Parameters", Some(("xmlns", ns))) if ns == super::xml::FHIR_NS => {}
-        _ => return None,
-    }
+    let mut sc = Scanner::parameters(bytes)?;
     let mut parts: Vec<RawPart<'a>> = Vec::with_capacity(8);
     loop {
         match sc.tag()? {
@@ -423,20 +431,7 @@ fn raw_part<'a>(sc: &mut Scanner<'a>) -> Option<RawPart<'a>> {
 }
 
 fn raw_fields<'a, const N: usize>(sc: &mut Scanner<'a>, tag: &str, names: [&str; N]) -> Option<[Option<&'a str>; N]> {
-    let mut out: [Option<&'a str>; N] = [None; N];
-    loop {
-        match sc.tag()? {
-            Tag::Empty(el, attr) => {
-                let i = names.iter().position(|n| *n == el)?;
-                if out[i].is_some() {
-                    return None;
-                }
-                out[i] = Some(plain(attr)??);
-            }
-            Tag::End(end) if end == tag => return Some(out),
-            _ => return None,
-        }
-    }
+    fields_with(sc, tag, names, plain)
 }
 
 // ------------------------------------------------------------------ JSON

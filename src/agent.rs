@@ -149,7 +149,7 @@ impl<'a> Agent<'a> {
         let target = self.target().to_string();
         log::info!("polling $requestTasks for study {study}, target {target}");
         crashpoint::hit("poll:before");
-        let answer = match self.client.request_tasks(&study, &target) {
+        let parsed = match self.client.request_tasks(&study, &target) {
             Ok(a) => a,
             Err(e) => {
                 let detail = e.to_string();
@@ -171,7 +171,6 @@ impl<'a> Agent<'a> {
             }
         };
         crashpoint::hit("poll:after");
-        let parsed = answer;
         self.report.received = parsed.len();
         let mut rec = AuditRecord::new("poll", "ok", &target);
         rec.tasks = Some(parsed.len());

@@ -38,6 +38,8 @@ pub const CSV_COLUMNS: [&str; 17] = [
 pub enum ImportError {
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
     #[error("{path}: {reason}")]
     Header { path: String, reason: String },
     #[error(transparent)]
@@ -103,8 +105,8 @@ pub fn bloom_file(
 ) -> Result<(usize, Vec<(usize, String)>), ImportError> {
     let mut errors = Vec::new();
     let mut written = 0;
-    let write_err = |source| ImportError::Read {
-        path: "standard output".into(),
+    let write_err = |source| ImportError::Write {
+        path: "the output".into(),
         source,
     };
     writeln!(out, "local_id,bloomfilter").map_err(write_err)?;

@@ -1,0 +1,286 @@
+//! The store's files: checksummed JSON lines, written atomically and read
+//! back on two threads (reading, checksumming and parsing on one, indexing
+//! on the caller's).
+
+use super::*;
+
+fn checksum(payload: &str) -> String {
+    sha256_hex(payload.as_bytes())[..16].to_string()
+}
+
+pub(super) fn push_line<T: Serialize>(buf: &mut String, value: &T) {
+    // Serialising our own plain data types cannot fail.
+    let payload = serde_json::to_string(value).unwrap_or_default();
+    buf.push_str(&checksum(&payload));
+    buf.push(' ');
+    buf.push_str(&payload);
+    buf.push('\n');
+}
+
+pub(super) struct Loaded {
+    pub header: Header,
+    /// Bytes up to the end of the last good line.
+    pub good_len: u64,
+    pub file_len: u64,
+}
+
+/// Streams a snapshot or journal, line by line, so that opening a large
+/// store never holds the file and its records in memory at once.
+/// `on_header` says whether to apply the records; `on_record` applies one.
+/// With `tolerate_torn_tail`, a damaged *last* line is left out (it was
+/// never acknowledged); otherwise, and anywhere else, damage is fatal.
+pub(super) fn load(
+    path: &Path,
+    tolerate_torn_tail: bool,
+    mut on_header: impl FnMut(&Header) -> Result<bool, StoreError>,
+    mut on_record: impl FnMut(Ready) -> Result<(), StoreError>,
+) -> Result<Option<Loaded>, StoreError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("read", path)(e)),
+    };
+    // Reading, checksumming and parsing run on a second thread while this
+    // one indexes: opening a large store uses both cores.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(16);
+        scope.spawn(move || parse_file(path, file, tolerate_torn_tail, &tx));
+        let mut header = None;
+        let mut apply = false;
+        for msg in rx {
+            match msg {
+                Parsed::Header(h) => {
+                    apply = on_header(&h)?;
+                    header = Some(h);
+                }
+                Parsed::Records(records) => {
+                    if apply {
+                        for r in records {
+                            on_record(r)?;
+                        }
+                    }
+                }
+                Parsed::Done { good_len, file_len } => {
+                    let header = header.take().ok_or_else(|| StoreError::Corrupt {
+                        path: path.to_path_buf(),
+                        line: 1,
+                        reason: "missing header".into(),
+                    })?;
+                    return Ok(Some(Loaded {
+                        header,
+                        good_len,
+                        file_len,
+                    }));
+                }
+                Parsed::Failed(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: "the reader stopped unexpectedly".into(),
+        })
+    })
+}
+
+enum Parsed {
+    Header(Header),
+    Records(Vec<Ready>),
+    Done { good_len: u64, file_len: u64 },
+    Failed(StoreError),
+}
+
+/// The reading side of `load`. Sends the header, records in batches, then
+/// `Done` or `Failed`; stops early if the receiver has gone.
+fn parse_file(path: &Path, file: File, tolerate_torn_tail: bool, tx: &std::sync::mpsc::SyncSender<Parsed>) {
+    use std::io::BufRead;
+    const BATCH: usize = 1024;
+    let corrupt = |line: usize, reason: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.to_string(),
+    };
+    let fail = |e: StoreError| {
+        let _ = tx.send(Parsed::Failed(e));
+    };
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::with_capacity(1024);
+    let mut have_header = false;
+    let mut batch = Vec::with_capacity(BATCH);
+    let (mut lineno, mut offset, mut good_len) = (0usize, 0u64, 0u64);
+    let mut torn: Option<(usize, &'static str)> = None;
+    loop {
+        buf.clear();
+        let n = match reader.read_until(b'\n', &mut buf) {
+            Ok(n) => n,
+            Err(e) => return fail(io("read", path)(e)),
+        };
+        if n == 0 {
+            break;
+        }
+        if let Some((line, reason)) = torn {
+            // The damaged line was not the last: real damage.
+            return fail(corrupt(line, reason));
+        }
+        lineno += 1;
+        offset += n as u64;
+        let payload = match std::str::from_utf8(&buf).map_err(|_| "not UTF-8").and_then(parse_line) {
+            Ok(p) => p,
+            Err(reason) if tolerate_torn_tail && have_header => {
+                torn = Some((lineno, reason));
+                continue;
+            }
+            Err(reason) => return fail(corrupt(lineno, reason)),
+        };
+        if !have_header {
+            let h: Header = match serde_json::from_str(payload) {
+                Ok(h) => h,
+                Err(_) => return fail(corrupt(lineno, "bad header")),
+            };
+            if h.format != FORMAT || h.version != VERSION {
+                return fail(corrupt(lineno, &format!("not a {FORMAT} v{VERSION} file")));
+            }
+            have_header = true;
+            if tx.send(Parsed::Header(h)).is_err() {
+                return;
+            }
+        } else {
+            match parse_record(payload) {
+                Ok(r) => match r {
+                    Ok(r) => batch.push(r),
+                    Err(source) => {
+                        return fail(StoreError::Tampered {
+                            path: path.to_path_buf(),
+                            source,
+                        });
+                    }
+                },
+                Err(_) if tolerate_torn_tail => {
+                    torn = Some((lineno, "unreadable record"));
+                    continue;
+                }
+                Err(_) => return fail(corrupt(lineno, "unreadable record")),
+            }
+            if batch.len() == BATCH && tx.send(Parsed::Records(std::mem::take(&mut batch))).is_err() {
+                return;
+            }
+        }
+        good_len = offset;
+    }
+    if !have_header {
+        return fail(corrupt(1, "missing header"));
+    }
+    if !batch.is_empty() && tx.send(Parsed::Records(batch)).is_err() {
+        return;
+    }
+    let _ = tx.send(Parsed::Done {
+        good_len,
+        file_len: offset,
+    });
+}
+
+pub(super) fn parse_line(raw: &str) -> Result<&str, &'static str> {
+    // (a checksum mismatch on the last line of a journal is a torn write)
+    let line = raw.strip_suffix('\n').ok_or("incomplete line")?;
+    let (sum, payload) = line.split_once(' ').ok_or("missing checksum")?;
+    // Compared in place: a million lines are checked at open.
+    let digest = ring::digest::digest(&ring::digest::SHA256, payload.as_bytes());
+    let ok = sum.len() == 16
+        && sum.as_bytes().chunks_exact(2).zip(digest.as_ref()).all(|(hex, byte)| {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            hex[0] == DIGITS[usize::from(byte >> 4)] && hex[1] == DIGITS[usize::from(byte & 15)]
+        });
+    if !ok {
+        return Err("checksum mismatch");
+    }
+    Ok(payload)
+}
+
+/// A patient line as `seal` writes it, read with borrowed strings: most of
+/// a large store is patients, and the generic record enum (internally
+/// tagged) would copy every field first.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatientLine<'a> {
+    #[allow(dead_code)]
+    t: &'a str,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    bf: Option<&'a str>,
+    data: &'a str,
+    #[serde(with = "chrono::serde::ts_milliseconds")]
+    updated: chrono::DateTime<chrono::Utc>,
+}
+
+pub(super) fn parse_record(payload: &str) -> Result<Result<Ready, OpenError>, ()> {
+    if payload.starts_with("{\"t\":\"patient\",")
+        && let Ok(p) = serde_json::from_str::<PatientLine<'_>>(payload)
+    {
+        let ready = (|| {
+            Ok(Ready::Patient {
+                id: std::sync::Arc::from(p.id.as_ref()),
+                bf: p.bf.map(parse_index).transpose()?,
+                data: decode_sealed(p.data, "patient")?,
+                updated: p.updated,
+            })
+        })();
+        return Ok(ready);
+    }
+    serde_json::from_str::<DiskRecord>(payload)
+        .map(Ready::from_disk)
+        .map_err(|_| ())
+}
+
+/// Writes header + records to `name.tmp`, fsyncs, renames over `name`, and
+/// fsyncs the directory. Returns the file's length.
+pub(super) fn write_atomically(
+    dir: &Path,
+    name: &str,
+    generation: u64,
+    key_id: &str,
+    counts: Option<Counts>,
+    records: impl Iterator<Item = DiskRecord>,
+) -> Result<u64, StoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dest = dir.join(name);
+    let mut buf = String::new();
+    push_line(
+        &mut buf,
+        &Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            generation,
+            key_id: key_id.to_string(),
+            counts,
+        },
+    );
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create a temporary file", &tmp))?;
+    let mut len = 0u64;
+    for r in records {
+        push_line(&mut buf, &r);
+        if buf.len() > 1 << 20 {
+            file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
+            len += buf.len() as u64;
+            buf.clear();
+        }
+    }
+    file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
+    len += buf.len() as u64;
+    file.sync_all().map_err(io("sync", &tmp))?;
+    drop(file);
+    if name == SNAPSHOT {
+        crate::crashpoint::hit("snapshot:tmp");
+    }
+    std::fs::rename(&tmp, &dest).map_err(io("rename into place", &dest))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync the store directory", dir))?;
+    Ok(len)
+}

@@ -90,7 +90,10 @@ impl Seeds {
             path: path.to_path_buf(),
             at: e
                 .span()
-                .map(|s| format!(" line {}", text[..s.start.min(text.len())].matches('\n').count() + 1))
+                .map(|s| {
+                    let before = &text.as_bytes()[..s.start.min(text.len())];
+                    format!(" line {}", before.iter().filter(|b| **b == b'\n').count() + 1)
+                })
                 .unwrap_or_default(),
         })?;
         Ok(Seeds {

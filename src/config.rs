@@ -327,11 +327,40 @@ pub struct BloomField {
     pub transformers: Vec<BloomTransformer>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum BloomSource {
     One(crate::fhir::idat::IdatElement),
     Many(Vec<crate::fhir::idat::IdatElement>),
+}
+
+impl<'de> Deserialize<'de> for BloomSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::fhir::idat::IdatElement;
+        fn element<E: serde::de::Error>(code: &str) -> Result<IdatElement, E> {
+            IdatElement::from_code(code).ok_or_else(|| {
+                let known: Vec<&str> = IdatElement::ALL.iter().map(|e| e.code()).collect();
+                E::custom(format!("unknown IDAT element '{code}' (known: {})", known.join(", ")))
+            })
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = BloomSource;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an IDAT element (e.g. \"given\") or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BloomSource, E> {
+                element(v).map(BloomSource::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<BloomSource, A::Error> {
+                let mut out = Vec::new();
+                while let Some(code) = seq.next_element::<String>()? {
+                    out.push(element(&code)?);
+                }
+                Ok(BloomSource::Many(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl BloomSource {
@@ -1173,6 +1202,11 @@ key_file = "store.key"
         assert!(t.trim && !t.upper_case);
         let f: BloomField = toml::from_str("name = \"x\"\nsource = [\"given\", \"family\"]\n").unwrap();
         assert_eq!(f.source.elements().len(), 2);
-        assert!(toml::from_str::<BloomField>("name = \"x\"\nsource = \"nickname\"\n").is_err());
+        let err = toml::from_str::<BloomField>("name = \"x\"\nsource = \"nickname\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown IDAT element 'nickname' (known: given, family"),
+            "{err}"
+        );
     }
 }

@@ -193,6 +193,14 @@ fn the_seeds_file_must_be_private_complete_and_is_never_shown() {
     let (code, _, stderr) = run(&plain, &["bloom", &file]);
     assert_eq!(code, 2);
     assert!(stderr.contains("[bloomfilter]"), "{stderr}");
+    // update-bf needs the bfVersion to send.
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(&site.config, text.replace("version = \"2\"\n", "")).unwrap();
+    write_seeds(&site, SEEDS);
+    let (code, _, stderr) = run(&site, &["update-bf"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("[bloomfilter] version"), "{stderr}");
+    std::fs::write(&site.config, text).unwrap();
     // `check` shows the section's settings but not the seeds.
     write_seeds(&site, SEEDS);
     let (_, stdout, _) = run(&site, &["check"]);

@@ -439,3 +439,31 @@ fn update_bf_replaces_changed_filters_under_their_pseudonym() {
     assert_eq!(outcomes, ["dispatcher_error", "updated"]);
     no_seeds_in_logs(&site);
 }
+
+#[test]
+fn enroll_computes_the_filters_an_earlier_import_could_not() {
+    // Imported before [bloomfilter] was configured: no filters yet.
+    let site = Site::new("xml");
+    let file = csv(&site, "in.csv", &["w1,,Herr,Mustermann,1920-01-01,m", "w2,,,,,"]);
+    let (code, _, _) = run(&site, &["import", &file]);
+    assert_eq!(code, 0);
+    assert_eq!(patient_bf(&site, "w1"), None);
+    with_bloom(&site);
+    let (code, stdout, stderr) = run(&site, &["enroll"]);
+    // w2 has no field at all: reported by fingerprint, never by content.
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("computed 1 Bloom filter(s) from IDAT"), "{stdout}");
+    assert!(stdout.contains("1 sent: 1 enrolled"), "{stdout}");
+    assert!(
+        stderr.contains("no Bloom filter: none of the Bloom filter fields"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("w2"), "{stderr}");
+    assert_eq!(patient_bf(&site, "w1").unwrap().to_base64(), EXPECTED);
+    assert!(pseudonym_of(&site, "w1").is_some());
+    assert_eq!(
+        requests(&site, "$requestPsnFromBfWorkflow"),
+        vec![vec![EXPECTED.to_string()]]
+    );
+    no_seeds_in_logs(&site);
+}

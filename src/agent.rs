@@ -17,7 +17,7 @@ use crate::store::{
     StoreError,
 };
 use crate::tasks::{PsnAnswers, Rejected, Task, TaskKind};
-use crate::types::{BloomFilter, Pseudonym};
+use crate::types::{BloomFilter, LocalId, Pseudonym};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -352,8 +352,9 @@ impl<'a> Agent<'a> {
 
     fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {
         let target = self.target().to_string();
-        self.save_pseudonym(&bf, &target, psn, &e.key)?;
-        let patient = self.store.local_id_by_bloomfilter(&bf).map(|id| id.fingerprint());
+        let patient = self
+            .save_pseudonym(&bf, &target, psn, &e.key)?
+            .map(|id| id.fingerprint());
         let mut done = e;
         match patient {
             Some(fp) => {
@@ -375,15 +376,18 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Stores a pseudonym under its Bloom filter; returns the local patient
+    /// with that filter, if any (looked up once, for the caller too).
     fn save_pseudonym(
         &mut self,
         bf: &BloomFilter,
         target: &str,
         psn: Pseudonym,
         source: &str,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Option<LocalId>, AgentError> {
+        let patient = self.store.local_id_by_bloomfilter(bf);
         if self.store.pseudonym(bf, target)?.is_some_and(|p| p.pseudonym == psn) {
-            return Ok(());
+            return Ok(patient);
         }
         self.buffer(Record::Pseudonym(PseudonymRecord {
             bloomfilter: bf.clone(),
@@ -393,21 +397,21 @@ impl<'a> Agent<'a> {
             source: source.to_string(),
         }))?;
         // A patient `enroll` left in clearing: the clearing has ended.
-        if let Some(id) = self.store.local_id_by_bloomfilter(bf)
+        if let Some(id) = &patient
             && self
                 .store
-                .enrolment(&id, Some(bf))
+                .enrolment(id, Some(bf))
                 .is_some_and(|e| e.same_filter && e.status == EnrolmentStatus::Clearing)
         {
             self.buffer(Record::Enrolment(EnrolmentRecord {
-                local_id: id,
+                local_id: id.clone(),
                 bloomfilter: bf.clone(),
                 status: EnrolmentStatus::Enrolled,
                 detail: Some("after clearing".into()),
                 updated: Utc::now(),
             }))?;
         }
-        Ok(())
+        Ok(patient)
     }
 
     fn send_idat(
@@ -558,10 +562,8 @@ impl<'a> Agent<'a> {
                     None,
                 )?;
             } else if let Some(psn) = psns.remove(&bloomfilter) {
-                self.save_pseudonym(&bloomfilter, target, psn, &e.key)?;
                 let fp = self
-                    .store
-                    .local_id_by_bloomfilter(&bloomfilter)
+                    .save_pseudonym(&bloomfilter, target, psn, &e.key)?
                     .map(|id| id.fingerprint());
                 let detail = fp
                     .is_none()

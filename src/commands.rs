@@ -289,13 +289,34 @@ pub fn bloom(cfg: &Config, file: &Path) -> Result<u8, AppError> {
     Ok(if errors.is_empty() { exit::OK } else { exit::TASKS_OPEN })
 }
 
+/// What `enroll` and `update-bf` work with: the dispatcher, signals, the
+/// store (waiting for a running cycle, like `import`) and the audit log.
+fn dispatcher_job(cfg: &Config) -> Result<(Client, Shutdown, Store, Audit), AppError> {
+    let client = Client::new(cfg)?;
+    let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
+    let store = open_store(cfg, LockMode::Wait)?;
+    let audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    Ok((client, stop, store, audit))
+}
+
+/// The exit code of a run that stopped early, after saying why.
+fn stopped_exit(what: &str, stopped: &crate::enroll::Stopped) -> u8 {
+    match stopped {
+        crate::enroll::Stopped::Signal => {
+            eprintln!("{what} stopped by a signal; the next run does the rest");
+            exit::TASKS_OPEN
+        }
+        crate::enroll::Stopped::Dispatcher { reason, exit } => {
+            eprintln!("{what} stopped early: {reason}");
+            *exit
+        }
+    }
+}
+
 /// `enroll`: sends the filters of patients without a pseudonym.
 pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<u8, AppError> {
     let encoder = cfg.bloom_encoder()?;
-    let client = Client::new(cfg)?;
-    let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
-    let mut store = open_store(cfg, LockMode::Wait)?;
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let (client, stop, mut store, mut audit) = dispatcher_job(cfg)?;
     let opts = crate::enroll::EnrollOptions { limit, retry_errors };
     let r = crate::enroll::enroll(
         cfg,
@@ -323,9 +344,8 @@ pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<
             r.waiting, r.earlier_errors, r.changed
         );
     }
-    if let Some(why) = &r.stopped {
-        eprintln!("enroll stopped early: {why}");
-        return Ok(exit::DISPATCHER);
+    if let Some(stopped) = &r.stopped {
+        return Ok(stopped_exit("enroll", stopped));
     }
     Ok(if r.errors + r.failed == 0 && r.no_filter.is_empty() {
         exit::OK
@@ -337,10 +357,7 @@ pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<
 /// `update-bf`: sends `$updateBf` for patients whose filter changed.
 pub fn update_bf(cfg: &Config, limit: Option<usize>) -> Result<u8, AppError> {
     let encoder = need_encoder(cfg)?;
-    let client = Client::new(cfg)?;
-    let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
-    let mut store = open_store(cfg, LockMode::Wait)?;
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let (client, stop, mut store, mut audit) = dispatcher_job(cfg)?;
     let r = crate::enroll::update_bf(cfg, &client, &mut store, &mut audit, &encoder, limit, Some(&stop))?;
     for (id, reason) in &r.no_filter {
         eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
@@ -358,9 +375,8 @@ pub fn update_bf(cfg: &Config, limit: Option<usize>) -> Result<u8, AppError> {
         r.refused.len(),
         r.failed
     );
-    if let Some(why) = &r.stopped {
-        eprintln!("update-bf stopped early: {why}");
-        return Ok(exit::DISPATCHER);
+    if let Some(stopped) = &r.stopped {
+        return Ok(stopped_exit("update-bf", stopped));
     }
     Ok(if r.refused.is_empty() && r.failed == 0 && r.no_filter.is_empty() {
         exit::OK

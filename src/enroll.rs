@@ -10,6 +10,7 @@ use crate::audit::{Audit, AuditError, AuditRecord};
 use crate::bloom::RecordEncoder;
 use crate::client::{Client, ClientError};
 use crate::config::Config;
+use crate::retry::Retryable;
 use crate::shutdown::Shutdown;
 use crate::store::{EnrolmentRecord, EnrolmentStatus, PatientRecord, PseudonymRecord, Record, Store, StoreError};
 use crate::tasks::PsnAnswers;
@@ -49,7 +50,27 @@ pub struct EnrollReport {
     /// Patients for whom no filter could be computed, and why.
     pub no_filter: Vec<(LocalId, String)>,
     /// Why the run stopped early, if it did.
-    pub stopped: Option<String>,
+    pub stopped: Option<Stopped>,
+}
+
+/// Why `enroll` or `update-bf` stopped before the end; the rest is done by
+/// the next run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// The dispatcher refused the request as a whole or did not answer;
+    /// `exit` is the code `run` would give for it.
+    Dispatcher { reason: String, exit: u8 },
+}
+
+impl Stopped {
+    fn dispatcher(e: &ClientError) -> Stopped {
+        Stopped::Dispatcher {
+            reason: e.to_string(),
+            exit: crate::error::exit::for_dispatcher(e),
+        }
+    }
 }
 
 pub struct EnrollOptions {
@@ -107,18 +128,13 @@ pub fn enroll(
     let mut progress = crate::progress::Progress::new("patients", Some(todo.len()));
     for batch in todo.chunks(batch_size) {
         if stop.is_some_and(Shutdown::requested) {
-            report.stopped = Some("stopped by a signal; the rest is enrolled by the next run".into());
+            report.stopped = Some(Stopped::Signal);
             break;
         }
-        if let Err(err) = enroll_batch(cfg, client, store, audit, batch, &mut report) {
-            match err {
-                BatchError::Client(e) => {
-                    report.failed += todo.len() - report.sent;
-                    report.stopped = Some(e.to_string());
-                    break;
-                }
-                BatchError::Enroll(e) => return Err(e),
-            }
+        if let Err(e) = enroll_batch(cfg, client, store, audit, batch, &mut report)? {
+            report.failed += todo.len() - report.sent;
+            report.stopped = Some(Stopped::dispatcher(&e));
+            break;
         }
         progress.tick(batch.len());
     }
@@ -128,17 +144,6 @@ pub fn enroll(
     Ok(report)
 }
 
-enum BatchError {
-    Client(ClientError),
-    Enroll(EnrollError),
-}
-
-impl<E: Into<EnrollError>> From<E> for BatchError {
-    fn from(e: E) -> Self {
-        BatchError::Enroll(e.into())
-    }
-}
-
 fn enroll_batch(
     cfg: &Config,
     client: &Client,
@@ -146,7 +151,7 @@ fn enroll_batch(
     audit: &mut Audit,
     batch: &[(LocalId, BloomFilter)],
     report: &mut EnrollReport,
-) -> Result<(), BatchError> {
+) -> Result<Result<(), ClientError>, EnrollError> {
     let target = cfg.site.target.as_str();
     let now = Utc::now();
     let record = |id: &LocalId, bf: &BloomFilter, status, detail| {
@@ -177,7 +182,7 @@ fn enroll_batch(
                 rec.detail = Some(e.to_string());
                 audit.write(&rec)?;
             }
-            return Err(BatchError::Client(e));
+            return Ok(Err(e));
         }
     };
     report.sent += batch.len();
@@ -234,7 +239,7 @@ fn enroll_batch(
     }
     crate::crashpoint::hit("enroll:answered");
     store.write(records)?;
-    Ok(())
+    Ok(Ok(()))
 }
 
 fn compute_missing(store: &mut Store, encoder: &RecordEncoder, report: &mut EnrollReport) -> Result<(), StoreError> {
@@ -276,7 +281,7 @@ pub struct UpdateReport {
     /// Not answered: tried again by the next run.
     pub failed: usize,
     pub no_filter: Vec<(LocalId, String)>,
-    pub stopped: Option<String>,
+    pub stopped: Option<Stopped>,
 }
 
 /// Recomputes every patient's filter under the current `[bloomfilter]`;
@@ -300,12 +305,15 @@ pub fn update_bf(
     let target = cfg.site.target.as_str();
     let mut report = UpdateReport::default();
     let mut sent = 0usize;
+    // Filters that changed locally only, written a thousand at a time (a
+    // new configuration changes every patient's).
+    let mut local: Vec<Record> = Vec::new();
     for id in store.local_ids() {
         if limit.is_some_and(|n| sent >= n) {
             break;
         }
         if stop.is_some_and(Shutdown::requested) {
-            report.stopped = Some("stopped by a signal; the rest is updated by the next run".into());
+            report.stopped = Some(Stopped::Signal);
             break;
         }
         let Some(p) = store.patient(&id)? else { continue };
@@ -338,8 +346,11 @@ pub fn update_bf(
             {
                 report.waiting += 1;
             } else {
-                store.put(with_new(&p))?;
+                local.push(with_new(&p));
                 report.local += 1;
+                if local.len() >= 1000 {
+                    store.write(std::mem::take(&mut local))?;
+                }
             }
             continue;
         };
@@ -362,12 +373,13 @@ pub fn update_bf(
                 report.updated += 1;
                 audit.write(&rec)?;
             }
-            Err(e) if e.is_unreachable() || e.is_auth() || matches!(e, ClientError::Status { status: 500.., .. }) => {
+            // Not this patient's fault: stop, the next run sends it again.
+            Err(e) if e.is_transient() || e.is_auth() => {
                 rec.outcome = "failed".into();
                 rec.detail = Some(e.to_string());
                 audit.write(&rec)?;
                 report.failed += 1;
-                report.stopped = Some(e.to_string());
+                report.stopped = Some(Stopped::dispatcher(&e));
                 break;
             }
             Err(e) => {
@@ -379,6 +391,7 @@ pub fn update_bf(
             }
         }
     }
+    store.write(local)?;
     audit.sync()?;
     store.maybe_compact()?;
     Ok(report)

@@ -18,6 +18,19 @@ pub mod exit {
     pub const DISPATCHER: u8 = 3;
     /// Another agent holds the store lock (EX_TEMPFAIL).
     pub const LOCKED: u8 = 75;
+
+    /// The exit code for a dispatcher that refused or did not answer.
+    pub fn for_dispatcher(e: &crate::client::ClientError) -> u8 {
+        match e {
+            // The gateway understood us and said the request is wrong:
+            // study or target unknown, a configuration problem.
+            crate::client::ClientError::Status {
+                status: 400 | 404 | 422,
+                ..
+            } => CONFIG,
+            _ => DISPATCHER,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +67,7 @@ impl AppError {
             AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
             AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,
             AppError::Agent(AgentError::Store(StoreError::Locked { .. })) => exit::LOCKED,
-            AppError::Agent(AgentError::Poll(e)) => match e {
-                // The gateway understood us and said the request is wrong:
-                // study or target unknown, a configuration problem.
-                crate::client::ClientError::Status {
-                    status: 400 | 404 | 422,
-                    ..
-                } => exit::CONFIG,
-                _ => exit::DISPATCHER,
-            },
+            AppError::Agent(AgentError::Poll(e)) => exit::for_dispatcher(e),
             _ => exit::TASKS_OPEN,
         }
     }

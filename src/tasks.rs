@@ -4,6 +4,7 @@
 //! A task that does not fit becomes a [`Rejected`] with a reason; the other
 //! tasks of the same answer are unaffected.
 
+use crate::fhir::fast::{RawPart, RawValue};
 use crate::fhir::idat::{ELEMENTS_SYSTEM, IdatElement};
 use crate::fhir::{FhirError, Format, Identifier, ParamValue, Parameter, Parameters};
 use crate::privacy::sha256_hex;
@@ -169,147 +170,13 @@ pub fn typed_xml(body: &[u8], scope: &Scope<'_>) -> Option<Vec<Result<Task, Reje
     // A task takes some 550 bytes of XML or more: sized once, not regrown.
     let mut out = Vec::with_capacity(body.len() / 550 + 1);
     crate::fhir::fast::scan_tasks_xml(body, |name, parts| {
-        out.push(Ok(raw::task(name, parts, scope)?));
+        // A task the Parameters path would reject goes back to it, which
+        // words and keys the rejection.
+        let task = typed(name, &Raw(parts)).and_then(|t| in_scope(t, scope)).ok()?;
+        out.push(Ok(task));
         Some(())
     })?;
     Some(out)
-}
-
-/// Typing from the borrowed parts of the XML scanner. Every function gives
-/// up (`None`) where the Parameters path would reject, so that rejections
-/// are always worded, and keyed, by that path.
-mod raw {
-    use super::*;
-    use crate::fhir::fast::{RawPart, RawValue};
-
-    fn check(parts: &[RawPart<'_>], rules: &[Rule]) -> Option<()> {
-        for part in parts {
-            let rule = rules.iter().find(|r| r.name == part.name)?;
-            let ty = match part.value {
-                RawValue::Primitive(ty, _) => ty,
-                RawValue::Identifier { .. } => "Identifier",
-                RawValue::Coding { .. } => "Coding",
-            };
-            rule.types.contains(&ty).then_some(())?;
-        }
-        for r in rules {
-            let n = parts.iter().filter(|p| p.name == r.name).count();
-            if n < r.min || r.max.is_some_and(|max| n > max) {
-                return None;
-            }
-        }
-        Some(())
-    }
-
-    fn one<'a>(parts: &[RawPart<'a>], name: &str) -> Option<RawValue<'a>> {
-        parts.iter().find(|p| p.name == name).map(|p| p.value)
-    }
-
-    fn text<'a>(parts: &[RawPart<'a>], name: &str) -> Option<&'a str> {
-        match one(parts, name)? {
-            RawValue::Primitive(_, v) => Some(v),
-            _ => None,
-        }
-    }
-
-    fn expires(parts: &[RawPart<'_>]) -> Option<Option<DateTime<Utc>>> {
-        match text(parts, "expires") {
-            None => Some(None),
-            Some(s) => DateTime::parse_from_rfc3339(s)
-                .ok()
-                .map(|d| Some(d.with_timezone(&Utc))),
-        }
-    }
-
-    fn bloomfilter(parts: &[RawPart<'_>]) -> Option<Option<BloomFilter>> {
-        match text(parts, "bloomfilter") {
-            None => Some(None),
-            Some(s) => BloomFilter::from_base64(s).ok().map(Some),
-        }
-    }
-
-    fn identifier(parts: &[RawPart<'_>], name: &str) -> Option<Option<Identifier>> {
-        match one(parts, name) {
-            None => Some(None),
-            Some(RawValue::Identifier {
-                system,
-                value: Some(value),
-            }) if !value.is_empty() => Some(Some(Identifier {
-                system: system.map(str::to_string),
-                value: Some(value.to_string()),
-            })),
-            Some(_) => None,
-        }
-    }
-
-    fn pseudonym(parts: &[RawPart<'_>]) -> Option<Option<Pseudonym>> {
-        Some(identifier(parts, "pseudonym")?.map(|id| Pseudonym {
-            system: id.system,
-            value: id.value.unwrap_or_default(),
-        }))
-    }
-
-    pub(super) fn task(name: &str, parts: &[RawPart<'_>], scope: &Scope<'_>) -> Option<Task> {
-        let task = match name {
-            "dic_psn_available" => {
-                check(parts, DIC_PSN_AVAILABLE)?;
-                Task::DicPsnAvailable {
-                    expires: expires(parts)?,
-                    bloomfilter: bloomfilter(parts)??,
-                    target: identifier(parts, "target")??,
-                    pseudonym: pseudonym(parts)??,
-                }
-            }
-            "send_idat" => {
-                check(parts, SEND_IDAT)?;
-                let task_id = text(parts, "taskId").and_then(TaskId::parse)?;
-                let pseudonym = pseudonym(parts)?;
-                let bloomfilter = bloomfilter(parts)?;
-                if pseudonym.is_none() && bloomfilter.is_none() {
-                    return None;
-                }
-                let mut elements = Vec::new();
-                for part in parts.iter().filter(|p| p.name == "element") {
-                    let RawValue::Coding { system, code, .. } = part.value else {
-                        return None;
-                    };
-                    if system.is_some_and(|s| s != ELEMENTS_SYSTEM) {
-                        return None;
-                    }
-                    let e = IdatElement::from_code(code.unwrap_or(""))?;
-                    if !elements.contains(&e) {
-                        elements.push(e);
-                    }
-                }
-                Task::SendIdat {
-                    expires: expires(parts)??,
-                    task_id,
-                    pseudonym,
-                    bloomfilter,
-                    elements,
-                }
-            }
-            "repeat_request" => {
-                check(parts, REPEAT_REQUEST)?;
-                Task::RepeatRequest {
-                    expires: expires(parts)?,
-                    study: identifier(parts, "study")??,
-                    bloomfilter: bloomfilter(parts)??,
-                    target: identifier(parts, "target")??,
-                }
-            }
-            _ => return None,
-        };
-        match &task {
-            Task::DicPsnAvailable { target, .. } | Task::RepeatRequest { target, .. }
-                if target.value.as_deref() != Some(scope.target) =>
-            {
-                None
-            }
-            Task::RepeatRequest { study, .. } if study.value.as_deref() != Some(scope.study) => None,
-            _ => Some(task),
-        }
-    }
 }
 
 pub fn parse_response(params: &Parameters, scope: &Scope<'_>) -> Vec<Result<Task, Rejected>> {
@@ -325,27 +192,104 @@ pub fn parse_task(p: &Parameter, scope: &Scope<'_>) -> Result<Task, Rejected> {
             &sha256_hex(Parameters::new(vec![p.clone()]).to_json().as_bytes())[..32]
         ),
     };
-    let task = match p.name.as_ref() {
-        "dic_psn_available" => dic_psn_available(p),
-        "send_idat" => send_idat(p),
-        "repeat_request" => repeat_request(p),
+    if p.value.is_some() || p.resource.is_some() {
+        return Err(reject("task parameter must carry only parts".into()));
+    }
+    typed(&p.name, p).and_then(|t| in_scope(t, scope)).map_err(reject)
+}
+
+fn typed(name: &str, parts: &impl Parts) -> Result<Task, String> {
+    match name {
+        "dic_psn_available" => dic_psn_available(parts),
+        "send_idat" => send_idat(parts),
+        "repeat_request" => repeat_request(parts),
         other => Err(format!("unknown task kind '{}'", sanitize(other))),
     }
-    .map_err(reject)?;
+}
+
+fn in_scope(task: Task, scope: &Scope<'_>) -> Result<Task, String> {
     match &task {
         Task::DicPsnAvailable { target, .. } | Task::RepeatRequest { target, .. }
             if target.value.as_deref() != Some(scope.target) =>
         {
-            return Err(reject("task is for another target".into()));
+            Err("task is for another target".into())
         }
-        _ => {}
+        Task::RepeatRequest { study, .. } if study.value.as_deref() != Some(scope.study) => {
+            Err("task is for another study".into())
+        }
+        _ => Ok(task),
     }
-    if let Task::RepeatRequest { study, .. } = &task
-        && study.value.as_deref() != Some(scope.study)
-    {
-        return Err(reject("task is for another study".into()));
+}
+
+/// A task's parts as typing reads them: from the Parameters model, or
+/// borrowed straight from the XML scanner, so that both readers are typed
+/// by the same code.
+trait Parts {
+    /// (name, value type) of each part; "none" for a part without a value.
+    fn shape(&self) -> impl Iterator<Item = (&str, &str)>;
+    /// The primitive value of the first part so named.
+    fn text(&self, name: &str) -> Option<&str>;
+    /// (system, value) of the first part so named, if it is an Identifier.
+    fn identifier(&self, name: &str) -> Option<(Option<&str>, Option<&str>)>;
+    /// (system, code) of each part so named, `None` where it is not a Coding.
+    fn codings<'s>(&'s self, name: &'s str) -> impl Iterator<Item = Option<(Option<&'s str>, Option<&'s str>)>>;
+}
+
+impl Parts for Parameter {
+    fn shape(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.part
+            .iter()
+            .map(|x| (x.name.as_ref(), x.value_type().unwrap_or("none")))
     }
-    Ok(task)
+    fn text(&self, name: &str) -> Option<&str> {
+        self.part.iter().find(|x| x.name == name)?.value.as_ref()?.as_str()
+    }
+    fn identifier(&self, name: &str) -> Option<(Option<&str>, Option<&str>)> {
+        match &self.part.iter().find(|x| x.name == name)?.value {
+            Some(ParamValue::Identifier(id)) => Some((id.system.as_deref(), id.value.as_deref())),
+            _ => None,
+        }
+    }
+    fn codings<'s>(&'s self, name: &'s str) -> impl Iterator<Item = Option<(Option<&'s str>, Option<&'s str>)>> {
+        self.parts(name).map(|x| match &x.value {
+            Some(ParamValue::Coding(c)) => Some((c.system.as_deref(), c.code.as_deref())),
+            _ => None,
+        })
+    }
+}
+
+/// The XML scanner's parts of one task.
+struct Raw<'p, 'a>(&'p [RawPart<'a>]);
+
+impl Parts for Raw<'_, '_> {
+    fn shape(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|p| {
+            let ty = match p.value {
+                RawValue::Primitive(ty, _) => ty,
+                RawValue::Identifier { .. } => "Identifier",
+                RawValue::Coding { .. } => "Coding",
+            };
+            (p.name, ty)
+        })
+    }
+    fn text(&self, name: &str) -> Option<&str> {
+        match self.0.iter().find(|p| p.name == name)?.value {
+            RawValue::Primitive(_, v) => Some(v),
+            _ => None,
+        }
+    }
+    fn identifier(&self, name: &str) -> Option<(Option<&str>, Option<&str>)> {
+        match self.0.iter().find(|p| p.name == name)?.value {
+            RawValue::Identifier { system, value } => Some((system, value)),
+            _ => None,
+        }
+    }
+    fn codings<'s>(&'s self, name: &'s str) -> impl Iterator<Item = Option<(Option<&'s str>, Option<&'s str>)>> {
+        self.0.iter().filter(move |p| p.name == name).map(|p| match p.value {
+            RawValue::Coding { system, code, .. } => Some((system, code)),
+            _ => None,
+        })
+    }
 }
 
 fn sanitize(s: &str) -> String {
@@ -373,15 +317,11 @@ const fn rule(name: &'static str, min: usize, max: Option<usize>, types: &'stati
 // some FHIR servers serialise instants that way.
 const EXPIRES: &[&str] = &["instant", "dateTime"];
 
-fn check(p: &Parameter, rules: &[Rule]) -> Result<(), String> {
-    if p.value.is_some() || p.resource.is_some() {
-        return Err("task parameter must carry only parts".into());
-    }
-    for part in &p.part {
-        let Some(rule) = rules.iter().find(|r| r.name == part.name) else {
-            return Err(format!("unexpected part '{}'", sanitize(&part.name)));
+fn check(p: &impl Parts, rules: &[Rule]) -> Result<(), String> {
+    for (name, ty) in p.shape() {
+        let Some(rule) = rules.iter().find(|r| r.name == name) else {
+            return Err(format!("unexpected part '{}'", sanitize(name)));
         };
-        let ty = part.value_type().unwrap_or("none");
         if !rule.types.contains(&ty) {
             return Err(format!(
                 "part '{}' has type {}, expected {}",
@@ -392,7 +332,7 @@ fn check(p: &Parameter, rules: &[Rule]) -> Result<(), String> {
         }
     }
     for r in rules {
-        let n = p.parts(r.name).count();
+        let n = p.shape().filter(|(name, _)| *name == r.name).count();
         if n < r.min {
             return Err(format!("missing part '{}'", r.name));
         }
@@ -407,12 +347,8 @@ fn check(p: &Parameter, rules: &[Rule]) -> Result<(), String> {
     Ok(())
 }
 
-fn one<'a>(p: &'a Parameter, name: &str) -> Option<&'a ParamValue> {
-    p.part.iter().find(|x| x.name == name).and_then(|x| x.value.as_ref())
-}
-
-fn expires(p: &Parameter) -> Result<Option<DateTime<Utc>>, String> {
-    match one(p, "expires").and_then(ParamValue::as_str) {
+fn expires(p: &impl Parts) -> Result<Option<DateTime<Utc>>, String> {
+    match p.text("expires") {
         None => Ok(None),
         Some(s) => DateTime::parse_from_rfc3339(s)
             .map(|d| Some(d.with_timezone(&Utc)))
@@ -420,22 +356,27 @@ fn expires(p: &Parameter) -> Result<Option<DateTime<Utc>>, String> {
     }
 }
 
-fn bloomfilter(p: &Parameter) -> Result<Option<BloomFilter>, String> {
-    match one(p, "bloomfilter").and_then(ParamValue::as_str) {
+fn bloomfilter(p: &impl Parts) -> Result<Option<BloomFilter>, String> {
+    match p.text("bloomfilter") {
         None => Ok(None),
         Some(s) => BloomFilter::from_base64(s).map(Some).map_err(|e| e.to_string()),
     }
 }
 
-fn identifier(p: &Parameter, name: &str) -> Result<Option<Identifier>, String> {
-    match one(p, name) {
-        None => Ok(None),
-        Some(ParamValue::Identifier(id)) if id.value.as_deref().is_some_and(|v| !v.is_empty()) => Ok(Some(id.clone())),
-        Some(_) => Err(format!("{name} must be an Identifier with a value")),
+fn identifier(p: &impl Parts, name: &str) -> Result<Option<Identifier>, String> {
+    if !p.shape().any(|(n, _)| n == name) {
+        return Ok(None);
+    }
+    match p.identifier(name) {
+        Some((system, Some(value))) if !value.is_empty() => Ok(Some(Identifier {
+            system: system.map(str::to_string),
+            value: Some(value.to_string()),
+        })),
+        _ => Err(format!("{name} must be an Identifier with a value")),
     }
 }
 
-fn pseudonym(p: &Parameter) -> Result<Option<Pseudonym>, String> {
+fn pseudonym(p: &impl Parts) -> Result<Option<Pseudonym>, String> {
     Ok(identifier(p, "pseudonym")?.map(|id| Pseudonym {
         system: id.system,
         value: id.value.unwrap_or_default(),
@@ -468,7 +409,7 @@ const REPEAT_REQUEST: &[Rule] = &[
     rule("target", 1, Some(1), &["Identifier"]),
 ];
 
-fn dic_psn_available(p: &Parameter) -> Result<Task, String> {
+fn dic_psn_available(p: &impl Parts) -> Result<Task, String> {
     check(p, DIC_PSN_AVAILABLE)?;
     Ok(Task::DicPsnAvailable {
         expires: expires(p)?,
@@ -478,10 +419,10 @@ fn dic_psn_available(p: &Parameter) -> Result<Task, String> {
     })
 }
 
-fn send_idat(p: &Parameter) -> Result<Task, String> {
+fn send_idat(p: &impl Parts) -> Result<Task, String> {
     check(p, SEND_IDAT)?;
-    let task_id = one(p, "taskId")
-        .and_then(ParamValue::as_str)
+    let task_id = p
+        .text("taskId")
         .and_then(TaskId::parse)
         .ok_or("taskId is not a valid FHIR id")?;
     let pseudonym = pseudonym(p)?;
@@ -490,14 +431,14 @@ fn send_idat(p: &Parameter) -> Result<Task, String> {
         return Err("send_idat needs a pseudonym or a bloomfilter".into());
     }
     let mut elements = Vec::new();
-    for part in p.parts("element") {
-        let Some(ParamValue::Coding(c)) = &part.value else {
+    for coding in p.codings("element") {
+        let Some((system, code)) = coding else {
             return Err("element must be a Coding".into());
         };
-        if c.system.as_deref().is_some_and(|s| s != ELEMENTS_SYSTEM) {
+        if system.is_some_and(|s| s != ELEMENTS_SYSTEM) {
             return Err("element coding is not from the IdatElements code system".into());
         }
-        let code = c.code.as_deref().unwrap_or("");
+        let code = code.unwrap_or("");
         let e = IdatElement::from_code(code).ok_or_else(|| format!("unknown IDAT element '{}'", sanitize(code)))?;
         if !elements.contains(&e) {
             elements.push(e);
@@ -512,7 +453,7 @@ fn send_idat(p: &Parameter) -> Result<Task, String> {
     })
 }
 
-fn repeat_request(p: &Parameter) -> Result<Task, String> {
+fn repeat_request(p: &impl Parts) -> Result<Task, String> {
     check(p, REPEAT_REQUEST)?;
     Ok(Task::RepeatRequest {
         expires: expires(p)?,

@@ -105,27 +105,27 @@ pub fn bloom_file(
 ) -> Result<(usize, Vec<(usize, String)>), ImportError> {
     let mut errors = Vec::new();
     let mut written = 0;
-    let write_err = |source| ImportError::Write {
+    let write_err = |e: csv::Error| ImportError::Write {
         path: "the output".into(),
-        source,
+        source: e.into(),
     };
-    writeln!(out, "local_id,bloomfilter").map_err(write_err)?;
+    let mut csv = csv::Writer::from_writer(out);
+    csv.write_record(["local_id", "bloomfilter"]).map_err(write_err)?;
     read_rows(path, |lineno, row| {
         match row.and_then(|(id, idat, _)| encoder.encode(&idat).map(|bf| (id, bf)).map_err(|e| e.to_string())) {
             Ok((id, bf)) => {
-                let id = if id.0.contains([',', '"', '\n', '\r']) {
-                    format!("\"{}\"", id.0.replace('"', "\"\""))
-                } else {
-                    id.0
-                };
-                writeln!(out, "{id},{}", bf.to_base64()).map_err(write_err)?;
+                csv.write_record([id.0.as_str(), bf.to_base64().as_str()])
+                    .map_err(write_err)?;
                 written += 1;
             }
             Err(reason) => errors.push((lineno, reason)),
         }
         Ok(())
     })?;
-    out.flush().map_err(write_err)?;
+    csv.flush().map_err(|source| ImportError::Write {
+        path: "the output".into(),
+        source,
+    })?;
     Ok((written, errors))
 }
 

@@ -381,10 +381,7 @@ pub(crate) fn intern(ty: &str) -> Cow<'static, str> {
         "Attachment",
         "ContactPoint",
     ];
-    match NAMES.iter().find(|n| **n == ty) {
-        Some(n) => Cow::Borrowed(n),
-        None => Cow::Owned(ty.to_string()),
-    }
+    intern_in(NAMES, ty)
 }
 
 /// The parameter names of the dispatcher operations as static strings.
@@ -407,8 +404,13 @@ pub(crate) fn intern_name(name: &str) -> Cow<'static, str> {
         "all",
         "apikey",
     ];
-    match NAMES.iter().find(|n| **n == name) {
+    intern_in(NAMES, name)
+}
+
+/// `s` as one of the static `known` strings if it is one (no allocation).
+fn intern_in(known: &[&'static str], s: &str) -> Cow<'static, str> {
+    match known.iter().find(|n| **n == s) {
         Some(n) => Cow::Borrowed(n),
-        None => Cow::Owned(name.to_string()),
+        None => Cow::Owned(s.to_string()),
     }
 }

@@ -961,40 +961,36 @@ impl Store {
         counts
     }
 
-    /// Patients with a Bloom filter but no pseudonym for `target`, by local
-    /// id; found from the indexes, without decrypting anyone.
+    /// Local ids of the patients whose sealed record passes `keep`, sorted;
+    /// found from the indexes, without decrypting anyone.
+    fn ids_where(&self, keep: impl Fn(&SealedPatient) -> bool) -> Vec<LocalId> {
+        let mut ids: Vec<LocalId> = self
+            .state
+            .patients
+            .iter()
+            .filter(|(_, p)| keep(p))
+            .map(|(id, _)| LocalId(id.to_string()))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Patients with a Bloom filter but no pseudonym for `target`.
     pub fn without_pseudonym(&self, target: &str) -> Vec<LocalId> {
-        let mut ids: Vec<LocalId> = self
-            .state
-            .patients
-            .iter()
-            .filter(|(_, p)| {
-                p.bf.is_some_and(|bf| !self.state.pseudonyms.contains_key(&(bf, target.to_string())))
-            })
-            .map(|(id, _)| LocalId(id.to_string()))
-            .collect();
-        ids.sort();
-        ids
+        let target = target.to_string();
+        self.ids_where(|p| {
+            p.bf.is_some_and(|bf| !self.state.pseudonyms.contains_key(&(bf, target.clone())))
+        })
     }
 
-    /// Local ids of the patients without a Bloom filter.
+    /// Patients without a Bloom filter.
     pub fn without_bloomfilter(&self) -> Vec<LocalId> {
-        let mut ids: Vec<LocalId> = self
-            .state
-            .patients
-            .iter()
-            .filter(|(_, p)| p.bf.is_none())
-            .map(|(id, _)| LocalId(id.to_string()))
-            .collect();
-        ids.sort();
-        ids
+        self.ids_where(|p| p.bf.is_none())
     }
 
-    /// Local ids of every patient, sorted.
+    /// Every patient.
     pub fn local_ids(&self) -> Vec<LocalId> {
-        let mut ids: Vec<LocalId> = self.state.patients.keys().map(|id| LocalId(id.to_string())).collect();
-        ids.sort();
-        ids
+        self.ids_where(|_| true)
     }
 
     pub fn key_id(&self) -> &str {

@@ -878,10 +878,6 @@ fn update_bf(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
     st.registry.remove(&old_bf);
     st.registry.insert(bf, id);
     st.updated_bf.push((psn.to_string(), version.to_string()));
-    let mut ok = OperationOutcome::error("informational", "Bloomfilter updated.");
-    if let Some(issue) = ok.issues.first_mut() {
-        issue.severity = "information".into();
-        issue.details = Some("MSG_UPDATED".into());
-    }
+    let ok = OperationOutcome::information("Bloomfilter updated.", "MSG_UPDATED");
     (200, Answer::Resource(ok.to_resource()))
 }

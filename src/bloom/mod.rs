@@ -97,6 +97,8 @@ impl fmt::Debug for Params {
 pub enum EncodeError {
     #[error("none of the Bloom filter fields ({0}) has a value")]
     NoFields(String),
+    #[error("no character of the record is in the vocabulary: the filter would be empty")]
+    NoBits,
     #[error("field {field}: {element} is not a date as YYYY-MM-DD (needed for date_format)")]
     NotADate { field: String, element: &'static str },
     #[error("field {field}: the date has no {part} (needed for date_format)")]
@@ -324,8 +326,8 @@ impl RecordEncoder {
             return Err(EncodeError::NoFields(self.encoder.names.join(", ")));
         }
         let refs: Vec<Option<&str>> = values.iter().map(Option::as_deref).collect();
-        BloomFilter::from_bytes(self.encoder.encode_bytes(&refs))
-            .map_err(|_| EncodeError::NoFields(self.encoder.names.join(", ")))
+        // Only an unbalanced filter can be empty (or, absurdly, too large).
+        BloomFilter::from_bytes(self.encoder.encode_bytes(&refs)).map_err(|_| EncodeError::NoBits)
     }
 }
 

@@ -20,12 +20,21 @@ pub struct OperationOutcome {
 
 impl OperationOutcome {
     pub fn error(code: &str, diagnostics: &str) -> Self {
+        Self::one("error", code, diagnostics, None)
+    }
+
+    /// A success report, as `$updateBf` answers (`details` e.g. `MSG_UPDATED`).
+    pub fn information(diagnostics: &str, details: &str) -> Self {
+        Self::one("information", "informational", diagnostics, Some(details))
+    }
+
+    fn one(severity: &str, code: &str, diagnostics: &str, details: Option<&str>) -> Self {
         OperationOutcome {
             issues: vec![Issue {
-                severity: "error".into(),
+                severity: severity.into(),
                 code: code.into(),
                 diagnostics: Some(diagnostics.into()),
-                details: None,
+                details: details.map(str::to_string),
             }],
         }
     }

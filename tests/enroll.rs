@@ -467,3 +467,47 @@ fn enroll_computes_the_filters_an_earlier_import_could_not() {
     );
     no_seeds_in_logs(&site);
 }
+
+#[test]
+fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
+    let site = Site::with("xml", Default::default(), "batch_size = 1");
+    site.import_patients();
+    site.sim.push(
+        Some("$requestPsnFromBfWorkflow"),
+        fttp_agent::sim::FaultKind::Delay(std::time::Duration::from_millis(1500)),
+    );
+    let child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .arg("enroll")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    // The first patient is recorded as being sent just before its request.
+    let journal = site.dir.path().join("store").join("journal");
+    while !std::fs::read_to_string(&journal)
+        .unwrap_or_default()
+        .contains("\"t\":\"enrolment\"")
+    {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The first request is being answered (slowly); stop now.
+    std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Not a dispatcher failure (3): the work left is for the next run (1).
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("enroll stopped by a signal"), "{stderr}");
+    assert_eq!(requests(&site, "$requestPsnFromBfWorkflow").len(), 1);
+    assert!(pseudonym_of(&site, "p1").is_some());
+    assert_eq!(enrolment(&site, "p2"), None);
+    let (code, stdout, _) = run(&site, &["enroll"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("2 sent: 2 enrolled"), "{stdout}");
+}

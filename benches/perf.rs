@@ -176,9 +176,14 @@ fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
 }
 
 /// Runs the release binary under GNU time: (wall seconds, peak RSS MB, exit code).
+///
+/// `BENCH_WRAP="perf record -g -o /tmp/perf.data"` runs the binary under a
+/// profiler (the wrapper's own time is then included).
 fn timed(args: &[&str]) -> (f64, f64, i32) {
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
     let out = Command::new("/usr/bin/time")
         .args(["-f", "TIME %e %M %U %S"])
+        .args(wrap.split_whitespace())
         .arg(env!("CARGO_BIN_EXE_fttp-agent"))
         .args(args)
         .output()

@@ -47,6 +47,9 @@ pub struct CycleReport {
     /// Tasks in the dispatcher's answer.
     pub received: usize,
     pub outcomes: Vec<TaskOutcome>,
+    /// Wall time of each phase (poll, ledger, tasks, end), for the summary
+    /// line: where a slow cycle spent its time.
+    pub phases: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl CycleReport {
@@ -148,6 +151,11 @@ impl<'a> Agent<'a> {
         let study = self.cfg.site.study.as_str().to_string();
         let target = self.target().to_string();
         log::info!("polling $requestTasks for study {study}, target {target}");
+        let mut clock = Instant::now();
+        let mut lap = |phases: &mut Vec<_>, name: &'static str| {
+            phases.push((name, clock.elapsed()));
+            clock = Instant::now();
+        };
         crashpoint::hit("poll:before");
         let parsed = match self.client.request_tasks(&study, &target) {
             Ok(a) => a,
@@ -176,10 +184,13 @@ impl<'a> Agent<'a> {
         rec.tasks = Some(parsed.len());
         self.audit.write(&rec)?;
         log::info!("received {} task(s)", parsed.len());
+        lap(&mut self.report.phases, "poll");
 
         self.merge(parsed)?;
         crashpoint::hit("ledger:merged");
+        lap(&mut self.report.phases, "ledger");
         self.work()?;
+        lap(&mut self.report.phases, "tasks");
 
         let now = Utc::now();
         self.store.put(Record::Poll(PollRecord {
@@ -192,6 +203,7 @@ impl<'a> Agent<'a> {
         }))?;
         self.audit.sync()?;
         self.store.maybe_compact()?;
+        lap(&mut self.report.phases, "end");
         crashpoint::hit("cycle:end");
         Ok(self.report)
     }

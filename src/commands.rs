@@ -91,14 +91,20 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
 fn report_exit(report: &CycleReport) -> u8 {
     let open = report.unresolved();
     let counts: Vec<String> = report.counts().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let phases: Vec<String> = report
+        .phases
+        .iter()
+        .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64()))
+        .collect();
     log::info!(
-        "cycle done: {} task(s) received; {}",
+        "cycle done: {} task(s) received; {} (seconds: {})",
         report.received,
         if counts.is_empty() {
             "nothing to do".into()
         } else {
             counts.join(", ")
-        }
+        },
+        phases.join(", ")
     );
     if open > 0 {
         log::warn!("{open} task(s) remain open for the next cycle");

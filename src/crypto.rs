@@ -123,21 +123,29 @@ impl StoreKey {
     /// Encrypts `plaintext`, bound to `context` (the record it belongs to, so
     /// that a ciphertext moved to another record fails to open).
     pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> String {
+        STANDARD.encode(self.seal_raw(context, plaintext))
+    }
+
+    /// `seal` without the base64: nonce, ciphertext and tag as bytes.
+    pub fn seal_raw(&self, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         // Without randomness no record can be written safely: fail loudly.
         if SystemRandom::new().fill(&mut nonce).is_err() {
             panic!("the system's random source failed");
         }
-        let mut buf = plaintext.to_vec();
-        let sealed =
-            self.aead
-                .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(context), &mut buf);
-        if sealed.is_err() {
-            panic!("AES-GCM refused a record");
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + self.aead.algorithm().tag_len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let tag = self.aead.seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(context),
+            &mut out[NONCE_LEN..],
+        );
+        match tag {
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
+            Err(_) => panic!("AES-GCM refused a record"),
         }
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
-        STANDARD.encode(out)
+        out
     }
 
     pub fn open(&self, what: &'static str, context: &[u8], sealed: &str) -> Result<Vec<u8>, OpenError> {

@@ -17,6 +17,77 @@ pub(super) fn push_line<T: Serialize>(buf: &mut String, value: &T) {
     buf.push('\n');
 }
 
+/// A line to write. The kinds that carry sealed data are written by hand:
+/// serde escapes strings byte by byte, and sealed base64 (which never needs
+/// escaping) is nearly all of a store. They read back as `DiskRecord`s.
+pub(super) enum Line<'a> {
+    Patient {
+        id: &'a str,
+        bf: Option<&'a Index>,
+        data: &'a [u8],
+        updated: chrono::DateTime<chrono::Utc>,
+    },
+    Pseudonym {
+        bf: &'a Index,
+        target: &'a str,
+        psn: &'a Index,
+        data: &'a [u8],
+    },
+    /// Sealed records (`DiskRecord::Batch`).
+    Batch(Vec<u8>),
+    Other(DiskRecord),
+}
+
+/// Appends one checksummed line.
+pub(super) fn push(buf: &mut String, line: Line<'_>) {
+    use base64::Engine;
+    let b64 = |buf: &mut String, raw: &[u8]| base64::engine::general_purpose::STANDARD.encode_string(raw, buf);
+    // JSON strings of our own plain text cannot fail to serialise.
+    let json = |v: &str| serde_json::to_string(v).unwrap_or_default();
+    let start = buf.len();
+    // The checksum goes in front once the payload is there.
+    buf.push_str("0000000000000000 ");
+    match line {
+        Line::Patient { id, bf, data, updated } => {
+            buf.push_str("{\"t\":\"patient\",\"id\":");
+            buf.push_str(&json(id));
+            if let Some(bf) = bf {
+                buf.push_str(",\"bf\":\"");
+                buf.push_str(&index_hex(bf));
+                buf.push('"');
+            }
+            buf.push_str(",\"data\":\"");
+            b64(buf, data);
+            buf.push_str("\",\"updated\":");
+            buf.push_str(&updated.timestamp_millis().to_string());
+            buf.push('}');
+        }
+        Line::Pseudonym { bf, target, psn, data } => {
+            buf.push_str("{\"t\":\"pseudonym\",\"bf\":\"");
+            buf.push_str(&index_hex(bf));
+            buf.push_str("\",\"target\":");
+            buf.push_str(&json(target));
+            buf.push_str(",\"psn\":\"");
+            buf.push_str(&index_hex(psn));
+            buf.push_str("\",\"data\":\"");
+            b64(buf, data);
+            buf.push_str("\"}");
+        }
+        Line::Batch(sealed) => {
+            buf.push_str("{\"t\":\"batch\",\"data\":\"");
+            b64(buf, &sealed);
+            buf.push_str("\"}");
+        }
+        Line::Other(r) => {
+            buf.truncate(start);
+            return push_line(buf, &r);
+        }
+    }
+    let sum = checksum(&buf[start + 17..]);
+    buf.replace_range(start..start + 16, &sum);
+    buf.push('\n');
+}
+
 pub(super) struct Loaded {
     pub header: Header,
     /// Bytes up to the end of the last good line.
@@ -137,8 +208,14 @@ fn parse_file(path: &Path, file: File, tolerate_torn_tail: bool, tx: &std::sync:
                 Ok(h) => h,
                 Err(_) => return fail(corrupt(lineno, "bad header")),
             };
-            if h.format != FORMAT || h.version != VERSION {
-                return fail(corrupt(lineno, &format!("not a {FORMAT} v{VERSION} file")));
+            if h.format != FORMAT {
+                return fail(corrupt(lineno, &format!("not a {FORMAT} file")));
+            }
+            if h.version != VERSION {
+                return fail(StoreError::Version {
+                    path: path.to_path_buf(),
+                    found: h.version,
+                });
             }
             have_header = true;
             if tx.send(Parsed::Header(h)).is_err() {
@@ -234,13 +311,13 @@ pub(super) fn parse_record(payload: &str) -> Result<Result<Ready, OpenError>, ()
 
 /// Writes header + records to `name.tmp`, fsyncs, renames over `name`, and
 /// fsyncs the directory. Returns the file's length.
-pub(super) fn write_atomically(
+pub(super) fn write_atomically<'a>(
     dir: &Path,
     name: &str,
     generation: u64,
     key_id: &str,
     counts: Option<Counts>,
-    records: impl Iterator<Item = DiskRecord>,
+    lines: impl Iterator<Item = Line<'a>>,
 ) -> Result<u64, StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dest = dir.join(name);
@@ -263,8 +340,8 @@ pub(super) fn write_atomically(
         .open(&tmp)
         .map_err(io("create a temporary file", &tmp))?;
     let mut len = 0u64;
-    for r in records {
-        push_line(&mut buf, &r);
+    for line in lines {
+        push(&mut buf, line);
         if buf.len() > 1 << 20 {
             file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
             len += buf.len() as u64;

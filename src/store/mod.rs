@@ -16,7 +16,7 @@
 //! reported with file and line, and the store refuses to open.
 
 mod disk;
-use disk::{load, push_line, write_atomically};
+use disk::{Line, load, push, write_atomically};
 pub mod records;
 
 pub use records::{
@@ -39,7 +39,10 @@ const SNAPSHOT: &str = "snapshot";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "LOCK";
 const FORMAT: &str = "fttp-agent-store";
-const VERSION: u32 = 2;
+/// v3: journal writes and the snapshot's ledger are sealed batches of
+/// records. (v2, one sealed line per record, is not read: no release ever
+/// wrote it.)
+const VERSION: u32 = 3;
 /// Default for [`Store::set_compact_after`].
 pub const COMPACT_AFTER: usize = 10_000;
 
@@ -69,6 +72,11 @@ pub enum StoreError {
     },
     #[error("store {path}: {source}; refusing to use it (nothing was changed)")]
     Tampered { path: PathBuf, source: OpenError },
+    #[error(
+        "store file {path} is in store format v{found}; this fttp-agent reads v{VERSION} only \
+         (nothing was changed)"
+    )]
+    Version { path: PathBuf, found: u32 },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -142,11 +150,6 @@ fn decode_sealed(b64: &str, what: &'static str) -> Result<Box<[u8]>, OpenError> 
         Ok(n) if n == exact => Ok(out),
         _ => Err(OpenError { what }),
     }
-}
-
-fn encode_sealed(raw: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
 /// Hashes HMAC indexes by their first eight bytes: they are uniformly
@@ -275,118 +278,88 @@ pub struct EnrolmentState {
     pub same_filter: bool,
 }
 
-fn patient_context(id: &LocalId) -> Vec<u8> {
-    format!("patient\0{}", id.0).into_bytes()
+fn patient_context(id: &str) -> Vec<u8> {
+    format!("patient\0{id}").into_bytes()
 }
 
 fn pseudonym_context(bf: &str, target: &str) -> Vec<u8> {
     format!("pseudonym\0{bf}\0{target}").into_bytes()
 }
 
-/// The associated data of a progress batch (the keys are inside, sealed).
-const PROGRESS_BATCH_CONTEXT: &[u8] = b"progress-batch";
+/// The associated data of a batch line (its records, keys and all, are
+/// inside the seal).
+const BATCH_CONTEXT: &[u8] = b"batch";
 
-/// Seals `records` for the journal, one line each, except that the
-/// `Progress` records are gathered into one `ProgressBatch` line. They only
-/// touch the ledger, so a batch may move past records of other kinds (a
-/// pseudonym, a patient) but not past a `Ledger` or `Purge` record, before
-/// which it is written out. Returns the lines and, per record, the index of
-/// its own line (`None` for progress, which is applied from its plaintext).
-fn seal_for_journal(key: &StoreKey, records: &[Record]) -> (Vec<DiskRecord>, Vec<Option<usize>>) {
-    fn flush(key: &StoreKey, batch: &mut Vec<&Progress>, lines: &mut Vec<DiskRecord>) {
-        match batch.len() {
-            0 => {}
-            1 => lines.push(seal(key, &Record::Progress(batch[0].clone()))),
-            _ => {
-                let plain = serde_json::to_vec(&batch).unwrap_or_default();
-                lines.push(DiskRecord::ProgressBatch {
-                    data: key.seal(PROGRESS_BATCH_CONTEXT, &plain),
-                });
-            }
-        }
-        batch.clear();
-    }
-    let mut lines = Vec::with_capacity(records.len());
-    let mut own = Vec::with_capacity(records.len());
-    let mut batch: Vec<&Progress> = Vec::new();
-    for r in records {
-        match r {
-            Record::Progress(p) => {
-                batch.push(p);
-                own.push(None);
-                continue;
-            }
-            Record::Ledger(_) | Record::Purge { .. } => flush(key, &mut batch, &mut lines),
-            _ => {}
-        }
-        lines.push(seal(key, r));
-        own.push(Some(lines.len() - 1));
-    }
-    flush(key, &mut batch, &mut lines);
-    (lines, own)
+/// Records per batch line: bounds one line (and the memory to write or read
+/// it) when a write carries 100,000 records.
+const BATCH_RECORDS: usize = 4096;
+
+fn seal_batch<T: Serialize>(key: &StoreKey, records: &[T]) -> Vec<u8> {
+    // Serialising our own plain data types cannot fail.
+    key.seal_raw(BATCH_CONTEXT, &serde_json::to_vec(records).unwrap_or_default())
 }
 
-fn ledger_context(key: &str) -> Vec<u8> {
-    format!("ledger\0{key}").into_bytes()
+/// A ledger entry serialised as a `Record`, without copying it first.
+#[derive(Serialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+enum LedgerRef<'a> {
+    Ledger(&'a LedgerEntry),
 }
 
 impl State {
-    fn apply(&mut self, r: DiskRecord, key: &StoreKey) -> Result<(), OpenError> {
-        self.apply_ready(Ready::from_disk(r)?, key)
+    fn insert_patient(
+        &mut self,
+        id: std::sync::Arc<str>,
+        bf: Option<Index>,
+        data: Box<[u8]>,
+        updated: chrono::DateTime<chrono::Utc>,
+    ) {
+        // One probe: insert, then tidy up after a replaced record.
+        if let Some(old) = self.patients.insert(id.clone(), SealedPatient { bf, data, updated })
+            && let Some(old_bf) = old.bf
+            && Some(old_bf) != bf
+            && self.by_bf.get(&old_bf).is_some_and(|x| *x == id)
+        {
+            self.by_bf.remove(&old_bf);
+        }
+        if let Some(bf) = bf {
+            self.by_bf.insert(bf, id);
+        }
     }
 
-    fn apply_ready(&mut self, r: Ready, key: &StoreKey) -> Result<(), OpenError> {
+    fn forget(&mut self, id: &LocalId) {
+        self.enrolments.remove(id);
+        if let Some(old) = self.patients.remove(id.0.as_str())
+            && let Some(bf) = old.bf
+            && self.by_bf.get(&bf).is_some_and(|x| **x == *id.0)
+        {
+            self.by_bf.remove(&bf);
+        }
+    }
+
+    fn insert_pseudonym(&mut self, bf: Index, target: String, psn: Index, data: Box<[u8]>) {
+        self.by_psn.insert(psn, bf);
+        self.pseudonyms.insert((bf, target), SealedPseudonym { psn, data });
+    }
+
+    /// Applies a line of a snapshot or journal; returns how many records it held.
+    fn apply_ready(&mut self, r: Ready, key: &StoreKey) -> Result<usize, OpenError> {
         let r = match r {
             Ready::Patient { id, bf, data, updated } => {
-                // One probe: insert, then tidy up after a replaced record.
-                if let Some(old) = self.patients.insert(id.clone(), SealedPatient { bf, data, updated })
-                    && let Some(old_bf) = old.bf
-                    && Some(old_bf) != bf
-                    && self.by_bf.get(&old_bf).is_some_and(|x| *x == id)
-                {
-                    self.by_bf.remove(&old_bf);
-                }
-                if let Some(bf) = bf {
-                    self.by_bf.insert(bf, id);
-                }
-                return Ok(());
+                self.insert_patient(id, bf, data, updated);
+                return Ok(1);
             }
             Ready::Other(r) => r,
         };
         match r {
             // (from_disk turns every patient into Ready::Patient)
-            patient @ DiskRecord::Patient { .. } => return self.apply(patient, key),
+            patient @ DiskRecord::Patient { .. } => return self.apply_ready(Ready::from_disk(patient)?, key),
             DiskRecord::Pseudonym { bf, target, psn, data } => {
                 let (bf, psn) = (parse_index(&bf)?, parse_index(&psn)?);
                 let data = decode_sealed(&data, "pseudonym")?;
-                self.by_psn.insert(psn, bf);
-                self.pseudonyms.insert((bf, target), SealedPseudonym { psn, data });
-            }
-            DiskRecord::Ledger { key: k, data } => {
-                let plain = key.open("ledger", &ledger_context(&k), &data)?;
-                let entry: LedgerEntry = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
-                self.ledger.insert(k, entry);
+                self.insert_pseudonym(bf, target, psn, data);
             }
             DiskRecord::Poll(p) => self.last_poll = Some(p),
-            DiskRecord::Purge { key: k } => {
-                self.ledger.remove(&k);
-            }
-            DiskRecord::Progress { key: k, data } => {
-                let plain = key.open("ledger", &ledger_context(&k), &data)?;
-                let p: Progress = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
-                if let Some(e) = self.ledger.get_mut(&k) {
-                    p.apply_to(e);
-                }
-            }
-            DiskRecord::ProgressBatch { data } => {
-                let plain = key.open("ledger", PROGRESS_BATCH_CONTEXT, &data)?;
-                let batch: Vec<Progress> = serde_json::from_slice(&plain).map_err(|_| OpenError { what: "ledger" })?;
-                for p in batch {
-                    if let Some(e) = self.ledger.get_mut(&p.key) {
-                        p.apply_to(e);
-                    }
-                }
-            }
             DiskRecord::Enrolment {
                 id,
                 bf,
@@ -405,45 +378,99 @@ impl State {
                     },
                 );
             }
-            DiskRecord::Forget { id } => {
-                self.enrolments.remove(&id);
-                if let Some(old) = self.patients.remove(id.0.as_str())
-                    && let Some(bf) = old.bf
-                    && self.by_bf.get(&bf).is_some_and(|x| **x == *id.0)
-                {
-                    self.by_bf.remove(&bf);
+            DiskRecord::Batch { data } => {
+                let what = "batch of records";
+                let plain = key.open(what, BATCH_CONTEXT, &data)?;
+                let records: Vec<Record> = serde_json::from_slice(&plain).map_err(|_| OpenError { what })?;
+                let n = records.len();
+                for r in records {
+                    self.apply_record(r, key);
                 }
+                return Ok(n);
             }
         }
-        Ok(())
+        Ok(1)
     }
 
-    fn disk_records<'a>(&'a self, key: &'a StoreKey) -> impl Iterator<Item = DiskRecord> + 'a {
-        let patients = self.patients.iter().map(|(id, p)| DiskRecord::Patient {
-            id: LocalId(id.to_string()),
-            bf: p.bf.as_ref().map(index_hex),
-            data: encode_sealed(&p.data),
+    /// Applies a record in plain text (just written, or read from a batch);
+    /// what memory holds sealed is sealed here.
+    fn apply_record(&mut self, r: Record, key: &StoreKey) {
+        match r {
+            Record::Patient(p) => {
+                let bf = p.bloomfilter.as_ref().map(|bf| key.index_bytes("bf", bf.as_bytes()));
+                let plain = PatientSecret::encode_parts(&p.idat, p.bloomfilter.as_ref());
+                let data = key.seal_raw(&patient_context(&p.local_id.0), &plain);
+                self.insert_patient(std::sync::Arc::from(p.local_id.0), bf, data.into(), p.updated);
+            }
+            Record::Pseudonym(p) => {
+                let bf = key.index_bytes("bf", p.bloomfilter.as_bytes());
+                let psn = key.index_bytes("psn", p.pseudonym.value.as_bytes());
+                // Serialising our own plain data types cannot fail.
+                let plain = serde_json::to_vec(&p).unwrap_or_default();
+                let data = key.seal_raw(&pseudonym_context(&index_hex(&bf), &p.target), &plain);
+                self.insert_pseudonym(bf, p.target, psn, data.into());
+            }
+            Record::Ledger(e) => {
+                self.ledger.insert(e.key.clone(), e);
+            }
+            Record::Poll(p) => self.last_poll = Some(p),
+            Record::Purge { key: k } => {
+                self.ledger.remove(&k);
+            }
+            Record::Forget { local_id } => self.forget(&local_id),
+            Record::Progress(p) => {
+                if let Some(e) = self.ledger.get_mut(&p.key) {
+                    p.apply_to(e);
+                }
+            }
+            Record::Enrolment(e) => {
+                let bf = key.index_bytes("bf", e.bloomfilter.as_bytes());
+                self.enrolments.insert(
+                    e.local_id,
+                    Enrolment {
+                        bf,
+                        status: e.status,
+                        detail: e.detail,
+                        updated: e.updated,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The state as snapshot lines: patients and pseudonyms with the sealed
+    /// bytes memory holds (nothing is re-sealed), the ledger in batches.
+    fn lines<'a>(&'a self, key: &'a StoreKey) -> impl Iterator<Item = Line<'a>> + 'a {
+        let patients = self.patients.iter().map(|(id, p)| Line::Patient {
+            id,
+            bf: p.bf.as_ref(),
+            data: &p.data,
             updated: p.updated,
         });
-        let pseudonyms = self.pseudonyms.iter().map(|((bf, target), p)| DiskRecord::Pseudonym {
-            bf: index_hex(bf),
-            target: target.clone(),
-            psn: index_hex(&p.psn),
-            data: encode_sealed(&p.data),
+        let pseudonyms = self.pseudonyms.iter().map(|((bf, target), p)| Line::Pseudonym {
+            bf,
+            target,
+            psn: &p.psn,
+            data: &p.data,
         });
-        let ledger = self.ledger.values().map(|e| seal_ledger(key, e));
-        let enrolments = self.enrolments.iter().map(|(id, e)| DiskRecord::Enrolment {
-            id: id.clone(),
-            bf: index_hex(&e.bf),
-            status: e.status,
-            detail: e.detail.clone(),
-            updated: e.updated,
+        let entries: Vec<LedgerRef<'a>> = self.ledger.values().map(LedgerRef::Ledger).collect();
+        let ledger = (0..entries.len())
+            .step_by(BATCH_RECORDS)
+            .map(move |i| Line::Batch(seal_batch(key, &entries[i..entries.len().min(i + BATCH_RECORDS)])));
+        let enrolments = self.enrolments.iter().map(|(id, e)| {
+            Line::Other(DiskRecord::Enrolment {
+                id: id.clone(),
+                bf: index_hex(&e.bf),
+                status: e.status,
+                detail: e.detail.clone(),
+                updated: e.updated,
+            })
         });
         patients
             .chain(pseudonyms)
             .chain(ledger)
             .chain(enrolments)
-            .chain(self.last_poll.clone().map(DiskRecord::Poll))
+            .chain(self.last_poll.clone().map(|p| Line::Other(DiskRecord::Poll(p))))
     }
 
     fn len(&self) -> usize {
@@ -464,56 +491,6 @@ impl State {
         self.pseudonyms.reserve(c.pseudonyms);
         self.by_psn.reserve(c.pseudonyms);
         self.ledger.reserve(c.ledger);
-    }
-}
-
-fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> DiskRecord {
-    let plain = serde_json::to_vec(e).unwrap_or_default();
-    DiskRecord::Ledger {
-        key: e.key.clone(),
-        data: key.seal(&ledger_context(&e.key), &plain),
-    }
-}
-
-fn seal(key: &StoreKey, r: &Record) -> DiskRecord {
-    match r {
-        Record::Patient(p) => {
-            let plain = PatientSecret::encode_parts(&p.idat, p.bloomfilter.as_ref());
-            DiskRecord::Patient {
-                id: p.local_id.clone(),
-                bf: p
-                    .bloomfilter
-                    .as_ref()
-                    .map(|bf| index_hex(&key.index_bytes("bf", bf.as_bytes()))),
-                data: key.seal(&patient_context(&p.local_id), &plain),
-                updated: p.updated,
-            }
-        }
-        Record::Pseudonym(p) => {
-            let bf = index_hex(&key.index_bytes("bf", p.bloomfilter.as_bytes()));
-            let plain = serde_json::to_vec(p).unwrap_or_default();
-            DiskRecord::Pseudonym {
-                data: key.seal(&pseudonym_context(&bf, &p.target), &plain),
-                psn: index_hex(&key.index_bytes("psn", p.pseudonym.value.as_bytes())),
-                target: p.target.clone(),
-                bf,
-            }
-        }
-        Record::Ledger(e) => seal_ledger(key, e),
-        Record::Poll(p) => DiskRecord::Poll(p.clone()),
-        Record::Purge { key: k } => DiskRecord::Purge { key: k.clone() },
-        Record::Progress(p) => DiskRecord::Progress {
-            key: p.key.clone(),
-            data: key.seal(&ledger_context(&p.key), &serde_json::to_vec(p).unwrap_or_default()),
-        },
-        Record::Forget { local_id } => DiskRecord::Forget { id: local_id.clone() },
-        Record::Enrolment(e) => DiskRecord::Enrolment {
-            id: e.local_id.clone(),
-            bf: index_hex(&key.index_bytes("bf", e.bloomfilter.as_bytes())),
-            status: e.status,
-            detail: e.detail.clone(),
-            updated: e.updated,
-        },
     }
 }
 
@@ -551,7 +528,12 @@ impl Store {
                 }
                 Ok(true)
             },
-            |r| cell.borrow_mut().apply_ready(r, &key).map_err(tampered(&snap_path)),
+            |r| {
+                cell.borrow_mut()
+                    .apply_ready(r, &key)
+                    .map(drop)
+                    .map_err(tampered(&snap_path))
+            },
         )?;
         let mut state = cell.into_inner();
         let generation = snapshot.map_or(0, |l| l.header.generation);
@@ -582,8 +564,8 @@ impl Store {
                 Ok(true)
             },
             |r| {
-                journal_records += 1;
-                state.apply_ready(r, &key).map_err(tampered(&journal_path))
+                journal_records += state.apply_ready(r, &key).map_err(tampered(&journal_path))?;
+                Ok(())
             },
         )?;
         if let Some(l) = loaded
@@ -658,32 +640,31 @@ impl Store {
 
     /// Appends records durably, then applies them. Nothing is applied if the
     /// write fails, and a partial append is rolled back so that the journal
-    /// never holds a torn record in its middle.
+    /// never holds a torn record in its middle. The records go to disk as
+    /// sealed batches of up to `BATCH_RECORDS`, all fsynced at once.
     pub fn write(&mut self, records: Vec<Record>) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
-        let (disk, own) = seal_for_journal(&self.key, &records);
-        let mut buf = String::new();
-        for r in &disk {
-            push_line(&mut buf, r);
-        }
         let path = self.dir.join(JOURNAL);
-        let bytes = buf.as_bytes();
-        // Test builds can tear this write in half and die (crash tests).
-        let split = if crate::crashpoint::armed("journal:torn") {
-            bytes.len() / 2
-        } else {
-            bytes.len()
-        };
-        let result = self.journal.write_all(&bytes[..split]).and_then(|_| {
-            if split < bytes.len() {
-                self.journal.sync_data()?;
-                crate::crashpoint::hit("journal:torn");
-                self.journal.write_all(&bytes[split..])?;
+        let mut buf = String::new();
+        let mut appended = 0u64;
+        let mut result = Ok(());
+        for chunk in records.chunks(BATCH_RECORDS) {
+            push(&mut buf, Line::Batch(seal_batch(&self.key, chunk)));
+            if buf.len() >= 1 << 20 {
+                result = append(&mut self.journal, buf.as_bytes());
+                appended += buf.len() as u64;
+                buf.clear();
+                if result.is_err() {
+                    break;
+                }
             }
-            self.journal.sync_data()
-        });
+        }
+        appended += buf.len() as u64;
+        let result = result
+            .and_then(|()| append(&mut self.journal, buf.as_bytes()))
+            .and_then(|()| self.journal.sync_data());
         if let Err(source) = result {
             if let Err(e) = self.journal.set_len(self.journal_len) {
                 log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
@@ -695,26 +676,10 @@ impl Store {
             });
         }
         crate::crashpoint::hit("journal:written");
-        self.journal_len += buf.len() as u64;
-        self.journal_records += disk.len();
-        let mut disk: Vec<Option<DiskRecord>> = disk.into_iter().map(Some).collect();
-        for (plain, line) in records.into_iter().zip(own) {
-            match plain {
-                // The plaintext is at hand: no need to decrypt what we just sealed.
-                Record::Ledger(e) => {
-                    self.state.ledger.insert(e.key.clone(), e);
-                }
-                Record::Progress(p) => {
-                    if let Some(e) = self.state.ledger.get_mut(&p.key) {
-                        p.apply_to(e);
-                    }
-                }
-                _ => {
-                    if let Some(sealed) = line.and_then(|i| disk.get_mut(i)).and_then(Option::take) {
-                        self.state.apply(sealed, &self.key).map_err(tampered(&path))?;
-                    }
-                }
-            }
+        self.journal_len += appended;
+        self.journal_records += records.len();
+        for r in records {
+            self.state.apply_record(r, &self.key);
         }
         Ok(())
     }
@@ -751,7 +716,7 @@ impl Store {
             next,
             self.key.id(),
             Some(self.state.counts()),
-            self.state.disk_records(&self.key),
+            self.state.lines(&self.key),
         )?;
         crate::crashpoint::hit("snapshot:installed");
         self.journal_len = write_atomically(&self.dir, JOURNAL, next, self.key.id(), None, std::iter::empty())?;
@@ -768,7 +733,7 @@ impl Store {
     fn open_patient(&self, id: &LocalId, p: &SealedPatient) -> Result<PatientRecord, StoreError> {
         let plain = self
             .key
-            .open_raw("patient", &patient_context(id), &p.data)
+            .open_raw("patient", &patient_context(&id.0), &p.data)
             .map_err(tampered(&self.dir))?;
         let secret = PatientSecret::decode(&plain).ok_or_else(|| tampered(&self.dir)(OpenError { what: "patient" }))?;
         Ok(PatientRecord {
@@ -881,18 +846,16 @@ impl Store {
     /// generation written with the new key replaces the old files in one
     /// rename. A crash before it leaves the store under the old key.
     pub fn rekey(&mut self, new: StoreKey) -> Result<(), StoreError> {
-        let mut records: Vec<Record> = Vec::new();
-        records.extend(self.all_patients()?.into_iter().map(Record::Patient));
-        records.extend(self.all_pseudonyms()?.into_iter().map(Record::Pseudonym));
-        records.extend(self.state.ledger.values().cloned().map(Record::Ledger));
-        records.extend(self.state.last_poll.clone().map(Record::Poll));
         let mut state = State::default();
-        // (Progress, Purge and Forget records never reach a rekeyed snapshot.)
-        let mut disk: Vec<DiskRecord> = records.iter().map(|r| seal(&new, r)).collect();
-        disk.extend(self.rekeyed_enrolments(&new)?);
-        for r in &disk {
-            state.apply(r.clone(), &new).map_err(tampered(&self.dir))?;
+        for p in self.all_patients()? {
+            state.apply_record(Record::Patient(p), &new);
         }
+        for p in self.all_pseudonyms()? {
+            state.apply_record(Record::Pseudonym(p), &new);
+        }
+        state.ledger = self.state.ledger.clone();
+        state.last_poll = self.state.last_poll.clone();
+        state.enrolments = self.rekeyed_enrolments(&new)?;
         let next = self.generation + 1;
         write_atomically(
             &self.dir,
@@ -900,7 +863,7 @@ impl Store {
             next,
             new.id(),
             Some(state.counts()),
-            disk.into_iter(),
+            state.lines(&new),
         )?;
         self.journal_len = write_atomically(&self.dir, JOURNAL, next, new.id(), None, std::iter::empty())?;
         let path = self.dir.join(JOURNAL);
@@ -923,21 +886,15 @@ impl Store {
     /// recomputed under a new key without the filter: it is taken from the
     /// patient when it is still their filter; otherwise the index becomes
     /// one no filter has, which keeps what matters ("not the current one").
-    fn rekeyed_enrolments(&self, new: &StoreKey) -> Result<Vec<DiskRecord>, StoreError> {
-        let mut out = Vec::with_capacity(self.state.enrolments.len());
+    fn rekeyed_enrolments(&self, new: &StoreKey) -> Result<HashMap<LocalId, Enrolment>, StoreError> {
+        let mut out = HashMap::with_capacity(self.state.enrolments.len());
         for (id, e) in &self.state.enrolments {
             let current = self.patient(id)?.and_then(|p| p.bloomfilter);
             let bf = match current {
                 Some(bf) if self.key.index_bytes("bf", bf.as_bytes()) == e.bf => new.index_bytes("bf", bf.as_bytes()),
                 _ => NO_FILTER,
             };
-            out.push(DiskRecord::Enrolment {
-                id: id.clone(),
-                bf: index_hex(&bf),
-                status: e.status,
-                detail: e.detail.clone(),
-                updated: e.updated,
-            });
+            out.insert(id.clone(), Enrolment { bf, ..e.clone() });
         }
         Ok(out)
     }
@@ -1026,6 +983,19 @@ impl Store {
     pub fn last_poll(&self) -> Option<&PollRecord> {
         self.state.last_poll.as_ref()
     }
+}
+
+/// Appends to the journal. (Test builds can tear this write in half and
+/// die: the crash tests.)
+fn append(journal: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    if crate::crashpoint::armed("journal:torn") && !bytes.is_empty() {
+        let (first, rest) = bytes.split_at(bytes.len() / 2);
+        journal.write_all(first)?;
+        journal.sync_data()?;
+        crate::crashpoint::hit("journal:torn");
+        return journal.write_all(rest);
+    }
+    journal.write_all(bytes)
 }
 
 fn check_key(path: &Path, header: &Header, key: &StoreKey) -> Result<(), StoreError> {
@@ -1263,9 +1233,10 @@ mod crypto_tests {
         {
             let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
             s.put(patient()).unwrap();
+            s.compact().unwrap();
         }
         // Forge a record for p2 that carries p1's sealed data, with a valid checksum.
-        let j = dir.path().join(JOURNAL);
+        let j = dir.path().join(SNAPSHOT);
         let text = std::fs::read_to_string(&j).unwrap();
         let line = text.lines().nth(1).unwrap();
         let payload = line
@@ -1274,7 +1245,7 @@ mod crypto_tests {
             .1
             .replace("\"id\":\"p1\"", "\"id\":\"p2\"");
         let mut forged = text.clone();
-        push_line(&mut forged, &serde_json::from_str::<DiskRecord>(&payload).unwrap());
+        super::disk::push_line(&mut forged, &serde_json::from_str::<DiskRecord>(&payload).unwrap());
         std::fs::write(&j, forged).unwrap();
         let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
         let err = s.patient(&LocalId("p2".into())).unwrap_err().to_string();
@@ -1352,21 +1323,20 @@ mod crypto_tests {
 
     #[test]
     fn patient_lines_read_the_same_by_the_fast_and_the_generic_path() {
-        use super::disk::{parse_line, parse_record};
+        use super::disk::{parse_line, parse_record, push_line};
         let key = StoreKey::from_bytes(&[6; 32]);
         for id in ["p1", "p\"quoted\"", "Müller\\1", "tab\there"] {
-            let r = Record::Patient(PatientRecord {
-                local_id: LocalId(id.into()),
-                idat: Idat {
-                    given: Some("Erika".into()),
-                    ..Idat::default()
-                },
-                bloomfilter: Some(BloomFilter::from_bytes(b"bf".to_vec()).unwrap()),
-                updated: Utc::now(),
-            });
-            let disk = seal(&key, &r);
+            let data = key.seal_raw(&patient_context(id), b"secret");
             let mut line = String::new();
-            push_line(&mut line, &disk);
+            push(
+                &mut line,
+                Line::Patient {
+                    id,
+                    bf: Some(&[7; 16]),
+                    data: &data,
+                    updated: Utc::now(),
+                },
+            );
             let payload = parse_line(&line).unwrap();
             assert!(payload.starts_with("{\"t\":\"patient\","), "{payload}");
             let fast = match parse_record(payload).unwrap().unwrap() {
@@ -1378,11 +1348,42 @@ mod crypto_tests {
                 Ready::Other(_) => panic!("not a patient"),
             };
             assert_eq!(fast, generic);
-            assert_eq!(fast.0, id);
+            assert_eq!((fast.0.as_str(), fast.1, &*fast.2), (id, Some([7; 16]), &data[..]));
         }
+        // Hand-written lines read back as what serde would have written.
+        let (bf, psn) = ([1; 16], [2; 16]);
+        let mut line = String::new();
+        push(
+            &mut line,
+            Line::Pseudonym {
+                bf: &bf,
+                target: "dic \"x\"",
+                psn: &psn,
+                data: b"sealed",
+            },
+        );
+        push(&mut line, Line::Batch(b"sealed batch".to_vec()));
+        let read: Vec<DiskRecord> = line
+            .split_inclusive('\n')
+            .map(|l| serde_json::from_str(parse_line(l).unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            read,
+            [
+                DiskRecord::Pseudonym {
+                    bf: index_hex(&bf),
+                    target: "dic \"x\"".into(),
+                    psn: index_hex(&psn),
+                    data: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"sealed"),
+                },
+                DiskRecord::Batch {
+                    data: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"sealed batch"),
+                }
+            ]
+        );
         // A damaged checksum is refused by the in-place comparison.
         let mut line = String::new();
-        push_line(&mut line, &DiskRecord::Purge { key: "k".into() });
+        push_line(&mut line, &DiskRecord::Batch { data: "k".into() });
         let flipped = if line.starts_with('0') {
             line.replacen('0', "1", 1)
         } else {
@@ -1393,7 +1394,7 @@ mod crypto_tests {
     }
 
     #[test]
-    fn consecutive_progress_records_are_one_sealed_line_and_replay_in_order() {
+    fn each_write_is_sealed_batches_that_replay_in_order() {
         use crate::tasks::TaskKind;
         let dir = tempfile::tempdir().unwrap();
         let key = || StoreKey::from_bytes(&[7; 32]);
@@ -1418,6 +1419,7 @@ mod crypto_tests {
             e.attempts = attempts;
             Record::Progress(Progress::of(&e))
         };
+        let many = BATCH_RECORDS + 10;
         let expected;
         {
             let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
@@ -1426,13 +1428,13 @@ mod crypto_tests {
             s.write(vec![
                 step("a", Status::InFlight, "sending", 1),
                 step("b", Status::InFlight, "sending", 1),
-                // A later state of "a" in the same batch wins.
+                // A later state of "a" in the same write wins.
                 step("a", Status::Resolved, "stored", 1),
+                Record::Ledger(entry("gone")),
                 Record::Purge { key: "gone".into() },
                 step("b", Status::Failed, "failed", 1),
             ])
             .unwrap();
-            // Progress moves past a pseudonym (it only touches the ledger).
             s.write(vec![
                 step("a", Status::Resolved, "stored", 2),
                 Record::Pseudonym(PseudonymRecord {
@@ -1448,20 +1450,69 @@ mod crypto_tests {
                 step("b", Status::Resolved, "stored", 2),
             ])
             .unwrap();
+            // A write larger than a batch is split, in order.
+            s.write(
+                (0..many)
+                    .map(|i| Record::Ledger(entry(&format!("k{i}"))))
+                    .chain([Record::Purge { key: "k0".into() }])
+                    .collect(),
+            )
+            .unwrap();
             expected = (s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap());
             assert_eq!((expected.0.status, expected.0.attempts), (Status::Resolved, 2));
             assert_eq!((expected.1.status, expected.1.attempts), (Status::Resolved, 2));
+            assert!(s.ledger("gone").is_none());
         }
         let journal = std::fs::read_to_string(dir.path().join(JOURNAL)).unwrap();
-        // The purge closes the first batch, so "b"'s failure stands alone;
-        // the third write is one batch after the pseudonym.
-        assert_eq!(journal.matches("\"t\":\"progress_batch\"").count(), 2);
-        assert_eq!(journal.matches("\"t\":\"progress\"").count(), 1);
-        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
         assert_eq!(
-            (s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap()),
-            expected
+            journal.lines().count(),
+            1 + 3 + 2,
+            "header, one line per write, two for the large one"
         );
-        assert_eq!(s.pseudonym_count(), 1);
+        assert_eq!(journal.matches("\"t\":\"batch\"").count(), 5);
+        for dir_state in [false, true] {
+            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+            assert_eq!(
+                (s.ledger("a").cloned().unwrap(), s.ledger("b").cloned().unwrap()),
+                expected
+            );
+            assert!(s.ledger("gone").is_none() && s.ledger("k0").is_none());
+            assert!(s.ledger(&format!("k{}", many - 1)).is_some());
+            assert_eq!(s.ledger_entries().count(), 2 + many - 1);
+            assert_eq!(s.pseudonym_count(), 1);
+            assert_eq!(s.journal_records, if dir_state { 0 } else { 2 + 6 + 3 + many + 1 });
+            // The same state from a snapshot (its ledger in batches, too).
+            s.compact().unwrap();
+        }
+        let snapshot = std::fs::read_to_string(dir.path().join(SNAPSHOT)).unwrap();
+        assert_eq!(
+            snapshot.matches("\"t\":\"batch\"").count(),
+            2,
+            "{} entries",
+            2 + many - 1
+        );
+    }
+
+    #[test]
+    fn an_older_store_format_is_refused_by_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut line = String::new();
+        super::disk::push_line(
+            &mut line,
+            &Header {
+                format: FORMAT.into(),
+                version: 2,
+                generation: 1,
+                key_id: StoreKey::from_bytes(&[8; 32]).id().into(),
+                counts: None,
+            },
+        );
+        std::fs::write(dir.path().join(SNAPSHOT), &line).unwrap();
+        let err = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[8; 32]))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Version { found: 2, .. }), "{err}");
+        assert!(err.to_string().contains("format v2; this fttp-agent reads v3"), "{err}");
+        assert_eq!(std::fs::read_to_string(dir.path().join(SNAPSHOT)).unwrap(), line);
     }
 }

@@ -218,9 +218,12 @@ impl std::str::FromStr for Status {
     }
 }
 
-/// What the store files hold. IDAT, Bloom filters, pseudonyms and task
-/// contents are sealed (AES-256-GCM); Bloom filters and pseudonyms appear
-/// only as keyed HMAC indexes, for lookups without decryption.
+/// What the store files hold, line by line. IDAT, Bloom filters,
+/// pseudonyms and task contents are sealed (AES-256-GCM); Bloom filters and
+/// pseudonyms appear only as keyed HMAC indexes, for lookups without
+/// decryption. A snapshot holds patients, pseudonyms and enrolments one per
+/// line (a million patients are read in parallel and never re-sealed) and
+/// the ledger in batches; the journal holds batches only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub(crate) enum DiskRecord {
@@ -239,26 +242,7 @@ pub(crate) enum DiskRecord {
         psn: String,
         data: String,
     },
-    Ledger {
-        key: String,
-        data: String,
-    },
     Poll(PollRecord),
-    Purge {
-        key: String,
-    },
-    Forget {
-        id: LocalId,
-    },
-    Progress {
-        key: String,
-        data: String,
-    },
-    /// Consecutive `Progress` records of one write, sealed as one: a batch of
-    /// 100 task outcomes is one line, one seal and one checksum.
-    ProgressBatch {
-        data: String,
-    },
     Enrolment {
         id: LocalId,
         bf: String,
@@ -266,6 +250,12 @@ pub(crate) enum DiskRecord {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
         updated: DateTime<Utc>,
+    },
+    /// Plain `Record`s in order, sealed together: one seal, one checksum and
+    /// one line for a whole write (or a few thousand ledger entries of a
+    /// snapshot), where one line per record cost most of a large cycle.
+    Batch {
+        data: String,
     },
 }
 

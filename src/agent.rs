@@ -397,8 +397,8 @@ impl<'a> Agent<'a> {
         psn: Pseudonym,
         source: &str,
     ) -> Result<Option<LocalId>, AgentError> {
-        let patient = self.store.local_id_by_bloomfilter(bf);
-        if self.store.pseudonym(bf, target)?.is_some_and(|p| p.pseudonym == psn) {
+        let (patient, known) = self.store.patient_and_pseudonym(bf, target)?;
+        if known.is_some_and(|p| p.pseudonym == psn) {
             return Ok(patient);
         }
         self.buffer(Record::Pseudonym(PseudonymRecord {

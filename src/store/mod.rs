@@ -405,8 +405,7 @@ impl State {
             Record::Pseudonym(p) => {
                 let bf = key.index_bytes("bf", p.bloomfilter.as_bytes());
                 let psn = key.index_bytes("psn", p.pseudonym.value.as_bytes());
-                // Serialising our own plain data types cannot fail.
-                let plain = serde_json::to_vec(&p).unwrap_or_default();
+                let plain = records::encode_pseudonym(&p);
                 let data = key.seal_raw(&pseudonym_context(&index_hex(&bf), &p.target), &plain);
                 self.insert_pseudonym(bf, p.target, psn, data.into());
             }
@@ -804,12 +803,31 @@ impl Store {
             .transpose()
     }
 
+    /// The local patient with this Bloom filter and the pseudonym stored
+    /// for it and `target`: one keyed index for both (100,000 of these are
+    /// asked in a re-keying cycle).
+    pub fn patient_and_pseudonym(
+        &self,
+        bf: &BloomFilter,
+        target: &str,
+    ) -> Result<(Option<LocalId>, Option<PseudonymRecord>), StoreError> {
+        let index = self.key.index_bytes("bf", bf.as_bytes());
+        let patient = self.state.by_bf.get(&index).map(|id| LocalId(id.to_string()));
+        let pseudonym = self
+            .state
+            .pseudonyms
+            .get(&(index, target.to_string()))
+            .map(|p| self.open_pseudonym(&index, target, p))
+            .transpose()?;
+        Ok((patient, pseudonym))
+    }
+
     fn open_pseudonym(&self, bf: &Index, target: &str, p: &SealedPseudonym) -> Result<PseudonymRecord, StoreError> {
         let plain = self
             .key
             .open_raw("pseudonym", &pseudonym_context(&index_hex(bf), target), &p.data)
             .map_err(tampered(&self.dir))?;
-        serde_json::from_slice(&plain).map_err(|_| tampered(&self.dir)(OpenError { what: "pseudonym" }))
+        records::decode_pseudonym(&plain, target).ok_or_else(|| tampered(&self.dir)(OpenError { what: "pseudonym" }))
     }
 
     /// Every pseudonym, decrypted (for tests, exports and re-keying).

@@ -266,8 +266,61 @@ pub(crate) struct PatientSecret {
     pub bloomfilter: Option<BloomFilter>,
 }
 
-/// Marks an absent field in the binary form.
+/// Marks an absent field in the binary forms.
 const ABSENT: u16 = u16::MAX;
+
+/// Writes the binary forms' fields: each a u16 length (or ABSENT) and its
+/// bytes.
+struct Fields(Vec<u8>);
+
+impl Fields {
+    fn new(version: u8) -> Fields {
+        let mut out = Vec::with_capacity(160);
+        out.push(version);
+        Fields(out)
+    }
+
+    fn field(&mut self, v: Option<&[u8]>) {
+        match v {
+            Some(b) if b.len() < usize::from(ABSENT) => {
+                self.0.extend_from_slice(&(b.len() as u16).to_le_bytes());
+                self.0.extend_from_slice(b);
+            }
+            _ => self.0.extend_from_slice(&ABSENT.to_le_bytes()),
+        }
+    }
+}
+
+/// Reads what `Fields` wrote; `None` on any malformation.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8], version: u8) -> Option<Reader<'a>> {
+        match bytes.split_first() {
+            Some((&v, rest)) if v == version => Some(Reader(rest)),
+            _ => None,
+        }
+    }
+
+    fn field(&mut self) -> Option<Option<&'a [u8]>> {
+        let (len, tail) = self.0.split_at_checked(2)?;
+        let len = u16::from_le_bytes([len[0], len[1]]);
+        if len == ABSENT {
+            self.0 = tail;
+            return Some(None);
+        }
+        let (v, tail) = tail.split_at_checked(usize::from(len))?;
+        self.0 = tail;
+        Some(Some(v))
+    }
+
+    fn text(&mut self) -> Option<Option<String>> {
+        match self.field()? {
+            Some(v) => Some(Some(String::from_utf8(v.to_vec()).ok()?)),
+            None => Some(None),
+        }
+    }
+}
 
 impl PatientSecret {
     /// A compact binary form (a million of these are held in memory): a
@@ -275,50 +328,59 @@ impl PatientSecret {
     /// Bloom filter, each as a u16 length (or ABSENT) and its bytes.
     /// (From parts borrowed from a patient record: no copy first.)
     pub fn encode_parts(idat: &Idat, bloomfilter: Option<&BloomFilter>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128);
-        out.push(1);
-        let mut field = |v: Option<&[u8]>| match v {
-            Some(b) if b.len() < usize::from(ABSENT) => {
-                out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-                out.extend_from_slice(b);
-            }
-            _ => out.extend_from_slice(&ABSENT.to_le_bytes()),
-        };
+        let mut out = Fields::new(1);
         for e in crate::fhir::idat::IdatElement::ALL {
-            field(idat.get(e).map(str::as_bytes));
+            out.field(idat.get(e).map(str::as_bytes));
         }
-        field(bloomfilter.map(BloomFilter::as_bytes));
-        out
+        out.field(bloomfilter.map(BloomFilter::as_bytes));
+        out.0
     }
 
     pub fn decode(bytes: &[u8]) -> Option<PatientSecret> {
-        let (&version, mut rest) = bytes.split_first()?;
-        if version != 1 {
-            return None;
-        }
-        let mut next = || -> Option<Option<&[u8]>> {
-            let (len, tail) = rest.split_at_checked(2)?;
-            let len = u16::from_le_bytes([len[0], len[1]]);
-            if len == ABSENT {
-                rest = tail;
-                return Some(None);
-            }
-            let (v, tail) = tail.split_at_checked(usize::from(len))?;
-            rest = tail;
-            Some(Some(v))
-        };
+        let mut r = Reader::new(bytes, 1)?;
         let mut idat = Idat::default();
         for e in crate::fhir::idat::IdatElement::ALL {
-            if let Some(v) = next()? {
-                idat.set(e, Some(String::from_utf8(v.to_vec()).ok()?));
+            if let Some(v) = r.text()? {
+                idat.set(e, Some(v));
             }
         }
-        let bloomfilter = match next()? {
+        let bloomfilter = match r.field()? {
             Some(b) => Some(BloomFilter::from_bytes(b.to_vec()).ok()?),
             None => None,
         };
         Some(PatientSecret { idat, bloomfilter })
     }
+}
+
+/// The sealed part of a pseudonym record, in the same binary form: the raw
+/// Bloom filter, the pseudonym's system and value, the time received (ns
+/// since the epoch) and the source; the target is the record's key.
+pub(crate) fn encode_pseudonym(p: &PseudonymRecord) -> Vec<u8> {
+    let mut out = Fields::new(1);
+    out.field(Some(p.bloomfilter.as_bytes()));
+    out.field(p.pseudonym.system.as_deref().map(str::as_bytes));
+    out.field(Some(p.pseudonym.value.as_bytes()));
+    // (`received` is a time of receipt: always within 1677-2262, where
+    // nanoseconds fit.)
+    out.field(Some(&p.received.timestamp_nanos_opt().unwrap_or(0).to_le_bytes()));
+    out.field(Some(p.source.as_bytes()));
+    out.0
+}
+
+pub(crate) fn decode_pseudonym(bytes: &[u8], target: &str) -> Option<PseudonymRecord> {
+    let mut r = Reader::new(bytes, 1)?;
+    let bloomfilter = BloomFilter::from_bytes(r.field()??.to_vec()).ok()?;
+    let system = r.text()?;
+    let value = r.text()??;
+    let nanos = i64::from_le_bytes(r.field()??.try_into().ok()?);
+    let source = r.text()??;
+    Some(PseudonymRecord {
+        bloomfilter,
+        target: target.to_string(),
+        pseudonym: Pseudonym { system, value },
+        received: DateTime::from_timestamp_nanos(nanos),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -348,5 +410,26 @@ mod tests {
         }
         assert_eq!(PatientSecret::decode(&[]), None);
         assert_eq!(PatientSecret::decode(&[2]), None);
+    }
+
+    #[test]
+    fn the_binary_pseudonym_round_trips() {
+        for system in [None, Some("https://ths-greifswald.de/gpas".to_string())] {
+            let p = PseudonymRecord {
+                bloomfilter: BloomFilter::from_bytes(vec![9; 125]).unwrap(),
+                target: "dic_müenster".into(),
+                pseudonym: Pseudonym {
+                    system: system.clone(),
+                    value: "mii_0001 ä".into(),
+                },
+                received: Utc::now(),
+                source: "sha256:abc".into(),
+            };
+            let bytes = encode_pseudonym(&p);
+            assert_eq!(decode_pseudonym(&bytes, "dic_müenster"), Some(p.clone()));
+            for cut in 0..bytes.len() {
+                assert_eq!(decode_pseudonym(&bytes[..cut], "t"), None, "truncated at {cut}");
+            }
+        }
     }
 }

@@ -152,7 +152,11 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
                 }
             }
             Err(AppError::Store(e @ StoreError::Locked { .. })) => log::warn!("skipping this cycle: {e}"),
-            Err(e @ AppError::Config(_) | e @ AppError::Key(_) | e @ AppError::Store(StoreError::WrongKey { .. })) => {
+            Err(
+                e @ AppError::Config(_)
+                | e @ AppError::Key(_)
+                | e @ AppError::Store(StoreError::WrongKey { .. } | StoreError::Version { .. }),
+            ) => {
                 // Nothing a later cycle could fix by itself.
                 return Err(e);
             }

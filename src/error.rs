@@ -63,7 +63,7 @@ impl AppError {
             AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) | AppError::ClientSetup(_) => exit::CONFIG,
             AppError::Enroll(crate::enroll::EnrollError::NoVersion) => exit::CONFIG,
             AppError::Enroll(crate::enroll::EnrollError::Store(StoreError::Locked { .. })) => exit::LOCKED,
-            AppError::Store(StoreError::WrongKey { .. }) => exit::CONFIG,
+            AppError::Store(StoreError::WrongKey { .. } | StoreError::Version { .. }) => exit::CONFIG,
             AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
             AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,
             AppError::Agent(AgentError::Store(StoreError::Locked { .. })) => exit::LOCKED,

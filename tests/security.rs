@@ -233,6 +233,34 @@ fn the_store_holds_no_idat_in_clear_and_a_wrong_key_changes_nothing() {
         "{err}"
     );
     assert_eq!(all_bytes(&store), before);
+
+    // A store file of another format version (an older or newer build):
+    // refused the same way, and no later cycle of a daemon retries it.
+    let file = ["snapshot", "journal"]
+        .map(|n| store.join(n))
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let (header, rest) = text.split_once('\n').unwrap();
+    let payload = header
+        .split_once(' ')
+        .unwrap()
+        .1
+        .replace("\"version\":3", "\"version\":2");
+    let sum = &fttp_agent::privacy::sha256_hex(payload.as_bytes())[..16];
+    std::fs::write(&file, format!("{sum} {payload}\n{rest}")).unwrap();
+    let before = all_bytes(&store);
+    for args in [&["run", "--once"][..], &["run"][..]] {
+        let out = bin().arg("--config").arg(&site.config).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("is in store format v2; this fttp-agent reads v3 only (nothing was changed)"),
+            "{err}"
+        );
+    }
+    assert_eq!(all_bytes(&store), before);
 }
 
 #[test]

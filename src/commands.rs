@@ -91,20 +91,26 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
 fn report_exit(report: &CycleReport) -> u8 {
     let open = report.unresolved();
     let counts: Vec<String> = report.counts().iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // Where a slow cycle spent its time; a quick one just says how long.
+    let total: f64 = report.phases.iter().map(|(_, d)| d.as_secs_f64()).sum();
     let phases: Vec<String> = report
         .phases
         .iter()
         .map(|(name, d)| format!("{name} {:.2}", d.as_secs_f64()))
         .collect();
     log::info!(
-        "cycle done: {} task(s) received; {} (seconds: {})",
+        "cycle done: {} task(s) received; {} ({total:.2} s{})",
         report.received,
         if counts.is_empty() {
             "nothing to do".into()
         } else {
             counts.join(", ")
         },
-        phases.join(", ")
+        if total >= 1.0 {
+            format!(": {}", phases.join(", "))
+        } else {
+            String::new()
+        }
     );
     if open > 0 {
         log::warn!("{open} task(s) remain open for the next cycle");

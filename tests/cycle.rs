@@ -643,3 +643,33 @@ fn the_daemon_polls_on_schedule_and_stops_cleanly_on_sigterm() {
     assert!(stopped.elapsed() < std::time::Duration::from_secs(10));
     assert!(site.audit_outcomes("poll").len() >= 2);
 }
+
+#[test]
+fn the_summary_line_says_where_a_slow_cycle_spent_its_time() {
+    let site = Site::new("xml");
+    site.import_patients();
+    site.sim.add_task(sim::repeat_request(STUDY, &bf(1), TARGET, None));
+    let (code, err) = site.cycle();
+    assert_eq!(code, 0, "{err}");
+    // A quick cycle: just its duration.
+    let quick = err.lines().find(|l| l.contains("cycle done:")).unwrap();
+    assert!(quick.ends_with(" s)") && !quick.contains("poll"), "{quick}");
+    // A slow answer to the poll shows up in the poll phase.
+    site.sim.push(
+        Some("$requestTasks"),
+        sim::FaultKind::Delay(std::time::Duration::from_millis(1100)),
+    );
+    let (code, err) = site.cycle();
+    assert_eq!(code, 0, "{err}");
+    let slow = err.lines().find(|l| l.contains("cycle done:")).unwrap();
+    let poll: f64 = slow
+        .split("poll ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no poll phase in {slow}"));
+    assert!(poll >= 1.1, "{slow}");
+    for phase in ["ledger ", "tasks ", "end "] {
+        assert!(slow.contains(phase), "{slow}");
+    }
+}

@@ -100,6 +100,13 @@ enum Work {
     },
 }
 
+/// A batch of `repeat_request`s whose request is done, its outcomes not yet recorded.
+struct Answered {
+    target: String,
+    flights: Vec<LedgerEntry>,
+    result: Result<crate::fhir::Parameters, ClientError>,
+}
+
 impl Work {
     fn expires(&self) -> Option<DateTime<Utc>> {
         match self {
@@ -332,6 +339,8 @@ impl<'a> Agent<'a> {
         }
         items.sort_by_key(|w| (w.expires().is_none(), w.expires()));
         let mut progress = crate::progress::Progress::new("tasks", Some(items.len()));
+        // A batch answered but not yet recorded (see `repeat_requests`).
+        let mut answered: Option<Answered> = None;
         for item in items {
             progress.tick(match &item {
                 Work::One(_) => 1,
@@ -340,6 +349,11 @@ impl<'a> Agent<'a> {
             if self.stop.as_ref().is_some_and(Shutdown::requested) {
                 log::info!("stop requested: leaving the remaining tasks for the next run");
                 break;
+            }
+            if matches!(item, Work::One(_))
+                && let Some(a) = answered.take()
+            {
+                self.record_answer(a)?;
             }
             match item {
                 Work::One(e) => match e.task.clone() {
@@ -355,8 +369,13 @@ impl<'a> Agent<'a> {
                     }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
                     _ => {}
                 },
-                Work::Batch { study, target, entries } => self.repeat_requests(&study, &target, entries)?,
+                Work::Batch { study, target, entries } => {
+                    answered = self.repeat_requests(&study, &target, entries, answered.take())?;
+                }
             }
+        }
+        if let Some(a) = answered {
+            self.record_answer(a)?;
         }
         progress.finish();
         self.flush()
@@ -501,12 +520,27 @@ impl<'a> Agent<'a> {
         }
     }
 
-    fn repeat_requests(&mut self, study: &str, target: &str, entries: Vec<LedgerEntry>) -> Result<(), AgentError> {
+    /// Sends one batch of `repeat_request`s. Its answer is recorded later,
+    /// while the next batch's request is out (`prev` is the batch before,
+    /// recorded here meanwhile): the bookkeeping of 100 outcomes overlaps
+    /// the network and the dispatcher's work instead of adding to them.
+    /// In-flight marks are durable before a request leaves, as ever; the
+    /// results of the batch before go to disk with the next marks.
+    fn repeat_requests(
+        &mut self,
+        study: &str,
+        target: &str,
+        entries: Vec<LedgerEntry>,
+        prev: Option<Answered>,
+    ) -> Result<Option<Answered>, AgentError> {
         if let Some(reason) = self.network_down.clone() {
+            if let Some(p) = prev {
+                self.record_answer(p)?;
+            }
             for e in entries {
                 self.finish(e, "not_attempted", Some(reason.clone()), None)?;
             }
-            return Ok(());
+            return Ok(None);
         }
         let now = Utc::now();
         let flights: Vec<LedgerEntry> = entries
@@ -524,27 +558,50 @@ impl<'a> Agent<'a> {
                 .chain(flights.iter().map(|e| Record::Progress(Progress::of(e))))
                 .collect(),
         )?;
-        let bfs: Vec<BloomFilter> = flights
+        let bfs: Vec<&BloomFilter> = flights
             .iter()
             .filter_map(|e| match &e.task {
-                Some(Task::RepeatRequest { bloomfilter, .. }) => Some(bloomfilter.clone()),
+                Some(Task::RepeatRequest { bloomfilter, .. }) => Some(bloomfilter),
                 _ => None,
             })
             .collect();
-        let refs: Vec<&BloomFilter> = bfs.iter().collect();
         let deadline = deadline(flights.iter().filter_map(|e| e.expires).min());
         if self.report.received > QUIET_ABOVE {
-            log::debug!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
+            log::debug!("[repeat_request] sending {} Bloom filter(s) in one call", bfs.len());
         } else {
-            log::info!("[repeat_request] sending {} Bloom filter(s) in one call", refs.len());
+            log::info!("[repeat_request] sending {} Bloom filter(s) in one call", bfs.len());
         }
         crashpoint::hit("batch:before");
-        let result = self.client.request_psn_from_bf(study, target, &refs, deadline);
+        let client = self.client;
+        let (result, recorded) = std::thread::scope(|scope| {
+            let call = scope.spawn(|| client.request_psn_from_bf(study, target, &bfs, deadline));
+            let recorded = prev.map_or(Ok(()), |p| self.record_answer(p));
+            (call.join(), recorded)
+        });
+        // (A panic in the request is a bug: it goes on as a panic.)
+        let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        recorded?;
         crashpoint::hit("batch:after");
+        if let Err(err) = &result {
+            self.note_network(err);
+        }
+        Ok(Some(Answered {
+            target: target.to_string(),
+            flights,
+            result,
+        }))
+    }
+
+    /// Records the outcome of each task of an answered batch.
+    fn record_answer(&mut self, batch: Answered) -> Result<(), AgentError> {
+        let Answered {
+            target,
+            flights,
+            result,
+        } = batch;
         let answer = match result {
             Ok(a) => a,
             Err(err) => {
-                self.note_network(&err);
                 for mut e in flights {
                     e.status = Status::Failed;
                     self.finish(e, "failed", Some(err.to_string()), None)?;
@@ -575,7 +632,7 @@ impl<'a> Agent<'a> {
                 )?;
             } else if let Some(psn) = psns.remove(&bloomfilter) {
                 let fp = self
-                    .save_pseudonym(&bloomfilter, target, psn, &e.key)?
+                    .save_pseudonym(&bloomfilter, &target, psn, &e.key)?
                     .map(|id| id.fingerprint());
                 let detail = fp
                     .is_none()

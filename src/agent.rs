@@ -100,6 +100,10 @@ enum Work {
     },
 }
 
+/// Batches of fewer filters are recorded before the next request, on one
+/// thread: starting a thread costs more than their bookkeeping.
+const OVERLAP_FROM: usize = 16;
+
 /// A batch of `repeat_request`s whose request is done, its outcomes not yet recorded.
 struct Answered {
     target: String,
@@ -573,14 +577,25 @@ impl<'a> Agent<'a> {
         }
         crashpoint::hit("batch:before");
         let client = self.client;
-        let (result, recorded) = std::thread::scope(|scope| {
-            let call = scope.spawn(|| client.request_psn_from_bf(study, target, &bfs, deadline));
-            let recorded = prev.map_or(Ok(()), |p| self.record_answer(p));
-            (call.join(), recorded)
-        });
-        // (A panic in the request is a bug: it goes on as a panic.)
-        let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        recorded?;
+        let result = match prev {
+            // Enough outcomes to record for a thread to be worth starting.
+            Some(p) if p.flights.len() >= OVERLAP_FROM => {
+                let (result, recorded) = std::thread::scope(|scope| {
+                    let call = scope.spawn(|| client.request_psn_from_bf(study, target, &bfs, deadline));
+                    let recorded = self.record_answer(p);
+                    (call.join(), recorded)
+                });
+                recorded?;
+                // (A panic in the request is a bug: it goes on as a panic.)
+                result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }
+            small => {
+                if let Some(p) = small {
+                    self.record_answer(p)?;
+                }
+                client.request_psn_from_bf(study, target, &bfs, deadline)
+            }
+        };
         crashpoint::hit("batch:after");
         if let Err(err) = &result {
             self.note_network(err);

@@ -676,62 +676,59 @@ fn the_summary_line_says_where_a_slow_cycle_spent_its_time() {
 
 #[test]
 fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails() {
-    // Batches of one: the first answer is recorded while the second request
-    // is out; the second request fails for good (the connection drops on
-    // every retry), so the third is not attempted.
-    let site = Site::with("xml", SimOptions::default(), "batch_size = 1");
-    let later = Utc::now() + Duration::days(1);
-    for n in 1..=3 {
-        site.sim.add_task(sim::repeat_request(
-            STUDY,
-            &bf(n),
-            TARGET,
-            Some(later + Duration::minutes(i64::from(n))),
-        ));
+    // Three batches. The first answer is recorded while the second request
+    // is out (on a second thread from 16 filters a batch; before it, for
+    // smaller batches); the second request fails for good (the connection
+    // drops on every retry), so the third is not attempted.
+    for size in [1u32, 16] {
+        let site = Site::with("xml", SimOptions::default(), &format!("batch_size = {size}"));
+        let later = Utc::now() + Duration::days(1);
+        for n in 1..=3 * size {
+            site.sim.add_task(sim::repeat_request(
+                STUDY,
+                &bf(n),
+                TARGET,
+                Some(later + Duration::minutes(i64::from(n))),
+            ));
+        }
+        let psn = Some("$requestPsnFromBfWorkflow");
+        site.sim.push(psn, sim::FaultKind::Delay(std::time::Duration::ZERO));
+        for _ in 0..10 {
+            site.sim.push(psn, sim::FaultKind::Drop);
+        }
+        let (code, out) = site.cycle();
+        assert_ne!(code, 0, "{out}");
+        let outcome_of: std::collections::HashMap<String, String> = site
+            .audit()
+            .into_iter()
+            .filter(|r| r["kind"] == "repeat_request")
+            .map(|r| {
+                (
+                    r["bloomfilter"].as_str().unwrap().to_string(),
+                    r["outcome"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        for n in 1..=3 * size {
+            let expected = ["stored", "failed", "not_attempted"][((n - 1) / size) as usize];
+            assert_eq!(
+                outcome_of.get(&bfv(n).fingerprint()).map(String::as_str),
+                Some(expected),
+                "batch size {size}, filter {n}"
+            );
+        }
+        let store = site.store();
+        assert_eq!(store.pseudonym_count(), size as usize);
+        for e in store.ledger_entries() {
+            let first = matches!(&e.task, Some(fttp_agent::tasks::Task::RepeatRequest { bloomfilter, .. })
+                if (1..=size).any(|n| *bloomfilter == bfv(n)));
+            assert_eq!(e.status.is_terminal(), first, "{} {:?}", e.display_id, e.status);
+        }
+        drop(store);
+        // The dispatcher is back: the rest is done from the ledger.
+        site.sim.state().faults.clear();
+        let (code, out) = site.cycle();
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(site.store().pseudonym_count(), 3 * size as usize);
     }
-    let psn = Some("$requestPsnFromBfWorkflow");
-    site.sim.push(psn, sim::FaultKind::Delay(std::time::Duration::ZERO));
-    for _ in 0..10 {
-        site.sim.push(psn, sim::FaultKind::Drop);
-    }
-    let (code, out) = site.cycle();
-    assert_ne!(code, 0, "{out}");
-    let outcomes: Vec<(String, String)> = site
-        .audit()
-        .into_iter()
-        .filter(|r| r["kind"] == "repeat_request")
-        .map(|r| {
-            (
-                r["bloomfilter"].as_str().unwrap().to_string(),
-                r["outcome"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    let expect = |n: u32, outcome: &str| (bfv(n).fingerprint(), outcome.to_string());
-    assert_eq!(
-        outcomes,
-        vec![expect(1, "stored"), expect(2, "failed"), expect(3, "not_attempted")]
-    );
-    let store = site.store();
-    assert_eq!(store.pseudonym_count(), 1);
-    let statuses: Vec<Status> = (1..=3)
-        .map(|n| {
-            store
-                .ledger_entries()
-                .find(|e| {
-                    matches!(&e.task, Some(fttp_agent::tasks::Task::RepeatRequest { bloomfilter, .. })
-                        if *bloomfilter == bfv(n))
-                })
-                .unwrap()
-                .status
-        })
-        .collect();
-    assert_eq!(statuses[0], Status::Resolved);
-    assert!(!statuses[1].is_terminal() && !statuses[2].is_terminal(), "{statuses:?}");
-    drop(store);
-    // The dispatcher is back: the rest is done from the ledger.
-    site.sim.state().faults.clear();
-    let (code, out) = site.cycle();
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().pseudonym_count(), 3);
 }

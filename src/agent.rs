@@ -634,9 +634,11 @@ impl<'a> Agent<'a> {
             log::warn!("[repeat_request] ignoring {malformed} malformed part(s) of the answer");
         }
         for mut e in flights {
-            let Some(Task::RepeatRequest { bloomfilter, .. }) = e.task.clone() else {
+            // (Only the filter is needed: no copy of the whole task.)
+            let Some(Task::RepeatRequest { bloomfilter, .. }) = &e.task else {
                 continue;
             };
+            let bloomfilter = bloomfilter.clone();
             if let Some(code) = &batch_error {
                 e.status = Status::Failed;
                 self.finish(

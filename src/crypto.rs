@@ -122,11 +122,8 @@ impl StoreKey {
 
     /// Encrypts `plaintext`, bound to `context` (the record it belongs to, so
     /// that a ciphertext moved to another record fails to open).
-    pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> String {
-        STANDARD.encode(self.seal_raw(context, plaintext))
-    }
-
-    /// `seal` without the base64: nonce, ciphertext and tag as bytes.
+    /// Returns nonce, ciphertext and tag as bytes (the store files carry
+    /// them as base64, which `open` reads).
     pub fn seal_raw(&self, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         // Without randomness no record can be written safely: fail loudly.
@@ -194,7 +191,7 @@ mod tests {
     #[test]
     fn seal_open_and_tamper_detection() {
         let k = StoreKey::from_bytes(&[7; 32]);
-        let s = k.seal(b"patient\0p1", b"Mustermann");
+        let s = STANDARD.encode(k.seal_raw(b"patient\0p1", b"Mustermann"));
         assert!(!s.contains("Mustermann"));
         assert_eq!(k.open("patient", b"patient\0p1", &s).unwrap(), b"Mustermann");
         // Moved to another record, or altered, or another key: refused.

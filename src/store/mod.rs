@@ -795,12 +795,7 @@ impl Store {
     }
 
     pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Result<Option<PseudonymRecord>, StoreError> {
-        let bf = self.key.index_bytes("bf", bf.as_bytes());
-        self.state
-            .pseudonyms
-            .get(&(bf, target.to_string()))
-            .map(|p| self.open_pseudonym(&bf, target, p))
-            .transpose()
+        Ok(self.patient_and_pseudonym(bf, target)?.1)
     }
 
     /// The local patient with this Bloom filter and the pseudonym stored

@@ -243,11 +243,18 @@ fn the_store_holds_no_idat_in_clear_and_a_wrong_key_changes_nothing() {
         .unwrap();
     let text = std::fs::read_to_string(&file).unwrap();
     let (header, rest) = text.split_once('\n').unwrap();
-    let payload = header
-        .split_once(' ')
+    let payload = header.split_once(' ').unwrap().1;
+    let current: u32 = payload
+        .split_once("\"version\":")
         .unwrap()
         .1
-        .replace("\"version\":3", "\"version\":2");
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let older = current - 1;
+    let payload = payload.replace(&format!("\"version\":{current}"), &format!("\"version\":{older}"));
     let sum = &fttp_agent::privacy::sha256_hex(payload.as_bytes())[..16];
     std::fs::write(&file, format!("{sum} {payload}\n{rest}")).unwrap();
     let before = all_bytes(&store);
@@ -256,7 +263,9 @@ fn the_store_holds_no_idat_in_clear_and_a_wrong_key_changes_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(
-            err.contains("is in store format v2; this fttp-agent reads v3 only (nothing was changed)"),
+            err.contains(&format!(
+                "is in store format v{older}; this fttp-agent reads v{current} only (nothing was changed)"
+            )),
             "{err}"
         );
     }

@@ -15,7 +15,9 @@
 //! unacknowledged write and is cut off; damage anywhere else is corruption,
 //! reported with file and line, and the store refuses to open.
 
+mod batch;
 mod disk;
+use batch::BatchWriter;
 use disk::{Line, load, push, write_atomically};
 pub mod records;
 
@@ -39,10 +41,10 @@ const SNAPSHOT: &str = "snapshot";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "LOCK";
 const FORMAT: &str = "fttp-agent-store";
-/// v3: journal writes and the snapshot's ledger are sealed batches of
-/// records. (v2, one sealed line per record, is not read: no release ever
-/// wrote it.)
-const VERSION: u32 = 3;
+/// v4: journal writes and the snapshot's ledger are sealed batches of
+/// records in a binary form (`batch`). (v2, one sealed line per record, and
+/// v3, batches of JSON records, are not read: no release ever wrote them.)
+const VERSION: u32 = 4;
 /// Default for [`Store::set_compact_after`].
 pub const COMPACT_AFTER: usize = 10_000;
 
@@ -294,16 +296,23 @@ const BATCH_CONTEXT: &[u8] = b"batch";
 /// it) when a write carries 100,000 records.
 const BATCH_RECORDS: usize = 4096;
 
-fn seal_batch<T: Serialize>(key: &StoreKey, records: &[T]) -> Vec<u8> {
-    // Serialising our own plain data types cannot fail.
-    key.seal_raw(BATCH_CONTEXT, &serde_json::to_vec(records).unwrap_or_default())
+/// Seals records as one batch (`batch` has their binary form).
+fn seal_batch<'r>(key: &StoreKey, records: impl IntoIterator<Item = BatchItem<'r>>) -> Vec<u8> {
+    let mut w = BatchWriter::new();
+    for r in records {
+        match r {
+            BatchItem::Record(r) => w.push(r),
+            BatchItem::Ledger(e) => w.push_ledger(e),
+        }
+    }
+    key.seal_raw(BATCH_CONTEXT, &w.finish())
 }
 
-/// A ledger entry serialised as a `Record`, without copying it first.
-#[derive(Serialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-enum LedgerRef<'a> {
-    Ledger(&'a LedgerEntry),
+/// What a batch is written from: records of a write, or the ledger's own
+/// entries for a snapshot (borrowed, not copied into records first).
+enum BatchItem<'r> {
+    Record(&'r Record),
+    Ledger(&'r LedgerEntry),
 }
 
 impl State {
@@ -381,7 +390,7 @@ impl State {
             DiskRecord::Batch { data } => {
                 let what = "batch of records";
                 let plain = key.open(what, BATCH_CONTEXT, &data)?;
-                let records: Vec<Record> = serde_json::from_slice(&plain).map_err(|_| OpenError { what })?;
+                let records = batch::decode(&plain).ok_or(OpenError { what })?;
                 let n = records.len();
                 for r in records {
                     self.apply_record(r, key);
@@ -452,10 +461,11 @@ impl State {
             psn: &p.psn,
             data: &p.data,
         });
-        let entries: Vec<LedgerRef<'a>> = self.ledger.values().map(LedgerRef::Ledger).collect();
-        let ledger = (0..entries.len())
-            .step_by(BATCH_RECORDS)
-            .map(move |i| Line::Batch(seal_batch(key, &entries[i..entries.len().min(i + BATCH_RECORDS)])));
+        let entries: Vec<&'a LedgerEntry> = self.ledger.values().collect();
+        let ledger = (0..entries.len()).step_by(BATCH_RECORDS).map(move |i| {
+            let chunk = &entries[i..entries.len().min(i + BATCH_RECORDS)];
+            Line::Batch(seal_batch(key, chunk.iter().map(|e| BatchItem::Ledger(e))))
+        });
         let enrolments = self.enrolments.iter().map(|(id, e)| {
             Line::Other(DiskRecord::Enrolment {
                 id: id.clone(),
@@ -650,7 +660,10 @@ impl Store {
         let mut appended = 0u64;
         let mut result = Ok(());
         for chunk in records.chunks(BATCH_RECORDS) {
-            push(&mut buf, Line::Batch(seal_batch(&self.key, chunk)));
+            push(
+                &mut buf,
+                Line::Batch(seal_batch(&self.key, chunk.iter().map(BatchItem::Record))),
+            );
             if buf.len() >= 1 << 20 {
                 result = append(&mut self.journal, buf.as_bytes());
                 appended += buf.len() as u64;
@@ -1514,7 +1527,7 @@ mod crypto_tests {
             &mut line,
             &Header {
                 format: FORMAT.into(),
-                version: 2,
+                version: 3,
                 generation: 1,
                 key_id: StoreKey::from_bytes(&[8; 32]).id().into(),
                 counts: None,
@@ -1524,8 +1537,8 @@ mod crypto_tests {
         let err = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[8; 32]))
             .err()
             .unwrap();
-        assert!(matches!(err, StoreError::Version { found: 2, .. }), "{err}");
-        assert!(err.to_string().contains("format v2; this fttp-agent reads v3"), "{err}");
+        assert!(matches!(err, StoreError::Version { found: 3, .. }), "{err}");
+        assert!(err.to_string().contains("format v3; this fttp-agent reads v4"), "{err}");
         assert_eq!(std::fs::read_to_string(dir.path().join(SNAPSHOT)).unwrap(), line);
     }
 }

@@ -268,55 +268,106 @@ pub(crate) struct PatientSecret {
 
 /// Marks an absent field in the binary forms.
 const ABSENT: u16 = u16::MAX;
+/// Marks a field of 65,534 bytes or more: a u64 length follows. (A Bloom
+/// filter may be 64 KiB, and nothing may be cut short or dropped.)
+const LONG: u16 = u16::MAX - 1;
 
-/// Writes the binary forms' fields: each a u16 length (or ABSENT) and its
-/// bytes.
-struct Fields(Vec<u8>);
+/// Writes the binary forms' fields: each a u16 length (ABSENT, or LONG and
+/// a u64 length) and its bytes.
+pub(super) struct Fields(pub(super) Vec<u8>);
 
 impl Fields {
-    fn new(version: u8) -> Fields {
-        let mut out = Vec::with_capacity(160);
+    pub(super) fn new(version: u8) -> Fields {
+        Fields::continuing(Vec::with_capacity(160), version)
+    }
+
+    /// Continues `out` (a batch being written).
+    pub(super) fn continuing(mut out: Vec<u8>, version: u8) -> Fields {
         out.push(version);
         Fields(out)
     }
 
-    fn field(&mut self, v: Option<&[u8]>) {
+    pub(super) fn field(&mut self, v: Option<&[u8]>) {
         match v {
-            Some(b) if b.len() < usize::from(ABSENT) => {
+            Some(b) if b.len() < usize::from(LONG) => {
                 self.0.extend_from_slice(&(b.len() as u16).to_le_bytes());
                 self.0.extend_from_slice(b);
             }
-            _ => self.0.extend_from_slice(&ABSENT.to_le_bytes()),
+            Some(b) => {
+                self.0.extend_from_slice(&LONG.to_le_bytes());
+                self.0.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                self.0.extend_from_slice(b);
+            }
+            None => self.0.extend_from_slice(&ABSENT.to_le_bytes()),
+        }
+    }
+
+    pub(super) fn text(&mut self, v: Option<&str>) {
+        self.field(v.map(str::as_bytes));
+    }
+
+    /// A time as seconds and nanoseconds: every `DateTime` fits (an
+    /// `expires` from the fTTP may be far outside nanoseconds' range).
+    pub(super) fn time(&mut self, t: Option<DateTime<Utc>>) {
+        match t {
+            Some(t) => {
+                let mut b = [0u8; 12];
+                b[..8].copy_from_slice(&t.timestamp().to_le_bytes());
+                b[8..].copy_from_slice(&t.timestamp_subsec_nanos().to_le_bytes());
+                self.field(Some(&b));
+            }
+            None => self.field(None),
         }
     }
 }
 
 /// Reads what `Fields` wrote; `None` on any malformation.
-struct Reader<'a>(&'a [u8]);
+pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], version: u8) -> Option<Reader<'a>> {
+    pub(super) fn new(bytes: &'a [u8], version: u8) -> Option<Reader<'a>> {
         match bytes.split_first() {
             Some((&v, rest)) if v == version => Some(Reader(rest)),
             _ => None,
         }
     }
 
-    fn field(&mut self) -> Option<Option<&'a [u8]>> {
+    pub(super) fn field(&mut self) -> Option<Option<&'a [u8]>> {
         let (len, tail) = self.0.split_at_checked(2)?;
-        let len = u16::from_le_bytes([len[0], len[1]]);
-        if len == ABSENT {
-            self.0 = tail;
-            return Some(None);
-        }
-        let (v, tail) = tail.split_at_checked(usize::from(len))?;
+        let len = match u16::from_le_bytes([len[0], len[1]]) {
+            ABSENT => {
+                self.0 = tail;
+                return Some(None);
+            }
+            LONG => {
+                let (len, rest) = tail.split_at_checked(8)?;
+                let len = usize::try_from(u64::from_le_bytes(len.try_into().ok()?)).ok()?;
+                let (v, rest) = rest.split_at_checked(len)?;
+                self.0 = rest;
+                return Some(Some(v));
+            }
+            n => usize::from(n),
+        };
+        let (v, tail) = tail.split_at_checked(len)?;
         self.0 = tail;
         Some(Some(v))
     }
 
-    fn text(&mut self) -> Option<Option<String>> {
+    pub(super) fn text(&mut self) -> Option<Option<String>> {
         match self.field()? {
             Some(v) => Some(Some(String::from_utf8(v.to_vec()).ok()?)),
+            None => Some(None),
+        }
+    }
+
+    pub(super) fn time(&mut self) -> Option<Option<DateTime<Utc>>> {
+        match self.field()? {
+            Some(b) if b.len() == 12 => {
+                let secs = i64::from_le_bytes(b[..8].try_into().ok()?);
+                let nanos = u32::from_le_bytes(b[8..].try_into().ok()?);
+                Some(Some(DateTime::from_timestamp(secs, nanos)?))
+            }
+            Some(_) => None,
             None => Some(None),
         }
     }
@@ -353,16 +404,14 @@ impl PatientSecret {
 }
 
 /// The sealed part of a pseudonym record, in the same binary form: the raw
-/// Bloom filter, the pseudonym's system and value, the time received (ns
-/// since the epoch) and the source; the target is the record's key.
+/// Bloom filter, the pseudonym's system and value, the time received and
+/// the source; the target is the record's key.
 pub(crate) fn encode_pseudonym(p: &PseudonymRecord) -> Vec<u8> {
     let mut out = Fields::new(1);
     out.field(Some(p.bloomfilter.as_bytes()));
     out.field(p.pseudonym.system.as_deref().map(str::as_bytes));
     out.field(Some(p.pseudonym.value.as_bytes()));
-    // (`received` is a time of receipt: always within 1677-2262, where
-    // nanoseconds fit.)
-    out.field(Some(&p.received.timestamp_nanos_opt().unwrap_or(0).to_le_bytes()));
+    out.time(Some(p.received));
     out.field(Some(p.source.as_bytes()));
     out.0
 }
@@ -372,13 +421,13 @@ pub(crate) fn decode_pseudonym(bytes: &[u8], target: &str) -> Option<PseudonymRe
     let bloomfilter = BloomFilter::from_bytes(r.field()??.to_vec()).ok()?;
     let system = r.text()?;
     let value = r.text()??;
-    let nanos = i64::from_le_bytes(r.field()??.try_into().ok()?);
+    let received = r.time()??;
     let source = r.text()??;
     Some(PseudonymRecord {
         bloomfilter,
         target: target.to_string(),
         pseudonym: Pseudonym { system, value },
-        received: DateTime::from_timestamp_nanos(nanos),
+        received,
         source,
     })
 }

@@ -211,6 +211,17 @@ fn timed(args: &[&str]) -> (f64, f64, i32) {
     (wall, rss, code)
 }
 
+/// CPU seconds (user + system) of this process so far: during a cycle,
+/// the simulator's share of the two cores.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and
+    // stime are the 12th and 13th, in clock ticks (100 per second here).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
+}
+
 fn cycle_section(n: u32, batch_sizes: &[usize]) {
     println!("\n## 2. One cycle of {n} tasks against the simulator on loopback (release binary)\n");
     println!("| batch_size | wall s | HTTP requests | TCP connections | peak RSS MB | exit |");
@@ -232,7 +243,11 @@ fn cycle_section(n: u32, batch_sizes: &[usize]) {
         let cfg = config.to_str().unwrap();
         let (_, _, code) = timed(&["--config", cfg, "import", csv.to_str().unwrap()]);
         assert_eq!(code, 0);
+        let sim_cpu = own_cpu_seconds();
         let (wall, rss, code) = timed(&["--config", cfg, "run", "--once"]);
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            eprintln!("simulator cpu {:.2} s", own_cpu_seconds() - sim_cpu);
+        }
         let st = sim.state();
         println!(
             "| {batch} | {wall:.2} | {} | {} | {rss:.0} | {code} |",

@@ -86,9 +86,20 @@ fn parameters_examples_survive_the_typed_model_in_both_formats() {
 #[test]
 fn xml_escaping_round_trips_awkward_values() {
     let nasty = "a & b < c > d \" e ' f\nline2\ttab\r ü 🙂";
-    let p = Parameters::new(vec![fhir::Parameter::string("study", nasty)]);
+    // Specials at both ends and next to multi-byte characters (the escaper
+    // copies the runs between specials whole).
+    let edges = "&ü<🙂>\"\u{10FFFF}\n\u{7F}&";
+    let p = Parameters::new(vec![
+        fhir::Parameter::string("study", nasty),
+        fhir::Parameter::string("target", edges),
+        fhir::Parameter::string("target", ""),
+    ]);
     let text = p.to_xml();
     assert!(!text.contains('\n'), "newlines must be character references: {text}");
+    assert!(
+        text.contains("<valueString value=\"&amp;ü&lt;🙂&gt;&quot;\u{10FFFF}&#xA;\u{7F}&amp;\"/>"),
+        "{text}"
+    );
     assert!(text.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Parameters xmlns=\"http://hl7.org/fhir\">"));
     assert_eq!(Parameters::parse(Format::Xml, text.as_bytes()).unwrap(), p);
     assert_eq!(Parameters::parse(Format::Json, p.to_json().as_bytes()).unwrap(), p);

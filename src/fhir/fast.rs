@@ -610,7 +610,16 @@ fn xml_param(out: &mut String, tag: &str, p: &Parameter) {
     empty(out, "name", &p.name);
     match &p.value {
         Some(ParamValue::Primitive { ty, value }) => {
-            empty(out, &super::schema::choice_name("value", ty), value);
+            // `value[x]` as `choice_name` spells it, without a String per value.
+            let mut chars = ty.chars();
+            out.push_str("<value");
+            if let Some(first) = chars.next() {
+                out.push(first.to_ascii_uppercase());
+                out.push_str(chars.as_str());
+            }
+            out.push_str(" value=\"");
+            super::xml::escape_attr(out, value);
+            out.push_str("\"/>");
         }
         Some(ParamValue::Identifier(i)) => {
             complex(out, "valueIdentifier", &[("system", &i.system), ("value", &i.value)])

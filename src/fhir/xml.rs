@@ -444,16 +444,24 @@ fn attr(out: &mut String, key: &str, value: &str) {
 /// written as character references because XML attribute-value normalisation
 /// would otherwise turn them into spaces and break the round trip.
 pub fn escape_attr(out: &mut String, value: &str) {
-    for ch in value.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\n' => out.push_str("&#xA;"),
-            '\r' => out.push_str("&#xD;"),
-            '\t' => out.push_str("&#x9;"),
-            c => out.push(c),
-        }
+    // Runs without a special character (nearly all of a Bloom filter or a
+    // pseudonym) are copied whole; the specials are ASCII, so a byte
+    // position next to one is always a character boundary.
+    let mut start = 0;
+    for (i, b) in value.bytes().enumerate() {
+        let esc = match b {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'\n' => "&#xA;",
+            b'\r' => "&#xD;",
+            b'\t' => "&#x9;",
+            _ => continue,
+        };
+        out.push_str(&value[start..i]);
+        out.push_str(esc);
+        start = i + 1;
     }
+    out.push_str(&value[start..]);
 }

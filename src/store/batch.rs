@@ -102,7 +102,7 @@ impl BatchWriter {
         self.out.extend_from_slice(&0u64.to_le_bytes());
         let mut f = Fields::continuing(std::mem::take(&mut self.out), PAYLOAD);
         body(&mut f);
-        self.out = f.0;
+        self.out = f.into_bytes();
         let len = (self.out.len() - at - 8) as u64;
         self.out[at..at + 8].copy_from_slice(&len.to_le_bytes());
         self.count += 1;
@@ -288,7 +288,7 @@ fn decode_frame(tag: u8, payload: &[u8]) -> Option<Record> {
         _ => return None,
     };
     // Nothing may be left over: a payload is read exactly as written.
-    r.0.is_empty().then_some(record)
+    r.is_done().then_some(record)
 }
 
 /// The records of a batch, in order; `None` if it is not exactly what
@@ -347,6 +347,9 @@ mod tests {
     /// filter, times far outside nanoseconds' range.
     fn every_record() -> Vec<Record> {
         let far = Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap();
+        // A leap second, as an RFC 3339 `expires` of "…23:59:60…" parses.
+        let leap: DateTime<Utc> = "2016-12-31T23:59:60.5Z".parse().unwrap();
+        assert!(leap.timestamp_subsec_nanos() >= 1_000_000_000);
         let long = "x".repeat(70_000);
         let id = |s: Option<&str>, v: Option<&str>| Identifier {
             system: s.map(str::to_string),
@@ -360,7 +363,7 @@ mod tests {
                 target: id(None, Some("dic_x")),
             },
             Task::RepeatRequest {
-                expires: None,
+                expires: Some(leap),
                 study: id(None, None),
                 bloomfilter: bf(2, 1),
                 target: id(Some(""), None),

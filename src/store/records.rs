@@ -274,7 +274,7 @@ const LONG: u16 = u16::MAX - 1;
 
 /// Writes the binary forms' fields: each a u16 length (ABSENT, or LONG and
 /// a u64 length) and its bytes.
-pub(super) struct Fields(pub(super) Vec<u8>);
+pub(super) struct Fields(Vec<u8>);
 
 impl Fields {
     pub(super) fn new(version: u8) -> Fields {
@@ -306,6 +306,10 @@ impl Fields {
         self.field(v.map(str::as_bytes));
     }
 
+    pub(super) fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
     /// A time as seconds and nanoseconds: every `DateTime` fits (an
     /// `expires` from the fTTP may be far outside nanoseconds' range).
     pub(super) fn time(&mut self, t: Option<DateTime<Utc>>) {
@@ -322,7 +326,7 @@ impl Fields {
 }
 
 /// Reads what `Fields` wrote; `None` on any malformation.
-pub(super) struct Reader<'a>(pub(super) &'a [u8]);
+pub(super) struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
     pub(super) fn new(bytes: &'a [u8], version: u8) -> Option<Reader<'a>> {
@@ -351,6 +355,11 @@ impl<'a> Reader<'a> {
         let (v, tail) = tail.split_at_checked(len)?;
         self.0 = tail;
         Some(Some(v))
+    }
+
+    /// Whether everything has been read.
+    pub(super) fn is_done(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub(super) fn text(&mut self) -> Option<Option<String>> {
@@ -384,7 +393,7 @@ impl PatientSecret {
             out.field(idat.get(e).map(str::as_bytes));
         }
         out.field(bloomfilter.map(BloomFilter::as_bytes));
-        out.0
+        out.into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Option<PatientSecret> {
@@ -413,7 +422,7 @@ pub(crate) fn encode_pseudonym(p: &PseudonymRecord) -> Vec<u8> {
     out.field(Some(p.pseudonym.value.as_bytes()));
     out.time(Some(p.received));
     out.field(Some(p.source.as_bytes()));
-    out.0
+    out.into_bytes()
 }
 
 pub(crate) fn decode_pseudonym(bytes: &[u8], target: &str) -> Option<PseudonymRecord> {

@@ -184,7 +184,7 @@ impl<'a> Agent<'a> {
                 self.store.put(Record::Poll(record))?;
                 let mut rec = AuditRecord::new("poll", "failed", &target);
                 rec.detail = Some(detail);
-                self.audit.write(&rec)?;
+                self.audit.write(&mut rec)?;
                 self.audit.sync()?;
                 return Err(AgentError::Poll(e));
             }
@@ -193,7 +193,7 @@ impl<'a> Agent<'a> {
         self.report.received = parsed.len();
         let mut rec = AuditRecord::new("poll", "ok", &target);
         rec.tasks = Some(parsed.len());
-        self.audit.write(&rec)?;
+        self.audit.write(&mut rec)?;
         log::info!("received {} task(s)", parsed.len());
         lap(&mut self.report.phases, "poll");
 
@@ -716,7 +716,7 @@ impl<'a> Agent<'a> {
         self.commit(e, outcome, rec)
     }
 
-    fn commit(&mut self, mut e: LedgerEntry, outcome: &str, rec: AuditRecord) -> Result<(), AgentError> {
+    fn commit(&mut self, mut e: LedgerEntry, outcome: &str, mut rec: AuditRecord) -> Result<(), AgentError> {
         let old = self.store.ledger(&e.key);
         let changed =
             old.is_none_or(|old| old.status != e.status || old.outcome != outcome || old.detail != rec.detail);
@@ -734,7 +734,7 @@ impl<'a> Agent<'a> {
             self.buffer(record)?;
         }
         log_outcome(&e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
-        self.audit.write(&rec)?;
+        self.audit.write(&mut rec)?;
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
             task: e.display_id,
@@ -756,7 +756,7 @@ impl<'a> Agent<'a> {
     ) -> Result<(), AgentError> {
         let mut rec = self.record_for(e, outcome, detail, patient);
         rec.status = Some(status.as_str().to_string());
-        self.audit.write(&rec)?;
+        self.audit.write(&mut rec)?;
         log_outcome(e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,

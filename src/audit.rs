@@ -181,8 +181,7 @@ impl Audit {
 
     /// Appends one record as one line, in one write, so concurrent readers
     /// never see half a record. Sets its `prev` and `hash`.
-    pub fn write(&mut self, record: &AuditRecord) -> Result<(), AuditError> {
-        let mut rec = record.clone();
+    pub fn write(&mut self, rec: &mut AuditRecord) -> Result<(), AuditError> {
         rec.chain = Some(self.chain.name().to_string());
         rec.prev = Some(self.last.clone());
         rec.hash = None;
@@ -199,6 +198,7 @@ impl Audit {
             op: "append",
             source,
         })?;
+        rec.hash = Some(hash.clone());
         self.last = hash;
         Ok(())
     }

@@ -26,11 +26,25 @@ pub enum KeyError {
     Random,
 }
 
-/// A record that failed to decrypt: tampered with, or another key.
+/// A sealed record that cannot be used: it failed to decrypt (tampered
+/// with, or another key), or it decrypted but is not in the layout this
+/// version writes.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
-#[error("a {what} record fails authentication: it was altered, or written with another key")]
-pub struct OpenError {
-    pub what: &'static str,
+pub enum OpenError {
+    #[error("a {what} record fails authentication: it was altered, or written with another key")]
+    Authentication { what: &'static str },
+    #[error("a {what} record is intact but not in the layout this version writes (a bug: please report it)")]
+    Layout { what: &'static str },
+}
+
+impl OpenError {
+    pub fn auth(what: &'static str) -> OpenError {
+        OpenError::Authentication { what }
+    }
+
+    pub fn layout(what: &'static str) -> OpenError {
+        OpenError::Layout { what }
+    }
 }
 
 pub struct StoreKey {
@@ -146,13 +160,13 @@ impl StoreKey {
     }
 
     pub fn open(&self, what: &'static str, context: &[u8], sealed: &str) -> Result<Vec<u8>, OpenError> {
-        let raw = STANDARD.decode(sealed).map_err(|_| OpenError { what })?;
+        let raw = STANDARD.decode(sealed).map_err(|_| OpenError::auth(what))?;
         self.open_raw(what, context, &raw)
     }
 
     /// `open` for the sealed bytes without their base64 form.
     pub fn open_raw(&self, what: &'static str, context: &[u8], raw: &[u8]) -> Result<Vec<u8>, OpenError> {
-        let err = OpenError { what };
+        let err = OpenError::auth(what);
         if raw.len() < NONCE_LEN {
             return Err(err);
         }

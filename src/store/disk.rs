@@ -104,7 +104,8 @@ pub(super) fn load(
     path: &Path,
     tolerate_torn_tail: bool,
     mut on_header: impl FnMut(&Header) -> Result<bool, StoreError>,
-    mut on_record: impl FnMut(Ready) -> Result<(), StoreError>,
+    // (with the record's line in the file)
+    mut on_record: impl FnMut(usize, Ready) -> Result<(), StoreError>,
 ) -> Result<Option<Loaded>, StoreError> {
     let file = match File::open(path) {
         Ok(f) => f,
@@ -126,8 +127,8 @@ pub(super) fn load(
                 }
                 Parsed::Records(records) => {
                     if apply {
-                        for r in records {
-                            on_record(r)?;
+                        for (line, r) in records {
+                            on_record(line, r)?;
                         }
                     }
                 }
@@ -156,7 +157,7 @@ pub(super) fn load(
 
 enum Parsed {
     Header(Header),
-    Records(Vec<Ready>),
+    Records(Vec<(usize, Ready)>),
     Done { good_len: u64, file_len: u64 },
     Failed(StoreError),
 }
@@ -224,10 +225,11 @@ fn parse_file(path: &Path, file: File, tolerate_torn_tail: bool, tx: &std::sync:
         } else {
             match parse_record(payload) {
                 Ok(r) => match r {
-                    Ok(r) => batch.push(r),
+                    Ok(r) => batch.push((lineno, r)),
                     Err(source) => {
                         return fail(StoreError::Tampered {
                             path: path.to_path_buf(),
+                            line: Some(lineno),
                             source,
                         });
                     }

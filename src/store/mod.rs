@@ -72,13 +72,22 @@ pub enum StoreError {
         stored: String,
         given: String,
     },
-    #[error("store {path}: {source}; refusing to use it (nothing was changed)")]
-    Tampered { path: PathBuf, source: OpenError },
+    #[error("store {path}{}: {source}; refusing to use it (nothing was changed)", at_line(*.line))]
+    Tampered {
+        path: PathBuf,
+        /// The file's line, when the record was read from one.
+        line: Option<usize>,
+        source: OpenError,
+    },
     #[error(
         "store file {path} is in store format v{found}; this fttp-agent reads v{VERSION} only \
          (nothing was changed)"
     )]
     Version { path: PathBuf, found: u32 },
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" at line {l}")).unwrap_or_default()
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -130,7 +139,7 @@ fn index_hex(i: &Index) -> String {
 }
 
 fn parse_index(hex: &str) -> Result<Index, OpenError> {
-    let bad = OpenError { what: "index" };
+    let bad = OpenError::layout("index");
     if hex.len() != 32 {
         return Err(bad);
     }
@@ -150,7 +159,7 @@ fn decode_sealed(b64: &str, what: &'static str) -> Result<Box<[u8]>, OpenError> 
     let mut out = vec![0u8; exact].into_boxed_slice();
     match base64::engine::general_purpose::STANDARD.decode_slice(b64, &mut out) {
         Ok(n) if n == exact => Ok(out),
-        _ => Err(OpenError { what }),
+        _ => Err(OpenError::auth(what)),
     }
 }
 
@@ -390,7 +399,7 @@ impl State {
             DiskRecord::Batch { data } => {
                 let what = "batch of records";
                 let plain = key.open(what, BATCH_CONTEXT, &data)?;
-                let records = batch::decode(&plain).ok_or(OpenError { what })?;
+                let records = batch::decode(&plain).ok_or(OpenError::layout(what))?;
                 let n = records.len();
                 for r in records {
                     self.apply_record(r, key);
@@ -537,11 +546,11 @@ impl Store {
                 }
                 Ok(true)
             },
-            |r| {
+            |line, r| {
                 cell.borrow_mut()
                     .apply_ready(r, &key)
                     .map(drop)
-                    .map_err(tampered(&snap_path))
+                    .map_err(tampered_at(&snap_path, Some(line)))
             },
         )?;
         let mut state = cell.into_inner();
@@ -572,8 +581,10 @@ impl Store {
                 check_key(&journal_path, h, &key)?;
                 Ok(true)
             },
-            |r| {
-                journal_records += state.apply_ready(r, &key).map_err(tampered(&journal_path))?;
+            |line, r| {
+                journal_records += state
+                    .apply_ready(r, &key)
+                    .map_err(tampered_at(&journal_path, Some(line)))?;
                 Ok(())
             },
         )?;
@@ -747,7 +758,7 @@ impl Store {
             .key
             .open_raw("patient", &patient_context(&id.0), &p.data)
             .map_err(tampered(&self.dir))?;
-        let secret = PatientSecret::decode(&plain).ok_or_else(|| tampered(&self.dir)(OpenError { what: "patient" }))?;
+        let secret = PatientSecret::decode(&plain).ok_or_else(|| tampered(&self.dir)(OpenError::layout("patient")))?;
         Ok(PatientRecord {
             local_id: id.clone(),
             idat: secret.idat,
@@ -835,7 +846,7 @@ impl Store {
             .key
             .open_raw("pseudonym", &pseudonym_context(&index_hex(bf), target), &p.data)
             .map_err(tampered(&self.dir))?;
-        records::decode_pseudonym(&plain, target).ok_or_else(|| tampered(&self.dir)(OpenError { what: "pseudonym" }))
+        records::decode_pseudonym(&plain, target).ok_or_else(|| tampered(&self.dir)(OpenError::layout("pseudonym")))
     }
 
     /// Every pseudonym, decrypted (for tests, exports and re-keying).
@@ -1036,8 +1047,13 @@ fn check_key(path: &Path, header: &Header, key: &StoreKey) -> Result<(), StoreEr
 }
 
 fn tampered(path: &Path) -> impl Fn(OpenError) -> StoreError + '_ {
+    tampered_at(path, None)
+}
+
+fn tampered_at(path: &Path, line: Option<usize>) -> impl Fn(OpenError) -> StoreError + '_ {
     move |source| StoreError::Tampered {
         path: path.to_path_buf(),
+        line,
         source,
     }
 }
@@ -1167,6 +1183,48 @@ mod tests {
         assert!(err.contains("journal") && err.contains("line 2"), "{err}");
         // Left untouched for recovery.
         assert_eq!(std::fs::read(&j).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_sealed_batch_that_cannot_be_used_refuses_to_open_and_names_file_and_line() {
+        // Checksums intact, so not a torn write: one batch sealed under
+        // another key, one that opens but is not what the batch writer
+        // writes (a bug, or another layout). Each is named by its line.
+        let other_key = StoreKey::from_bytes(&[9; 32]);
+        let valid = {
+            let mut w = BatchWriter::new();
+            w.push(&Record::Purge { key: "k".into() });
+            w.finish()
+        };
+        let cases = [
+            (other_key.seal_raw(BATCH_CONTEXT, &valid), "fails authentication"),
+            (
+                key().seal_raw(BATCH_CONTEXT, b"\x01not a batch"),
+                "not in the layout this version writes",
+            ),
+        ];
+        for (sealed, says) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+                s.put(patient("1", b"one")).unwrap();
+                s.put(patient("2", b"two")).unwrap();
+            }
+            let j = dir.path().join(JOURNAL);
+            let text = std::fs::read_to_string(&j).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            let mut bad = String::new();
+            push(&mut bad, Line::Batch(sealed));
+            let damaged = format!("{}\n{}\n{}\n{bad}{}\n", lines[0], lines[1], lines[2], lines[2]);
+            std::fs::write(&j, &damaged).unwrap();
+            let err = Store::open(dir.path(), LockMode::Try, key()).err().unwrap().to_string();
+            assert!(err.contains("journal at line 4") && err.contains(says), "{err}");
+            assert_eq!(
+                std::fs::read_to_string(&j).unwrap(),
+                damaged,
+                "left untouched for recovery"
+            );
+        }
     }
 
     #[test]

@@ -524,4 +524,162 @@ mod tests {
         broken[at + 5] = b'x';
         assert_eq!(decode(&broken), None);
     }
+
+    mod property {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                Just(String::new()),
+                (0usize..3).prop_map(|n| "é".repeat(40_000 * n)),
+            ]
+        }
+
+        fn time() -> impl Strategy<Value = DateTime<Utc>> {
+            // chrono's whole range, and sub-second and leap-second nanoseconds.
+            (-8_000_000_000_000i64..8_000_000_000_000, 0u32..2_000_000_000).prop_map(|(s, n)| {
+                DateTime::from_timestamp(s, n)
+                    .or_else(|| DateTime::from_timestamp(s, n % 1_000_000_000))
+                    .unwrap_or_default()
+            })
+        }
+
+        fn identifier() -> impl Strategy<Value = Identifier> {
+            (proptest::option::of(text()), proptest::option::of(text()))
+                .prop_map(|(system, value)| Identifier { system, value })
+        }
+
+        fn bloomfilter() -> impl Strategy<Value = BloomFilter> {
+            proptest::collection::vec(any::<u8>(), 1..200).prop_map(|b| BloomFilter::from_bytes(b).unwrap())
+        }
+
+        fn task() -> impl Strategy<Value = Task> {
+            prop_oneof![
+                (proptest::option::of(time()), identifier(), bloomfilter(), identifier()).prop_map(
+                    |(expires, study, bloomfilter, target)| Task::RepeatRequest {
+                        expires,
+                        study,
+                        bloomfilter,
+                        target
+                    }
+                ),
+                (
+                    proptest::option::of(time()),
+                    bloomfilter(),
+                    identifier(),
+                    proptest::option::of(text()),
+                    text()
+                )
+                    .prop_map(|(expires, bloomfilter, target, system, value)| Task::DicPsnAvailable {
+                        expires,
+                        bloomfilter,
+                        target,
+                        pseudonym: Pseudonym { system, value },
+                    }),
+                (
+                    time(),
+                    "[A-Za-z0-9.-]{1,64}",
+                    proptest::option::of((proptest::option::of(text()), text())),
+                    proptest::option::of(bloomfilter()),
+                    proptest::sample::subsequence(IdatElement::ALL.to_vec(), 0..IdatElement::ALL.len()),
+                )
+                    .prop_map(|(expires, id, psn, bloomfilter, elements)| Task::SendIdat {
+                        expires,
+                        task_id: TaskId::parse(&id).unwrap(),
+                        pseudonym: psn.map(|(system, value)| Pseudonym { system, value }),
+                        bloomfilter,
+                        elements,
+                    }),
+            ]
+        }
+
+        fn record() -> impl Strategy<Value = Record> {
+            let status = proptest::sample::select(Status::ALL.to_vec());
+            prop_oneof![
+                (
+                    text(),
+                    text(),
+                    status.clone(),
+                    text(),
+                    proptest::option::of(text()),
+                    proptest::option::of(time()),
+                    (time(), time(), time()),
+                    any::<u32>(),
+                    proptest::option::of(task()),
+                )
+                    .prop_map(
+                        |(key, display_id, status, outcome, detail, expires, (f, l, u), attempts, task)| {
+                            Record::Ledger(LedgerEntry {
+                                key,
+                                kind: task.as_ref().map_or(TaskKind::Unknown, Task::kind),
+                                display_id,
+                                task,
+                                status,
+                                outcome,
+                                detail,
+                                expires,
+                                first_seen: f,
+                                last_seen: l,
+                                updated: u,
+                                attempts,
+                            })
+                        }
+                    ),
+                (
+                    text(),
+                    status,
+                    text(),
+                    proptest::option::of(text()),
+                    time(),
+                    time(),
+                    any::<u32>()
+                )
+                    .prop_map(|(key, status, outcome, detail, last_seen, updated, attempts)| {
+                        Record::Progress(Progress {
+                            key,
+                            status,
+                            outcome,
+                            detail,
+                            last_seen,
+                            updated,
+                            attempts,
+                        })
+                    }),
+                (
+                    bloomfilter(),
+                    text(),
+                    proptest::option::of(text()),
+                    text(),
+                    time(),
+                    text()
+                )
+                    .prop_map(|(bloomfilter, target, system, value, received, source)| {
+                        Record::Pseudonym(PseudonymRecord {
+                            bloomfilter,
+                            target,
+                            pseudonym: Pseudonym { system, value },
+                            received,
+                            source,
+                        })
+                    }),
+                text().prop_map(|key| Record::Purge { key }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Whatever the records hold, a batch gives them back exactly,
+            /// and a batch cut short is refused.
+            #[test]
+            fn any_batch_round_trips(records in proptest::collection::vec(record(), 0..6), cut in any::<prop::sample::Index>()) {
+                let bytes = encode(&records);
+                prop_assert_eq!(decode(&bytes), Some(records));
+                let at = cut.index(bytes.len());
+                prop_assert_eq!(decode(&bytes[..at]), None);
+            }
+        }
+    }
 }

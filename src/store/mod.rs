@@ -1164,16 +1164,22 @@ mod tests {
         assert_eq!(s.patient_count(), 2);
     }
 
-    #[test]
-    fn damage_in_the_middle_refuses_to_open_and_names_file_and_line() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A store whose journal holds a header and two patients; its path and text.
+    fn journal_of_two_patients(dir: &Path) -> (PathBuf, String) {
         {
-            let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+            let mut s = Store::open(dir, LockMode::Try, key()).unwrap();
             s.put(patient("1", b"one")).unwrap();
             s.put(patient("2", b"two")).unwrap();
         }
-        let j = dir.path().join(JOURNAL);
+        let j = dir.join(JOURNAL);
         let text = std::fs::read_to_string(&j).unwrap();
+        (j, text)
+    }
+
+    #[test]
+    fn damage_in_the_middle_refuses_to_open_and_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, text) = journal_of_two_patients(dir.path());
         // Flip one character inside the second line (the first record).
         let second = text.find('\n').unwrap() + 40;
         let mut bytes = text.into_bytes();
@@ -1205,13 +1211,7 @@ mod tests {
         ];
         for (sealed, says) in cases {
             let dir = tempfile::tempdir().unwrap();
-            {
-                let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
-                s.put(patient("1", b"one")).unwrap();
-                s.put(patient("2", b"two")).unwrap();
-            }
-            let j = dir.path().join(JOURNAL);
-            let text = std::fs::read_to_string(&j).unwrap();
+            let (j, text) = journal_of_two_patients(dir.path());
             let lines: Vec<&str> = text.lines().collect();
             let mut bad = String::new();
             push(&mut bad, Line::Batch(sealed));

@@ -180,7 +180,8 @@ impl Audit {
     }
 
     /// Appends one record as one line, in one write, so concurrent readers
-    /// never see half a record. Sets its `prev` and `hash`.
+    /// never see half a record. Sets its `chain` and `prev` (its `hash` is
+    /// the line's last field, written here).
     pub fn write(&mut self, rec: &mut AuditRecord) -> Result<(), AuditError> {
         rec.chain = Some(self.chain.name().to_string());
         rec.prev = Some(self.last.clone());
@@ -198,7 +199,6 @@ impl Audit {
             op: "append",
             source,
         })?;
-        rec.hash = Some(hash.clone());
         self.last = hash;
         Ok(())
     }

@@ -305,23 +305,13 @@ const BATCH_CONTEXT: &[u8] = b"batch";
 /// it) when a write carries 100,000 records.
 const BATCH_RECORDS: usize = 4096;
 
-/// Seals records as one batch (`batch` has their binary form).
-fn seal_batch<'r>(key: &StoreKey, records: impl IntoIterator<Item = BatchItem<'r>>) -> Vec<u8> {
+/// Seals what `fill` writes as one batch (`batch` has the binary form):
+/// records of a write, or the ledger's own entries for a snapshot
+/// (borrowed, not copied into records first).
+fn seal_batch(key: &StoreKey, fill: impl FnOnce(&mut BatchWriter)) -> Vec<u8> {
     let mut w = BatchWriter::new();
-    for r in records {
-        match r {
-            BatchItem::Record(r) => w.push(r),
-            BatchItem::Ledger(e) => w.push_ledger(e),
-        }
-    }
+    fill(&mut w);
     key.seal_raw(BATCH_CONTEXT, &w.finish())
-}
-
-/// What a batch is written from: records of a write, or the ledger's own
-/// entries for a snapshot (borrowed, not copied into records first).
-enum BatchItem<'r> {
-    Record(&'r Record),
-    Ledger(&'r LedgerEntry),
 }
 
 impl State {
@@ -473,7 +463,7 @@ impl State {
         let entries: Vec<&'a LedgerEntry> = self.ledger.values().collect();
         let ledger = (0..entries.len()).step_by(BATCH_RECORDS).map(move |i| {
             let chunk = &entries[i..entries.len().min(i + BATCH_RECORDS)];
-            Line::Batch(seal_batch(key, chunk.iter().map(|e| BatchItem::Ledger(e))))
+            Line::Batch(seal_batch(key, |w| chunk.iter().for_each(|e| w.push_ledger(e))))
         });
         let enrolments = self.enrolments.iter().map(|(id, e)| {
             Line::Other(DiskRecord::Enrolment {
@@ -666,14 +656,13 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
-        let path = self.dir.join(JOURNAL);
         let mut buf = String::new();
         let mut appended = 0u64;
         let mut result = Ok(());
         for chunk in records.chunks(BATCH_RECORDS) {
             push(
                 &mut buf,
-                Line::Batch(seal_batch(&self.key, chunk.iter().map(BatchItem::Record))),
+                Line::Batch(seal_batch(&self.key, |w| chunk.iter().for_each(|r| w.push(r)))),
             );
             if buf.len() >= 1 << 20 {
                 result = append(&mut self.journal, buf.as_bytes());
@@ -689,6 +678,7 @@ impl Store {
             .and_then(|()| append(&mut self.journal, buf.as_bytes()))
             .and_then(|()| self.journal.sync_data());
         if let Err(source) = result {
+            let path = self.dir.join(JOURNAL);
             if let Err(e) = self.journal.set_len(self.journal_len) {
                 log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
             }

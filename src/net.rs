@@ -4,7 +4,12 @@
 
 use crate::config::Dispatcher;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use ureq::http::Uri;
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetSetupError {
@@ -113,7 +118,49 @@ pub fn agent(d: &Dispatcher) -> Result<ureq::Agent, NetSetupError> {
         let proxy = ureq::Proxy::new(p.expose()).map_err(|_| NetSetupError::Proxy)?;
         config = config.proxy(Some(proxy));
     }
-    Ok(ureq::Agent::new_with_config(config.build()))
+    Ok(ureq::Agent::with_parts(
+        config.build(),
+        DefaultConnector::default(),
+        CachedResolver::default(),
+    ))
+}
+
+/// How long a resolved dispatcher address is reused. ureq resolves the
+/// host before every request, even one that goes out on a kept-alive
+/// connection, and with a timeout set it starts a thread for each lookup:
+/// a re-keying cycle of 1,000 requests started 1,000 threads for the same
+/// answer. A DNS change still takes effect within this time.
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
+
+/// ureq's resolver (timeout and all) behind a short cache of the last answer.
+#[derive(Debug, Default)]
+struct CachedResolver {
+    inner: DefaultResolver,
+    last: Mutex<Option<(String, Instant, ResolvedSocketAddrs)>>,
+}
+
+impl Resolver for CachedResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let key = format!("{:?}://{:?}", uri.scheme(), uri.authority());
+        // (A poisoned lock only means another thread panicked mid-lookup: resolve afresh.)
+        if let Ok(last) = self.last.lock()
+            && let Some((k, at, addrs)) = last.as_ref()
+            && *k == key
+            && at.elapsed() < RESOLVED_FOR
+        {
+            return Ok(addrs.clone());
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((key, Instant::now(), addrs.clone()));
+        }
+        Ok(addrs)
+    }
 }
 
 /// Explains a TLS failure for an admin, or `None` if `e` is not one.
@@ -153,4 +200,36 @@ pub fn explain_tls(e: &ureq::Error) -> Option<String> {
         ),
         other => format!("TLS failed: {other}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_resolver_reuses_a_fresh_answer_for_the_same_host_only() {
+        let r = CachedResolver::default();
+        let config = ureq::config::Config::default();
+        let resolve = |u: &str| {
+            let uri: Uri = u.parse().unwrap();
+            let addrs = r.resolve(&uri, &config, NextTimeout::default()).unwrap();
+            addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(resolve("http://127.0.0.1:8081/fhir/$requestTasks"), ["127.0.0.1:8081"]);
+        // Another port is another answer, not the cached one.
+        assert_eq!(resolve("http://127.0.0.1:8082/fhir"), ["127.0.0.1:8082"]);
+        // What the cache holds is what comes back while it is fresh...
+        let mut planted = r.empty();
+        planted.push("10.0.0.9:8082".parse().unwrap());
+        let stale = {
+            let mut last = r.last.lock().unwrap();
+            let entry = last.as_mut().unwrap();
+            entry.2 = planted;
+            entry.1
+        };
+        assert_eq!(resolve("http://127.0.0.1:8082/other"), ["10.0.0.9:8082"]);
+        // ...and no longer once it is older than RESOLVED_FOR.
+        r.last.lock().unwrap().as_mut().unwrap().1 = stale - RESOLVED_FOR;
+        assert_eq!(resolve("http://127.0.0.1:8082/fhir"), ["127.0.0.1:8082"]);
+    }
 }

@@ -97,12 +97,37 @@ enum Work {
         study: String,
         target: String,
         entries: Vec<LedgerEntry>,
+        /// Set once the batch's in-flight marks are on disk (written while
+        /// the batch before was out): each entry's status from before, for
+        /// a batch that is then not sent after all.
+        marked: Option<Vec<Status>>,
     },
 }
 
 /// Batches of fewer filters are recorded before the next request, on one
 /// thread: starting a thread costs more than their bookkeeping.
 const OVERLAP_FROM: usize = 16;
+
+/// A batch of `repeat_request`s about to be sent.
+struct Batch {
+    entries: Vec<LedgerEntry>,
+    marked: Option<Vec<Status>>,
+}
+
+/// The batch after the one being sent, to be marked in flight meanwhile.
+struct NextBatch<'w> {
+    entries: &'w mut Vec<LedgerEntry>,
+    marked: &'w mut Option<Vec<Status>>,
+}
+
+/// Undoes in-flight marks for a batch that was not sent after all.
+fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<LedgerEntry> {
+    for (e, status) in entries.iter_mut().zip(prior) {
+        e.status = status;
+        e.attempts = e.attempts.saturating_sub(1);
+    }
+    entries
+}
 
 /// A batch of `repeat_request`s whose request is done, its outcomes not yet recorded.
 struct Answered {
@@ -338,6 +363,7 @@ impl<'a> Agent<'a> {
                     study: study.clone(),
                     target: target.clone(),
                     entries: rest.by_ref().take(size).collect(),
+                    marked: None,
                 });
             }
         }
@@ -345,13 +371,24 @@ impl<'a> Agent<'a> {
         let mut progress = crate::progress::Progress::new("tasks", Some(items.len()));
         // A batch answered but not yet recorded (see `repeat_requests`).
         let mut answered: Option<Answered> = None;
-        for item in items {
+        let mut items = items.into_iter().peekable();
+        while let Some(item) = items.next() {
             progress.tick(match &item {
                 Work::One(_) => 1,
                 Work::Batch { entries, .. } => entries.len(),
             });
             if self.stop.as_ref().is_some_and(Shutdown::requested) {
                 log::info!("stop requested: leaving the remaining tasks for the next run");
+                if let Work::Batch {
+                    entries,
+                    marked: Some(prior),
+                    ..
+                } = item
+                {
+                    for e in unmark(entries, prior) {
+                        self.buffer(Record::Progress(Progress::of(&e)))?;
+                    }
+                }
                 break;
             }
             if matches!(item, Work::One(_))
@@ -373,8 +410,22 @@ impl<'a> Agent<'a> {
                     }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
                     _ => {}
                 },
-                Work::Batch { study, target, entries } => {
-                    answered = self.repeat_requests(&study, &target, entries, answered.take())?;
+                Work::Batch {
+                    study,
+                    target,
+                    entries,
+                    marked,
+                } => {
+                    let next = match items.peek_mut() {
+                        Some(Work::Batch {
+                            entries,
+                            marked: marked @ None,
+                            ..
+                        }) => Some(NextBatch { entries, marked }),
+                        _ => None,
+                    };
+                    let this = Batch { entries, marked };
+                    answered = self.repeat_requests(&study, &target, this, answered.take(), next)?;
                 }
             }
         }
@@ -526,42 +577,36 @@ impl<'a> Agent<'a> {
 
     /// Sends one batch of `repeat_request`s. Its answer is recorded later,
     /// while the next batch's request is out (`prev` is the batch before,
-    /// recorded here meanwhile): the bookkeeping of 100 outcomes overlaps
-    /// the network and the dispatcher's work instead of adding to them.
-    /// In-flight marks are durable before a request leaves, as ever; the
-    /// results of the batch before go to disk with the next marks.
+    /// recorded here meanwhile), and the in-flight marks of the batch after
+    /// (`next`) go to disk meanwhile too: the bookkeeping and the fsync
+    /// overlap the network and the dispatcher's work instead of adding to
+    /// them. In-flight marks are durable before a request leaves, as ever;
+    /// the results of the batch before go to disk with the next marks.
     fn repeat_requests(
         &mut self,
         study: &str,
         target: &str,
-        entries: Vec<LedgerEntry>,
+        this: Batch,
         prev: Option<Answered>,
+        next: Option<NextBatch<'_>>,
     ) -> Result<Option<Answered>, AgentError> {
         if let Some(reason) = self.network_down.clone() {
             if let Some(p) = prev {
                 self.record_answer(p)?;
             }
+            let entries = match this.marked {
+                Some(prior) => unmark(this.entries, prior),
+                None => this.entries,
+            };
             for e in entries {
                 self.finish(e, "not_attempted", Some(reason.clone()), None)?;
             }
             return Ok(None);
         }
-        let now = Utc::now();
-        let flights: Vec<LedgerEntry> = entries
-            .into_iter()
-            .map(|mut e| {
-                e.status = Status::InFlight;
-                e.attempts += 1;
-                e.updated = now;
-                e
-            })
-            .collect();
-        self.store.write(
-            std::mem::take(&mut self.pending)
-                .into_iter()
-                .chain(flights.iter().map(|e| Record::Progress(Progress::of(e))))
-                .collect(),
-        )?;
+        let mut flights = this.entries;
+        if this.marked.is_none() {
+            self.mark(&mut flights)?;
+        }
         let bfs: Vec<&BloomFilter> = flights
             .iter()
             .filter_map(|e| match &e.task {
@@ -577,24 +622,21 @@ impl<'a> Agent<'a> {
         }
         crashpoint::hit("batch:before");
         let client = self.client;
-        let result = match prev {
-            // Enough outcomes to record for a thread to be worth starting.
-            Some(p) if p.flights.len() >= OVERLAP_FROM => {
-                let (result, recorded) = std::thread::scope(|scope| {
-                    let call = scope.spawn(|| client.request_psn_from_bf(study, target, &bfs, deadline));
-                    let recorded = self.record_answer(p);
-                    (call.join(), recorded)
-                });
-                recorded?;
-                // (A panic in the request is a bug: it goes on as a panic.)
-                result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            }
-            small => {
-                if let Some(p) = small {
-                    self.record_answer(p)?;
-                }
-                client.request_psn_from_bf(study, target, &bfs, deadline)
-            }
+        // Enough to do meanwhile for a thread to be worth starting: a next
+        // batch to mark (an fsync), or many outcomes to record.
+        let overlap = next.is_some() || prev.as_ref().is_some_and(|p| p.flights.len() >= OVERLAP_FROM);
+        let result = if overlap {
+            let (result, done) = std::thread::scope(|scope| {
+                let call = scope.spawn(|| client.request_psn_from_bf(study, target, &bfs, deadline));
+                let done = self.meanwhile(prev, next);
+                (call.join(), done)
+            });
+            done?;
+            // (A panic in the request is a bug: it goes on as a panic.)
+            result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        } else {
+            self.meanwhile(prev, next)?;
+            client.request_psn_from_bf(study, target, &bfs, deadline)
         };
         crashpoint::hit("batch:after");
         if let Err(err) = &result {
@@ -605,6 +647,37 @@ impl<'a> Agent<'a> {
             flights,
             result,
         }))
+    }
+
+    /// What is done while a batch's request is out: the outcomes of the
+    /// batch before, then the next batch's in-flight marks (with them).
+    fn meanwhile(&mut self, prev: Option<Answered>, next: Option<NextBatch<'_>>) -> Result<(), AgentError> {
+        if let Some(p) = prev {
+            self.record_answer(p)?;
+        }
+        if let Some(n) = next {
+            *n.marked = Some(self.mark(n.entries)?);
+        }
+        Ok(())
+    }
+
+    /// Marks a batch in flight, durably and with the outcomes waiting to be
+    /// written; returns each entry's status from before.
+    fn mark(&mut self, entries: &mut [LedgerEntry]) -> Result<Vec<Status>, AgentError> {
+        let now = Utc::now();
+        let prior = entries.iter().map(|e| e.status).collect();
+        for e in entries.iter_mut() {
+            e.status = Status::InFlight;
+            e.attempts += 1;
+            e.updated = now;
+        }
+        self.store.write(
+            std::mem::take(&mut self.pending)
+                .into_iter()
+                .chain(entries.iter().map(|e| Record::Progress(Progress::of(e))))
+                .collect(),
+        )?;
+        Ok(prior)
     }
 
     /// Records the outcome of each task of an answered batch.

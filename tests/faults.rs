@@ -448,6 +448,61 @@ fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
 }
 
 #[test]
+fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
+    // One filter a batch: while the first request is out, the second batch
+    // is marked in flight; the stop comes before it is sent.
+    let s = site("batch_size = 1");
+    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    let later = Utc::now() + Days::days(1);
+    for n in 1..=3 {
+        s.sim.add_task(sim::repeat_request(
+            STUDY,
+            &bf(n),
+            TARGET,
+            Some(later + Days::minutes(n.into())),
+        ));
+        s.sim.push(
+            Some("$requestPsnFromBfWorkflow"),
+            FaultKind::Delay(Duration::from_millis(1500)),
+        );
+    }
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while polls(&s) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // inside the first request
+    std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    assert_eq!(s.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
+    let store = s.store();
+    let state = |n: u32| {
+        let e = store
+            .ledger_entries()
+            .find(|e| {
+                matches!(&e.task, Some(fttp_agent::tasks::Task::RepeatRequest { bloomfilter, .. })
+                if bloomfilter.to_base64() == bf(n))
+            })
+            .unwrap();
+        (e.status, e.attempts)
+    };
+    assert_eq!(state(1), (Status::Resolved, 1), "the batch in hand is finished");
+    assert_eq!(state(2), (Status::Pending, 0), "marked meanwhile, not sent: as it was");
+    assert_eq!(state(3), (Status::Pending, 0));
+}
+
+#[test]
 fn a_failed_poll_does_not_end_the_daemon() {
     let s = site("");
     let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";

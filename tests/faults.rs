@@ -41,6 +41,33 @@ fn polls(site: &Site) -> usize {
     site.sim.state().received("$requestTasks").len()
 }
 
+/// Runs the daemon, sends it SIGTERM half a second into its first cycle
+/// (inside a slow request), and returns how long it took to stop cleanly.
+fn sigterm_half_a_second_into_the_first_cycle(s: &Site) -> Duration {
+    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
+    std::fs::write(&s.config, text).unwrap();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while polls(s) < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    std::process::Command::new("kill")
+        .arg(daemon.id().to_string())
+        .status()
+        .unwrap();
+    let stopping = Instant::now();
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    stopping.elapsed()
+}
+
 #[test]
 fn connection_refused_is_retried_then_reported_as_unreachable() {
     let s = site("max_attempts = 3");
@@ -407,32 +434,11 @@ fn import_while_the_daemon_runs_is_safe() {
 #[test]
 fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
     let s = site("");
-    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
-    std::fs::write(&s.config, text).unwrap();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
         queue_send(&s, id, Days::hours(10 + i as i64));
         s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
     }
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while polls(&s) < 1 {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500)); // now inside the first (slow) send
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    let stopping = Instant::now();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
-    assert!(stopping.elapsed() < Duration::from_secs(10));
+    assert!(sigterm_half_a_second_into_the_first_cycle(&s) < Duration::from_secs(10));
     let store = s.store();
     assert_eq!(
         store.ledger("task:a").unwrap().status,
@@ -452,8 +458,6 @@ fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
     // One filter a batch: while the first request is out, the second batch
     // is marked in flight; the stop comes before it is sent.
     let s = site("batch_size = 1");
-    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
-    std::fs::write(&s.config, text).unwrap();
     let later = Utc::now() + Days::days(1);
     for n in 1..=3 {
         s.sim.add_task(sim::repeat_request(
@@ -467,24 +471,7 @@ fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
             FaultKind::Delay(Duration::from_millis(1500)),
         );
     }
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while polls(&s) < 1 {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500)); // inside the first request
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    sigterm_half_a_second_into_the_first_cycle(&s);
     assert_eq!(s.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
     let store = s.store();
     let state = |n: u32| {

@@ -96,11 +96,7 @@ enum Work {
     Batch {
         study: String,
         target: String,
-        entries: Vec<LedgerEntry>,
-        /// Set once the batch's in-flight marks are on disk (written while
-        /// the batch before was out): each entry's status from before, for
-        /// a batch that is then not sent after all.
-        marked: Option<Vec<Status>>,
+        batch: Batch,
     },
 }
 
@@ -108,16 +104,13 @@ enum Work {
 /// thread: starting a thread costs more than their bookkeeping.
 const OVERLAP_FROM: usize = 16;
 
-/// A batch of `repeat_request`s about to be sent.
+/// A batch of `repeat_request`s to be sent.
 struct Batch {
     entries: Vec<LedgerEntry>,
+    /// Set once the batch's in-flight marks are on disk (written while
+    /// the batch before was out): each entry's status from before, for
+    /// a batch that is then not sent after all.
     marked: Option<Vec<Status>>,
-}
-
-/// The batch after the one being sent, to be marked in flight meanwhile.
-struct NextBatch<'w> {
-    entries: &'w mut Vec<LedgerEntry>,
-    marked: &'w mut Option<Vec<Status>>,
 }
 
 /// Undoes in-flight marks for a batch that was not sent after all.
@@ -140,7 +133,7 @@ impl Work {
     fn expires(&self) -> Option<DateTime<Utc>> {
         match self {
             Work::One(e) => e.expires,
-            Work::Batch { entries, .. } => entries.iter().filter_map(|e| e.expires).min(),
+            Work::Batch { batch, .. } => batch.entries.iter().filter_map(|e| e.expires).min(),
         }
     }
 }
@@ -362,8 +355,10 @@ impl<'a> Agent<'a> {
                 items.push(Work::Batch {
                     study: study.clone(),
                     target: target.clone(),
-                    entries: rest.by_ref().take(size).collect(),
-                    marked: None,
+                    batch: Batch {
+                        entries: rest.by_ref().take(size).collect(),
+                        marked: None,
+                    },
                 });
             }
         }
@@ -375,13 +370,16 @@ impl<'a> Agent<'a> {
         while let Some(item) = items.next() {
             progress.tick(match &item {
                 Work::One(_) => 1,
-                Work::Batch { entries, .. } => entries.len(),
+                Work::Batch { batch, .. } => batch.entries.len(),
             });
             if self.stop.as_ref().is_some_and(Shutdown::requested) {
                 log::info!("stop requested: leaving the remaining tasks for the next run");
                 if let Work::Batch {
-                    entries,
-                    marked: Some(prior),
+                    batch:
+                        Batch {
+                            entries,
+                            marked: Some(prior),
+                        },
                     ..
                 } = item
                 {
@@ -410,22 +408,12 @@ impl<'a> Agent<'a> {
                     }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
                     _ => {}
                 },
-                Work::Batch {
-                    study,
-                    target,
-                    entries,
-                    marked,
-                } => {
+                Work::Batch { study, target, batch } => {
                     let next = match items.peek_mut() {
-                        Some(Work::Batch {
-                            entries,
-                            marked: marked @ None,
-                            ..
-                        }) => Some(NextBatch { entries, marked }),
+                        Some(Work::Batch { batch, .. }) if batch.marked.is_none() => Some(batch),
                         _ => None,
                     };
-                    let this = Batch { entries, marked };
-                    answered = self.repeat_requests(&study, &target, this, answered.take(), next)?;
+                    answered = self.repeat_requests(&study, &target, batch, answered.take(), next)?;
                 }
             }
         }
@@ -588,7 +576,7 @@ impl<'a> Agent<'a> {
         target: &str,
         this: Batch,
         prev: Option<Answered>,
-        next: Option<NextBatch<'_>>,
+        next: Option<&mut Batch>,
     ) -> Result<Option<Answered>, AgentError> {
         if let Some(reason) = self.network_down.clone() {
             if let Some(p) = prev {
@@ -651,12 +639,12 @@ impl<'a> Agent<'a> {
 
     /// What is done while a batch's request is out: the outcomes of the
     /// batch before, then the next batch's in-flight marks (with them).
-    fn meanwhile(&mut self, prev: Option<Answered>, next: Option<NextBatch<'_>>) -> Result<(), AgentError> {
+    fn meanwhile(&mut self, prev: Option<Answered>, next: Option<&mut Batch>) -> Result<(), AgentError> {
         if let Some(p) = prev {
             self.record_answer(p)?;
         }
         if let Some(n) = next {
-            *n.marked = Some(self.mark(n.entries)?);
+            n.marked = Some(self.mark(&mut n.entries)?);
         }
         Ok(())
     }

@@ -41,9 +41,9 @@ fn polls(site: &Site) -> usize {
     site.sim.state().received("$requestTasks").len()
 }
 
-/// Runs the daemon, sends it SIGTERM half a second into its first cycle
-/// (inside a slow request), and returns how long it took to stop cleanly.
-fn sigterm_half_a_second_into_the_first_cycle(s: &Site) -> Duration {
+/// Runs the daemon, sends it SIGTERM `after` the moment `ready` holds, and
+/// returns how long it took to stop cleanly.
+fn sigterm_the_daemon(s: &Site, ready: impl Fn() -> bool, after: Duration) -> Duration {
     let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
     std::fs::write(&s.config, text).unwrap();
     let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
@@ -54,11 +54,11 @@ fn sigterm_half_a_second_into_the_first_cycle(s: &Site) -> Duration {
         .spawn()
         .unwrap();
     let start = Instant::now();
-    while polls(s) < 1 {
+    while !ready() {
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(after);
     std::process::Command::new("kill")
         .arg(daemon.id().to_string())
         .status()
@@ -438,7 +438,9 @@ fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
         queue_send(&s, id, Days::hours(10 + i as i64));
         s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
     }
-    assert!(sigterm_half_a_second_into_the_first_cycle(&s) < Duration::from_secs(10));
+    // Half a second into the first (slow) send.
+    let stopped_in = sigterm_the_daemon(&s, || polls(&s) >= 1, Duration::from_millis(500));
+    assert!(stopped_in < Duration::from_secs(10));
     let store = s.store();
     assert_eq!(
         store.ledger("task:a").unwrap().status,
@@ -471,7 +473,7 @@ fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
             FaultKind::Delay(Duration::from_millis(1500)),
         );
     }
-    sigterm_half_a_second_into_the_first_cycle(&s);
+    sigterm_the_daemon(&s, || polls(&s) >= 1, Duration::from_millis(500));
     assert_eq!(s.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
     let store = s.store();
     let state = |n: u32| {
@@ -548,30 +550,12 @@ fn a_read_only_location_is_reported_clearly() {
 #[test]
 fn sigterm_during_a_retry_wait_stops_promptly() {
     let s = site("max_attempts = 5\nretry_delay = \"40s\"");
-    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
-    std::fs::write(&s.config, text).unwrap();
     queue_send(&s, "waiting", Days::days(1));
     s.sim.push(PROVIDE, status(503, "busy", None));
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while s.sim.state().received("$providePatientData").is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300)); // now waiting 20-40 s to retry
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    let stopping = Instant::now();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
-    assert!(stopping.elapsed() < Duration::from_secs(3), "{:?}", stopping.elapsed());
+    // 300 ms after the first send: waiting 20-40 s to retry.
+    let sent = || !s.sim.state().received("$providePatientData").is_empty();
+    let stopped_in = sigterm_the_daemon(&s, sent, Duration::from_millis(300));
+    assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
     let e = s.store().ledger("task:waiting").unwrap().clone();
     assert_eq!(
         (e.status, e.outcome.as_str()),

@@ -113,6 +113,18 @@ struct Batch {
     marked: Option<Vec<Status>>,
 }
 
+/// Marks entries in flight (in memory); returns each one's status from before.
+fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
+    let now = Utc::now();
+    let prior = entries.iter().map(|e| e.status).collect();
+    for e in entries.iter_mut() {
+        e.status = Status::InFlight;
+        e.attempts += 1;
+        e.updated = now;
+    }
+    prior
+}
+
 /// Undoes in-flight marks for a batch that was not sent after all.
 fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<LedgerEntry> {
     for (e, status) in entries.iter_mut().zip(prior) {
@@ -154,7 +166,8 @@ impl<'a> Agent<'a> {
 
     fn buffer(&mut self, r: Record) -> Result<(), AgentError> {
         self.pending.push(r);
-        if self.pending.len() >= BUFFER {
+        // (Not while a write is being synced: they go with the next.)
+        if self.pending.len() >= BUFFER && !self.store.unsettled() {
             self.flush()?;
         }
         Ok(())
@@ -637,35 +650,43 @@ impl<'a> Agent<'a> {
         }))
     }
 
-    /// What is done while a batch's request is out: the outcomes of the
-    /// batch before, then the next batch's in-flight marks (with them).
+    /// What is done while a batch's request is out: the next batch's
+    /// in-flight marks go to disk (with the outcomes waiting to be
+    /// written), and while the disk syncs them the outcomes of the batch
+    /// before are recorded (to go to disk with the marks after).
     fn meanwhile(&mut self, prev: Option<Answered>, next: Option<&mut Batch>) -> Result<(), AgentError> {
-        if let Some(p) = prev {
-            self.record_answer(p)?;
-        }
-        if let Some(n) = next {
-            n.marked = Some(self.mark(&mut n.entries)?);
-        }
-        Ok(())
+        let Some(next) = next else {
+            return prev.map_or(Ok(()), |p| self.record_answer(p));
+        };
+        let prior = mark_in_flight(&mut next.entries);
+        let records = self.with_pending(&next.entries);
+        let appended = self.store.append(records)?;
+        let (synced, recorded) = std::thread::scope(|scope| {
+            let sync = scope.spawn(|| appended.sync());
+            let recorded = prev.map_or(Ok(()), |p| self.record_answer(p));
+            (sync.join(), recorded)
+        });
+        // (A panic in the sync is a bug: it goes on as a panic.)
+        let synced = synced.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        self.store.settle(appended, synced)?;
+        next.marked = Some(prior);
+        recorded
     }
 
     /// Marks a batch in flight, durably and with the outcomes waiting to be
     /// written; returns each entry's status from before.
     fn mark(&mut self, entries: &mut [LedgerEntry]) -> Result<Vec<Status>, AgentError> {
-        let now = Utc::now();
-        let prior = entries.iter().map(|e| e.status).collect();
-        for e in entries.iter_mut() {
-            e.status = Status::InFlight;
-            e.attempts += 1;
-            e.updated = now;
-        }
-        self.store.write(
-            std::mem::take(&mut self.pending)
-                .into_iter()
-                .chain(entries.iter().map(|e| Record::Progress(Progress::of(e))))
-                .collect(),
-        )?;
+        let prior = mark_in_flight(entries);
+        let records = self.with_pending(entries);
+        self.store.write(records)?;
         Ok(prior)
+    }
+
+    /// The outcomes waiting to be written, then the entries' progress.
+    fn with_pending(&mut self, entries: &[LedgerEntry]) -> Vec<Record> {
+        let mut records = std::mem::take(&mut self.pending);
+        records.extend(entries.iter().map(|e| Record::Progress(Progress::of(e))));
+        records
     }
 
     /// Records the outcome of each task of an answered batch.

@@ -84,6 +84,26 @@ pub enum StoreError {
          (nothing was changed)"
     )]
     Version { path: PathBuf, found: u32 },
+    #[error("store {path}: a write was started before the one before it was settled (a bug); nothing was written")]
+    Unsettled { path: PathBuf },
+}
+
+/// Records appended to the journal but not yet known to be on disk, nor
+/// applied (`Store::append`).
+#[must_use = "an appended write must be settled"]
+pub struct Appended {
+    records: Vec<Record>,
+    /// A second handle on the journal, so that it can be synced on another
+    /// thread while the store is read. `None` for an empty write.
+    journal: Option<File>,
+    len: u64,
+}
+
+impl Appended {
+    /// Waits for the appended records to be on disk (fdatasync).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.journal.as_ref().map_or(Ok(()), File::sync_data)
+    }
 }
 
 fn at_line(line: Option<usize>) -> String {
@@ -510,6 +530,8 @@ pub struct Store {
     journal_records: usize,
     generation: u64,
     compact_after: usize,
+    /// A write is appended and not yet settled (`Store::append`).
+    unsettled: bool,
     state: State,
     key: StoreKey,
 }
@@ -632,6 +654,7 @@ impl Store {
             journal_records,
             generation,
             compact_after: COMPACT_AFTER,
+            unsettled: false,
             state,
             key,
         })
@@ -653,9 +676,27 @@ impl Store {
     /// never holds a torn record in its middle. The records go to disk as
     /// sealed batches of up to `BATCH_RECORDS`, all fsynced at once.
     pub fn write(&mut self, records: Vec<Record>) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
+        let appended = self.append(records)?;
+        let synced = appended.sync();
+        self.settle(appended, synced)
+    }
+
+    /// The first half of `write`, for a caller with other work to do while
+    /// the disk syncs: appends the records and hands them back unapplied.
+    /// Until `settle` the store takes no other write (it could not roll
+    /// this one back then); reads see the state from before.
+    pub fn append(&mut self, records: Vec<Record>) -> Result<Appended, StoreError> {
+        if self.unsettled {
+            return Err(StoreError::Unsettled { path: self.dir.clone() });
         }
+        let journal = match records.is_empty() {
+            true => None,
+            false => Some(
+                self.journal
+                    .try_clone()
+                    .map_err(io("open the journal", &self.dir.join(JOURNAL)))?,
+            ),
+        };
         let mut buf = String::new();
         let mut appended = 0u64;
         let mut result = Ok(());
@@ -674,27 +715,49 @@ impl Store {
             }
         }
         appended += buf.len() as u64;
-        let result = result
-            .and_then(|()| append(&mut self.journal, buf.as_bytes()))
-            .and_then(|()| self.journal.sync_data());
-        if let Err(source) = result {
-            let path = self.dir.join(JOURNAL);
-            if let Err(e) = self.journal.set_len(self.journal_len) {
-                log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
-            }
-            return Err(StoreError::Io {
-                op: "write the journal",
-                path,
-                source,
-            });
+        if let Err(source) = result.and_then(|()| append(&mut self.journal, buf.as_bytes())) {
+            return Err(self.roll_back("write the journal", source));
+        }
+        self.unsettled = journal.is_some();
+        Ok(Appended {
+            records,
+            journal,
+            len: appended,
+        })
+    }
+
+    /// Whether a write is appended and not yet settled.
+    pub fn unsettled(&self) -> bool {
+        self.unsettled
+    }
+
+    /// The second half of `write`: applies the records once `synced` (the
+    /// outcome of `Appended::sync`) says they are on disk, or cuts them off
+    /// the journal again.
+    pub fn settle(&mut self, appended: Appended, synced: std::io::Result<()>) -> Result<(), StoreError> {
+        if appended.journal.is_none() {
+            return Ok(());
+        }
+        self.unsettled = false;
+        if let Err(source) = synced {
+            return Err(self.roll_back("sync the journal", source));
         }
         crate::crashpoint::hit("journal:written");
-        self.journal_len += appended;
-        self.journal_records += records.len();
-        for r in records {
+        self.journal_len += appended.len;
+        self.journal_records += appended.records.len();
+        for r in appended.records {
             self.state.apply_record(r, &self.key);
         }
         Ok(())
+    }
+
+    /// Cuts a failed write off the journal.
+    fn roll_back(&mut self, op: &'static str, source: std::io::Error) -> StoreError {
+        let path = self.dir.join(JOURNAL);
+        if let Err(e) = self.journal.set_len(self.journal_len) {
+            log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
+        }
+        StoreError::Io { op, path, source }
     }
 
     /// Compacts when the journal has grown past `compact_after` records and
@@ -714,6 +777,9 @@ impl Store {
     /// Writes the whole state as a new snapshot generation and starts an
     /// empty journal for it.
     pub fn compact(&mut self) -> Result<(), StoreError> {
+        if self.unsettled {
+            return Err(StoreError::Unsettled { path: self.dir.clone() });
+        }
         let next = self.generation + 1;
         // The current generation stays available as *.prev for recovery.
         for name in [SNAPSHOT, JOURNAL] {
@@ -873,6 +939,9 @@ impl Store {
     /// generation written with the new key replaces the old files in one
     /// rename. A crash before it leaves the store under the old key.
     pub fn rekey(&mut self, new: StoreKey) -> Result<(), StoreError> {
+        if self.unsettled {
+            return Err(StoreError::Unsettled { path: self.dir.clone() });
+        }
         let mut state = State::default();
         for p in self.all_patients()? {
             state.apply_record(Record::Patient(p), &new);
@@ -1131,6 +1200,54 @@ mod tests {
         assert_eq!(s.patient_by_bloomfilter(&bf).unwrap().unwrap().local_id.0, "2");
         let old = BloomFilter::from_bytes(b"two".to_vec()).unwrap();
         assert!(s.patient_by_bloomfilter(&old).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_appended_write_is_applied_once_synced_and_cut_off_when_the_sync_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join(JOURNAL);
+        let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        s.put(patient("1", b"one")).unwrap();
+        let before = std::fs::read(&journal).unwrap();
+
+        // Appended: on the journal, not yet in the state; no other write,
+        // compaction or rekey until it is settled.
+        let a = s.append(vec![patient("2", b"two")]).unwrap();
+        assert!(s.unsettled());
+        assert!(std::fs::metadata(&journal).unwrap().len() > before.len() as u64);
+        assert_eq!(s.patient_count(), 1);
+        for refused in [
+            s.put(patient("3", b"three")),
+            s.append(vec![patient("3", b"three")]).map(drop),
+            s.compact(),
+            s.rekey(StoreKey::from_bytes(&[7; 32])),
+        ] {
+            assert!(matches!(refused, Err(StoreError::Unsettled { .. })), "{refused:?}");
+        }
+        // A failed sync: cut off again, nothing applied, and the store goes on.
+        let failed = s.settle(a, Err(std::io::Error::other("disk gone")));
+        assert!(
+            matches!(
+                failed,
+                Err(StoreError::Io {
+                    op: "sync the journal",
+                    ..
+                })
+            ),
+            "{failed:?}"
+        );
+        assert_eq!(std::fs::read(&journal).unwrap(), before);
+        assert_eq!(s.patient_count(), 1);
+
+        let a = s.append(vec![patient("2", b"two")]).unwrap();
+        let synced = std::thread::scope(|t| t.spawn(|| a.sync()).join().unwrap());
+        s.settle(a, synced).unwrap();
+        assert_eq!(s.patient_count(), 2);
+        s.put(patient("3", b"three")).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        let ids: std::collections::BTreeSet<String> = s.local_ids().into_iter().map(|l| l.0).collect();
+        assert_eq!(ids, ["1", "2", "3"].map(String::from).into());
     }
 
     #[test]

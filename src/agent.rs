@@ -653,14 +653,15 @@ impl<'a> Agent<'a> {
     /// What is done while a batch's request is out: the next batch's
     /// in-flight marks go to disk (with the outcomes waiting to be
     /// written), and while the disk syncs them the outcomes of the batch
-    /// before are recorded (to go to disk with the marks after).
+    /// before are recorded (to go to disk with the marks after). The marks
+    /// are durable before their own request leaves, as ever.
     fn meanwhile(&mut self, prev: Option<Answered>, next: Option<&mut Batch>) -> Result<(), AgentError> {
         let Some(next) = next else {
             return prev.map_or(Ok(()), |p| self.record_answer(p));
         };
         let prior = mark_in_flight(&mut next.entries);
         let records = self.with_pending(&next.entries);
-        let appended = self.store.append(records)?;
+        let appended = self.store.write_ahead(records)?;
         let (synced, recorded) = std::thread::scope(|scope| {
             let sync = scope.spawn(|| appended.sync());
             let recorded = prev.map_or(Ok(()), |p| self.record_answer(p));

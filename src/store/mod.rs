@@ -86,13 +86,17 @@ pub enum StoreError {
     Version { path: PathBuf, found: u32 },
     #[error("store {path}: a write was started before the one before it was settled (a bug); nothing was written")]
     Unsettled { path: PathBuf },
+    #[error(
+        "store {path}: an earlier write could not be synced to disk; this run takes no more writes \
+         (the store is read afresh from disk by the next run)"
+    )]
+    Poisoned { path: PathBuf },
 }
 
-/// Records appended to the journal but not yet known to be on disk, nor
-/// applied (`Store::append`).
+/// Records appended to the journal (and applied) but not yet known to be
+/// on disk (`Store::write_ahead`).
 #[must_use = "an appended write must be settled"]
 pub struct Appended {
-    records: Vec<Record>,
     /// A second handle on the journal, so that it can be synced on another
     /// thread while the store is read. `None` for an empty write.
     journal: Option<File>,
@@ -530,8 +534,10 @@ pub struct Store {
     journal_records: usize,
     generation: u64,
     compact_after: usize,
-    /// A write is appended and not yet settled (`Store::append`).
+    /// A `write_ahead` is not yet settled.
     unsettled: bool,
+    /// A `write_ahead` failed to sync: memory holds records the disk lacks.
+    poisoned: bool,
     state: State,
     key: StoreKey,
 }
@@ -655,6 +661,7 @@ impl Store {
             generation,
             compact_after: COMPACT_AFTER,
             unsettled: false,
+            poisoned: false,
             state,
             key,
         })
@@ -676,27 +683,86 @@ impl Store {
     /// never holds a torn record in its middle. The records go to disk as
     /// sealed batches of up to `BATCH_RECORDS`, all fsynced at once.
     pub fn write(&mut self, records: Vec<Record>) -> Result<(), StoreError> {
-        let appended = self.append(records)?;
-        let synced = appended.sync();
-        self.settle(appended, synced)
+        self.writable()?;
+        if records.is_empty() {
+            return Ok(());
+        }
+        let len = self.append_lines(&records)?;
+        if let Err(source) = self.journal.sync_data() {
+            return Err(self.roll_back("sync the journal", source));
+        }
+        crate::crashpoint::hit("journal:written");
+        self.journal_len += len;
+        self.journal_records += records.len();
+        for r in records {
+            self.state.apply_record(r, &self.key);
+        }
+        Ok(())
     }
 
-    /// The first half of `write`, for a caller with other work to do while
-    /// the disk syncs: appends the records and hands them back unapplied.
-    /// Until `settle` the store takes no other write (it could not roll
-    /// this one back then); reads see the state from before.
-    pub fn append(&mut self, records: Vec<Record>) -> Result<Appended, StoreError> {
-        if self.unsettled {
-            return Err(StoreError::Unsettled { path: self.dir.clone() });
+    /// `write` for a caller with other work to do while the disk syncs:
+    /// appends the records and applies them at once, before they are known
+    /// to be on disk; `Appended::sync` (on any thread) then waits for the
+    /// disk, and `settle` takes its outcome. Until then the store takes no
+    /// other write. A failed sync leaves this handle with records in memory
+    /// that are not on disk: it is cut off the journal and the handle takes
+    /// no more writes (a cycle ends there; the next one opens the store
+    /// afresh from disk).
+    pub fn write_ahead(&mut self, records: Vec<Record>) -> Result<Appended, StoreError> {
+        self.writable()?;
+        if records.is_empty() {
+            return Ok(Appended { journal: None, len: 0 });
         }
-        let journal = match records.is_empty() {
-            true => None,
-            false => Some(
-                self.journal
-                    .try_clone()
-                    .map_err(io("open the journal", &self.dir.join(JOURNAL)))?,
-            ),
-        };
+        let journal = self
+            .journal
+            .try_clone()
+            .map_err(io("open the journal", &self.dir.join(JOURNAL)))?;
+        let len = self.append_lines(&records)?;
+        self.unsettled = true;
+        self.journal_records += records.len();
+        for r in records {
+            self.state.apply_record(r, &self.key);
+        }
+        Ok(Appended {
+            journal: Some(journal),
+            len,
+        })
+    }
+
+    /// Whether this handle takes a write now: not while a `write_ahead` is
+    /// unsettled, nor ever after one failed.
+    fn writable(&self) -> Result<(), StoreError> {
+        let path = self.dir.clone();
+        match (self.poisoned, self.unsettled) {
+            (true, _) => Err(StoreError::Poisoned { path }),
+            (false, true) => Err(StoreError::Unsettled { path }),
+            (false, false) => Ok(()),
+        }
+    }
+
+    /// Whether a `write_ahead` waits to be settled.
+    pub fn unsettled(&self) -> bool {
+        self.unsettled
+    }
+
+    /// Ends a `write_ahead` with the outcome of its `Appended::sync`.
+    pub fn settle(&mut self, appended: Appended, synced: std::io::Result<()>) -> Result<(), StoreError> {
+        if appended.journal.is_none() {
+            return Ok(());
+        }
+        self.unsettled = false;
+        if let Err(source) = synced {
+            self.poisoned = true;
+            return Err(self.roll_back("sync the journal", source));
+        }
+        crate::crashpoint::hit("journal:written");
+        self.journal_len += appended.len;
+        Ok(())
+    }
+
+    /// Seals the records as batch lines and appends them (not synced);
+    /// returns the bytes appended. A failed append is cut off again.
+    fn append_lines(&mut self, records: &[Record]) -> Result<u64, StoreError> {
         let mut buf = String::new();
         let mut appended = 0u64;
         let mut result = Ok(());
@@ -715,40 +781,10 @@ impl Store {
             }
         }
         appended += buf.len() as u64;
-        if let Err(source) = result.and_then(|()| append(&mut self.journal, buf.as_bytes())) {
-            return Err(self.roll_back("write the journal", source));
+        match result.and_then(|()| append(&mut self.journal, buf.as_bytes())) {
+            Ok(()) => Ok(appended),
+            Err(source) => Err(self.roll_back("write the journal", source)),
         }
-        self.unsettled = journal.is_some();
-        Ok(Appended {
-            records,
-            journal,
-            len: appended,
-        })
-    }
-
-    /// Whether a write is appended and not yet settled.
-    pub fn unsettled(&self) -> bool {
-        self.unsettled
-    }
-
-    /// The second half of `write`: applies the records once `synced` (the
-    /// outcome of `Appended::sync`) says they are on disk, or cuts them off
-    /// the journal again.
-    pub fn settle(&mut self, appended: Appended, synced: std::io::Result<()>) -> Result<(), StoreError> {
-        if appended.journal.is_none() {
-            return Ok(());
-        }
-        self.unsettled = false;
-        if let Err(source) = synced {
-            return Err(self.roll_back("sync the journal", source));
-        }
-        crate::crashpoint::hit("journal:written");
-        self.journal_len += appended.len;
-        self.journal_records += appended.records.len();
-        for r in appended.records {
-            self.state.apply_record(r, &self.key);
-        }
-        Ok(())
     }
 
     /// Cuts a failed write off the journal.
@@ -777,9 +813,7 @@ impl Store {
     /// Writes the whole state as a new snapshot generation and starts an
     /// empty journal for it.
     pub fn compact(&mut self) -> Result<(), StoreError> {
-        if self.unsettled {
-            return Err(StoreError::Unsettled { path: self.dir.clone() });
-        }
+        self.writable()?;
         let next = self.generation + 1;
         // The current generation stays available as *.prev for recovery.
         for name in [SNAPSHOT, JOURNAL] {
@@ -939,9 +973,7 @@ impl Store {
     /// generation written with the new key replaces the old files in one
     /// rename. A crash before it leaves the store under the old key.
     pub fn rekey(&mut self, new: StoreKey) -> Result<(), StoreError> {
-        if self.unsettled {
-            return Err(StoreError::Unsettled { path: self.dir.clone() });
-        }
+        self.writable()?;
         let mut state = State::default();
         for p in self.all_patients()? {
             state.apply_record(Record::Patient(p), &new);
@@ -1203,32 +1235,44 @@ mod tests {
     }
 
     #[test]
-    fn an_appended_write_is_applied_once_synced_and_cut_off_when_the_sync_fails() {
+    fn a_write_ahead_is_applied_at_once_and_a_failed_sync_ends_the_handles_writes() {
         let dir = tempfile::tempdir().unwrap();
         let journal = dir.path().join(JOURNAL);
+        let ids = |s: &Store| -> Vec<String> {
+            let mut v: Vec<String> = s.local_ids().into_iter().map(|l| l.0).collect();
+            v.sort();
+            v
+        };
         let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
         s.put(patient("1", b"one")).unwrap();
         let before = std::fs::read(&journal).unwrap();
 
-        // Appended: on the journal, not yet in the state; no other write,
-        // compaction or rekey until it is settled.
-        let a = s.append(vec![patient("2", b"two")]).unwrap();
+        // Appended and applied; no other write, compaction or rekey until
+        // it is settled.
+        let a = s.write_ahead(vec![patient("2", b"two")]).unwrap();
         assert!(s.unsettled());
         assert!(std::fs::metadata(&journal).unwrap().len() > before.len() as u64);
-        assert_eq!(s.patient_count(), 1);
+        assert_eq!(ids(&s), ["1", "2"]);
         for refused in [
             s.put(patient("3", b"three")),
-            s.append(vec![patient("3", b"three")]).map(drop),
+            s.write_ahead(vec![patient("3", b"three")]).map(drop),
             s.compact(),
             s.rekey(StoreKey::from_bytes(&[7; 32])),
         ] {
             assert!(matches!(refused, Err(StoreError::Unsettled { .. })), "{refused:?}");
         }
-        // A failed sync: cut off again, nothing applied, and the store goes on.
+        let synced = std::thread::scope(|t| t.spawn(|| a.sync()).join().unwrap());
+        s.settle(a, synced).unwrap();
+        s.put(patient("3", b"three")).unwrap();
+        let good = std::fs::read(&journal).unwrap();
+
+        // A failed sync: cut off the journal again, and this handle (whose
+        // memory has the record) takes no more writes.
+        let a = s.write_ahead(vec![patient("4", b"four")]).unwrap();
         let failed = s.settle(a, Err(std::io::Error::other("disk gone")));
         assert!(
             matches!(
-                failed,
+                &failed,
                 Err(StoreError::Io {
                     op: "sync the journal",
                     ..
@@ -1236,18 +1280,13 @@ mod tests {
             ),
             "{failed:?}"
         );
-        assert_eq!(std::fs::read(&journal).unwrap(), before);
-        assert_eq!(s.patient_count(), 1);
-
-        let a = s.append(vec![patient("2", b"two")]).unwrap();
-        let synced = std::thread::scope(|t| t.spawn(|| a.sync()).join().unwrap());
-        s.settle(a, synced).unwrap();
-        assert_eq!(s.patient_count(), 2);
-        s.put(patient("3", b"three")).unwrap();
+        assert_eq!(std::fs::read(&journal).unwrap(), good);
+        for refused in [s.put(patient("5", b"five")), s.compact()] {
+            assert!(matches!(refused, Err(StoreError::Poisoned { .. })), "{refused:?}");
+        }
         drop(s);
         let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
-        let ids: std::collections::BTreeSet<String> = s.local_ids().into_iter().map(|l| l.0).collect();
-        assert_eq!(ids, ["1", "2", "3"].map(String::from).into());
+        assert_eq!(ids(&s), ["1", "2", "3"]);
     }
 
     #[test]

@@ -352,19 +352,39 @@ pub(super) fn write_atomically<'a>(
         .mode(0o600)
         .open(&tmp)
         .map_err(io("create a temporary file", &tmp))?;
-    let mut len = 0u64;
-    for line in lines {
-        push(&mut buf, line);
-        if buf.len() > 1 << 20 {
-            file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
-            len += buf.len() as u64;
-            buf.clear();
+    // Lines are sealed and encoded on this thread while a second one
+    // writes the megabyte before: at a compaction after a re-keying
+    // (100 MB) the kernel's copy takes as long as the sealing.
+    let (full, empty) = std::sync::mpsc::sync_channel::<String>(2);
+    let written = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<u64, (&'static str, std::io::Error)> {
+            let mut len = 0u64;
+            for chunk in empty {
+                file.write_all(chunk.as_bytes()).map_err(|e| ("write", e))?;
+                len += chunk.len() as u64;
+            }
+            file.sync_all().map_err(|e| ("sync", e))?;
+            Ok(len)
+        });
+        for line in lines {
+            push(&mut buf, line);
+            // (A send fails only once the writer has failed: its join says why.)
+            if buf.len() > 1 << 20
+                && full
+                    .send(std::mem::replace(&mut buf, String::with_capacity(3 << 20)))
+                    .is_err()
+            {
+                break;
+            }
         }
-    }
-    file.write_all(buf.as_bytes()).map_err(io("write", &tmp))?;
-    len += buf.len() as u64;
-    file.sync_all().map_err(io("sync", &tmp))?;
-    drop(file);
+        let _ = full.send(buf);
+        drop(full);
+        writer.join()
+    });
+    // (A panic in the writer is a bug: it goes on as a panic.)
+    let len = written
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        .map_err(|(op, e)| io(op, &tmp)(e))?;
     if name == SNAPSHOT {
         crate::crashpoint::hit("snapshot:tmp");
     }

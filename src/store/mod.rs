@@ -424,6 +424,17 @@ impl State {
         Ok(1)
     }
 
+    /// Applies records just written, with room made first for the new
+    /// ledger entries (100,000 at a re-keying: growing the table step by
+    /// step rehashed it a dozen times).
+    fn apply_all(&mut self, records: Vec<Record>, key: &StoreKey) {
+        let new = records.iter().filter(|r| matches!(r, Record::Ledger(_))).count();
+        self.ledger.reserve(new);
+        for r in records {
+            self.apply_record(r, key);
+        }
+    }
+
     /// Applies a record in plain text (just written, or read from a batch);
     /// what memory holds sealed is sealed here.
     fn apply_record(&mut self, r: Record, key: &StoreKey) {
@@ -694,9 +705,7 @@ impl Store {
         crate::crashpoint::hit("journal:written");
         self.journal_len += len;
         self.journal_records += records.len();
-        for r in records {
-            self.state.apply_record(r, &self.key);
-        }
+        self.state.apply_all(records, &self.key);
         Ok(())
     }
 
@@ -720,9 +729,7 @@ impl Store {
         let len = self.append_lines(&records)?;
         self.unsettled = true;
         self.journal_records += records.len();
-        for r in records {
-            self.state.apply_record(r, &self.key);
-        }
+        self.state.apply_all(records, &self.key);
         Ok(Appended {
             journal: Some(journal),
             len,

@@ -355,10 +355,11 @@ pub(crate) enum Action {
     Misbehave(FaultKind),
 }
 
-fn fhir_answer(status: u16, format: Format, answer: &Answer, retry_after: Option<u64>) -> Action {
+fn fhir_answer(status: u16, format: Format, answer: Answer, retry_after: Option<u64>) -> Action {
     let body = match answer {
-        Answer::Resource(r) => crate::fhir::write_resource(format, r),
+        Answer::Resource(r) => crate::fhir::write_resource(format, &r),
         Answer::Params(p) => p.write(format),
+        Answer::Written(body) => body,
     };
     Action::Respond {
         status,
@@ -372,6 +373,8 @@ fn fhir_answer(status: u16, format: Format, answer: &Answer, retry_after: Option
 pub(crate) enum Answer {
     Resource(Resource),
     Params(Parameters),
+    /// Already in the answer's format.
+    Written(String),
 }
 
 fn outcome(code: &str, diagnostics: &str) -> Answer {
@@ -498,7 +501,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
         match parameters {
             None => (400, outcome("invalid", "body is not a FHIR Parameters resource")),
             Some(p) => match operation.as_str() {
-                "$requestTasks" => request_tasks(&mut st, &p),
+                "$requestTasks" => request_tasks(&mut st, &p, answer_format),
                 "$providePatientData" => provide_patient_data(&mut st, &p),
                 "$requestPsnFromBfWorkflow" => request_psn(&mut st, &p),
                 "$updateBf" => update_bf(&mut st, &p),
@@ -509,7 +512,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
     rec.status = status;
     st.received.push(rec);
     drop(st);
-    fhir_answer(status, answer_format, &resource, retry_after)
+    fhir_answer(status, answer_format, resource, retry_after)
 }
 
 /// The HTTP side: reads requests off the socket (Content-Length bodies,
@@ -709,7 +712,7 @@ fn identity(t: &Parameter) -> Option<String> {
     }
 }
 
-fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
+fn request_tasks(st: &mut SimState, p: &Parameters, format: Format) -> (u16, Answer) {
     if p.first_string("study").is_none() || p.first_string("target").is_none() {
         return (400, outcome("required", "study and target are required"));
     }
@@ -723,7 +726,12 @@ fn request_tasks(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
         .filter(|t| t.name == "send_idat")
         .filter_map(|t| task_id_of(t).map(str::to_string))
         .collect();
-    (200, Answer::Params(Parameters::new(st.tasks.clone())))
+    // Written from the queue itself: a copy of 100,000 tasks to write
+    // from cost the simulator more than writing them.
+    let queue = Parameters::new(std::mem::take(&mut st.tasks));
+    let body = queue.write(format);
+    st.tasks = queue.parameter;
+    (200, Answer::Written(body))
 }
 
 fn task_id_of(t: &Parameter) -> Option<&str> {

@@ -215,7 +215,7 @@ impl<'a> Agent<'a> {
                 self.store.put(Record::Poll(record))?;
                 let mut rec = AuditRecord::new("poll", "failed", &target);
                 rec.detail = Some(detail);
-                self.audit.write(&mut rec)?;
+                self.audit.write(rec)?;
                 self.audit.sync()?;
                 return Err(AgentError::Poll(e));
             }
@@ -224,7 +224,7 @@ impl<'a> Agent<'a> {
         self.report.received = parsed.len();
         let mut rec = AuditRecord::new("poll", "ok", &target);
         rec.tasks = Some(parsed.len());
-        self.audit.write(&mut rec)?;
+        self.audit.write(rec)?;
         log::info!("received {} task(s)", parsed.len());
         lap(&mut self.report.phases, "poll");
 
@@ -799,7 +799,7 @@ impl<'a> Agent<'a> {
         self.commit(e, outcome, rec)
     }
 
-    fn commit(&mut self, mut e: LedgerEntry, outcome: &str, mut rec: AuditRecord) -> Result<(), AgentError> {
+    fn commit(&mut self, mut e: LedgerEntry, outcome: &str, rec: AuditRecord) -> Result<(), AgentError> {
         let old = self.store.ledger(&e.key);
         let changed =
             old.is_none_or(|old| old.status != e.status || old.outcome != outcome || old.detail != rec.detail);
@@ -816,14 +816,14 @@ impl<'a> Agent<'a> {
             };
             self.buffer(record)?;
         }
-        log_outcome(&e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
-        self.audit.write(&mut rec)?;
+        log_outcome(&e, outcome, e.detail.as_deref(), self.report.received > QUIET_ABOVE);
+        self.audit.write(rec)?;
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
             task: e.display_id,
             outcome: outcome.to_string(),
             status: e.status,
-            detail: rec.detail,
+            detail: e.detail,
         });
         Ok(())
     }
@@ -839,15 +839,16 @@ impl<'a> Agent<'a> {
     ) -> Result<(), AgentError> {
         let mut rec = self.record_for(e, outcome, detail, patient);
         rec.status = Some(status.as_str().to_string());
-        self.audit.write(&mut rec)?;
-        log_outcome(e, outcome, rec.detail.as_deref(), self.report.received > QUIET_ABOVE);
+        let detail = rec.detail.clone();
+        self.audit.write(rec)?;
+        log_outcome(e, outcome, detail.as_deref(), self.report.received > QUIET_ABOVE);
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
             task: e.display_id.clone(),
             outcome: outcome.to_string(),
             // A duplicate of a finished task is itself finished.
             status: if status.is_terminal() { status } else { Status::Resolved },
-            detail: rec.detail,
+            detail,
         });
         Ok(())
     }

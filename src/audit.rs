@@ -105,7 +105,34 @@ impl Chain {
 /// `prev` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// The audit log of one run. Records are serialised, chained and written
+/// on a thread of their own: at a re-keying that is 100,000 records a
+/// cycle, a tenth of the agent's own work, and it need not wait. Order is
+/// kept (one queue), `sync` waits for everything before it, and a failed
+/// write is reported by the next `write` or `sync`.
 pub struct Audit {
+    path: PathBuf,
+    queue: Option<std::sync::mpsc::SyncSender<Job>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// The first failure of the writer thread (later records are dropped:
+    /// the file may end in half a line, and the chain must not skip it).
+    failed: std::sync::Arc<std::sync::Mutex<Option<Failure>>>,
+}
+
+/// What failed on the writer thread: the operation and the error (kept as
+/// kind and text, to be reported more than once).
+type Failure = (&'static str, std::io::ErrorKind, String);
+
+enum Job {
+    Record(Box<AuditRecord>),
+    Sync(std::sync::mpsc::SyncSender<Result<(), (&'static str, std::io::Error)>>),
+}
+
+/// Records queued for the writer thread before `write` waits for it.
+const QUEUE: usize = 4096;
+
+/// The file and the chain's head: the writer thread's.
+struct Writer {
     path: PathBuf,
     /// Buffered: a record is never split across writes (BufWriter flushes
     /// before a record that does not fit), and `sync` flushes and fsyncs.
@@ -171,20 +198,118 @@ impl Audit {
                     .filter(|s| s.len() == 64)
             })
             .unwrap_or_else(|| GENESIS.to_string());
-        Ok(Audit {
+        Audit::start(path, file, chain, last)
+    }
+
+    /// Starts the writer thread on an open file whose chain head is `last`.
+    fn start(path: &Path, file: File, chain: Chain, last: String) -> Result<Audit, AuditError> {
+        let mut writer = Writer {
             path: path.to_path_buf(),
-            file: std::io::BufWriter::with_capacity(64 * 1024, file),
+            file: std::io::BufWriter::with_capacity(256 * 1024, file),
             chain,
             last,
+        };
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (queue, jobs) = std::sync::mpsc::sync_channel(QUEUE);
+        let report = failed.clone();
+        let worker = std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || {
+                for job in jobs {
+                    match job {
+                        Job::Record(rec) => {
+                            if crate::lock(&report).is_some() {
+                                continue;
+                            }
+                            if let Err(e) = writer.append(*rec) {
+                                *crate::lock(&report) = Some(("append", e.kind(), e.to_string()));
+                            }
+                        }
+                        Job::Sync(reply) => {
+                            let _ = reply.send(writer.sync());
+                        }
+                    }
+                }
+            })
+            .map_err(|source| AuditError {
+                path: path.to_path_buf(),
+                op: "start its writer thread",
+                source,
+            })?;
+        Ok(Audit {
+            path: path.to_path_buf(),
+            queue: Some(queue),
+            worker: Some(worker),
+            failed,
         })
     }
 
-    /// Appends one record as one line, in one write, so concurrent readers
-    /// never see half a record. Sets its `chain` and `prev` (its `hash` is
-    /// the line's last field, written here).
-    pub fn write(&mut self, rec: &mut AuditRecord) -> Result<(), AuditError> {
+    /// Queues one record (written as one line, in one write, so concurrent
+    /// readers never see half a record, with its `chain`, `prev` and
+    /// `hash`). Fails if an earlier record could not be written.
+    pub fn write(&mut self, rec: AuditRecord) -> Result<(), AuditError> {
+        self.check()?;
+        let sent = self.queue.as_ref().map(|q| q.send(Job::Record(Box::new(rec))));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.gone()),
+        }
+    }
+
+    /// Makes every record written so far durable and remembers the chain's
+    /// head for a rotated successor file.
+    pub fn sync(&mut self) -> Result<(), AuditError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let sent = self.queue.as_ref().map(|q| q.send(Job::Sync(reply)));
+        let synced = match sent {
+            Some(Ok(())) => answer.recv().map_err(|_| self.gone())?,
+            _ => return Err(self.gone()),
+        };
+        self.check()?;
+        synced.map_err(|(op, source)| AuditError {
+            path: self.path.clone(),
+            op,
+            source,
+        })
+    }
+
+    /// The writer thread's first failure, if any.
+    fn check(&self) -> Result<(), AuditError> {
+        match &*crate::lock(&self.failed) {
+            None => Ok(()),
+            Some((op, kind, message)) => Err(AuditError {
+                path: self.path.clone(),
+                op,
+                source: std::io::Error::new(*kind, message.clone()),
+            }),
+        }
+    }
+
+    /// The writer thread has ended (only by a panic: a bug).
+    fn gone(&self) -> AuditError {
+        AuditError {
+            path: self.path.clone(),
+            op: "append",
+            source: std::io::Error::other("the audit writer thread has stopped"),
+        }
+    }
+}
+
+impl Drop for Audit {
+    /// Writes what is queued (buffered records reach the file, as a
+    /// BufWriter's would; `sync` is what makes them durable).
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Writer {
+    fn append(&mut self, mut rec: AuditRecord) -> std::io::Result<()> {
         rec.chain = Some(self.chain.name().to_string());
-        rec.prev = Some(self.last.clone());
+        rec.prev = Some(std::mem::take(&mut self.last));
         rec.hash = None;
         let canonical = serde_json::to_string(&rec).unwrap_or_default();
         let hash = self.chain.hash(canonical.as_bytes());
@@ -194,24 +319,13 @@ impl Audit {
         line.push_str(",\"hash\":\"");
         line.push_str(&hash);
         line.push_str("\"}\n");
-        self.file.write_all(line.as_bytes()).map_err(|source| AuditError {
-            path: self.path.clone(),
-            op: "append",
-            source,
-        })?;
         self.last = hash;
-        Ok(())
+        self.file.write_all(line.as_bytes())
     }
 
-    /// Makes the records durable and remembers the chain's head for a
-    /// rotated successor file.
-    pub fn sync(&mut self) -> Result<(), AuditError> {
-        let err = |op| {
-            let path = self.path.clone();
-            move |source| AuditError { path, op, source }
-        };
-        self.file.flush().map_err(err("write"))?;
-        self.file.get_ref().sync_data().map_err(err("sync"))?;
+    fn sync(&mut self) -> Result<(), (&'static str, std::io::Error)> {
+        self.file.flush().map_err(|e| ("write", e))?;
+        self.file.get_ref().sync_data().map_err(|e| ("sync", e))?;
         let head = head_path(&self.path);
         let tmp = head.with_extension("head.tmp");
         OpenOptions::new()
@@ -225,7 +339,7 @@ impl Audit {
                 f.sync_data()
             })
             .and_then(|_| std::fs::rename(&tmp, &head))
-            .map_err(err("record the chain head"))
+            .map_err(|e| ("record the chain head", e))
     }
 }
 
@@ -311,4 +425,69 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditEr
         records: count,
         continues_from: first_prev.unwrap_or_else(|| GENESIS.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: usize) -> AuditRecord {
+        let mut rec = AuditRecord::new("repeat_request", "stored", "dic_test");
+        rec.task = Some(format!("{n:019}"));
+        rec
+    }
+
+    #[test]
+    fn records_are_written_in_order_and_chained_by_the_writer_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.ndjson");
+        let mut audit = Audit::open(&path, Chain::Sha256).unwrap();
+        for n in 0..10_000 {
+            audit.write(record(n)).unwrap();
+        }
+        audit.sync().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let tasks: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["task"].to_string())
+            .collect();
+        assert_eq!(tasks, (0..10_000).map(|n| format!("\"{n:019}\"")).collect::<Vec<_>>());
+        assert_eq!(
+            verify(std::slice::from_ref(&path), None).unwrap(),
+            Verdict::Intact {
+                records: 10_000,
+                continues_from: GENESIS.into()
+            }
+        );
+        // The head is remembered for a rotated successor, and a reopened
+        // log continues the chain.
+        let head = std::fs::read_to_string(head_path(&path)).unwrap();
+        drop(audit);
+        let mut audit = Audit::open(&path, Chain::Sha256).unwrap();
+        audit.write(record(10_000)).unwrap();
+        drop(audit);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["prev"], head.as_str());
+        assert!(matches!(
+            verify(std::slice::from_ref(&path), None).unwrap(),
+            Verdict::Intact { records: 10_001, .. }
+        ));
+    }
+
+    #[test]
+    fn a_failed_write_on_the_writer_thread_is_reported_by_the_next_write_or_sync() {
+        // /dev/full takes the open and fails every write (ENOSPC).
+        let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut audit = Audit::start(Path::new("/dev/full"), full, Chain::Sha256, GENESIS.into()).unwrap();
+        // More than the writer's buffer: its flush fails while records
+        // are still being queued; a later write says so.
+        let refused = (0..20_000).find_map(|n| audit.write(record(n)).err());
+        let err = refused.or_else(|| audit.sync().err()).expect("the failure is reported");
+        assert_eq!(err.op, "append");
+        assert_eq!(err.source.kind(), std::io::ErrorKind::StorageFull, "{err}");
+        // And from then on, every time.
+        assert!(audit.write(record(0)).is_err());
+        assert!(audit.sync().is_err());
+    }
 }

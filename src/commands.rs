@@ -91,7 +91,7 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
             "finished ledger entries older than {}",
             humanize(cfg.store.retention.0)
         ));
-        audit.write(&mut rec)?;
+        audit.write(rec)?;
         audit.sync()?;
         log::info!(
             "purged {n} finished ledger entr{} past retention",
@@ -523,7 +523,7 @@ pub fn forget(cfg: &Config, local_id: &str) -> Result<u8, AppError> {
         cfg.site.target.as_str(),
     );
     rec.patient = Some(id.fingerprint());
-    audit.write(&mut rec)?;
+    audit.write(rec)?;
     audit.sync()?;
     if erased {
         println!("erased the IDAT and Bloom filter of patient {}", id.fingerprint());

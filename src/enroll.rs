@@ -180,7 +180,7 @@ fn enroll_batch(
                 rec.patient = Some(id.fingerprint());
                 rec.bloomfilter = Some(bf.fingerprint());
                 rec.detail = Some(e.to_string());
-                audit.write(&mut rec)?;
+                audit.write(rec)?;
             }
             return Ok(Err(e));
         }
@@ -225,7 +225,7 @@ fn enroll_batch(
         rec.patient = Some(id.fingerprint());
         rec.bloomfilter = Some(bf.fingerprint());
         rec.detail = detail.clone();
-        audit.write(&mut rec)?;
+        audit.write(rec)?;
         if status == EnrolmentStatus::Error {
             log::warn!(
                 "[enroll {}] {outcome}: {}",
@@ -371,13 +371,13 @@ pub fn update_bf(
                     }),
                 ])?;
                 report.updated += 1;
-                audit.write(&mut rec)?;
+                audit.write(rec)?;
             }
             // Not this patient's fault: stop, the next run sends it again.
             Err(e) if e.is_transient() || e.is_auth() => {
                 rec.outcome = "failed".into();
                 rec.detail = Some(e.to_string());
-                audit.write(&mut rec)?;
+                audit.write(rec)?;
                 report.failed += 1;
                 report.stopped = Some(Stopped::dispatcher(&e));
                 break;
@@ -386,7 +386,7 @@ pub fn update_bf(
                 log::warn!("[update_bf {}] refused: {e}", id.fingerprint());
                 rec.outcome = "dispatcher_error".into();
                 rec.detail = Some(e.to_string());
-                audit.write(&mut rec)?;
+                audit.write(rec)?;
                 report.refused.push((id.fingerprint(), e.to_string()));
             }
         }

@@ -440,7 +440,8 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
         accept,
         authorized: (key_in_header || key_in_body) && second_factor,
         key_in_header,
-        parameters: parameters.clone(),
+        // (Set when it is recorded: no copy of every request's filters.)
+        parameters: None,
         status: 0,
     };
 
@@ -479,6 +480,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
                 body,
             } => {
                 rec.status = 0;
+                rec.parameters = parameters;
                 st.received.push(rec);
                 return Action::Respond {
                     status,
@@ -489,6 +491,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
             }
             other => {
                 rec.status = 0;
+                rec.parameters = parameters;
                 st.received.push(rec);
                 return Action::Misbehave(other);
             }
@@ -498,18 +501,19 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
     } else if !rec.authorized {
         (401, outcome("security", "missing or invalid API key"))
     } else {
-        match parameters {
+        match &parameters {
             None => (400, outcome("invalid", "body is not a FHIR Parameters resource")),
             Some(p) => match operation.as_str() {
-                "$requestTasks" => request_tasks(&mut st, &p, answer_format),
-                "$providePatientData" => provide_patient_data(&mut st, &p),
-                "$requestPsnFromBfWorkflow" => request_psn(&mut st, &p),
-                "$updateBf" => update_bf(&mut st, &p),
+                "$requestTasks" => request_tasks(&mut st, p, answer_format),
+                "$providePatientData" => provide_patient_data(&mut st, p),
+                "$requestPsnFromBfWorkflow" => request_psn(&mut st, p),
+                "$updateBf" => update_bf(&mut st, p),
                 _ => (404, outcome("not-found", "unknown operation")),
             },
         }
     };
     rec.status = status;
+    rec.parameters = parameters;
     st.received.push(rec);
     drop(st);
     fhir_answer(status, answer_format, resource, retry_after)

@@ -654,11 +654,20 @@ impl<'a> Agent<'a> {
     /// in-flight marks go to disk (with the outcomes waiting to be
     /// written), and while the disk syncs them the outcomes of the batch
     /// before are recorded (to go to disk with the marks after). The marks
-    /// are durable before their own request leaves, as ever.
+    /// are durable before their own request leaves, as ever. (A few
+    /// outcomes are recorded first, on this thread: a thread to sync on
+    /// costs more than recording them.)
     fn meanwhile(&mut self, prev: Option<Answered>, next: Option<&mut Batch>) -> Result<(), AgentError> {
         let Some(next) = next else {
             return prev.map_or(Ok(()), |p| self.record_answer(p));
         };
+        if prev.as_ref().is_none_or(|p| p.flights.len() < OVERLAP_FROM) {
+            if let Some(p) = prev {
+                self.record_answer(p)?;
+            }
+            next.marked = Some(self.mark(&mut next.entries)?);
+            return Ok(());
+        }
         let prior = mark_in_flight(&mut next.entries);
         let records = self.with_pending(&next.entries);
         let appended = self.store.write_ahead(records)?;

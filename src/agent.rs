@@ -138,7 +138,8 @@ fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<LedgerEntry>
 struct Answered {
     target: String,
     flights: Vec<LedgerEntry>,
-    result: Result<crate::fhir::Parameters, ClientError>,
+    /// The answer, read where the request was made (off the main thread).
+    result: Result<PsnAnswers, ClientError>,
 }
 
 impl Work {
@@ -628,7 +629,11 @@ impl<'a> Agent<'a> {
         let overlap = next.is_some() || prev.as_ref().is_some_and(|p| p.flights.len() >= OVERLAP_FROM);
         let result = if overlap {
             let (result, done) = std::thread::scope(|scope| {
-                let call = scope.spawn(|| client.request_psn_from_bf(study, target, &bfs, deadline));
+                let call = scope.spawn(|| {
+                    client
+                        .request_psn_from_bf(study, target, &bfs, deadline)
+                        .map(|a| PsnAnswers::from_parameters(&a))
+                });
                 let done = self.meanwhile(prev, next);
                 (call.join(), done)
             });
@@ -637,7 +642,9 @@ impl<'a> Agent<'a> {
             result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         } else {
             self.meanwhile(prev, next)?;
-            client.request_psn_from_bf(study, target, &bfs, deadline)
+            client
+                .request_psn_from_bf(study, target, &bfs, deadline)
+                .map(|a| PsnAnswers::from_parameters(&a))
         };
         crashpoint::hit("batch:after");
         if let Err(err) = &result {
@@ -706,7 +713,7 @@ impl<'a> Agent<'a> {
             flights,
             result,
         } = batch;
-        let answer = match result {
+        let answers = match result {
             Ok(a) => a,
             Err(err) => {
                 for mut e in flights {
@@ -721,7 +728,7 @@ impl<'a> Agent<'a> {
             errors,
             batch_error,
             malformed,
-        } = PsnAnswers::from_parameters(&answer);
+        } = answers;
         if malformed > 0 {
             log::warn!("[repeat_request] ignoring {malformed} malformed part(s) of the answer");
         }

@@ -877,13 +877,17 @@ impl<'a> Agent<'a> {
 const QUIET_ABOVE: usize = 1000;
 
 fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool) {
-    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
-    if matches!(e.status, Status::Failed | Status::Rejected) || outcome == "unknown_patient" {
-        log::warn!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
+    let level = if matches!(e.status, Status::Failed | Status::Rejected) || outcome == "unknown_patient" {
+        log::Level::Warn
     } else if quiet {
-        log::debug!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
+        log::Level::Debug
     } else {
-        log::info!("[{} {}] {outcome}{detail}", e.kind, e.display_id);
+        log::Level::Info
+    };
+    // (Nothing is formatted for a line that is not logged.)
+    if log::log_enabled!(level) {
+        let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
+        log::log!(level, "[{} {}] {outcome}{detail}", e.kind, e.display_id);
     }
 }
 

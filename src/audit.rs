@@ -109,9 +109,12 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// on a thread of their own: at a re-keying that is 100,000 records a
 /// cycle, a tenth of the agent's own work, and it need not wait. Order is
 /// kept (one queue), `sync` waits for everything before it, and a failed
-/// write is reported by the next `write` or `sync`.
+/// write is reported by a later `write` (a bunch later) or `sync`.
 pub struct Audit {
     path: PathBuf,
+    /// Records not yet handed to the writer thread: they go in bunches,
+    /// since waking it for each one cost the agent more than the writing.
+    bunch: Vec<AuditRecord>,
     queue: Option<std::sync::mpsc::SyncSender<Job>>,
     worker: Option<std::thread::JoinHandle<()>>,
     /// The first failure of the writer thread (later records are dropped:
@@ -124,12 +127,15 @@ pub struct Audit {
 type Failure = (&'static str, std::io::ErrorKind, String);
 
 enum Job {
-    Record(Box<AuditRecord>),
+    Records(Vec<AuditRecord>),
     Sync(std::sync::mpsc::SyncSender<Result<(), (&'static str, std::io::Error)>>),
 }
 
-/// Records queued for the writer thread before `write` waits for it.
-const QUEUE: usize = 4096;
+/// Bunches queued for the writer thread before `write` waits for it.
+const QUEUE: usize = 64;
+
+/// Records in a bunch.
+const BUNCH: usize = 128;
 
 /// The file and the chain's head: the writer thread's.
 struct Writer {
@@ -215,14 +221,18 @@ impl Audit {
         let worker = std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || {
+                let mut broken = false;
                 for job in jobs {
                     match job {
-                        Job::Record(rec) => {
-                            if crate::lock(&report).is_some() {
-                                continue;
-                            }
-                            if let Err(e) = writer.append(*rec) {
-                                *crate::lock(&report) = Some(("append", e.kind(), e.to_string()));
+                        Job::Records(records) => {
+                            for rec in records {
+                                if broken {
+                                    break;
+                                }
+                                if let Err(e) = writer.append(rec) {
+                                    *crate::lock(&report) = Some(("append", e.kind(), e.to_string()));
+                                    broken = true;
+                                }
                             }
                         }
                         Job::Sync(reply) => {
@@ -238,6 +248,7 @@ impl Audit {
             })?;
         Ok(Audit {
             path: path.to_path_buf(),
+            bunch: Vec::with_capacity(BUNCH),
             queue: Some(queue),
             worker: Some(worker),
             failed,
@@ -246,11 +257,24 @@ impl Audit {
 
     /// Queues one record (written as one line, in one write, so concurrent
     /// readers never see half a record, with its `chain`, `prev` and
-    /// `hash`). Fails if an earlier record could not be written.
+    /// `hash`). Fails if an earlier record could not be written (noticed
+    /// a bunch of records later, or at `sync`).
     pub fn write(&mut self, rec: AuditRecord) -> Result<(), AuditError> {
+        self.bunch.push(rec);
+        if self.bunch.len() < BUNCH {
+            return Ok(());
+        }
         self.check()?;
-        let sent = self.queue.as_ref().map(|q| q.send(Job::Record(Box::new(rec))));
-        match sent {
+        self.hand_over()
+    }
+
+    /// Hands the bunch to the writer thread.
+    fn hand_over(&mut self) -> Result<(), AuditError> {
+        if self.bunch.is_empty() {
+            return Ok(());
+        }
+        let bunch = std::mem::replace(&mut self.bunch, Vec::with_capacity(BUNCH));
+        match self.queue.as_ref().map(|q| q.send(Job::Records(bunch))) {
             Some(Ok(())) => Ok(()),
             _ => Err(self.gone()),
         }
@@ -259,6 +283,7 @@ impl Audit {
     /// Makes every record written so far durable and remembers the chain's
     /// head for a rotated successor file.
     pub fn sync(&mut self) -> Result<(), AuditError> {
+        self.hand_over()?;
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         let sent = self.queue.as_ref().map(|q| q.send(Job::Sync(reply)));
         let synced = match sent {
@@ -299,6 +324,7 @@ impl Drop for Audit {
     /// Writes what is queued (buffered records reach the file, as a
     /// BufWriter's would; `sync` is what makes them durable).
     fn drop(&mut self) {
+        let _ = self.hand_over();
         drop(self.queue.take());
         if let Some(w) = self.worker.take() {
             let _ = w.join();

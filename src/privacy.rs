@@ -10,7 +10,16 @@ use ring::digest::{SHA256, digest};
 /// First 12 hex digits of SHA-256: enough to correlate records, too short
 /// and too one-way to recover a name or a Bloom filter.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    hex(&digest(&SHA256, bytes).as_ref()[..6])
+    tagged_fingerprint("", bytes)
+}
+
+/// `fingerprint` after a kind's prefix (`bf:`, `psn:`, `pat:`), built in
+/// one string: the audit record of every task has one.
+pub fn tagged_fingerprint(prefix: &str, bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(prefix.len() + 12);
+    s.push_str(prefix);
+    push_hex(&mut s, &digest(&SHA256, bytes).as_ref()[..6]);
+    s
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -18,13 +27,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut s, bytes);
+    s
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
         s.push(DIGITS[(b >> 4) as usize] as char);
         s.push(DIGITS[(b & 15) as usize] as char);
     }
-    s
 }
 
 /// Removes known secrets from untrusted text before it is logged.

@@ -1,6 +1,6 @@
 //! Domain types: what a value is, not just its representation.
 
-use crate::privacy::fingerprint;
+use crate::privacy::tagged_fingerprint;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -54,7 +54,7 @@ impl BloomFilter {
 
     /// What logs and audit records show instead of the filter.
     pub fn fingerprint(&self) -> String {
-        format!("bf:{}", fingerprint(&self.0))
+        tagged_fingerprint("bf:", &self.0)
     }
 }
 
@@ -89,7 +89,7 @@ pub struct Pseudonym {
 
 impl Pseudonym {
     pub fn fingerprint(&self) -> String {
-        format!("psn:{}", fingerprint(self.value.as_bytes()))
+        tagged_fingerprint("psn:", self.value.as_bytes())
     }
 }
 
@@ -141,7 +141,7 @@ pub struct LocalId(pub String);
 
 impl LocalId {
     pub fn fingerprint(&self) -> String {
-        format!("pat:{}", fingerprint(self.0.as_bytes()))
+        tagged_fingerprint("pat:", self.0.as_bytes())
     }
 }
 

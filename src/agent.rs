@@ -659,8 +659,9 @@ impl<'a> Agent<'a> {
 
     /// What is done while a batch's request is out: the next batch's
     /// in-flight marks go to disk (with the outcomes waiting to be
-    /// written), and while the disk syncs them the outcomes of the batch
-    /// before are recorded (to go to disk with the marks after). The marks
+    /// written), and while the disk syncs them they are applied in memory
+    /// and the outcomes of the batch before are recorded (to go to disk
+    /// with the marks after). The marks
     /// are durable before their own request leaves, as ever. (A few
     /// outcomes are recorded first, on this thread: a thread to sync on
     /// costs more than recording them.)
@@ -677,9 +678,10 @@ impl<'a> Agent<'a> {
         }
         let prior = mark_in_flight(&mut next.entries);
         let records = self.with_pending(&next.entries);
-        let appended = self.store.write_ahead(records)?;
+        let (appended, records) = self.store.write_ahead(records)?;
         let (synced, recorded) = std::thread::scope(|scope| {
             let sync = scope.spawn(|| appended.sync());
+            self.store.apply(records);
             let recorded = prev.map_or(Ok(()), |p| self.record_answer(p));
             (sync.join(), recorded)
         });

@@ -103,6 +103,10 @@ pub struct Appended {
     len: u64,
 }
 
+/// The records of a `write_ahead`, for `Store::apply`.
+#[must_use = "the records of a write_ahead must be applied"]
+pub struct ToApply(Vec<Record>);
+
 impl Appended {
     /// Waits for the appended records to be on disk (fdatasync).
     pub fn sync(&self) -> std::io::Result<()> {
@@ -710,17 +714,18 @@ impl Store {
     }
 
     /// `write` for a caller with other work to do while the disk syncs:
-    /// appends the records and applies them at once, before they are known
-    /// to be on disk; `Appended::sync` (on any thread) then waits for the
-    /// disk, and `settle` takes its outcome. Until then the store takes no
-    /// other write. A failed sync leaves this handle with records in memory
-    /// that are not on disk: it is cut off the journal and the handle takes
-    /// no more writes (a cycle ends there; the next one opens the store
-    /// afresh from disk).
-    pub fn write_ahead(&mut self, records: Vec<Record>) -> Result<Appended, StoreError> {
+    /// appends the records and hands them back to be applied with `apply`
+    /// (at once: while `Appended::sync` waits for the disk on another
+    /// thread, before the records are known to be on disk); `settle` then
+    /// takes the sync's outcome. Until then the store takes no other write.
+    /// A failed sync leaves this handle with records in memory that are not
+    /// on disk: it is cut off the journal and the handle takes no more
+    /// writes (a cycle ends there; the next one opens the store afresh from
+    /// disk).
+    pub fn write_ahead(&mut self, records: Vec<Record>) -> Result<(Appended, ToApply), StoreError> {
         self.writable()?;
         if records.is_empty() {
-            return Ok(Appended { journal: None, len: 0 });
+            return Ok((Appended { journal: None, len: 0 }, ToApply(records)));
         }
         let journal = self
             .journal
@@ -729,11 +734,16 @@ impl Store {
         let len = self.append_lines(&records)?;
         self.unsettled = true;
         self.journal_records += records.len();
-        self.state.apply_all(records, &self.key);
-        Ok(Appended {
+        let appended = Appended {
             journal: Some(journal),
             len,
-        })
+        };
+        Ok((appended, ToApply(records)))
+    }
+
+    /// Applies the records of a `write_ahead`.
+    pub fn apply(&mut self, records: ToApply) {
+        self.state.apply_all(records.0, &self.key);
     }
 
     /// Whether this handle takes a write now: not while a `write_ahead` is
@@ -1256,9 +1266,11 @@ mod tests {
 
         // Appended and applied; no other write, compaction or rekey until
         // it is settled.
-        let a = s.write_ahead(vec![patient("2", b"two")]).unwrap();
+        let (a, records) = s.write_ahead(vec![patient("2", b"two")]).unwrap();
         assert!(s.unsettled());
         assert!(std::fs::metadata(&journal).unwrap().len() > before.len() as u64);
+        assert_eq!(ids(&s), ["1"]);
+        s.apply(records);
         assert_eq!(ids(&s), ["1", "2"]);
         for refused in [
             s.put(patient("3", b"three")),
@@ -1275,7 +1287,8 @@ mod tests {
 
         // A failed sync: cut off the journal again, and this handle (whose
         // memory has the record) takes no more writes.
-        let a = s.write_ahead(vec![patient("4", b"four")]).unwrap();
+        let (a, records) = s.write_ahead(vec![patient("4", b"four")]).unwrap();
+        s.apply(records);
         let failed = s.settle(a, Err(std::io::Error::other("disk gone")));
         assert!(
             matches!(

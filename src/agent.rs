@@ -327,8 +327,8 @@ impl<'a> Agent<'a> {
                 }
             }
         }
-        self.store.write(batch)?;
-        Ok(())
+        // (100,000 entries at a re-keying: their fsync and their indexing overlap.)
+        self.write_while(batch, |_| ())
     }
 
     fn work(&mut self) -> Result<(), AgentError> {
@@ -678,18 +678,25 @@ impl<'a> Agent<'a> {
         }
         let prior = mark_in_flight(&mut next.entries);
         let records = self.with_pending(&next.entries);
+        let recorded = self.write_while(records, |me| prev.map_or(Ok(()), |p| me.record_answer(p)))?;
+        next.marked = Some(prior);
+        recorded
+    }
+
+    /// Writes records durably; while the disk syncs them (on a second
+    /// thread) they are applied and `then` runs. Returns what `then` did.
+    fn write_while<R>(&mut self, records: Vec<Record>, then: impl FnOnce(&mut Self) -> R) -> Result<R, AgentError> {
         let (appended, records) = self.store.write_ahead(records)?;
-        let (synced, recorded) = std::thread::scope(|scope| {
+        let (synced, done) = std::thread::scope(|scope| {
             let sync = scope.spawn(|| appended.sync());
             self.store.apply(records);
-            let recorded = prev.map_or(Ok(()), |p| self.record_answer(p));
-            (sync.join(), recorded)
+            let done = then(self);
+            (sync.join(), done)
         });
         // (A panic in the sync is a bug: it goes on as a panic.)
         let synced = synced.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         self.store.settle(appended, synced)?;
-        next.marked = Some(prior);
-        recorded
+        Ok(done)
     }
 
     /// Marks a batch in flight, durably and with the outcomes waiting to be

@@ -661,10 +661,9 @@ impl<'a> Agent<'a> {
     /// in-flight marks go to disk (with the outcomes waiting to be
     /// written), and while the disk syncs them they are applied in memory
     /// and the outcomes of the batch before are recorded (to go to disk
-    /// with the marks after). The marks
-    /// are durable before their own request leaves, as ever. (A few
-    /// outcomes are recorded first, on this thread: a thread to sync on
-    /// costs more than recording them.)
+    /// with the marks after). The marks are durable before their own
+    /// request leaves, as ever. (A few outcomes are recorded first, on
+    /// this thread: a thread to sync on costs more than recording them.)
     fn meanwhile(&mut self, prev: Option<Answered>, next: Option<&mut Batch>) -> Result<(), AgentError> {
         let Some(next) = next else {
             return prev.map_or(Ok(()), |p| self.record_answer(p));

@@ -93,8 +93,8 @@ pub enum StoreError {
     Poisoned { path: PathBuf },
 }
 
-/// Records appended to the journal (and applied) but not yet known to be
-/// on disk (`Store::write_ahead`).
+/// Records appended to the journal but not yet known to be on disk
+/// (`Store::write_ahead`).
 #[must_use = "an appended write must be settled"]
 pub struct Appended {
     /// A second handle on the journal, so that it can be synced on another

@@ -44,28 +44,38 @@ fn polls(site: &Site) -> usize {
 /// Runs the daemon, sends it SIGTERM `after` the moment `ready` holds, and
 /// returns how long it took to stop cleanly.
 fn sigterm_the_daemon(s: &Site, ready: impl Fn() -> bool, after: Duration) -> Duration {
-    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1h\"\n";
-    std::fs::write(&s.config, text).unwrap();
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = spawn_daemon(s, "1h");
     let start = Instant::now();
     while !ready() {
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(after);
+    let stopping = Instant::now();
+    sigterm_and_wait(daemon);
+    stopping.elapsed()
+}
+
+/// Starts `run` as a daemon polling every `interval`.
+fn spawn_daemon(s: &Site, interval: &str) -> std::process::Child {
+    let text = std::fs::read_to_string(&s.config).unwrap() + &format!("\n[schedule]\ninterval = \"{interval}\"\n");
+    std::fs::write(&s.config, text).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&s.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Stops a daemon with SIGTERM and checks that it exits 0.
+fn sigterm_and_wait(mut daemon: std::process::Child) {
     std::process::Command::new("kill")
         .arg(daemon.id().to_string())
         .status()
         .unwrap();
-    let stopping = Instant::now();
     assert_eq!(daemon.wait().unwrap().code(), Some(0));
-    stopping.elapsed()
 }
 
 #[test]
@@ -494,17 +504,9 @@ fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
 #[test]
 fn a_failed_poll_does_not_end_the_daemon() {
     let s = site("");
-    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
-    std::fs::write(&s.config, text).unwrap();
     s.sim.push(RTASKS, status(500, "down", None));
     queue_send(&s, "later", Days::days(1));
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = spawn_daemon(&s, "1s");
     let start = Instant::now();
     while s.sim.state().received("$providePatientData").is_empty() {
         assert!(
@@ -513,11 +515,7 @@ fn a_failed_poll_does_not_end_the_daemon() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    sigterm_and_wait(daemon);
     assert_eq!(s.audit_outcomes("poll")[0], "failed");
 }
 

@@ -1,0 +1,117 @@
+//! Reading, overriding and validating configurations.
+
+use super::*;
+
+const GOOD: &str = r#"
+[dispatcher]
+url = "https://fttp.example.org/ttp-fhir/fhir/dispatcher/"
+api_key = "k"
+timeout = "10s"
+
+[site]
+study = "mii"
+target = "dic_test"
+
+[schedule]
+interval = "1h30m"
+
+[store]
+path = "store"
+key_file = "store.key"
+"#;
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("6h").unwrap(), Duration::from_secs(21600));
+    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert!(parse_duration("6 hours").is_err());
+    assert!(parse_duration("h").is_err());
+}
+
+#[test]
+fn a_good_file_parses_with_defaults() {
+    let c = Config::parse(GOOD, Path::new("x.toml")).unwrap();
+    assert_eq!(c.dispatcher.url.0, "https://fttp.example.org/ttp-fhir/fhir/dispatcher");
+    assert_eq!(c.dispatcher.api_key_header.0, "apikey");
+    assert_eq!(c.dispatcher.format, Format::Xml);
+    assert_eq!(c.dispatcher.batch_size.0, 100);
+    assert_eq!(c.schedule.interval.0, Duration::from_secs(5400));
+    assert_eq!(format!("{:?}", c.dispatcher.api_key), "Some([redacted])");
+}
+
+#[test]
+fn unknown_keys_and_bad_values_name_key_and_line() {
+    let bad = GOOD.replace("timeout = \"10s\"", "timeout = \"10 parsecs\"");
+    let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 5") && e.contains("timeout"), "{e}");
+    let bad = GOOD.replace("[site]", "[site]\nstudyy = \"x\"");
+    let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 8") && e.contains("studyy"), "{e}");
+    let bad = GOOD.replace("https://fttp", "ftp://fttp");
+    let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(e.contains("line 3") && e.contains("https://"), "{e}");
+    for (key, bad, range) in [("batch_size", "0", "1 and 10000"), ("max_attempts", "21", "1 and 20")] {
+        let text = GOOD.replace("timeout = \"10s\"", &format!("timeout = \"10s\"\n{key} = {bad}"));
+        let e = Config::parse(&text, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(
+            e.contains("line 6") && e.contains(&format!("{key} must be between {range}")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn loopback_detection() {
+    for url in [
+        "http://127.0.0.1:8080/x",
+        "http://localhost/x",
+        "http://[::1]:80/",
+        "http://127.9.9.9",
+    ] {
+        assert!(is_loopback_url(url), "{url}");
+    }
+    for url in [
+        "http://10.0.0.1/x",
+        "http://example.org",
+        "http://localhost.example.org/",
+        "http://user@10.1.1.1",
+    ] {
+        assert!(!is_loopback_url(url), "{url}");
+    }
+}
+
+#[test]
+fn plain_http_beyond_loopback_needs_an_explicit_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let text = GOOD.replace("https://fttp.example.org", "http://10.20.30.40");
+    std::fs::write(&path, &text).unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("plain http://") && e.contains("allow_insecure_http"), "{e}");
+    std::fs::write(
+        &path,
+        text.replace("api_key = \"k\"", "api_key = \"k\"\nallow_insecure_http = true"),
+    )
+    .unwrap();
+    assert!(Config::load(&path).is_ok());
+    std::fs::write(&path, GOOD.replace("https://fttp.example.org", "http://127.0.0.1:9")).unwrap();
+    assert!(Config::load(&path).is_ok());
+}
+
+#[test]
+fn replacements_keep_the_order_they_are_written_in() {
+    let t: BloomTransformer =
+        toml::from_str("replacement = { \"b\" = \"c\", \"a\" = \"b\", 'Dr\\.' = \"\" }\ntrim = true\n").unwrap();
+    let keys: Vec<&str> = t.replacement.0.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["b", "a", "Dr\\."]);
+    assert!(t.trim && !t.upper_case);
+    let f: BloomField = toml::from_str("name = \"x\"\nsource = [\"given\", \"family\"]\n").unwrap();
+    assert_eq!(f.source.elements().len(), 2);
+    let err = toml::from_str::<BloomField>("name = \"x\"\nsource = \"nickname\"\n").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown IDAT element 'nickname' (known: given, family"),
+        "{err}"
+    );
+}

@@ -1,0 +1,135 @@
+//! The value types of the configuration: each validates itself while the
+//! file is read, so a bad value is reported with its key and line.
+
+use super::*;
+
+/// A duration written for humans: `500ms`, `30s`, `30m`, `6h`, `2d`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("invalid duration '{s}' (use e.g. 30s, 15m, 6h, 1d)"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("number too large in '{s}'"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(format!("invalid duration '{s}': unit must be ms, s, m, h or d")),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An http(s) URL without trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl(pub String);
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim().trim_end_matches('/');
+        let rest = t
+            .strip_prefix("https://")
+            .or_else(|| t.strip_prefix("http://"))
+            .ok_or_else(|| serde::de::Error::custom("url must start with https:// or http://"))?;
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(serde::de::Error::custom("url has no host"));
+        }
+        if t.contains(char::is_whitespace) {
+            return Err(serde::de::Error::custom("url contains whitespace"));
+        }
+        Ok(BaseUrl(t.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonEmpty(pub String);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(NonEmpty(s.trim().to_string()))
+    }
+}
+
+impl NonEmpty {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderName(pub String);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+        if !ok {
+            return Err(serde::de::Error::custom("not a valid HTTP header name"));
+        }
+        Ok(HeaderName(s))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSize(pub usize);
+
+impl<'de> Deserialize<'de> for BatchSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        in_range(d, "batch_size", 1..=10_000).map(|n| BatchSize(n as usize))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts(pub u32);
+
+impl<'de> Deserialize<'de> for Attempts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        in_range(d, "max_attempts", 1..=20).map(|n| Attempts(n as u32))
+    }
+}
+
+/// An integer `key` that must lie in `range`.
+fn in_range<'de, D: Deserializer<'de>>(d: D, key: &str, range: std::ops::RangeInclusive<i64>) -> Result<i64, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !range.contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "{key} must be between {} and {}",
+            range.start(),
+            range.end()
+        )));
+    }
+    Ok(n)
+}

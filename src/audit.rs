@@ -131,8 +131,11 @@ enum Job {
     Sync(std::sync::mpsc::SyncSender<Result<(), (&'static str, std::io::Error)>>),
 }
 
-/// Bunches queued for the writer thread before `write` waits for it.
-const QUEUE: usize = 64;
+/// Bunches queued for the writer thread before `write` waits for it. Kept
+/// small: records not yet handed to the kernel are lost if the process is
+/// killed, and the store may already hold their outcomes (a few hundred
+/// records at most, as many as the file's buffer held before this thread).
+const QUEUE: usize = 2;
 
 /// Records in a bunch.
 const BUNCH: usize = 128;
@@ -211,7 +214,7 @@ impl Audit {
     fn start(path: &Path, file: File, chain: Chain, last: String) -> Result<Audit, AuditError> {
         let mut writer = Writer {
             path: path.to_path_buf(),
-            file: std::io::BufWriter::with_capacity(256 * 1024, file),
+            file: std::io::BufWriter::with_capacity(64 * 1024, file),
             chain,
             last,
         };

@@ -1,0 +1,128 @@
+//! The HTTP side: reads requests off the socket (Content-Length bodies,
+//! keep-alive), lets `handle` decide, writes the answer or plays a
+//! connection fault on the real socket.
+
+use super::{Action, FaultKind, HttpRequest, SimOptions, SimState};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Mutex;
+
+const PARTIAL: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+xml\r\nContent-Length: 5000\r\n\r\n<Parameters xmlns=\"http://hl7.org/fhir\"><parameter>";
+
+fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<HttpRequest>> {
+    let mut first = String::new();
+    loop {
+        first.clear();
+        if r.read_line(&mut first)? == 0 {
+            return Ok(None);
+        }
+        if !first.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = first.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("Content-Length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len.min(super::MAX_BODY as usize)];
+    r.read_exact(&mut body)?;
+    Ok(Some(HttpRequest {
+        method,
+        path,
+        headers,
+        body,
+    }))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOptions) {
+    crate::lock(state).connections += 1;
+    let _ = client.set_nodelay(true);
+    let Ok(read_half) = client.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let mut client = client;
+    while let Ok(Some(req)) = read_request(&mut reader) {
+        let close = req
+            .headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("Connection") && v.eq_ignore_ascii_case("close"));
+        match super::handle(state, options, &req) {
+            Action::Respond {
+                status,
+                content_type,
+                body,
+                retry_after,
+            } => {
+                let mut head = format!(
+                    "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+                    reason(status),
+                    body.len()
+                );
+                if let Some(secs) = retry_after {
+                    head.push_str(&format!("Retry-After: {secs}\r\n"));
+                }
+                if close {
+                    head.push_str("Connection: close\r\n");
+                }
+                head.push_str("\r\n");
+                let mut out = head.into_bytes();
+                out.extend_from_slice(&body);
+                if client.write_all(&out).is_err() {
+                    return;
+                }
+            }
+            Action::Misbehave(kind) => {
+                match kind {
+                    FaultKind::ResetMidBody => {
+                        let _ = client.write_all(PARTIAL);
+                    }
+                    FaultKind::Stall(d) => {
+                        let _ = client.write_all(PARTIAL);
+                        std::thread::sleep(d);
+                    }
+                    _ => {}
+                }
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        if close {
+            return;
+        }
+    }
+}

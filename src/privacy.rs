@@ -22,6 +22,25 @@ pub fn tagged_fingerprint(prefix: &str, bytes: &[u8]) -> String {
     s
 }
 
+/// SHA-256 over the JSON serde writes for `value`, fed to the digest as
+/// it is written (no string of it: 100,000 task keys at a re-keying).
+pub fn sha256_of_json<T: serde::Serialize>(value: &T) -> ring::digest::Digest {
+    struct Digest(ring::digest::Context);
+    impl std::io::Write for Digest {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut d = Digest(ring::digest::Context::new(&SHA256));
+    // Serialising our own plain data types cannot fail.
+    let _ = serde_json::to_writer(&mut d, value);
+    d.0.finish()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(digest(&SHA256, bytes).as_ref())
 }

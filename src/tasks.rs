@@ -112,22 +112,8 @@ impl Task {
         match self {
             Task::SendIdat { task_id, .. } => format!("task:{task_id}"),
             other => {
-                // The canonical JSON goes straight into the digest (no
-                // string of it): 100,000 keys at a re-keying.
-                struct Digest(ring::digest::Context);
-                impl std::io::Write for Digest {
-                    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                        self.0.update(buf);
-                        Ok(buf.len())
-                    }
-                    fn flush(&mut self) -> std::io::Result<()> {
-                        Ok(())
-                    }
-                }
-                let mut d = Digest(ring::digest::Context::new(&ring::digest::SHA256));
-                // Serialising our own plain data types cannot fail.
-                let _ = serde_json::to_writer(&mut d, other);
-                format!("sha256:{}", crate::privacy::hex(&d.0.finish().as_ref()[..16]))
+                let digest = crate::privacy::sha256_of_json(other);
+                format!("sha256:{}", crate::privacy::hex(&digest.as_ref()[..16]))
             }
         }
     }

@@ -97,13 +97,15 @@ impl Agent<'_> {
         // Enough to do meanwhile for a thread to be worth starting: a next
         // batch to mark (an fsync), or many outcomes to record.
         let overlap = next.is_some() || prev.as_ref().is_some_and(|p| p.flights.len() >= OVERLAP_FROM);
+        // (The answer is read where the request is made.)
+        let request = || {
+            client
+                .request_psn_from_bf(study, target, &bfs, deadline)
+                .map(|a| PsnAnswers::from_parameters(&a))
+        };
         let result = if overlap {
             let (result, done) = std::thread::scope(|scope| {
-                let call = scope.spawn(|| {
-                    client
-                        .request_psn_from_bf(study, target, &bfs, deadline)
-                        .map(|a| PsnAnswers::from_parameters(&a))
-                });
+                let call = scope.spawn(request);
                 let done = self.meanwhile(prev, next);
                 (call.join(), done)
             });
@@ -112,9 +114,7 @@ impl Agent<'_> {
             result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         } else {
             self.meanwhile(prev, next)?;
-            client
-                .request_psn_from_bf(study, target, &bfs, deadline)
-                .map(|a| PsnAnswers::from_parameters(&a))
+            request()
         };
         crashpoint::hit("batch:after");
         if let Err(err) = &result {
@@ -150,6 +150,22 @@ impl Agent<'_> {
         let recorded = self.write_while(records, |me| prev.map_or(Ok(()), |p| me.record_answer(p)))?;
         next.marked = Some(prior);
         recorded
+    }
+
+    /// Writes records durably; while the disk syncs them (on a second
+    /// thread) they are applied and `then` runs. Returns what `then` did.
+    fn write_while<R>(&mut self, records: Vec<Record>, then: impl FnOnce(&mut Self) -> R) -> Result<R, AgentError> {
+        let (appended, records) = self.store.write_ahead(records)?;
+        let (synced, done) = std::thread::scope(|scope| {
+            let sync = scope.spawn(|| appended.sync());
+            self.store.apply(records);
+            let done = then(self);
+            (sync.join(), done)
+        });
+        // (A panic in the sync is a bug: it goes on as a panic.)
+        let synced = synced.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        self.store.settle(appended, synced)?;
+        Ok(done)
     }
 
     /// Marks a batch in flight, durably and with the outcomes waiting to be

@@ -144,22 +144,6 @@ impl<'a> Agent<'a> {
         Ok(())
     }
 
-    /// Writes records durably; while the disk syncs them (on a second
-    /// thread) they are applied and `then` runs. Returns what `then` did.
-    fn write_while<R>(&mut self, records: Vec<Record>, then: impl FnOnce(&mut Self) -> R) -> Result<R, AgentError> {
-        let (appended, records) = self.store.write_ahead(records)?;
-        let (synced, done) = std::thread::scope(|scope| {
-            let sync = scope.spawn(|| appended.sync());
-            self.store.apply(records);
-            let done = then(self);
-            (sync.join(), done)
-        });
-        // (A panic in the sync is a bug: it goes on as a panic.)
-        let synced = synced.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        self.store.settle(appended, synced)?;
-        Ok(done)
-    }
-
     pub fn with_shutdown(mut self, stop: Shutdown) -> Self {
         self.stop = Some(stop);
         self
@@ -306,8 +290,8 @@ impl<'a> Agent<'a> {
                 }
             }
         }
-        // (100,000 entries at a re-keying: their fsync and their indexing overlap.)
-        self.write_while(batch, |_| ())
+        self.store.write(batch)?;
+        Ok(())
     }
 
     fn work(&mut self) -> Result<(), AgentError> {

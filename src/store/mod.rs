@@ -105,6 +105,16 @@ pub struct Appended {
     len: u64,
 }
 
+/// Whether a store handle takes writes (`Store::write_ahead`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    Open,
+    /// A `write_ahead` is not yet settled.
+    Unsettled,
+    /// A `write_ahead` failed to sync: memory holds records the disk lacks.
+    Poisoned,
+}
+
 /// The records of a `write_ahead`, for `Store::apply`.
 #[must_use = "the records of a write_ahead must be applied"]
 pub struct ToApply(Vec<Record>);
@@ -211,10 +221,7 @@ pub struct Store {
     journal_records: usize,
     generation: u64,
     compact_after: usize,
-    /// A `write_ahead` is not yet settled.
-    unsettled: bool,
-    /// A `write_ahead` failed to sync: memory holds records the disk lacks.
-    poisoned: bool,
+    writes: Writes,
     state: State,
     key: StoreKey,
 }
@@ -337,8 +344,7 @@ impl Store {
             journal_records,
             generation,
             compact_after: COMPACT_AFTER,
-            unsettled: false,
-            poisoned: false,
+            writes: Writes::Open,
             state,
             key,
         })
@@ -394,7 +400,7 @@ impl Store {
             .try_clone()
             .map_err(io("open the journal", &self.dir.join(JOURNAL)))?;
         let len = self.append_lines(&records)?;
-        self.unsettled = true;
+        self.writes = Writes::Unsettled;
         self.journal_records += records.len();
         let appended = Appended {
             journal: Some(journal),
@@ -412,16 +418,16 @@ impl Store {
     /// unsettled, nor ever after one failed.
     fn writable(&self) -> Result<(), StoreError> {
         let path = self.dir.clone();
-        match (self.poisoned, self.unsettled) {
-            (true, _) => Err(StoreError::Poisoned { path }),
-            (false, true) => Err(StoreError::Unsettled { path }),
-            (false, false) => Ok(()),
+        match self.writes {
+            Writes::Open => Ok(()),
+            Writes::Unsettled => Err(StoreError::Unsettled { path }),
+            Writes::Poisoned => Err(StoreError::Poisoned { path }),
         }
     }
 
     /// Whether a `write_ahead` waits to be settled.
     pub fn unsettled(&self) -> bool {
-        self.unsettled
+        self.writes == Writes::Unsettled
     }
 
     /// Ends a `write_ahead` with the outcome of its `Appended::sync`.
@@ -429,11 +435,11 @@ impl Store {
         if appended.journal.is_none() {
             return Ok(());
         }
-        self.unsettled = false;
         if let Err(source) = synced {
-            self.poisoned = true;
+            self.writes = Writes::Poisoned;
             return Err(self.roll_back("sync the journal", source));
         }
+        self.writes = Writes::Open;
         crate::crashpoint::hit("journal:written");
         self.journal_len += appended.len;
         Ok(())

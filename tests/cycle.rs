@@ -4,7 +4,7 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::{STUDY, Site, TARGET, bf};
+use common::{STUDY, Site, TARGET, bf, stop_daemon};
 use fttp_agent::fhir::idat::{Idat, IdatElement};
 use fttp_agent::sim::{self, SimOptions};
 use fttp_agent::store::Status;
@@ -613,16 +613,7 @@ fn the_example_config_is_valid() {
 #[test]
 fn the_daemon_polls_on_schedule_and_stops_cleanly_on_sigterm() {
     let site = Site::new("xml");
-    let text = std::fs::read_to_string(&site.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
-    std::fs::write(&site.config, text).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&site.config)
-        .arg("run")
-        .env_remove("FTTP_AGENT_API_KEY")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = site.daemon("1s");
     let start = std::time::Instant::now();
     while site.sim.state().received("$requestTasks").len() < 2 {
         assert!(
@@ -631,16 +622,7 @@ fn the_daemon_polls_on_schedule_and_stops_cleanly_on_sigterm() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let kill = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let stopped = std::time::Instant::now();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
-    assert!(stopped.elapsed() < std::time::Duration::from_secs(10));
+    assert!(stop_daemon(child) < std::time::Duration::from_secs(10));
     assert!(site.audit_outcomes("poll").len() >= 2);
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use chrono::{Duration as Days, Utc};
-use common::{STUDY, Site, TARGET, bf};
+use common::{STUDY, Site, TARGET, bf, stop_daemon};
 use fttp_agent::fhir::idat::IdatElement;
 use fttp_agent::sim::{self, FaultKind, SimOptions};
 use fttp_agent::store::Status;
@@ -44,38 +44,14 @@ fn polls(site: &Site) -> usize {
 /// Runs the daemon, sends it SIGTERM `after` the moment `ready` holds, and
 /// returns how long it took to stop cleanly.
 fn sigterm_the_daemon(s: &Site, ready: impl Fn() -> bool, after: Duration) -> Duration {
-    let daemon = spawn_daemon(s, "1h");
+    let daemon = s.daemon("1h");
     let start = Instant::now();
     while !ready() {
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(after);
-    let stopping = Instant::now();
-    sigterm_and_wait(daemon);
-    stopping.elapsed()
-}
-
-/// Starts `run` as a daemon polling every `interval`.
-fn spawn_daemon(s: &Site, interval: &str) -> std::process::Child {
-    let text = std::fs::read_to_string(&s.config).unwrap() + &format!("\n[schedule]\ninterval = \"{interval}\"\n");
-    std::fs::write(&s.config, text).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-/// Stops a daemon with SIGTERM and checks that it exits 0.
-fn sigterm_and_wait(mut daemon: std::process::Child) {
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    stop_daemon(daemon)
 }
 
 #[test]
@@ -405,18 +381,10 @@ fn two_agents_started_together_exactly_one_runs() {
 #[test]
 fn import_while_the_daemon_runs_is_safe() {
     let s = site("");
-    let text = std::fs::read_to_string(&s.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
-    std::fs::write(&s.config, text).unwrap();
     for _ in 0..3 {
         s.sim.push(RTASKS, FaultKind::Delay(Duration::from_millis(300)));
     }
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&s.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = s.daemon("1s");
     let path = s.dir.path().join("more.csv");
     let mut csv = String::from("local_id,given\n");
     for i in 0..200 {
@@ -433,11 +401,7 @@ fn import_while_the_daemon_runs_is_safe() {
         assert!(start.elapsed() < Duration::from_secs(20));
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    stop_daemon(daemon);
     assert_eq!(s.store().patient_count(), 203);
 }
 
@@ -506,7 +470,7 @@ fn a_failed_poll_does_not_end_the_daemon() {
     let s = site("");
     s.sim.push(RTASKS, status(500, "down", None));
     queue_send(&s, "later", Days::days(1));
-    let daemon = spawn_daemon(&s, "1s");
+    let daemon = s.daemon("1s");
     let start = Instant::now();
     while s.sim.state().received("$providePatientData").is_empty() {
         assert!(
@@ -515,7 +479,7 @@ fn a_failed_poll_does_not_end_the_daemon() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    sigterm_and_wait(daemon);
+    stop_daemon(daemon);
     assert_eq!(s.audit_outcomes("poll")[0], "failed");
 }
 

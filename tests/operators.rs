@@ -4,7 +4,7 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::{Site, TARGET, bf, secrets};
+use common::{Site, TARGET, bf, secrets, stop_daemon};
 use fttp_agent::fhir::element::Value;
 use fttp_agent::fhir::idat::IdatElement;
 use fttp_agent::ops::TaskLine;
@@ -443,14 +443,7 @@ fn json_logs_carry_level_message_and_task_context() {
 #[test]
 fn the_daemon_writes_a_heartbeat_and_reopens_its_log_on_sighup() {
     let site = Site::new("xml");
-    append(&site, "schedule", "interval = \"1s\"");
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&site.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let daemon = site.daemon("1s");
     let log = site.dir.path().join("agent.log");
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let start = std::time::Instant::now();
@@ -478,11 +471,7 @@ fn the_daemon_writes_a_heartbeat_and_reopens_its_log_on_sighup() {
     wait("a new log file", &|| {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("polling"))
     });
-    std::process::Command::new("kill")
-        .arg(daemon.id().to_string())
-        .status()
-        .unwrap();
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    stop_daemon(daemon);
     let (_, out) = stdout(&site, &["status"]);
     assert!(
         out.contains("next poll:") && !out.contains("next poll:            unknown"),

@@ -141,6 +141,23 @@ impl Site {
         out
     }
 
+    /// Starts `run` as a daemon polling every `interval` (its stderr
+    /// discarded); `stop_daemon` ends it.
+    pub fn daemon(&self, interval: &str) -> std::process::Child {
+        let text =
+            std::fs::read_to_string(&self.config).unwrap() + &format!("\n[schedule]\ninterval = \"{interval}\"\n");
+        std::fs::write(&self.config, text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("run")
+            .env_remove("FTTP_AGENT_API_KEY")
+            .env_remove("FTTP_AGENT_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     pub fn cycle(&self) -> (i32, String) {
         let out = self.run(&["run", "--once"]);
         let text = format!(
@@ -190,4 +207,14 @@ impl Site {
             }
         }
     }
+}
+
+/// Stops a daemon with SIGTERM; checks that it exits 0 and returns how long
+/// that took.
+pub fn stop_daemon(mut daemon: std::process::Child) -> std::time::Duration {
+    let stopping = std::time::Instant::now();
+    let kill = Command::new("kill").arg(daemon.id().to_string()).status().unwrap();
+    assert!(kill.success());
+    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    stopping.elapsed()
 }

@@ -658,10 +658,10 @@ fn the_summary_line_says_where_a_slow_cycle_spent_its_time() {
 
 #[test]
 fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails() {
-    // Three batches. The first answer is recorded while the second request
-    // is out (on a second thread from 16 filters a batch; before it, for
-    // smaller batches); the second request fails for good (the connection
-    // drops on every retry), so the third is not attempted.
+    // Three batches, marked in flight ahead of their requests (the agent's
+    // pipeline); the first answer is recorded while the second request is
+    // out; the second request fails for good (the connection drops on
+    // every retry), so the third, already marked, is not attempted.
     for size in [1u32, 16] {
         let site = Site::with("xml", SimOptions::default(), &format!("batch_size = {size}"));
         let later = Utc::now() + Duration::days(1);
@@ -705,7 +705,7 @@ fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails
             let first = matches!(&e.task, Some(fttp_agent::tasks::Task::RepeatRequest { bloomfilter, .. })
                 if (1..=size).any(|n| *bloomfilter == bfv(n)));
             assert_eq!(e.status.is_terminal(), first, "{} {:?}", e.display_id, e.status);
-            // The third batch was marked in flight while the second was out;
+            // The third batch was marked in flight before the second failed;
             // not sent after all, it is as it was: pending, never attempted.
             let third = matches!(&e.task, Some(fttp_agent::tasks::Task::RepeatRequest { bloomfilter, .. })
                 if (2 * size + 1..=3 * size).any(|n| *bloomfilter == bfv(n)));

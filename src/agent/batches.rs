@@ -1,24 +1,57 @@
-//! `repeat_request`s in batches: one request for many Bloom filters, with
-//! each batch's bookkeeping (its in-flight marks going to disk, the answer
-//! before it recorded) done while the request before it is out.
+//! `repeat_request`s in batches (one request for many Bloom filters), run
+//! as a pipeline of three threads so that the bookkeeping, the disk and
+//! the network overlap instead of taking turns:
+//!
+//! - this thread marks each batch in flight (appended to the journal with
+//!   the outcomes recorded since), applies the marks in memory, and
+//!   records the answers as they come back;
+//! - a sync thread makes each batch's marks durable (fsync) and only then
+//!   clears the batch to go;
+//! - a network thread sends the cleared batches in order, one at a time,
+//!   and reads each answer.
+//!
+//! A request never leaves before its in-flight marks are on disk. At most
+//! `AHEAD` batches are marked and not yet recorded, so a crash leaves at
+//! most that many in flight; they are sent again on the next run, like
+//! any task in flight (a repeated `repeat_request` is harmless).
 
 use super::*;
+use crate::progress::Progress as Meter;
+use crate::store::Appended;
+use std::sync::mpsc;
 
-/// Batches of fewer filters are recorded before the next request, on one
-/// thread: starting a thread costs more than their bookkeeping.
-pub(super) const OVERLAP_FROM: usize = 16;
+/// Batches marked in flight whose answers are not yet recorded: enough
+/// that the network thread always finds the next batch cleared to go.
+const AHEAD: usize = 3;
 
-/// A batch of `repeat_request`s to be sent.
+/// A batch of `repeat_request`s for one study and target, sent together.
 pub(super) struct Batch {
+    pub(super) study: String,
+    pub(super) target: String,
     pub(super) entries: Vec<LedgerEntry>,
-    /// Set once the batch's in-flight marks are on disk (written while
-    /// the batch before was out): each entry's status from before, for
-    /// a batch that is then not sent after all.
-    pub(super) marked: Option<Vec<Status>>,
+}
+
+/// A batch marked in flight, on its way through the pipeline.
+struct Job {
+    batch: Batch,
+    /// Each entry's status before it was marked, for a batch that is not
+    /// sent after all.
+    prior: Vec<Status>,
+}
+
+/// What became of a job.
+enum Sent {
+    /// Sent; the answer, read on the network thread.
+    Answer(Result<PsnAnswers, ClientError>),
+    /// Not sent: a stop was requested meanwhile.
+    Halted,
+    /// Not sent: an earlier batch found the dispatcher unreachable (or the
+    /// key refused); the reason.
+    Down(String),
 }
 
 /// Marks entries in flight (in memory); returns each one's status from before.
-pub(super) fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
+fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
     let now = Utc::now();
     let prior = entries.iter().map(|e| e.status).collect();
     for e in entries.iter_mut() {
@@ -30,7 +63,7 @@ pub(super) fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
 }
 
 /// Undoes in-flight marks for a batch that was not sent after all.
-pub(super) fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<LedgerEntry> {
+fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<LedgerEntry> {
     for (e, status) in entries.iter_mut().zip(prior) {
         e.status = status;
         e.attempts = e.attempts.saturating_sub(1);
@@ -38,143 +71,141 @@ pub(super) fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<L
     entries
 }
 
-/// A batch of `repeat_request`s whose request is done, its outcomes not yet recorded.
-pub(super) struct Answered {
-    pub(super) target: String,
-    pub(super) flights: Vec<LedgerEntry>,
-    /// The answer, read where the request was made (off the main thread).
-    pub(super) result: Result<PsnAnswers, ClientError>,
+/// Why a network task is left for later after `err`.
+pub(super) fn skipped_after(err: &ClientError) -> String {
+    format!("skipped after an earlier failure this cycle: {err}")
+}
+
+/// Sends one job's Bloom filters and reads the answer (network thread).
+fn send(client: &Client, job: &Job, quiet: bool) -> Result<PsnAnswers, ClientError> {
+    let Batch { study, target, entries } = &job.batch;
+    let bfs: Vec<&BloomFilter> = entries
+        .iter()
+        .filter_map(|e| match &e.task {
+            Some(Task::RepeatRequest { bloomfilter, .. }) => Some(bloomfilter),
+            _ => None,
+        })
+        .collect();
+    let deadline = deadline(entries.iter().filter_map(|e| e.expires).min());
+    if quiet {
+        log::debug!("[repeat_request] sending {} Bloom filter(s) in one call", bfs.len());
+    } else {
+        log::info!("[repeat_request] sending {} Bloom filter(s) in one call", bfs.len());
+    }
+    crashpoint::hit("batch:before");
+    let result = client
+        .request_psn_from_bf(study, target, &bfs, deadline)
+        .map(|a| PsnAnswers::from_parameters(&a));
+    crashpoint::hit("batch:after");
+    result
 }
 
 impl Agent<'_> {
-    /// Sends one batch of `repeat_request`s. Its answer is recorded later,
-    /// while the next batch's request is out (`prev` is the batch before,
-    /// recorded here meanwhile), and the in-flight marks of the batch after
-    /// (`next`) go to disk meanwhile too: the bookkeeping and the fsync
-    /// overlap the network and the dispatcher's work instead of adding to
-    /// them. In-flight marks are durable before a request leaves, as ever;
-    /// the results of the batch before go to disk with the next marks.
-    pub(super) fn repeat_requests(
-        &mut self,
-        study: &str,
-        target: &str,
-        this: Batch,
-        prev: Option<Answered>,
-        next: Option<&mut Batch>,
-    ) -> Result<Option<Answered>, AgentError> {
-        if let Some(reason) = self.network_down.clone() {
-            if let Some(p) = prev {
-                self.record_answer(p)?;
-            }
-            let entries = match this.marked {
-                Some(prior) => unmark(this.entries, prior),
-                None => this.entries,
-            };
-            for e in entries {
-                self.finish(e, "not_attempted", Some(reason.clone()), None)?;
-            }
-            return Ok(None);
-        }
-        let mut flights = this.entries;
-        if this.marked.is_none() {
-            self.mark(&mut flights)?;
-        }
-        let bfs: Vec<&BloomFilter> = flights
-            .iter()
-            .filter_map(|e| match &e.task {
-                Some(Task::RepeatRequest { bloomfilter, .. }) => Some(bloomfilter),
-                _ => None,
-            })
-            .collect();
-        let deadline = deadline(flights.iter().filter_map(|e| e.expires).min());
-        if self.report.received > QUIET_ABOVE {
-            log::debug!("[repeat_request] sending {} Bloom filter(s) in one call", bfs.len());
-        } else {
-            log::info!("[repeat_request] sending {} Bloom filter(s) in one call", bfs.len());
-        }
-        crashpoint::hit("batch:before");
+    /// Sends the batches in order and records each one's outcomes (see the
+    /// module's comment). Returns false if a stop was requested before all
+    /// were sent: the batches not sent are left as they were.
+    pub(super) fn repeat_requests(&mut self, batches: Vec<Batch>, meter: &mut Meter) -> Result<bool, AgentError> {
         let client = self.client;
-        // Enough to do meanwhile for a thread to be worth starting: a next
-        // batch to mark (an fsync), or many outcomes to record.
-        let overlap = next.is_some() || prev.as_ref().is_some_and(|p| p.flights.len() >= OVERLAP_FROM);
-        // (The answer is read where the request is made.)
-        let request = || {
-            client
-                .request_psn_from_bf(study, target, &bfs, deadline)
-                .map(|a| PsnAnswers::from_parameters(&a))
-        };
-        let result = if overlap {
-            let (result, done) = std::thread::scope(|scope| {
-                let call = scope.spawn(request);
-                let done = self.meanwhile(prev, next);
-                (call.join(), done)
+        let quiet = self.report.received > QUIET_ABOVE;
+        let stop = self.stop.clone();
+        std::thread::scope(|scope| {
+            let (to_sync, sync_in) = mpsc::channel::<(Appended, Job)>();
+            let (synced_out, synced) = mpsc::channel::<(Appended, std::io::Result<()>)>();
+            let (to_net, net_in) = mpsc::channel::<Job>();
+            let (answer_out, answers) = mpsc::channel::<(Job, Sent)>();
+            scope.spawn(move || {
+                for (appended, job) in sync_in {
+                    let result = appended.sync();
+                    let ok = result.is_ok();
+                    // (A job whose marks failed to sync is never sent: the
+                    // store refuses writes from then on and the cycle ends.)
+                    if synced_out.send((appended, result)).is_err() || !ok || to_net.send(job).is_err() {
+                        break;
+                    }
+                }
             });
-            done?;
-            // (A panic in the request is a bug: it goes on as a panic.)
-            result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        } else {
-            self.meanwhile(prev, next)?;
-            request()
-        };
-        crashpoint::hit("batch:after");
-        if let Err(err) = &result {
-            self.note_network(err);
-        }
-        Ok(Some(Answered {
-            target: target.to_string(),
-            flights,
-            result,
-        }))
-    }
-
-    /// What is done while a batch's request is out: the next batch's
-    /// in-flight marks go to disk (with the outcomes waiting to be
-    /// written), and while the disk syncs them they are applied in memory
-    /// and the outcomes of the batch before are recorded (to go to disk
-    /// with the marks after). The marks are durable before their own
-    /// request leaves, as ever. (A few outcomes are recorded first, on
-    /// this thread: a thread to sync on costs more than recording them.)
-    fn meanwhile(&mut self, prev: Option<Answered>, next: Option<&mut Batch>) -> Result<(), AgentError> {
-        let Some(next) = next else {
-            return prev.map_or(Ok(()), |p| self.record_answer(p));
-        };
-        if prev.as_ref().is_none_or(|p| p.flights.len() < OVERLAP_FROM) {
-            if let Some(p) = prev {
-                self.record_answer(p)?;
+            scope.spawn(move || {
+                let mut down: Option<String> = None;
+                for job in net_in {
+                    let sent = if stop.as_ref().is_some_and(Shutdown::requested) {
+                        Sent::Halted
+                    } else if let Some(reason) = &down {
+                        Sent::Down(reason.clone())
+                    } else {
+                        let result = send(client, &job, quiet);
+                        if let Err(err) = &result
+                            && (err.is_unreachable() || err.is_auth())
+                        {
+                            down = Some(skipped_after(err));
+                        }
+                        Sent::Answer(result)
+                    };
+                    if answer_out.send((job, sent)).is_err() {
+                        break;
+                    }
+                }
+            });
+            // Jobs marked whose answers are not yet recorded; whether the
+            // last one's marks wait to be settled.
+            let mut out = 0usize;
+            let mut unsettled = false;
+            let mut finished = true;
+            for mut batch in batches {
+                if self.stop.as_ref().is_some_and(Shutdown::requested) {
+                    finished = false;
+                    break;
+                }
+                if let Some(reason) = self.network_down.clone() {
+                    for e in batch.entries {
+                        self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+                    }
+                    continue;
+                }
+                meter.tick(batch.entries.len());
+                while out >= AHEAD {
+                    let Ok((job, sent)) = answers.recv() else { break };
+                    out -= 1;
+                    self.record(job, sent)?;
+                }
+                // One write at a time: the marks before are settled first
+                // (their fsync ran while the answers above were recorded).
+                if std::mem::take(&mut unsettled) && !self.settle(&synced)? {
+                    break;
+                }
+                let prior = mark_in_flight(&mut batch.entries);
+                let records = self.with_pending(&batch.entries);
+                let (appended, records) = self.store.write_ahead(records)?;
+                unsettled = true;
+                if to_sync.send((appended, Job { batch, prior })).is_err() {
+                    break;
+                }
+                out += 1;
+                self.store.apply(records);
+                while let Ok((job, sent)) = answers.try_recv() {
+                    out -= 1;
+                    self.record(job, sent)?;
+                }
             }
-            next.marked = Some(self.mark(&mut next.entries)?);
-            return Ok(());
-        }
-        let prior = mark_in_flight(&mut next.entries);
-        let records = self.with_pending(&next.entries);
-        let recorded = self.write_while(records, |me| prev.map_or(Ok(()), |p| me.record_answer(p)))?;
-        next.marked = Some(prior);
-        recorded
+            drop(to_sync);
+            if unsettled && !self.settle(&synced)? {
+                return Ok(finished);
+            }
+            for _ in 0..out {
+                let Ok((job, sent)) = answers.recv() else { break };
+                self.record(job, sent)?;
+            }
+            Ok(finished)
+        })
     }
 
-    /// Writes records durably; while the disk syncs them (on a second
-    /// thread) they are applied and `then` runs. Returns what `then` did.
-    fn write_while<R>(&mut self, records: Vec<Record>, then: impl FnOnce(&mut Self) -> R) -> Result<R, AgentError> {
-        let (appended, records) = self.store.write_ahead(records)?;
-        let (synced, done) = std::thread::scope(|scope| {
-            let sync = scope.spawn(|| appended.sync());
-            self.store.apply(records);
-            let done = then(self);
-            (sync.join(), done)
-        });
-        // (A panic in the sync is a bug: it goes on as a panic.)
-        let synced = synced.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        self.store.settle(appended, synced)?;
-        Ok(done)
-    }
-
-    /// Marks a batch in flight, durably and with the outcomes waiting to be
-    /// written; returns each entry's status from before.
-    fn mark(&mut self, entries: &mut [LedgerEntry]) -> Result<Vec<Status>, AgentError> {
-        let prior = mark_in_flight(entries);
-        let records = self.with_pending(entries);
-        self.store.write(records)?;
-        Ok(prior)
+    /// Settles the last write with the sync thread's outcome. False if that
+    /// thread is gone (it panicked: the scope passes the panic on).
+    fn settle(&mut self, synced: &mpsc::Receiver<(Appended, std::io::Result<()>)>) -> Result<bool, AgentError> {
+        let Ok((appended, result)) = synced.recv() else {
+            return Ok(false);
+        };
+        self.store.settle(appended, result)?;
+        Ok(true)
     }
 
     /// The outcomes waiting to be written, then the entries' progress.
@@ -184,13 +215,38 @@ impl Agent<'_> {
         records
     }
 
+    /// Records what became of a job.
+    fn record(&mut self, job: Job, sent: Sent) -> Result<(), AgentError> {
+        let Job { batch, prior } = job;
+        match sent {
+            Sent::Answer(result) => {
+                if let Err(err) = &result {
+                    self.note_network(err);
+                }
+                self.record_answer(&batch.target, batch.entries, result)
+            }
+            Sent::Halted => {
+                for e in unmark(batch.entries, prior) {
+                    self.buffer(Record::Progress(Progress::of(&e)))?;
+                }
+                Ok(())
+            }
+            Sent::Down(reason) => {
+                for e in unmark(batch.entries, prior) {
+                    self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Records the outcome of each task of an answered batch.
-    pub(super) fn record_answer(&mut self, batch: Answered) -> Result<(), AgentError> {
-        let Answered {
-            target,
-            flights,
-            result,
-        } = batch;
+    fn record_answer(
+        &mut self,
+        target: &str,
+        flights: Vec<LedgerEntry>,
+        result: Result<PsnAnswers, ClientError>,
+    ) -> Result<(), AgentError> {
         let answers = match result {
             Ok(a) => a,
             Err(err) => {
@@ -226,7 +282,7 @@ impl Agent<'_> {
                 )?;
             } else if let Some(psn) = psns.remove(&bloomfilter) {
                 let fp = self
-                    .save_pseudonym(&bloomfilter, &target, psn, &e.key)?
+                    .save_pseudonym(&bloomfilter, target, psn, &e.key)?
                     .map(|id| id.fingerprint());
                 let detail = fp
                     .is_none()

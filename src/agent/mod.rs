@@ -24,7 +24,7 @@ use std::time::Instant;
 
 mod batches;
 mod plan;
-use batches::{Answered, Batch, unmark};
+use batches::{Batch, skipped_after};
 pub use plan::{Plan, dry_run};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,18 +98,14 @@ const BUFFER: usize = 1000;
 /// (The single entry is boxed: it is large next to a batch.)
 enum Work {
     One(Box<LedgerEntry>),
-    Batch {
-        study: String,
-        target: String,
-        batch: Batch,
-    },
+    Batch(Batch),
 }
 
 impl Work {
     fn expires(&self) -> Option<DateTime<Utc>> {
         match self {
             Work::One(e) => e.expires,
-            Work::Batch { batch, .. } => batch.entries.iter().filter_map(|e| e.expires).min(),
+            Work::Batch(batch) => batch.entries.iter().filter_map(|e| e.expires).min(),
         }
     }
 }
@@ -329,73 +325,52 @@ impl<'a> Agent<'a> {
             let size = self.cfg.dispatcher.batch_size.0;
             let mut rest = entries.into_iter().peekable();
             while rest.peek().is_some() {
-                items.push(Work::Batch {
+                items.push(Work::Batch(Batch {
                     study: study.clone(),
                     target: target.clone(),
-                    batch: Batch {
-                        entries: rest.by_ref().take(size).collect(),
-                        marked: None,
-                    },
-                });
+                    entries: rest.by_ref().take(size).collect(),
+                }));
             }
         }
         items.sort_by_key(|w| (w.expires().is_none(), w.expires()));
         let mut progress = crate::progress::Progress::new("tasks", Some(items.len()));
-        // A batch answered but not yet recorded (see `repeat_requests`).
-        let mut answered: Option<Answered> = None;
         let mut items = items.into_iter().peekable();
         while let Some(item) = items.next() {
-            progress.tick(match &item {
-                Work::One(_) => 1,
-                Work::Batch { batch, .. } => batch.entries.len(),
-            });
             if self.stop.as_ref().is_some_and(Shutdown::requested) {
                 log::info!("stop requested: leaving the remaining tasks for the next run");
-                if let Work::Batch {
-                    batch:
-                        Batch {
-                            entries,
-                            marked: Some(prior),
-                        },
-                    ..
-                } = item
-                {
-                    for e in unmark(entries, prior) {
-                        self.buffer(Record::Progress(Progress::of(&e)))?;
-                    }
-                }
                 break;
             }
-            if matches!(item, Work::One(_))
-                && let Some(a) = answered.take()
-            {
-                self.record_answer(a)?;
-            }
             match item {
-                Work::One(e) => match e.task.clone() {
-                    Some(Task::DicPsnAvailable {
-                        bloomfilter, pseudonym, ..
-                    }) => self.dic_psn_available(*e, bloomfilter, pseudonym)?,
-                    Some(Task::SendIdat {
-                        pseudonym,
-                        bloomfilter,
-                        elements,
-                        task_id,
-                        ..
-                    }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
-                    _ => {}
-                },
-                Work::Batch { study, target, batch } => {
-                    let next = match items.peek_mut() {
-                        Some(Work::Batch { batch, .. }) if batch.marked.is_none() => Some(batch),
-                        _ => None,
-                    };
-                    answered = self.repeat_requests(&study, &target, batch, answered.take(), next)?;
+                Work::One(e) => {
+                    progress.tick(1);
+                    match e.task.clone() {
+                        Some(Task::DicPsnAvailable {
+                            bloomfilter, pseudonym, ..
+                        }) => self.dic_psn_available(*e, bloomfilter, pseudonym)?,
+                        Some(Task::SendIdat {
+                            pseudonym,
+                            bloomfilter,
+                            elements,
+                            task_id,
+                            ..
+                        }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
+                        _ => {}
+                    }
+                }
+                Work::Batch(first) => {
+                    // Consecutive batches go through one pipeline.
+                    let mut run = vec![first];
+                    while let Some(Work::Batch(_)) = items.peek() {
+                        if let Some(Work::Batch(b)) = items.next() {
+                            run.push(b);
+                        }
+                    }
+                    if !self.repeat_requests(run, &mut progress)? {
+                        log::info!("stop requested: leaving the remaining tasks for the next run");
+                        break;
+                    }
                 }
             }
-        }
-        if let Some(a) = answered {
-            self.record_answer(a)?;
         }
         progress.finish();
         self.flush()
@@ -542,7 +517,7 @@ impl<'a> Agent<'a> {
 
     fn note_network(&mut self, err: &ClientError) {
         if err.is_unreachable() || err.is_auth() {
-            self.network_down = Some(format!("skipped after an earlier failure this cycle: {err}"));
+            self.network_down = Some(skipped_after(err));
         }
     }
 

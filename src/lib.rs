@@ -19,6 +19,7 @@ pub mod demo;
 pub mod enroll;
 pub mod error;
 pub mod fhir;
+pub mod fxhash;
 pub mod import;
 pub mod logger;
 pub mod net;

@@ -291,15 +291,21 @@ impl<'a> Agent<'a> {
     }
 
     fn work(&mut self) -> Result<(), AgentError> {
-        let open: Vec<LedgerEntry> = self
+        // Sorted by expiry once, by reference (a ledger entry is large to
+        // move), so that each group below is in expiry order as it fills.
+        let mut open: Vec<&LedgerEntry> = self
             .store
             .ledger_entries()
             .filter(|e| !e.status.is_terminal() && e.task.is_some())
-            .cloned()
             .collect();
+        open.sort_by(|a, b| {
+            (a.expires.is_none(), a.expires, a.first_seen).cmp(&(b.expires.is_none(), b.expires, b.first_seen))
+        });
+        let open: Vec<LedgerEntry> = open.into_iter().cloned().collect();
         let now = Utc::now();
         let mut items: Vec<Work> = Vec::new();
-        let mut groups: BTreeMap<(String, String), Vec<LedgerEntry>> = BTreeMap::new();
+        // repeat_requests by (study, target): a handful of groups at most.
+        let mut groups: Vec<((String, String), Vec<LedgerEntry>)> = Vec::new();
         for e in open {
             if e.expires.is_some_and(|x| x <= now) {
                 let mut done = e;
@@ -307,22 +313,26 @@ impl<'a> Agent<'a> {
                 self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
                 continue;
             }
-            if let Some(Task::RepeatRequest { study, target, .. }) = &e.task {
-                let k = (
-                    study.value.clone().unwrap_or_default(),
-                    target.value.clone().unwrap_or_default(),
-                );
-                groups.entry(k).or_default().push(e);
-            } else {
+            let Some(Task::RepeatRequest { study, target, .. }) = &e.task else {
                 items.push(Work::One(Box::new(e)));
-            }
+                continue;
+            };
+            let (study, target) = (
+                study.value.as_deref().unwrap_or_default(),
+                target.value.as_deref().unwrap_or_default(),
+            );
+            let i = match groups.iter().position(|((s, t), _)| s == study && t == target) {
+                Some(i) => i,
+                None => {
+                    groups.push(((study.to_string(), target.to_string()), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+            groups[i].1.push(e);
         }
-        let by_expiry = |a: &LedgerEntry, b: &LedgerEntry| {
-            (a.expires.is_none(), a.expires, a.first_seen).cmp(&(b.expires.is_none(), b.expires, b.first_seen))
-        };
-        for ((study, target), mut entries) in groups {
-            entries.sort_by(by_expiry);
-            let size = self.cfg.dispatcher.batch_size.0;
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        let size = self.cfg.dispatcher.batch_size.0;
+        for ((study, target), entries) in groups {
             let mut rest = entries.into_iter().peekable();
             while rest.peek().is_some() {
                 items.push(Work::Batch(Batch {

@@ -445,23 +445,38 @@ fn attr(out: &mut String, key: &str, value: &str) {
 /// would otherwise turn them into spaces and break the round trip.
 pub fn escape_attr(out: &mut String, value: &str) {
     // Runs without a special character (nearly all of a Bloom filter or a
-    // pseudonym) are copied whole; the specials are ASCII, so a byte
-    // position next to one is always a character boundary.
+    // pseudonym) are copied whole, found by a table lookup per byte; the
+    // specials are ASCII, so a byte position next to one is always a
+    // character boundary.
+    const SPECIAL: [bool; 256] = {
+        let mut t = [false; 256];
+        let mut i = 0;
+        while i < ATTR_ESCAPES.len() {
+            t[ATTR_ESCAPES[i].0 as usize] = true;
+            i += 1;
+        }
+        t
+    };
+    let bytes = value.as_bytes();
     let mut start = 0;
-    for (i, b) in value.bytes().enumerate() {
-        let esc = match b {
-            b'&' => "&amp;",
-            b'<' => "&lt;",
-            b'>' => "&gt;",
-            b'"' => "&quot;",
-            b'\n' => "&#xA;",
-            b'\r' => "&#xD;",
-            b'\t' => "&#x9;",
-            _ => continue,
-        };
+    while let Some(n) = bytes[start..].iter().position(|b| SPECIAL[usize::from(*b)]) {
+        let i = start + n;
         out.push_str(&value[start..i]);
-        out.push_str(esc);
+        if let Some((_, esc)) = ATTR_ESCAPES.iter().find(|(c, _)| *c == bytes[i]) {
+            out.push_str(esc);
+        }
         start = i + 1;
     }
     out.push_str(&value[start..]);
 }
+
+/// The characters escaped in a double-quoted attribute, and how.
+const ATTR_ESCAPES: [(u8, &str); 7] = [
+    (b'&', "&amp;"),
+    (b'<', "&lt;"),
+    (b'>', "&gt;"),
+    (b'"', "&quot;"),
+    (b'\n', "&#xA;"),
+    (b'\r', "&#xD;"),
+    (b'\t', "&#x9;"),
+];

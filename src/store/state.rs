@@ -28,32 +28,10 @@ impl std::hash::Hasher for IndexHasher {
 
 pub(super) type ByIndex = std::hash::BuildHasherDefault<IndexHasher>;
 
-/// FxHash (as in rustc) for local ids: they come from the site's own
-/// registry, not from the network, so a fast hash is safe and a million
-/// lookups at open are cheaper.
-#[derive(Default, Clone, Copy)]
-pub(super) struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
-        }
-        for b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-pub(super) type ById = std::hash::BuildHasherDefault<IdHasher>;
+/// FxHash for local ids: they come from the site's own registry, not from
+/// the network, so a fast hash is safe and a million lookups at open are
+/// cheaper.
+pub(super) type ById = crate::fxhash::Fx;
 
 /// A record as the loader's reading thread hands it over: patients already
 /// decoded, so the indexing thread only inserts.

@@ -175,3 +175,43 @@ fn a_torn_journal_write_is_cut_off_and_kept_aside() {
         .collect();
     assert_eq!(kept.len(), 1);
 }
+
+#[test]
+fn a_crash_leaves_at_most_three_batches_in_flight() {
+    // The agent marks batches in flight up to three ahead of their answers
+    // (src/agent/batches.rs), and a request leaves only once its marks are
+    // on disk. The first request is slow, so the agent marks as far ahead
+    // as it may; it is killed as that answer arrives: three batches of one
+    // filter are in flight, the rest as they were, and the next run sends
+    // them all.
+    let site = Site::with("json", SimOptions::default(), "batch_size = 1");
+    let later = Utc::now() + Duration::days(1);
+    for n in 1..=8 {
+        site.sim.add_task(sim::repeat_request(
+            STUDY,
+            &bf(n),
+            TARGET,
+            Some(later + Duration::minutes(i64::from(n))),
+        ));
+    }
+    site.sim.push(
+        Some("$requestPsnFromBfWorkflow"),
+        sim::FaultKind::Delay(std::time::Duration::from_millis(500)),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .args(["run", "--once"])
+        .env("FTTP_AGENT_CRASH_AT", "batch:after")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(9));
+    assert_eq!(site.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
+    let store = site.store();
+    let count = |status| store.ledger_entries().filter(|e| e.status == status).count();
+    assert_eq!((count(Status::InFlight), count(Status::Pending)), (3, 5));
+    drop(store);
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(pseudonyms(&site).len(), 8);
+}

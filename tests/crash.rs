@@ -45,6 +45,18 @@ fn scenario() -> Site {
     site
 }
 
+/// One `run --once` that kills itself at a crash point (`point[:n]`).
+fn run_crashing_at(site: &Site, point: &str) -> std::process::ExitStatus {
+    Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .args(["run", "--once"])
+        .env("FTTP_AGENT_CRASH_AT", point)
+        .output()
+        .unwrap()
+        .status
+}
+
 fn pseudonyms(site: &Site) -> BTreeMap<String, String> {
     site.store()
         .all_pseudonyms()
@@ -60,16 +72,10 @@ fn a_crash_at_any_point_loses_nothing() {
     for point in POINTS {
         for n in [1, 2] {
             let site = scenario();
-            let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-                .arg("--config")
-                .arg(&site.config)
-                .args(["run", "--once"])
-                .env("FTTP_AGENT_CRASH_AT", format!("{point}:{n}"))
-                .output()
-                .unwrap();
-            let killed = out.status.signal() == Some(9);
+            let status = run_crashing_at(&site, &format!("{point}:{n}"));
+            let killed = status.signal() == Some(9);
             if n == 1 {
-                assert!(killed, "{point} was never reached: {:?}", out.status);
+                assert!(killed, "{point} was never reached: {status:?}");
             }
             crashes += usize::from(killed);
 
@@ -129,14 +135,7 @@ fn a_crash_at_any_point_loses_nothing() {
 #[test]
 fn a_resend_of_a_delivered_task_counts_as_done() {
     let site = scenario();
-    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&site.config)
-        .args(["run", "--once"])
-        .env("FTTP_AGENT_CRASH_AT", "send:after")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.signal(), Some(9));
+    assert_eq!(run_crashing_at(&site, "send:after").signal(), Some(9));
     assert_eq!(site.store().ledger("task:send-a").unwrap().status, Status::InFlight);
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
@@ -157,14 +156,7 @@ fn a_resend_of_a_delivered_task_counts_as_done() {
 #[test]
 fn a_torn_journal_write_is_cut_off_and_kept_aside() {
     let site = scenario();
-    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&site.config)
-        .args(["run", "--once"])
-        .env("FTTP_AGENT_CRASH_AT", "journal:torn")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.signal(), Some(9));
+    assert_eq!(run_crashing_at(&site, "journal:torn").signal(), Some(9));
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("incomplete last record"), "{out}");
@@ -185,27 +177,12 @@ fn a_crash_leaves_at_most_three_batches_in_flight() {
     // filter are in flight, the rest as they were, and the next run sends
     // them all.
     let site = Site::with("json", SimOptions::default(), "batch_size = 1");
-    let later = Utc::now() + Duration::days(1);
-    for n in 1..=8 {
-        site.sim.add_task(sim::repeat_request(
-            STUDY,
-            &bf(n),
-            TARGET,
-            Some(later + Duration::minutes(i64::from(n))),
-        ));
-    }
+    site.queue_repeat_requests(1..=8);
     site.sim.push(
         Some("$requestPsnFromBfWorkflow"),
         sim::FaultKind::Delay(std::time::Duration::from_millis(500)),
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
-        .arg("--config")
-        .arg(&site.config)
-        .args(["run", "--once"])
-        .env("FTTP_AGENT_CRASH_AT", "batch:after")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.signal(), Some(9));
+    assert_eq!(run_crashing_at(&site, "batch:after").signal(), Some(9));
     assert_eq!(site.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
     let store = site.store();
     let count = |status| store.ledger_entries().filter(|e| e.status == status).count();

@@ -664,15 +664,7 @@ fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails
     // every retry), so the third, already marked, is not attempted.
     for size in [1u32, 16] {
         let site = Site::with("xml", SimOptions::default(), &format!("batch_size = {size}"));
-        let later = Utc::now() + Duration::days(1);
-        for n in 1..=3 * size {
-            site.sim.add_task(sim::repeat_request(
-                STUDY,
-                &bf(n),
-                TARGET,
-                Some(later + Duration::minutes(i64::from(n))),
-            ));
-        }
+        site.queue_repeat_requests(1..=3 * size);
         let psn = Some("$requestPsnFromBfWorkflow");
         site.sim.push(psn, sim::FaultKind::Delay(std::time::Duration::ZERO));
         for _ in 0..10 {

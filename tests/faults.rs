@@ -434,14 +434,8 @@ fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
     // One filter a batch: while the first request is out, the second batch
     // is marked in flight; the stop comes before it is sent.
     let s = site("batch_size = 1");
-    let later = Utc::now() + Days::days(1);
-    for n in 1..=3 {
-        s.sim.add_task(sim::repeat_request(
-            STUDY,
-            &bf(n),
-            TARGET,
-            Some(later + Days::minutes(n.into())),
-        ));
+    s.queue_repeat_requests(1..=3);
+    for _ in 1..=3 {
         s.sim.push(
             Some("$requestPsnFromBfWorkflow"),
             FaultKind::Delay(Duration::from_millis(1500)),

@@ -168,6 +168,20 @@ impl Site {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// Queues a `repeat_request` for each `bf(n)`, expiring a day from now
+    /// plus n minutes, so the agent works them in the order of n.
+    pub fn queue_repeat_requests(&self, filters: std::ops::RangeInclusive<u32>) {
+        let later = chrono::Utc::now() + chrono::Duration::days(1);
+        for n in filters {
+            self.sim.add_task(fttp_agent::sim::repeat_request(
+                STUDY,
+                &bf(n),
+                TARGET,
+                Some(later + chrono::Duration::minutes(i64::from(n))),
+            ));
+        }
+    }
+
     pub fn import_patients(&self) {
         let path = self.dir.path().join("patients.csv");
         std::fs::write(&path, patients_csv()).unwrap();

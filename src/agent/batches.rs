@@ -149,45 +149,53 @@ impl Agent<'_> {
             // last one's marks wait to be settled.
             let mut out = 0usize;
             let mut unsettled = false;
-            let mut finished = true;
-            for mut batch in batches {
-                if self.stop.as_ref().is_some_and(Shutdown::requested) {
-                    finished = false;
-                    break;
-                }
-                if let Some(reason) = self.network_down.clone() {
-                    for e in batch.entries {
-                        self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+            let feed = |me: &mut Self| -> Result<bool, AgentError> {
+                'feed: for mut batch in batches {
+                    if me.stop.as_ref().is_some_and(Shutdown::requested) {
+                        return Ok(false);
                     }
-                    continue;
+                    if let Some(reason) = me.network_down.clone() {
+                        for e in batch.entries {
+                            me.finish(e, "not_attempted", Some(reason.clone()), None)?;
+                        }
+                        continue;
+                    }
+                    meter.tick(batch.entries.len());
+                    while out >= AHEAD {
+                        // (A thread gone has panicked: the scope passes it on.)
+                        let Ok((job, sent)) = answers.recv() else { break 'feed };
+                        out -= 1;
+                        me.record(job, sent)?;
+                    }
+                    // One write at a time: the marks before are settled
+                    // first (their fsync ran while the answers above were
+                    // recorded).
+                    if std::mem::take(&mut unsettled) && !me.settle(&synced)? {
+                        break;
+                    }
+                    let prior = mark_in_flight(&mut batch.entries);
+                    let records = me.with_pending(&batch.entries);
+                    let (appended, records) = me.store.write_ahead(records)?;
+                    unsettled = true;
+                    if to_sync.send((appended, Job { batch, prior })).is_err() {
+                        break;
+                    }
+                    out += 1;
+                    me.store.apply(records);
+                    while let Ok((job, sent)) = answers.try_recv() {
+                        out -= 1;
+                        me.record(job, sent)?;
+                    }
                 }
-                meter.tick(batch.entries.len());
-                while out >= AHEAD {
-                    let Ok((job, sent)) = answers.recv() else { break };
-                    out -= 1;
-                    self.record(job, sent)?;
-                }
-                // One write at a time: the marks before are settled first
-                // (their fsync ran while the answers above were recorded).
-                if std::mem::take(&mut unsettled) && !self.settle(&synced)? {
-                    break;
-                }
-                let prior = mark_in_flight(&mut batch.entries);
-                let records = self.with_pending(&batch.entries);
-                let (appended, records) = self.store.write_ahead(records)?;
-                unsettled = true;
-                if to_sync.send((appended, Job { batch, prior })).is_err() {
-                    break;
-                }
-                out += 1;
-                self.store.apply(records);
-                while let Ok((job, sent)) = answers.try_recv() {
-                    out -= 1;
-                    self.record(job, sent)?;
-                }
-            }
+                Ok(true)
+            };
+            let fed = feed(self);
             drop(to_sync);
-            if unsettled && !self.settle(&synced)? {
+            // The last write is settled whatever happened, so that the
+            // store handle is usable after a failed cycle too.
+            let settled = if unsettled { self.settle(&synced) } else { Ok(true) };
+            let finished = fed?;
+            if !settled? {
                 return Ok(finished);
             }
             for _ in 0..out {

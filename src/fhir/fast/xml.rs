@@ -1,43 +1,8 @@
-//! Fast paths for the common shape of dispatcher `Parameters`: no
-//! extensions, element ids, contained resources or namespace prefixes.
-//! They read straight into the typed model; for anything else they return
-//! `None` and the generic element-tree reader takes the document, so both
-//! give the same result on every input (a property test checks this).
+//! The XML fast path: a minimal scanner, Parameters read with it, and a
+//! `$requestTasks` answer scanned straight into each task's parts.
 
-use super::parameters::{Coding, Identifier, ParamValue, Parameter, Parameters};
-use serde::Deserialize;
-
-/// Deeper `part` nesting than this goes to the generic reader (which
-/// reports it as an error at 64).
-const MAX_DEPTH: usize = 60;
-
-/// `valueString` -> `string` for the primitive value types.
-fn primitive_type(suffix: &str) -> Option<&'static str> {
-    Some(match suffix {
-        "String" => "string",
-        "Id" => "id",
-        "Instant" => "instant",
-        "Base64Binary" => "base64Binary",
-        "Code" => "code",
-        "Uri" => "uri",
-        "Url" => "url",
-        "Canonical" => "canonical",
-        "DateTime" => "dateTime",
-        "Date" => "date",
-        "Time" => "time",
-        "Boolean" => "boolean",
-        "Integer" => "integer",
-        "Decimal" => "decimal",
-        "PositiveInt" => "positiveInt",
-        "UnsignedInt" => "unsignedInt",
-        "Markdown" => "markdown",
-        "Oid" => "oid",
-        "Uuid" => "uuid",
-        _ => return None,
-    })
-}
-
-// ------------------------------------------------------------------ XML
+use super::{MAX_DEPTH, primitive_type};
+use crate::fhir::parameters::{Coding, Identifier, ParamValue, Parameter, Parameters};
 
 /// A tag as the scanner sees it: its name and its only attribute, if any.
 enum Tag<'a> {
@@ -231,7 +196,7 @@ impl<'a> Scanner<'a> {
             sc.skip_past("?>")?;
         }
         match sc.tag()? {
-            Tag::Start("Parameters", Some(("xmlns", ns))) if ns == super::xml::FHIR_NS => Some(sc),
+            Tag::Start("Parameters", Some(("xmlns", ns))) if ns == crate::fhir::xml::FHIR_NS => Some(sc),
             _ => None,
         }
     }
@@ -268,8 +233,8 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
                 }
                 name = Some(match attr {
                     // The usual case: a known name, no escapes, no allocation.
-                    Some(("value", raw)) if !raw.contains('&') => super::parameters::intern_name(raw),
-                    other => super::parameters::intern_name(&value_of(other)??),
+                    Some(("value", raw)) if !raw.contains('&') => crate::fhir::parameters::intern_name(raw),
+                    other => crate::fhir::parameters::intern_name(&value_of(other)??),
                 });
             }
             Tag::Empty("valueIdentifier", None) if p.value.is_none() => {
@@ -333,7 +298,7 @@ fn xml_fields<const N: usize>(sc: &mut Scanner<'_>, tag: &str, names: [&str; N])
     fields_with(sc, tag, names, value_of)
 }
 
-// ------------------------------------------------- XML, straight to tasks
+// ------------------------------------------------- straight to tasks
 
 /// A part of a task as it stands in the document: borrowed, unescaped
 /// (values with an escape make the scanner give up).
@@ -432,281 +397,4 @@ fn raw_part<'a>(sc: &mut Scanner<'a>) -> Option<RawPart<'a>> {
 
 fn raw_fields<'a, const N: usize>(sc: &mut Scanner<'a>, tag: &str, names: [&str; N]) -> Option<[Option<&'a str>; N]> {
     fields_with(sc, tag, names, plain)
-}
-
-// ------------------------------------------------------------------ JSON
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JParameters {
-    #[serde(rename = "resourceType")]
-    resource_type: String,
-    id: Option<String>,
-    #[serde(default)]
-    parameter: Vec<JParameter>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JIdentifier {
-    system: Option<String>,
-    value: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JCoding {
-    system: Option<String>,
-    code: Option<String>,
-    display: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct JParameter {
-    name: String,
-    value_string: Option<String>,
-    value_id: Option<String>,
-    value_instant: Option<String>,
-    value_base64_binary: Option<String>,
-    value_code: Option<String>,
-    value_uri: Option<String>,
-    value_url: Option<String>,
-    value_canonical: Option<String>,
-    value_date_time: Option<String>,
-    value_date: Option<String>,
-    value_boolean: Option<bool>,
-    value_integer: Option<serde_json::Number>,
-    value_decimal: Option<serde_json::Number>,
-    value_identifier: Option<JIdentifier>,
-    value_coding: Option<JCoding>,
-    #[serde(default)]
-    part: Vec<JParameter>,
-}
-
-impl JParameter {
-    fn into_typed(self, depth: usize) -> Option<Parameter> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        let mut values: Vec<ParamValue> = Vec::new();
-        let prim = |ty: &'static str, v: String| ParamValue::Primitive {
-            ty: std::borrow::Cow::Borrowed(ty),
-            value: v,
-        };
-        for (ty, v) in [
-            ("string", self.value_string),
-            ("id", self.value_id),
-            ("instant", self.value_instant),
-            ("base64Binary", self.value_base64_binary),
-            ("code", self.value_code),
-            ("uri", self.value_uri),
-            ("url", self.value_url),
-            ("canonical", self.value_canonical),
-            ("dateTime", self.value_date_time),
-            ("date", self.value_date),
-        ] {
-            if let Some(v) = v {
-                values.push(prim(ty, v));
-            }
-        }
-        if let Some(b) = self.value_boolean {
-            values.push(prim("boolean", b.to_string()));
-        }
-        if let Some(n) = self.value_integer {
-            values.push(prim("integer", n.to_string()));
-        }
-        if let Some(n) = self.value_decimal {
-            values.push(prim("decimal", n.to_string()));
-        }
-        if let Some(i) = self.value_identifier {
-            values.push(ParamValue::Identifier(Identifier {
-                system: i.system,
-                value: i.value,
-            }));
-        }
-        if let Some(c) = self.value_coding {
-            values.push(ParamValue::Coding(Coding {
-                system: c.system,
-                code: c.code,
-                display: c.display,
-            }));
-        }
-        if values.len() > 1 {
-            return None;
-        }
-        let mut part = Vec::with_capacity(self.part.len());
-        for p in self.part {
-            part.push(p.into_typed(depth + 1)?);
-        }
-        Some(Parameter {
-            name: super::parameters::intern_name(&self.name),
-            value: values.pop(),
-            resource: None,
-            part,
-        })
-    }
-}
-
-pub fn parameters_json(bytes: &[u8]) -> Option<Parameters> {
-    // A JSON null is an error for the generic reader; an absent field here.
-    if bytes.windows(4).any(|w| w == b"null") {
-        return None;
-    }
-    let j: JParameters = serde_json::from_slice(bytes).ok()?;
-    if j.resource_type != "Parameters" {
-        return None;
-    }
-    let mut parameter = Vec::with_capacity(j.parameter.len());
-    for p in j.parameter {
-        parameter.push(p.into_typed(0)?);
-    }
-    Some(Parameters { id: j.id, parameter })
-}
-
-// ------------------------------------------------------------------ writing
-
-fn simple(p: &Parameter) -> bool {
-    p.resource.is_none() && !matches!(p.value, Some(ParamValue::Other { .. })) && p.part.iter().all(simple)
-}
-
-/// `Parameters` straight to FHIR XML, byte for byte what the element-tree
-/// writer produces; `None` where a value needs the tree (resources, other types).
-pub fn write_xml(p: &Parameters) -> Option<String> {
-    if !p.parameter.iter().all(simple) {
-        return None;
-    }
-    let mut out = String::with_capacity(256 + p.parameter.len() * 512);
-    out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Parameters xmlns=\"");
-    out.push_str(super::xml::FHIR_NS);
-    out.push('"');
-    if p.id.is_none() && p.parameter.is_empty() {
-        out.push_str("/>");
-        return Some(out);
-    }
-    out.push('>');
-    if let Some(id) = &p.id {
-        empty(&mut out, "id", id);
-    }
-    for param in &p.parameter {
-        xml_param(&mut out, "parameter", param);
-    }
-    out.push_str("</Parameters>");
-    Some(out)
-}
-
-fn empty(out: &mut String, tag: &str, value: &str) {
-    out.push('<');
-    out.push_str(tag);
-    out.push_str(" value=\"");
-    super::xml::escape_attr(out, value);
-    out.push_str("\"/>");
-}
-
-fn xml_param(out: &mut String, tag: &str, p: &Parameter) {
-    out.push('<');
-    out.push_str(tag);
-    out.push('>');
-    empty(out, "name", &p.name);
-    match &p.value {
-        Some(ParamValue::Primitive { ty, value }) => {
-            // `value[x]` as `choice_name` spells it, without a String per value.
-            let mut chars = ty.chars();
-            out.push_str("<value");
-            if let Some(first) = chars.next() {
-                out.push(first.to_ascii_uppercase());
-                out.push_str(chars.as_str());
-            }
-            out.push_str(" value=\"");
-            super::xml::escape_attr(out, value);
-            out.push_str("\"/>");
-        }
-        Some(ParamValue::Identifier(i)) => {
-            complex(out, "valueIdentifier", &[("system", &i.system), ("value", &i.value)])
-        }
-        Some(ParamValue::Coding(c)) => complex(
-            out,
-            "valueCoding",
-            &[("system", &c.system), ("code", &c.code), ("display", &c.display)],
-        ),
-        _ => {}
-    }
-    for part in &p.part {
-        xml_param(out, "part", part);
-    }
-    out.push_str("</");
-    out.push_str(tag);
-    out.push('>');
-}
-
-fn complex(out: &mut String, tag: &str, fields: &[(&str, &Option<String>)]) {
-    if fields.iter().all(|(_, v)| v.is_none()) {
-        out.push('<');
-        out.push_str(tag);
-        out.push_str("/>");
-        return;
-    }
-    out.push('<');
-    out.push_str(tag);
-    out.push('>');
-    for (name, v) in fields {
-        if let Some(v) = v {
-            empty(out, name, v);
-        }
-    }
-    out.push_str("</");
-    out.push_str(tag);
-    out.push('>');
-}
-
-/// `Parameters` straight to FHIR JSON, the same as the element-tree writer.
-pub fn write_json(p: &Parameters) -> Option<String> {
-    use serde_json::{Map, Value as J};
-    fn param(p: &Parameter) -> J {
-        let mut m = Map::new();
-        m.insert("name".into(), J::String(p.name.to_string()));
-        match &p.value {
-            Some(ParamValue::Primitive { ty, value }) => {
-                m.insert(
-                    super::schema::choice_name("value", ty),
-                    super::json::primitive_value(ty, value),
-                );
-            }
-            Some(ParamValue::Identifier(i)) => {
-                let mut o = Map::new();
-                for (k, v) in [("system", &i.system), ("value", &i.value)] {
-                    if let Some(v) = v {
-                        o.insert(k.into(), J::String(v.clone()));
-                    }
-                }
-                m.insert("valueIdentifier".into(), J::Object(o));
-            }
-            Some(ParamValue::Coding(c)) => {
-                let mut o = Map::new();
-                for (k, v) in [("system", &c.system), ("code", &c.code), ("display", &c.display)] {
-                    if let Some(v) = v {
-                        o.insert(k.into(), J::String(v.clone()));
-                    }
-                }
-                m.insert("valueCoding".into(), J::Object(o));
-            }
-            _ => {}
-        }
-        if !p.part.is_empty() {
-            m.insert("part".into(), J::Array(p.part.iter().map(param).collect()));
-        }
-        J::Object(m)
-    }
-    if !p.parameter.iter().all(simple) {
-        return None;
-    }
-    let mut m = Map::new();
-    m.insert("resourceType".into(), J::String("Parameters".into()));
-    if let Some(id) = &p.id {
-        m.insert("id".into(), J::String(id.clone()));
-    }
-    if !p.parameter.is_empty() {
-        m.insert("parameter".into(), J::Array(p.parameter.iter().map(param).collect()));
-    }
-    Some(J::Object(m).to_string())
 }

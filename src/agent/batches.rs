@@ -154,13 +154,13 @@ impl Agent<'_> {
                     if me.stop.as_ref().is_some_and(Shutdown::requested) {
                         return Ok(false);
                     }
+                    meter.tick(batch.entries.len());
                     if let Some(reason) = me.network_down.clone() {
                         for e in batch.entries {
                             me.finish(e, "not_attempted", Some(reason.clone()), None)?;
                         }
                         continue;
                     }
-                    meter.tick(batch.entries.len());
                     while out >= AHEAD {
                         // (A thread gone has panicked: the scope passes it on.)
                         let Ok((job, sent)) = answers.recv() else { break 'feed };

@@ -102,6 +102,14 @@ enum Work {
 }
 
 impl Work {
+    /// The tasks in it.
+    fn len(&self) -> usize {
+        match self {
+            Work::One(_) => 1,
+            Work::Batch(batch) => batch.entries.len(),
+        }
+    }
+
     fn expires(&self) -> Option<DateTime<Utc>> {
         match self {
             Work::One(e) => e.expires,
@@ -343,7 +351,9 @@ impl<'a> Agent<'a> {
             }
         }
         items.sort_by_key(|w| (w.expires().is_none(), w.expires()));
-        let mut progress = crate::progress::Progress::new("tasks", Some(items.len()));
+        // (Counted in tasks, as it is ticked.)
+        let total = items.iter().map(Work::len).sum();
+        let mut progress = crate::progress::Progress::new("tasks", Some(total));
         let mut items = items.into_iter().peekable();
         while let Some(item) = items.next() {
             if self.stop.as_ref().is_some_and(Shutdown::requested) {

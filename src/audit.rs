@@ -120,6 +120,11 @@ pub struct Audit {
     /// The first failure of the writer thread (later records are dropped:
     /// the file may end in half a line, and the chain must not skip it).
     failed: std::sync::Arc<std::sync::Mutex<Option<Failure>>>,
+    /// Records taken by `write` so far.
+    accepted: u64,
+    /// Records the writer thread has handed to the kernel (written out of
+    /// its buffer): they survive the process being killed.
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What failed on the writer thread: the operation and the error (kept as
@@ -128,7 +133,12 @@ type Failure = (&'static str, std::io::ErrorKind, String);
 
 enum Job {
     Records(Vec<AuditRecord>),
-    Sync(std::sync::mpsc::SyncSender<Result<(), (&'static str, std::io::Error)>>),
+    /// Replies once every record before it is written out of the buffer
+    /// and, with `durable`, fsynced.
+    Sync {
+        durable: bool,
+        reply: std::sync::mpsc::SyncSender<Result<(), (&'static str, std::io::Error)>>,
+    },
 }
 
 /// Bunches queued for the writer thread before `write` waits for it. Kept
@@ -219,15 +229,19 @@ impl Audit {
             last,
         };
         let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (queue, jobs) = std::sync::mpsc::sync_channel(QUEUE);
         let report = failed.clone();
+        let out = written.clone();
         let worker = std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || {
                 let mut broken = false;
+                let mut done = 0u64;
                 for job in jobs {
                     match job {
                         Job::Records(records) => {
+                            let n = records.len() as u64;
                             for rec in records {
                                 if broken {
                                     break;
@@ -237,9 +251,24 @@ impl Audit {
                                     broken = true;
                                 }
                             }
+                            // Each bunch leaves the buffer at once, so that the
+                            // agent can tell which outcomes are audited.
+                            if !broken && let Err(e) = writer.file.flush() {
+                                *crate::lock(&report) = Some(("append", e.kind(), e.to_string()));
+                                broken = true;
+                            }
+                            if !broken {
+                                done += n;
+                                out.store(done, std::sync::atomic::Ordering::Release);
+                            }
                         }
-                        Job::Sync(reply) => {
-                            let _ = reply.send(writer.sync());
+                        Job::Sync { durable, reply } => {
+                            let result = if durable {
+                                writer.sync()
+                            } else {
+                                writer.file.flush().map_err(|e| ("write", e))
+                            };
+                            let _ = reply.send(result);
                         }
                     }
                 }
@@ -255,7 +284,34 @@ impl Audit {
             queue: Some(queue),
             worker: Some(worker),
             failed,
+            accepted: 0,
+            written,
         })
+    }
+
+    /// Records taken by `write` so far (a record's number is this count
+    /// right after its `write`).
+    pub fn accepted(&self) -> u64 {
+        self.accepted
+    }
+
+    /// Records written out to the file so far: they survive the process
+    /// being killed (not a power loss: `sync` makes them durable).
+    pub fn written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Hands the records taken so far to the writer thread, without
+    /// waiting for it; `written` then catches up.
+    pub fn push(&mut self) -> Result<(), AuditError> {
+        self.check()?;
+        self.hand_over()
+    }
+
+    /// Waits until every record taken so far is written out to the file
+    /// (not fsynced).
+    pub fn write_out(&mut self) -> Result<(), AuditError> {
+        self.wait(false)
     }
 
     /// Queues one record (written as one line, in one write, so concurrent
@@ -264,6 +320,7 @@ impl Audit {
     /// a bunch of records later, or at `sync`).
     pub fn write(&mut self, rec: AuditRecord) -> Result<(), AuditError> {
         self.bunch.push(rec);
+        self.accepted += 1;
         if self.bunch.len() < BUNCH {
             return Ok(());
         }
@@ -286,9 +343,15 @@ impl Audit {
     /// Makes every record written so far durable and remembers the chain's
     /// head for a rotated successor file.
     pub fn sync(&mut self) -> Result<(), AuditError> {
+        self.wait(true)
+    }
+
+    /// Waits for everything before to be written out, and with `durable`
+    /// fsynced with the chain's head remembered.
+    fn wait(&mut self, durable: bool) -> Result<(), AuditError> {
         self.hand_over()?;
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let sent = self.queue.as_ref().map(|q| q.send(Job::Sync(reply)));
+        let sent = self.queue.as_ref().map(|q| q.send(Job::Sync { durable, reply }));
         let synced = match sent {
             Some(Ok(())) => answer.recv().map_err(|_| self.gone())?,
             _ => return Err(self.gone()),
@@ -502,6 +565,34 @@ mod tests {
             verify(std::slice::from_ref(&path), None).unwrap(),
             Verdict::Intact { records: 10_001, .. }
         ));
+    }
+
+    #[test]
+    fn written_counts_the_records_out_of_the_writers_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.ndjson");
+        let mut audit = Audit::open(&path, Chain::Sha256).unwrap();
+        for n in 0..300 {
+            audit.write(record(n)).unwrap();
+        }
+        assert_eq!(audit.accepted(), 300);
+        // Two bunches were handed over by `write`; the rest waits.
+        assert!(audit.written() <= 2 * BUNCH as u64);
+        audit.write_out().unwrap();
+        assert_eq!(audit.written(), 300);
+        // Out of the buffer means in the file, for any other process.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 300);
+        audit.write(record(300)).unwrap();
+        audit.push().unwrap();
+        let start = std::time::Instant::now();
+        while audit.written() < 301 {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "never written out"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 301);
     }
 
     #[test]

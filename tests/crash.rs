@@ -1,7 +1,8 @@
 //! SIGKILL at every named point of a cycle (and at the 2nd time each is
 //! reached), then restart: the store opens and is consistent, every task is
 //! resolved by the next run before it expires, and no pseudonym the agent had
-//! recorded is lost. The kill comes from the test-only crash points of debug
+//! recorded is lost, and every outcome the store holds is in the audit
+//! log. The kill comes from the test-only crash points of debug
 //! builds (src/crashpoint.rs), so each point is hit deterministically.
 
 mod common;
@@ -57,6 +58,27 @@ fn run_crashing_at(site: &Site, point: &str) -> std::process::ExitStatus {
         .status
 }
 
+/// Every outcome the store holds is in the audit log: an outcome's audit
+/// record is written out to the file before the outcome goes to the store.
+fn assert_audited(site: &Site, context: &str) {
+    let audited: std::collections::HashSet<(String, String)> = site
+        .audit()
+        .into_iter()
+        .filter_map(|r| Some((r["task"].as_str()?.to_string(), r["outcome"].as_str()?.to_string())))
+        .collect();
+    for e in site.store().ledger_entries() {
+        if e.outcome != "received" && e.status != Status::InFlight {
+            assert!(
+                audited.contains(&(e.display_id.clone(), e.outcome.clone())),
+                "{context}: the store holds {} {} ({:?}), the audit log does not",
+                e.display_id,
+                e.outcome,
+                e.status
+            );
+        }
+    }
+}
+
 fn pseudonyms(site: &Site) -> BTreeMap<String, String> {
     site.store()
         .all_pseudonyms()
@@ -81,6 +103,8 @@ fn a_crash_at_any_point_loses_nothing() {
 
             // (a) the store opens; (c) what it recorded stays recorded.
             let recorded = pseudonyms(&site);
+            // (d) every outcome the store holds is in the audit log.
+            assert_audited(&site, &format!("{point}:{n}"));
 
             // (b) the next run(s) finish the job.
             let mut last = (0, String::new());
@@ -191,4 +215,21 @@ fn a_crash_leaves_at_most_three_batches_in_flight() {
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
     assert_eq!(pseudonyms(&site).len(), 8);
+}
+
+#[test]
+fn outcomes_recorded_while_batches_are_out_are_audited_before_they_are_stored() {
+    // Batches of one filter, killed before the 2nd to 7th request: the
+    // answers recorded by then are in the store only if their audit
+    // records are in the audit log, and the next run finishes the rest.
+    for n in 2..=7 {
+        let site = Site::with("json", SimOptions::default(), "batch_size = 1");
+        site.queue_repeat_requests(1..=8);
+        assert_eq!(run_crashing_at(&site, &format!("batch:before:{n}")).signal(), Some(9));
+        assert_audited(&site, &format!("batch:before:{n}"));
+        let (code, out) = site.cycle();
+        assert_eq!(code, 0, "{out}");
+        assert_audited(&site, &format!("batch:before:{n}, then a run"));
+        assert_eq!(pseudonyms(&site).len(), 8);
+    }
 }

@@ -174,7 +174,7 @@ impl Agent<'_> {
                         break;
                     }
                     let prior = mark_in_flight(&mut batch.entries);
-                    let records = me.with_pending(&batch.entries);
+                    let records = me.with_pending(&batch.entries)?;
                     let (appended, records) = me.store.write_ahead(records)?;
                     unsettled = true;
                     if to_sync.send((appended, Job { batch, prior })).is_err() {
@@ -216,11 +216,12 @@ impl Agent<'_> {
         Ok(true)
     }
 
-    /// The outcomes waiting to be written, then the entries' progress.
-    fn with_pending(&mut self, entries: &[LedgerEntry]) -> Vec<Record> {
-        let mut records = std::mem::take(&mut self.pending);
+    /// The outcomes waiting to be written whose audit records are out,
+    /// then the entries' progress.
+    fn with_pending(&mut self, entries: &[LedgerEntry]) -> Result<Vec<Record>, AgentError> {
+        let mut records = self.audited()?;
         records.extend(entries.iter().map(|e| Record::Progress(Progress::of(e))));
-        records
+        Ok(records)
     }
 
     /// Records what became of a job.

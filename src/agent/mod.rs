@@ -87,8 +87,11 @@ pub struct Agent<'a> {
     stop: Option<Shutdown>,
     /// Outcomes not yet written: they go to the store together with the next
     /// in-flight record (one fsync per request, not per task) or at the end.
-    /// A crash loses only outcomes that the next run recomputes.
-    pending: Vec<Record>,
+    /// A crash loses only outcomes that the next run recomputes. Each with
+    /// the number of audit records that must be written out to the audit
+    /// log before it goes to the store (`Audit::written`): an outcome the
+    /// store holds is in the audit log too, even after a SIGKILL.
+    pending: Vec<(Record, u64)>,
 }
 
 /// Outcomes buffered before a write is forced.
@@ -132,8 +135,11 @@ impl<'a> Agent<'a> {
         }
     }
 
+    /// Buffers a record for the store, to be written once the audit
+    /// records written so far are out (an outcome's audit record is written
+    /// before its store record is buffered).
     fn buffer(&mut self, r: Record) -> Result<(), AgentError> {
-        self.pending.push(r);
+        self.pending.push((r, self.audit.accepted()));
         // (Not while a write is being synced: they go with the next.)
         if self.pending.len() >= BUFFER && !self.store.unsettled() {
             self.flush()?;
@@ -141,11 +147,25 @@ impl<'a> Agent<'a> {
         Ok(())
     }
 
+    /// Writes every buffered record, after their audit records.
     fn flush(&mut self) -> Result<(), AgentError> {
         if !self.pending.is_empty() {
-            self.store.write(std::mem::take(&mut self.pending))?;
+            self.audit.write_out()?;
+            let records = self.pending.drain(..).map(|(r, _)| r).collect();
+            self.store.write(records)?;
         }
         Ok(())
+    }
+
+    /// The buffered records whose audit records are written out already
+    /// (the rest wait for a later write; the audit writer is given what it
+    /// has not yet been handed, so that they are out by then).
+    fn audited(&mut self) -> Result<Vec<Record>, AgentError> {
+        let out = self.audit.written();
+        let ready = self.pending.partition_point(|(_, need)| *need <= out);
+        let records = self.pending.drain(..ready).map(|(r, _)| r).collect();
+        self.audit.push()?;
+        Ok(records)
     }
 
     pub fn with_shutdown(mut self, stop: Shutdown) -> Self {
@@ -294,6 +314,8 @@ impl<'a> Agent<'a> {
                 }
             }
         }
+        // (Rejected tasks' audit records before their ledger records.)
+        self.audit.write_out()?;
         self.store.write(batch)?;
         Ok(())
     }
@@ -491,7 +513,7 @@ impl<'a> Agent<'a> {
         flight.status = Status::InFlight;
         flight.attempts += 1;
         flight.updated = Utc::now();
-        self.pending.push(Record::Progress(Progress::of(&flight)));
+        self.pending.push((Record::Progress(Progress::of(&flight)), 0));
         self.flush()?;
         let deadline = deadline(flight.expires);
         crashpoint::hit("send:before");
@@ -587,6 +609,8 @@ impl<'a> Agent<'a> {
         e.outcome = outcome.to_string();
         e.detail = rec.detail.clone();
         e.updated = Utc::now();
+        // The audit record first: the store record waits for it (`buffer`).
+        self.audit.write(rec)?;
         if changed {
             // Once recorded, a task's content never changes: only its progress is written.
             let record = if known {
@@ -597,7 +621,6 @@ impl<'a> Agent<'a> {
             self.buffer(record)?;
         }
         log_outcome(&e, outcome, e.detail.as_deref(), self.report.received > QUIET_ABOVE);
-        self.audit.write(rec)?;
         self.report.outcomes.push(TaskOutcome {
             kind: e.kind,
             task: e.display_id,

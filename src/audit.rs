@@ -108,7 +108,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// The audit log of one run. Records are serialised, chained and written
 /// on a thread of their own: at a re-keying that is 100,000 records a
 /// cycle, a tenth of the agent's own work, and it need not wait. Order is
-/// kept (one queue), `sync` waits for everything before it, and a failed
+/// kept (one queue), `written` counts the records written out to the file,
+/// `write_out` and `sync` wait for everything before them, and a failed
 /// write is reported by a later `write` (a bunch later) or `sync`.
 pub struct Audit {
     path: PathBuf,
@@ -142,9 +143,9 @@ enum Job {
 }
 
 /// Bunches queued for the writer thread before `write` waits for it. Kept
-/// small: records not yet handed to the kernel are lost if the process is
-/// killed, and the store may already hold their outcomes (a few hundred
-/// records at most, as many as the file's buffer held before this thread).
+/// small: the agent stores an outcome only once its record is out of this
+/// queue and the writer's buffer (`written`), so a long queue would hold
+/// outcomes back.
 const QUEUE: usize = 2;
 
 /// Records in a bunch.

@@ -530,14 +530,20 @@ mod tests {
         rec
     }
 
+    /// A fresh audit log in a temporary directory, `n` records written.
+    fn with_records(n: usize) -> (tempfile::TempDir, Audit) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut audit = Audit::open(&dir.path().join("audit.ndjson"), Chain::Sha256).unwrap();
+        for i in 0..n {
+            audit.write(record(i)).unwrap();
+        }
+        (dir, audit)
+    }
+
     #[test]
     fn records_are_written_in_order_and_chained_by_the_writer_thread() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut audit) = with_records(10_000);
         let path = dir.path().join("audit.ndjson");
-        let mut audit = Audit::open(&path, Chain::Sha256).unwrap();
-        for n in 0..10_000 {
-            audit.write(record(n)).unwrap();
-        }
         audit.sync().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let tasks: Vec<String> = text
@@ -570,12 +576,8 @@ mod tests {
 
     #[test]
     fn written_counts_the_records_out_of_the_writers_buffer() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, mut audit) = with_records(300);
         let path = dir.path().join("audit.ndjson");
-        let mut audit = Audit::open(&path, Chain::Sha256).unwrap();
-        for n in 0..300 {
-            audit.write(record(n)).unwrap();
-        }
         assert_eq!(audit.accepted(), 300);
         // Two bunches were handed over by `write`; the rest waits.
         assert!(audit.written() <= 2 * BUNCH as u64);

@@ -238,6 +238,8 @@ fn enroll_batch(
         records.push(record(id, bf, status, detail));
     }
     crate::crashpoint::hit("enroll:answered");
+    // The audit records first: what the store holds is audited.
+    audit.write_out()?;
     store.write(records)?;
     Ok(Ok(()))
 }
@@ -361,6 +363,9 @@ pub fn update_bf(
         match client.update_bf(cfg.site.study.as_str(), &new, target, &psn.pseudonym.value, &version) {
             Ok(()) => {
                 crate::crashpoint::hit("update_bf:answered");
+                // The audit record first: what the store holds is audited.
+                audit.write(rec)?;
+                audit.write_out()?;
                 store.write(vec![
                     with_new(&p),
                     Record::Pseudonym(PseudonymRecord {
@@ -371,7 +376,6 @@ pub fn update_bf(
                     }),
                 ])?;
                 report.updated += 1;
-                audit.write(rec)?;
             }
             // Not this patient's fault: stop, the next run sends it again.
             Err(e) if e.is_transient() || e.is_auth() => {

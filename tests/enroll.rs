@@ -510,3 +510,46 @@ fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("2 sent: 2 enrolled"), "{stdout}");
 }
+
+#[test]
+fn enrolments_the_store_holds_are_in_the_audit_log_after_a_crash() {
+    let site = Site::new("xml");
+    site.import_patients();
+    // Killed right after the answers reached the store (its second write;
+    // the first recorded the filters as being sent).
+    crash(&site, &["enroll"], "journal:written:2");
+    for id in ["p1", "p2", "p3"] {
+        assert_eq!(
+            enrolment(&site, id).map(|e| e.0),
+            Some(EnrolmentStatus::Enrolled),
+            "{id}"
+        );
+    }
+    let audited = site
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "enroll" && r["outcome"] == "enrolled")
+        .count();
+    assert_eq!(audited, 3, "every enrolment the store holds is audited");
+}
+
+#[test]
+fn an_update_the_store_holds_is_in_the_audit_log_after_a_crash() {
+    let site = Site::new("xml");
+    with_bloom(&site);
+    let file = csv(&site, "in.csv", &["z1,,Herr,Mustermann,1920-01-01,m"]);
+    run(&site, &["import", &file]);
+    let (code, stdout, _) = run(&site, &["enroll"]);
+    assert_eq!(code, 0, "{stdout}");
+    let old = patient_bf(&site, "z1").unwrap();
+    write_seeds(&site, &SEEDS.replace("487484864", "487484865"));
+    // Killed right after the new filter reached the store.
+    crash(&site, &["update-bf"], "journal:written:1");
+    assert_ne!(patient_bf(&site, "z1"), Some(old), "the store holds the new filter");
+    let audited = site
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "update_bf" && r["outcome"] == "updated")
+        .count();
+    assert_eq!(audited, 1, "the update the store holds is audited");
+}

@@ -511,6 +511,14 @@ fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
     assert!(stdout.contains("2 sent: 2 enrolled"), "{stdout}");
 }
 
+/// Audit records of this kind and outcome.
+fn audited(site: &Site, kind: &str, outcome: &str) -> usize {
+    site.audit()
+        .into_iter()
+        .filter(|r| r["kind"] == kind && r["outcome"] == outcome)
+        .count()
+}
+
 #[test]
 fn enrolments_the_store_holds_are_in_the_audit_log_after_a_crash() {
     let site = Site::new("xml");
@@ -525,11 +533,7 @@ fn enrolments_the_store_holds_are_in_the_audit_log_after_a_crash() {
             "{id}"
         );
     }
-    let audited = site
-        .audit()
-        .into_iter()
-        .filter(|r| r["kind"] == "enroll" && r["outcome"] == "enrolled")
-        .count();
+    let audited = audited(&site, "enroll", "enrolled");
     assert_eq!(audited, 3, "every enrolment the store holds is audited");
 }
 
@@ -546,10 +550,6 @@ fn an_update_the_store_holds_is_in_the_audit_log_after_a_crash() {
     // Killed right after the new filter reached the store.
     crash(&site, &["update-bf"], "journal:written:1");
     assert_ne!(patient_bf(&site, "z1"), Some(old), "the store holds the new filter");
-    let audited = site
-        .audit()
-        .into_iter()
-        .filter(|r| r["kind"] == "update_bf" && r["outcome"] == "updated")
-        .count();
+    let audited = audited(&site, "update_bf", "updated");
     assert_eq!(audited, 1, "the update the store holds is audited");
 }

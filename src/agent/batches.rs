@@ -51,7 +51,7 @@ enum Sent {
 }
 
 /// Marks entries in flight (in memory); returns each one's status from before.
-fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
+pub(super) fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
     let now = Utc::now();
     let prior = entries.iter().map(|e| e.status).collect();
     for e in entries.iter_mut() {

@@ -200,11 +200,12 @@ impl<'a> Agent<'a> {
                     last_ok: prev.and_then(|p| p.last_ok),
                     failures: prev.map_or(0, |p| p.failures) + 1,
                 };
-                self.store.put(Record::Poll(record))?;
+                // (Audited first, as every record the store takes.)
                 let mut rec = AuditRecord::new("poll", "failed", &target);
                 rec.detail = Some(detail);
                 self.audit.write(rec)?;
                 self.audit.sync()?;
+                self.store.put(Record::Poll(record))?;
                 return Err(AgentError::Poll(e));
             }
         };
@@ -402,10 +403,8 @@ impl<'a> Agent<'a> {
                 Work::Batch(first) => {
                     // Consecutive batches go through one pipeline.
                     let mut run = vec![first];
-                    while let Some(Work::Batch(_)) = items.peek() {
-                        if let Some(Work::Batch(b)) = items.next() {
-                            run.push(b);
-                        }
+                    while let Some(Work::Batch(b)) = items.next_if(|w| matches!(w, Work::Batch(_))) {
+                        run.push(b);
                     }
                     if !self.repeat_requests(run, &mut progress)? {
                         log::info!("stop requested: leaving the remaining tasks for the next run");
@@ -510,10 +509,8 @@ impl<'a> Agent<'a> {
         // Recorded before sending: after a crash the task is sent again
         // (at-least-once) rather than forgotten.
         let mut flight = e.clone();
-        flight.status = Status::InFlight;
-        flight.attempts += 1;
-        flight.updated = Utc::now();
-        self.pending.push((Record::Progress(Progress::of(&flight)), 0));
+        batches::mark_in_flight(std::slice::from_mut(&mut flight));
+        self.buffer(Record::Progress(Progress::of(&flight)))?;
         self.flush()?;
         let deadline = deadline(flight.expires);
         crashpoint::hit("send:before");

@@ -132,7 +132,7 @@ pub struct SimState {
     /// Bloom filters (base64) whose first enrolment goes to clearing: the
     /// answer has nothing for them, and the pseudonym follows as a
     /// `dic_psn_available` task on the next `$requestTasks`.
-    pub clearing: std::collections::HashSet<String>,
+    pub clearing: std::collections::HashSet<String, Fx>,
     /// Also send every n-th new Bloom filter to clearing (the `sim` command's
     /// `--clearing-every`).
     pub clearing_every: Option<u32>,

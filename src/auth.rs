@@ -11,9 +11,18 @@ use std::time::{Duration, Instant};
 /// Refresh this long before the token's stated expiry.
 const EARLY: Duration = Duration::from_secs(30);
 
+/// The longest a token is cached, whatever the endpoint says.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 pub enum Auth {
     None,
-    Basic(Secret),
+    Basic {
+        /// `Basic base64(user:password)`, the header value.
+        header: Secret,
+        /// `user:password` and the password alone, for redaction.
+        pair: Secret,
+        password: Secret,
+    },
     OAuth(OAuth),
 }
 
@@ -34,8 +43,13 @@ impl Auth {
         let a = &d.auth;
         if let (Some(user), Some(file)) = (&a.basic_user, &a.basic_password_file) {
             let password = read_secret(file, "the HTTP Basic password")?;
-            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.expose()));
-            return Ok(Auth::Basic(Secret::new(format!("Basic {token}"))));
+            let pair = format!("{user}:{}", password.expose());
+            let token = base64::engine::general_purpose::STANDARD.encode(&pair);
+            return Ok(Auth::Basic {
+                header: Secret::new(format!("Basic {token}")),
+                pair: Secret::new(pair),
+                password,
+            });
         }
         if let (Some(url), Some(id), Some(secret_file)) = (&a.token_url, &a.client_id, &a.client_secret_file) {
             let password_grant = match (&a.username, &a.password_file) {
@@ -53,18 +67,19 @@ impl Auth {
         Ok(Auth::None)
     }
 
-    /// Values that must never be echoed in a message.
+    /// Values that must never be echoed in a message (a `Redactor` also
+    /// removes their base64 and URL-encoded forms).
     pub fn secrets(&self) -> Vec<String> {
         match self {
             Auth::None => Vec::new(),
-            Auth::Basic(s) => vec![s.expose().to_string()],
-            Auth::OAuth(o) => {
-                let mut v = vec![o.client_secret.expose().to_string()];
-                if let Some((_, p)) = &o.password_grant {
-                    v.push(p.expose().to_string());
-                }
-                v
+            Auth::Basic { header, pair, password } => {
+                vec![
+                    header.expose().to_string(),
+                    pair.expose().to_string(),
+                    password.expose().to_string(),
+                ]
             }
+            Auth::OAuth(o) => o.secrets(),
         }
     }
 
@@ -72,7 +87,7 @@ impl Auth {
     pub fn header(&self, agent: &ureq::Agent) -> Result<Option<String>, TokenError> {
         match self {
             Auth::None => Ok(None),
-            Auth::Basic(s) => Ok(Some(s.expose().to_string())),
+            Auth::Basic { header, .. } => Ok(Some(header.expose().to_string())),
             Auth::OAuth(o) => o.token(agent).map(|t| Some(format!("Bearer {t}"))),
         }
     }
@@ -88,7 +103,19 @@ impl Auth {
 }
 
 impl OAuth {
+    fn secrets(&self) -> Vec<String> {
+        let mut v = vec![self.client_secret.expose().to_string()];
+        if let Some((_, p)) = &self.password_grant {
+            v.push(p.expose().to_string());
+        }
+        if let Some((t, _)) = crate::lock(&self.cached).as_ref() {
+            v.push(t.expose().to_string());
+        }
+        v
+    }
+
     fn token(&self, agent: &ureq::Agent) -> Result<String, TokenError> {
+        let redactor = crate::privacy::Redactor::with_credentials(&self.secrets());
         let mut cached = crate::lock(&self.cached);
         if let Some((t, until)) = cached.as_ref()
             && Instant::now() < *until
@@ -118,12 +145,18 @@ impl OAuth {
             .header("Accept", "application/json")
             .send(body.as_bytes())
             .map_err(|e| {
-                TokenError(format!(
-                    "unreachable ({})",
-                    crate::net::explain_tls(&e).unwrap_or_else(|| e.to_string())
-                ))
+                let reason = crate::net::explain_tls(&e).unwrap_or_else(|| e.to_string());
+                TokenError(format!("unreachable ({})", redactor.clean(&reason, 200)))
             })?;
         let status = resp.status().as_u16();
+        if (300..400).contains(&status) {
+            let location = resp.headers().get("location").and_then(|v| v.to_str().ok());
+            return Err(TokenError(format!(
+                "HTTP {status}, a redirect to {}; redirects are not followed (they would carry the client \
+                 secret elsewhere): check [dispatcher.auth] token_url",
+                crate::net::location_host(location)
+            )));
+        }
         let bytes = resp
             .body_mut()
             .with_config()
@@ -132,20 +165,28 @@ impl OAuth {
             .map_err(|_| TokenError("unreadable answer".into()))?;
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         if status != 200 {
-            // OAuth2 errors carry a code and a description, never our secret.
+            // An OAuth2 error carries a code: a hostile or careless
+            // endpoint may echo our secret in it, or a newline.
             let code = json.get("error").and_then(|v| v.as_str()).unwrap_or("no error code");
-            return Err(TokenError(format!(
-                "HTTP {status} ({})",
-                code.chars().take(60).collect::<String>()
-            )));
+            return Err(TokenError(format!("HTTP {status} ({})", redactor.clean(code, 60))));
         }
         let token = json
             .get("access_token")
             .and_then(|v| v.as_str())
             .ok_or_else(|| TokenError("answer without access_token".into()))?
             .to_string();
-        let lifetime = json.get("expires_in").and_then(|v| v.as_u64()).unwrap_or(60);
-        let until = Instant::now() + Duration::from_secs(lifetime).saturating_sub(EARLY);
+        // A lifetime beyond a day is taken as a day: a token is fetched
+        // anew at least daily, and an absurd `expires_in` (2^64-1) cannot
+        // overflow the clock.
+        let lifetime = json
+            .get("expires_in")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(60)
+            .min(MAX_LIFETIME.as_secs());
+        let now = Instant::now();
+        let until = now
+            .checked_add(Duration::from_secs(lifetime).saturating_sub(EARLY))
+            .unwrap_or(now);
         *cached = Some((Secret::new(token.clone()), until));
         Ok(token)
     }
@@ -153,15 +194,7 @@ impl OAuth {
 
 /// application/x-www-form-urlencoded value encoding.
 fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b as char),
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    crate::privacy::percent_encode(s).replace("%20", "+")
 }
 
 #[cfg(test)]

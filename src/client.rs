@@ -52,6 +52,16 @@ pub enum ClientError {
         outcome: Option<String>,
         retry_after: Option<Duration>,
     },
+    #[error(
+        "{op}: the dispatcher answered HTTP {status}, a redirect to {location}; redirects are not followed \
+         (they would carry the API key elsewhere): check [dispatcher] url"
+    )]
+    Redirected {
+        op: Operation,
+        status: u16,
+        /// The Location's host only.
+        location: String,
+    },
     #[error("{op}: unreadable answer: {source}")]
     Decode { op: Operation, source: FhirError },
     #[error("{op}: answer larger than the limit of {limit} bytes")]
@@ -106,6 +116,7 @@ impl Retryable for ClientError {
             ClientError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
             ClientError::Decode { .. }
             | ClientError::TooLarge { .. }
+            | ClientError::Redirected { .. }
             | ClientError::Tls { .. }
             | ClientError::Token { .. } => false,
         }
@@ -121,6 +132,8 @@ impl Retryable for ClientError {
 
 pub struct Client {
     agent: ureq::Agent,
+    /// The token endpoint's: its own proxy decision (see `net::agent`).
+    token_agent: ureq::Agent,
     proxy: Option<String>,
     /// For the hint when a TLS 1.3 server drops us after the handshake,
     /// which is how a missing client certificate shows.
@@ -138,8 +151,14 @@ pub struct Client {
 impl Client {
     pub fn new(cfg: &Config) -> Result<Client, ClientSetupError> {
         let d = &cfg.dispatcher;
+        let agent = crate::net::agent(d, &d.url.0)?;
+        let token_agent = match &d.auth.token_url {
+            Some(url) => crate::net::agent(d, &url.0)?,
+            None => agent.clone(),
+        };
         Ok(Client {
-            agent: crate::net::agent(d)?,
+            agent,
+            token_agent,
             mtls_hint: d.url.0.starts_with("https://") && d.client_cert.is_none(),
             auth: crate::auth::Auth::from_config(d)?,
             base: d.url.0.clone(),
@@ -158,16 +177,15 @@ impl Client {
     }
 
     fn redactor(&self) -> Redactor {
-        let mut r = Redactor::new();
-        r.add(&self.api_key);
-        for s in self.auth.secrets() {
-            r.add(&s);
-        }
-        // A transport error may quote the proxy URL, credentials included.
+        let mut r = Redactor::with_credentials(&self.auth.secrets());
+        r.add_credential(&self.api_key);
+        // A transport error may quote the proxy URL, credentials included,
+        // and a proxy may echo its Basic credentials.
         if let Some(proxy) = &self.proxy {
             r.add(proxy);
-            if let Some(password) = proxy_password(proxy) {
-                r.add(password);
+            if let Some((userinfo, password)) = proxy_credentials(proxy) {
+                r.add_credential(userinfo);
+                r.add_credential(password);
             }
         }
         r
@@ -296,11 +314,21 @@ impl Client {
         if matches!(self.api_key_in, ApiKeyIn::Header | ApiKeyIn::Both) {
             req = req.header(self.api_key_header.as_str(), self.api_key.as_str());
         }
+        let bearer;
+        let mut redactor = redactor;
         if let Some(auth) = self
             .auth
-            .header(&self.agent)
+            .header(&self.token_agent)
             .map_err(|source| ClientError::Token { op, source })?
         {
+            // A token fetched for this request is a secret the redactor
+            // built before it did not know.
+            if let Some(token) = auth.strip_prefix("Bearer ") {
+                let mut with_token = redactor.clone();
+                with_token.add_credential(token);
+                bearer = with_token;
+                redactor = &bearer;
+            }
             req = req.header("Authorization", auth);
         }
         let mut resp = req.send(body.as_bytes()).map_err(|e| self.transport(op, e, redactor))?;
@@ -315,6 +343,7 @@ impl Client {
         let retry_after = header("retry-after")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let location = header("location");
         let bytes = resp
             .body_mut()
             .with_config()
@@ -327,6 +356,13 @@ impl Client {
                 },
                 other => self.transport(op, other, redactor),
             })?;
+        if (300..400).contains(&status) {
+            return Err(ClientError::Redirected {
+                op,
+                status,
+                location: crate::net::location_host(location.as_deref()),
+            });
+        }
         if (200..300).contains(&status) {
             let format = if bytes.iter().all(u8::is_ascii_whitespace) {
                 self.format
@@ -348,11 +384,12 @@ impl Client {
     }
 }
 
-/// The password in `scheme://user:password@host`.
-fn proxy_password(url: &str) -> Option<&str> {
+/// `user:password` and the password in `scheme://user:password@host`.
+fn proxy_credentials(url: &str) -> Option<(&str, &str)> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let userinfo = rest.rsplit_once('@')?.0;
-    userinfo.split_once(':').map(|(_, p)| p)
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let userinfo = authority.rsplit_once('@')?.0;
+    userinfo.split_once(':').map(|(_, p)| (userinfo, p))
 }
 
 impl Client {
@@ -383,7 +420,10 @@ impl Client {
 mod tests {
     #[test]
     fn the_proxy_password_is_found_for_redaction() {
-        assert_eq!(super::proxy_password("http://u:s3cret@proxy:3128"), Some("s3cret"));
-        assert_eq!(super::proxy_password("http://proxy:3128"), None);
+        assert_eq!(
+            super::proxy_credentials("http://u:s3cret@proxy:3128"),
+            Some(("u:s3cret", "s3cret"))
+        );
+        assert_eq!(super::proxy_credentials("http://proxy:3128"), None);
     }
 }

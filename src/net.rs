@@ -101,7 +101,11 @@ fn client_cert(cert: &Path, key: &Path) -> Result<ClientCert, NetSetupError> {
     Ok(ClientCert::new_with_certs(&chain, key))
 }
 
-pub fn agent(d: &Dispatcher) -> Result<ureq::Agent, NetSetupError> {
+/// The HTTP agent for requests to `url` (the dispatcher's, or the token
+/// endpoint's). A plain-http loopback URL is always connected to directly:
+/// through a proxy (`[dispatcher] proxy` or `HTTP_PROXY`) the request, API
+/// key and IDAT included, would cross the network in clear to the proxy.
+pub fn agent(d: &Dispatcher, url: &str) -> Result<ureq::Agent, NetSetupError> {
     let mut tls = TlsConfig::builder();
     if let Some(certs) = roots(d.ca_file.as_deref())? {
         tls = tls.root_certs(RootCerts::new_with_certs(&certs));
@@ -112,9 +116,17 @@ pub fn agent(d: &Dispatcher) -> Result<ureq::Agent, NetSetupError> {
     let mut config = ureq::Agent::config_builder()
         .timeout_global(Some(d.timeout.0))
         .http_status_as_error(false)
+        // The dispatcher's operations and the token endpoint never
+        // redirect. Following one would carry the API key to another host
+        // (ureq strips only Authorization), possibly over plain http, and a
+        // 303 would turn a POST into a bodiless GET whose 2xx looks like
+        // success: a 3xx is a failed call instead (`ClientError::Redirected`).
+        .max_redirects(0)
         .user_agent(concat!("fttp-agent/", env!("CARGO_PKG_VERSION")))
         .tls_config(tls.build());
-    if let Some(p) = &d.proxy {
+    if url.starts_with("http://") && crate::config::is_loopback_url(url) {
+        config = config.proxy(None);
+    } else if let Some(p) = &d.proxy {
         let proxy = ureq::Proxy::new(p.expose()).map_err(|_| NetSetupError::Proxy)?;
         config = config.proxy(Some(proxy));
     }
@@ -160,6 +172,30 @@ impl Resolver for CachedResolver {
             *last = Some((key, Instant::now(), addrs.clone()));
         }
         Ok(addrs)
+    }
+}
+
+/// The host (and port) of a `Location` header, for a message: never its
+/// path or query, which may carry anything.
+pub fn location_host(location: Option<&str>) -> String {
+    let Some(loc) = location else {
+        return "no Location header".into();
+    };
+    let rest = match loc.split_once("://") {
+        Some((_, r)) => r,
+        None => return "a relative Location on the same host".into(),
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let clean: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        .take(100)
+        .collect();
+    if clean.is_empty() {
+        "an unreadable Location".into()
+    } else {
+        clean
     }
 }
 

@@ -80,6 +80,36 @@ impl Redactor {
         }
     }
 
+    /// A redactor that knows `credentials` in every form a server may echo
+    /// them in (see `add_credential`).
+    pub fn with_credentials(credentials: &[String]) -> Self {
+        let mut r = Redactor::new();
+        for c in credentials {
+            r.add_credential(c);
+        }
+        r
+    }
+
+    /// Registers a credential (API key, password, token, client secret)
+    /// as it is, base64-encoded (as in a Basic header) and percent-encoded
+    /// (as in a form body or URL), since an echoing server may quote it in
+    /// any of these.
+    pub fn add_credential(&mut self, secret: &str) {
+        use base64::Engine;
+        let s = secret.trim();
+        self.add(s);
+        for engine in [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            self.add(&engine.encode(s));
+        }
+        let encoded = percent_encode(s);
+        self.add(&encoded.replace("%20", "+"));
+        self.add(&encoded);
+    }
+
     /// `text` with every registered secret (case-insensitively) replaced by
     /// `[redacted]`, control characters removed, and cut to `max` characters.
     pub fn clean(&self, text: &str, max: usize) -> String {
@@ -95,6 +125,28 @@ impl Redactor {
         }
         out
     }
+}
+
+/// Percent-encoding of everything but unreserved characters (RFC 3986),
+/// as form bodies and URLs carry a value.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(b as char),
+            _ => {
+                out.push('%');
+                push_hex_upper(&mut out, b);
+            }
+        }
+    }
+    out
+}
+
+fn push_hex_upper(s: &mut String, b: u8) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    s.push(DIGITS[(b >> 4) as usize] as char);
+    s.push(DIGITS[(b & 15) as usize] as char);
 }
 
 fn replace_ci(haystack: &str, needle: &str, with: &str) -> String {

@@ -339,6 +339,9 @@ fn default_retention() -> HumanDuration {
 fn default_compact_after() -> usize {
     crate::store::COMPACT_AFTER
 }
+/// Longer than any task lives: a daemon polling less often misses them all.
+const MAX_INTERVAL: Duration = Duration::from_secs(31 * 86_400);
+
 fn default_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(6 * 3600))
 }
@@ -477,6 +480,18 @@ impl Config {
                     .into(),
             });
         }
+        if let Some(token_url) = &self.dispatcher.auth.token_url
+            && token_url.0.starts_with("http://")
+            && !self.dispatcher.allow_insecure_http
+            && !is_loopback_url(&token_url.0)
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher.auth] token_url uses plain http:// to a host that is not loopback: the \
+                          client secret would cross the network unencrypted. Use https://"
+                    .into(),
+            });
+        }
         if self.dispatcher.client_cert.is_some() != self.dispatcher.client_key.is_some() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -517,10 +532,10 @@ impl Config {
                 ),
             });
         }
-        if self.schedule.interval.0 < Duration::from_secs(1) {
+        if self.schedule.interval.0 < Duration::from_secs(1) || self.schedule.interval.0 > MAX_INTERVAL {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
-                message: "[schedule] interval must be at least 1s".into(),
+                message: "[schedule] interval must be between 1s and 31d (tasks expire within days)".into(),
             });
         }
         Ok(())

@@ -115,3 +115,42 @@ fn replacements_keep_the_order_they_are_written_in() {
         "{err}"
     );
 }
+
+#[test]
+fn a_url_whose_checked_host_could_differ_from_the_connected_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for url in [
+        "http://10.20.30.40#@localhost",
+        "http://10.20.30.40?@127.0.0.1",
+        "http://user@127.0.0.1",
+        "https://a\\\\b.example.org",
+    ] {
+        std::fs::write(&path, GOOD.replace("https://fttp.example.org", url)).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("url must not contain"), "{url}: {e}");
+    }
+    // The token endpoint is held to the dispatcher's rule.
+    let text = format!(
+        "{GOOD}\n[dispatcher.auth]\ntoken_url = \"http://10.1.2.3/token\"\nclient_id = \"c\"\nclient_secret_file = \"s\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("token_url uses plain http://"), "{e}");
+}
+
+#[test]
+fn durations_too_long_for_a_clock_are_refused() {
+    assert!(parse_duration("3650d").is_ok());
+    assert!(parse_duration("3651d").unwrap_err().contains("too long"));
+    assert!(
+        parse_duration("18446744073709551615s")
+            .unwrap_err()
+            .contains("too long")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, GOOD.replace("interval = \"1h30m\"", "interval = \"365d\"")).unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("interval must be between 1s and 31d"), "{e}");
+}

@@ -7,6 +7,9 @@ use super::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
+/// The longest duration any setting takes: ten years.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -36,6 +39,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         };
         total = total.saturating_add(part);
     }
+    // No setting needs more, and a clock plus an absurd duration would
+    // overflow (a panic at the first sleep).
+    if total > MAX_DURATION {
+        return Err(format!("duration '{s}' is too long (at most 3650d)"));
+    }
     Ok(total)
 }
 
@@ -63,6 +71,18 @@ impl<'de> Deserialize<'de> for BaseUrl {
         }
         if t.contains(char::is_whitespace) {
             return Err(serde::de::Error::custom("url contains whitespace"));
+        }
+        // A base URL needs none of these, and each lets the host a check
+        // reads differ from the host a client connects to
+        // (`http://evil#@localhost`, `http://user@host`, `http:\\host`).
+        if let Some(c) = t
+            .chars()
+            .find(|c| matches!(c, '#' | '?' | '@' | '\\') || c.is_control())
+        {
+            return Err(serde::de::Error::custom(format!(
+                "url must not contain '{}' (no credentials, query or fragment in a base URL)",
+                c.escape_default()
+            )));
         }
         Ok(BaseUrl(t.to_string()))
     }

@@ -66,6 +66,11 @@ fn reason(status: u16) -> &'static str {
         500 => "Internal Server Error",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         _ => "Status",
     }
 }
@@ -87,6 +92,7 @@ pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOpt
                 content_type,
                 body,
                 retry_after,
+                location,
             } => {
                 let mut head = format!(
                     "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
@@ -95,6 +101,9 @@ pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOpt
                 );
                 if let Some(secs) = retry_after {
                     head.push_str(&format!("Retry-After: {secs}\r\n"));
+                }
+                if let Some(location) = location {
+                    head.push_str(&format!("Location: {location}\r\n"));
                 }
                 if close {
                     head.push_str("Connection: close\r\n");

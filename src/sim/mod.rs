@@ -102,6 +102,9 @@ pub enum FaultKind {
     Drop,
     /// Answer normally, but only after this long (a slow gateway).
     Delay(std::time::Duration),
+    /// A redirect (301, 302, 303, 307, 308) to `location`, as a hostile
+    /// or misconfigured front would send.
+    Redirect { status: u16, location: String },
     /// An arbitrary answer: e.g. a proxy's HTML page or a truncated document.
     Raw {
         status: u16,
@@ -353,6 +356,7 @@ pub(crate) enum Action {
         content_type: String,
         body: Vec<u8>,
         retry_after: Option<u64>,
+        location: Option<String>,
     },
     /// A connection-level fault, played by the front.
     Misbehave(FaultKind),
@@ -369,6 +373,7 @@ fn fhir_answer(status: u16, format: Format, answer: Answer, retry_after: Option<
         content_type: format!("{};charset=utf-8", format.mime()),
         body: body.into_bytes(),
         retry_after,
+        location: None,
     }
 }
 
@@ -400,6 +405,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
             content_type: "application/json".into(),
             body: json.into_bytes(),
             retry_after: None,
+            location: None,
         };
     }
     let request_format = Format::detect(content_type.as_deref(), body).unwrap_or(Format::Xml);
@@ -490,6 +496,19 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
                     content_type,
                     body,
                     retry_after: None,
+                    location: None,
+                };
+            }
+            FaultKind::Redirect { status, location } => {
+                rec.status = 0;
+                rec.parameters = parameters;
+                st.received.push(rec);
+                return Action::Respond {
+                    status,
+                    content_type: "text/html".into(),
+                    body: b"<html>moved</html>".to_vec(),
+                    retry_after: None,
+                    location: Some(location),
                 };
             }
             other => {

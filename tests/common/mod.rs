@@ -8,6 +8,7 @@ use fttp_agent::store::{LockMode, Store};
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+pub mod hostile;
 pub mod net;
 
 pub const KEY: &str = "test-key-8f3a1c";

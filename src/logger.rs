@@ -61,6 +61,7 @@ impl Logger {
         let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
         let msg = record.args().to_string();
         match self.format {
+            // (JSON escapes control characters itself.)
             LogFormat::Json => {
                 let (kind, task, text) = task_context(&msg);
                 let mut m = serde_json::Map::new();
@@ -76,6 +77,7 @@ impl Logger {
                 serde_json::Value::Object(m).to_string()
             }
             LogFormat::Text => {
+                let msg = crate::privacy::escape_controls(&msg);
                 let level = record.level().as_str();
                 if color {
                     let c = match record.level() {

@@ -177,7 +177,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e}");
-            eprintln!("fttp-agent: {e}");
+            eprintln!("fttp-agent: {}", fttp_agent::privacy::escape_controls(&e.to_string()));
             e.exit_code()
         }
     };

@@ -75,12 +75,12 @@ pub fn table(entries: &[&LedgerEntry]) -> String {
         .map(|e| {
             [
                 e.kind.as_str().to_string(),
-                e.display_id.clone(),
+                crate::privacy::escape_controls(&e.display_id).into_owned(),
                 e.status.as_str().to_string(),
                 e.outcome.clone(),
                 e.expires.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
                 e.first_seen.format("%Y-%m-%d %H:%M").to_string(),
-                e.detail.clone().unwrap_or_default(),
+                crate::privacy::escape_controls(e.detail.as_deref().unwrap_or_default()).into_owned(),
             ]
         })
         .collect();
@@ -491,7 +491,7 @@ pub fn status_text(r: &StatusReport) -> String {
                 format!(
                     "failed, {} in a row: {}",
                     r.failed_polls_in_a_row,
-                    r.last_poll_detail.as_deref().unwrap_or("")
+                    crate::privacy::escape_controls(r.last_poll_detail.as_deref().unwrap_or(""))
                 )
             }
         )),

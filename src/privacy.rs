@@ -127,6 +127,24 @@ impl Redactor {
     }
 }
 
+/// `text` with control characters written as escapes (`\n`, `\u{1b}`):
+/// a value from outside (a gateway's JSON key, a token endpoint's error)
+/// must not start a forged line in a text log, `status` or a terminal.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Percent-encoding of everything but unreserved characters (RFC 3986),
 /// as form bodies and URLs carry a value.
 pub fn percent_encode(s: &str) -> String {
@@ -180,6 +198,12 @@ mod tests {
         let out = r.clean("invalid family MUSTERMANN\nfor m", 100);
         assert_eq!(out, "invalid family [redacted] for m");
         assert_eq!(r.clean(&"x".repeat(50), 10).chars().count(), 11);
+    }
+
+    #[test]
+    fn control_characters_are_escaped_not_passed_on() {
+        assert_eq!(escape_controls("a\nb\r\u{1b}[31mc\u{85}"), "a\\nb\\r\\u{1b}[31mc\\u{85}");
+        assert!(matches!(escape_controls("plain ä"), std::borrow::Cow::Borrowed("plain ä")));
     }
 
     #[test]

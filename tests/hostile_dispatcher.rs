@@ -303,3 +303,30 @@ fn a_loopback_dispatcher_is_never_reached_through_a_proxy() {
     assert!(proxy.requests().is_empty(), "the key went to the proxy in clear");
     assert_eq!(site.sim.state().received("$providePatientData").len(), 2);
 }
+
+#[test]
+fn a_newline_in_a_json_key_forges_no_log_line() {
+    let site = site_with(SimOptions::default());
+    for _ in 0..2 {
+        site.sim.push(
+            RTASKS,
+            FaultKind::Raw {
+                status: 200,
+                content_type: "application/fhir+json".into(),
+                body: br#"{"resourceType":"Parameters","parameter":[{"name":"task","_bad\nFORGED 2026-01-01T00:00:00Z INFO all tasks done\r\u001b[2K":{"a":1}}]}"#.to_vec(),
+            },
+        );
+    }
+    let (code, out) = site.cycle();
+    assert_ne!(code, 0, "{out}");
+    let all = everything_written(&site, &out);
+    assert!(all.contains("FORGED"), "the key is reported, escaped: {all}");
+    assert!(!all.lines().any(|l| l.starts_with("FORGED")), "{all}");
+    assert!(!all.contains('\u{1b}'), "{all}");
+    // JSON logs escape it too.
+    let text = std::fs::read_to_string(&site.config).unwrap() + "format = \"json\"\n";
+    std::fs::write(&site.config, text).unwrap();
+    let (_, out) = site.cycle();
+    let all = everything_written(&site, &out);
+    assert!(!all.lines().any(|l| l.starts_with("FORGED")), "{all}");
+}

@@ -62,6 +62,8 @@ pub enum ClientError {
         /// The Location's host only.
         location: String,
     },
+    #[error("{op}: the dispatcher answered 2xx but refused: {outcome}")]
+    Refused { op: Operation, outcome: String },
     #[error("{op}: unreadable answer: {source}")]
     Decode { op: Operation, source: FhirError },
     #[error("{op}: answer larger than the limit of {limit} bytes")]
@@ -103,6 +105,11 @@ impl ClientError {
         )
     }
 
+    /// An answer came, but it is not the protocol (unreadable, too large).
+    pub fn is_protocol(&self) -> bool {
+        matches!(self, ClientError::Decode { .. } | ClientError::TooLarge { .. })
+    }
+
     /// No complete answer: the request may or may not have been processed.
     pub fn is_unreachable(&self) -> bool {
         matches!(self, ClientError::Unreachable { .. } | ClientError::Timeout { .. })
@@ -117,6 +124,7 @@ impl Retryable for ClientError {
             ClientError::Decode { .. }
             | ClientError::TooLarge { .. }
             | ClientError::Redirected { .. }
+            | ClientError::Refused { .. }
             | ClientError::Tls { .. }
             | ClientError::Token { .. } => false,
         }
@@ -223,8 +231,9 @@ impl Client {
         for s in secrets {
             redactor.add(s);
         }
-        self.call(Operation::ProvidePatientData, params, &redactor, deadline)?;
-        Ok(())
+        let op = Operation::ProvidePatientData;
+        let (format, body) = self.call(op, params, &redactor, deadline)?;
+        refusal(op, format, &body, &redactor)
     }
 
     /// `$requestPsnFromBfWorkflow` {study, bloomfilter 1..*, target}.
@@ -270,8 +279,9 @@ impl Client {
             Parameter::string("pseudonym", pseudonym),
             Parameter::string("bfVersion", version),
         ]);
-        self.call(Operation::UpdateBf, params, &redactor, None)?;
-        Ok(())
+        let op = Operation::UpdateBf;
+        let (format, body) = self.call(op, params, &redactor, None)?;
+        refusal(op, format, &body, &redactor)
     }
 
     fn call(
@@ -381,6 +391,28 @@ impl Client {
             outcome,
             retry_after,
         })
+    }
+}
+
+/// A 2xx answer that is an OperationOutcome with an `error` or `fatal`
+/// issue is a refusal, not a success: the gateway's status code is not
+/// the only place it says no.
+fn refusal(op: Operation, format: Format, body: &[u8], redactor: &Redactor) -> Result<(), ClientError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    match OperationOutcome::parse(format, body) {
+        Ok(o)
+            if o.issues
+                .iter()
+                .any(|i| matches!(i.severity.as_str(), "error" | "fatal")) =>
+        {
+            Err(ClientError::Refused {
+                op,
+                outcome: o.summary(redactor),
+            })
+        }
+        _ => Ok(()),
     }
 }
 

@@ -16,6 +16,9 @@ pub mod exit {
     pub const CONFIG: u8 = 2;
     /// Dispatcher unreachable or authentication refused; nothing changed.
     pub const DISPATCHER: u8 = 3;
+    /// The dispatcher answered, but not in the protocol: an unreadable or
+    /// oversized document. Nothing was changed; its operators must look.
+    pub const PROTOCOL: u8 = 4;
     /// Another agent holds the store lock (EX_TEMPFAIL).
     pub const LOCKED: u8 = 75;
 
@@ -28,6 +31,7 @@ pub mod exit {
                 status: 400 | 404 | 422,
                 ..
             } => CONFIG,
+            e if e.is_protocol() => PROTOCOL,
             _ => DISPATCHER,
         }
     }

@@ -202,8 +202,14 @@ mod tests {
 
     #[test]
     fn control_characters_are_escaped_not_passed_on() {
-        assert_eq!(escape_controls("a\nb\r\u{1b}[31mc\u{85}"), "a\\nb\\r\\u{1b}[31mc\\u{85}");
-        assert!(matches!(escape_controls("plain ä"), std::borrow::Cow::Borrowed("plain ä")));
+        assert_eq!(
+            escape_controls("a\nb\r\u{1b}[31mc\u{85}"),
+            "a\\nb\\r\\u{1b}[31mc\\u{85}"
+        );
+        assert!(matches!(
+            escape_controls("plain ä"),
+            std::borrow::Cow::Borrowed("plain ä")
+        ));
     }
 
     #[test]

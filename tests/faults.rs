@@ -219,8 +219,11 @@ fn broken_answers_are_reported_and_change_nothing() {
         queue_send(&s, "t1", Days::days(1));
         s.sim.push(RTASKS, fault);
         let (code, out) = s.cycle();
-        assert_eq!(code, 3, "{expected}: {out}");
+        // A protocol error, not "unreachable": the gateway answered.
+        assert_eq!(code, 4, "{expected}: {out}");
         assert!(out.contains(expected), "expected '{expected}' in: {out}");
+        assert!(out.contains("not readable FHIR: tell its operators"), "{out}");
+        assert_eq!(s.audit_outcomes("poll"), ["protocol_error"]);
         assert_eq!(s.store().ledger_entries().count(), 0);
         // And the next, healthy poll works.
         assert_eq!(s.cycle().0, 0);
@@ -236,7 +239,7 @@ fn an_oversized_answer_is_refused_without_reading_it_all() {
     );
     s.sim.push(RTASKS, raw("application/fhir+xml", big.as_bytes()));
     let (code, out) = s.cycle();
-    assert_eq!(code, 3, "{out}");
+    assert_eq!(code, 4, "{out}");
     assert!(out.contains("larger than the limit of 10000 bytes"), "{out}");
 }
 

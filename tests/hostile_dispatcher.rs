@@ -330,3 +330,61 @@ fn a_newline_in_a_json_key_forges_no_log_line() {
     let all = everything_written(&site, &out);
     assert!(!all.lines().any(|l| l.starts_with("FORGED")), "{all}");
 }
+
+#[test]
+fn a_2xx_carrying_an_error_outcome_is_not_a_delivery() {
+    let site = site_with(SimOptions::default());
+    queue_send(&site, "o1");
+    site.sim.push(
+        PROVIDE,
+        FaultKind::Raw {
+            status: 200,
+            content_type: "application/fhir+json".into(),
+            body: br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","diagnostics":"patient not stored"}]}"#.to_vec(),
+        },
+    );
+    let (code, out) = site.cycle();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("answered 2xx but refused: error/processing: patient not stored"),
+        "{out}"
+    );
+    assert_eq!(site.store().ledger("task:o1").unwrap().status, Status::Failed);
+    // An informational outcome is a success.
+    site.sim.push(
+        PROVIDE,
+        FaultKind::Raw {
+            status: 200,
+            content_type: "application/fhir+json".into(),
+            body: br#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational"}]}"#
+                .to_vec(),
+        },
+    );
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.store().ledger("task:o1").unwrap().status, Status::Resolved);
+}
+
+#[test]
+fn duplicate_json_keys_in_an_answer_are_refused() {
+    let site = site_with(SimOptions::default());
+    let later = (Utc::now() + Days::days(1)).to_rfc3339();
+    let body = format!(
+        r#"{{"resourceType":"Parameters","parameter":[{{"name":"task","part":[
+            {{"name":"type","valueCode":"dic_psn_available"}},
+            {{"name":"target","valueString":"dic_test","valueString":"other_site"}},
+            {{"name":"expires","valueInstant":"{later}"}}]}}]}}"#
+    );
+    site.sim.push(
+        RTASKS,
+        FaultKind::Raw {
+            status: 200,
+            content_type: "application/fhir+json".into(),
+            body: body.into_bytes(),
+        },
+    );
+    let (code, out) = site.cycle();
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("an object has the same key twice"), "{out}");
+    assert_eq!(site.audit_outcomes("poll"), ["protocol_error"]);
+}

@@ -201,7 +201,13 @@ impl<'a> Agent<'a> {
                     failures: prev.map_or(0, |p| p.failures) + 1,
                 };
                 // (Audited first, as every record the store takes.)
-                let mut rec = AuditRecord::new("poll", "failed", &target);
+                // An unreadable answer is the gateway's fault, not the
+                // network's: its own outcome, for the operators to see.
+                let outcome = if e.is_protocol() { "protocol_error" } else { "failed" };
+                if e.is_protocol() {
+                    log::error!("the dispatcher's answer to $requestTasks is not readable FHIR: tell its operators");
+                }
+                let mut rec = AuditRecord::new("poll", outcome, &target);
                 rec.detail = Some(detail);
                 self.audit.write(rec)?;
                 self.audit.sync()?;

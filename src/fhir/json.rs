@@ -9,12 +9,78 @@ use serde_json::{Map, Value as J};
 pub const MAX_DEPTH: usize = 64;
 
 pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
-    let value: J = serde_json::from_slice(bytes).map_err(|e| FhirError::Json {
+    let value: J = parse_strict(bytes).map_err(|e| FhirError::Json {
         line: e.line(),
         column: e.column(),
         reason: classify(&e),
     })?;
     resource_from_json(&value, "", 0)
+}
+
+/// JSON as serde_json reads it, but an object with the same key twice is
+/// an error: RFC 8259 leaves it undefined, serde_json keeps the last, and
+/// another reader may keep the first, so two readers of one document could
+/// act on different values (a gateway answer, an audit record).
+pub fn parse_strict(bytes: &[u8]) -> Result<J, serde_json::Error> {
+    serde_json::from_slice::<Strict>(bytes).map(|s| s.0)
+}
+
+struct Strict(J);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = J;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<J, E> {
+        Ok(J::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<J, E> {
+        Ok(J::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<J, E> {
+        Ok(J::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<J, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(J::Null, J::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<J, E> {
+        Ok(J::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<J, E> {
+        Ok(J::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<J, E> {
+        Ok(J::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<J, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(J::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<J, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                // (The key is not quoted: it may be anything.)
+                return Err(serde::de::Error::custom("an object has the same key twice"));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(J::Object(out))
+    }
 }
 
 // serde_json's messages can quote input ("invalid type: string \"Anna\""),
@@ -24,6 +90,9 @@ fn classify(e: &serde_json::Error) -> &'static str {
     match e.classify() {
         Category::Io => "read error",
         Category::Syntax => "syntax error",
+        Category::Data if e.to_string().starts_with("an object has the same key twice") => {
+            "an object has the same key twice"
+        }
         Category::Data => "unexpected data",
         Category::Eof => "truncated document",
     }

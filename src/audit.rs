@@ -419,19 +419,7 @@ impl Writer {
     fn sync(&mut self) -> Result<(), (&'static str, std::io::Error)> {
         self.file.flush().map_err(|e| ("write", e))?;
         self.file.get_ref().sync_data().map_err(|e| ("sync", e))?;
-        let head = head_path(&self.path);
-        let tmp = head.with_extension("head.tmp");
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| {
-                f.write_all(self.last.as_bytes())?;
-                f.sync_data()
-            })
-            .and_then(|_| std::fs::rename(&tmp, &head))
+        crate::fsutil::write_atomic(&head_path(&self.path), self.last.as_bytes(), 0o600)
             .map_err(|e| ("record the chain head", e))
     }
 }

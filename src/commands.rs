@@ -62,7 +62,7 @@ fn cycle_then(
 /// Metrics and heartbeat; their failure is logged, never fatal.
 fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool) {
     if let Some(path) = &cfg.log.metrics
-        && let Err(e) = ops::write_atomic(path, ops::metrics(store, seconds, ok).as_bytes())
+        && let Err(e) = crate::fsutil::write_atomic(path, ops::metrics(store, seconds, ok).as_bytes(), 0o644)
     {
         log::warn!("cannot write metrics to {}: {e}", path.display());
     }

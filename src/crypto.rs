@@ -63,6 +63,8 @@ pub enum KeyError {
     Create { path: PathBuf, source: std::io::Error },
     #[error("the system's random source failed")]
     Random,
+    #[error(transparent)]
+    Exposed(#[from] crate::secret_file::SecretFileError),
 }
 
 /// A sealed record that cannot be used: it failed to decrypt (tampered
@@ -98,9 +100,10 @@ impl std::fmt::Debug for StoreKey {
     }
 }
 
-/// Reads a 256-bit key written by `keygen` (base64), warning if group or
-/// others can read it.
+/// Reads a 256-bit key written by `keygen` (base64); refuses a key file that
+/// group or others can read.
 pub fn read_key_bytes(path: &Path) -> Result<[u8; 32], KeyError> {
+    crate::secret_file::check_private(path, "the key file")?;
     let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
         path: path.to_path_buf(),
         source,
@@ -111,7 +114,6 @@ pub fn read_key_bytes(path: &Path) -> Result<[u8; 32], KeyError> {
     let secret: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Format {
         path: path.to_path_buf(),
     })?;
-    crate::config::warn_if_exposed(path, "key file");
     Ok(secret)
 }
 

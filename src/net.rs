@@ -25,6 +25,8 @@ pub enum NetSetupError {
         path: PathBuf,
         expected: &'static str,
     },
+    #[error(transparent)]
+    Exposed(crate::secret_file::SecretFileError),
     #[error("[dispatcher] proxy is not a usable proxy URL (e.g. http://user:password@proxy:3128)")]
     Proxy,
 }
@@ -91,7 +93,7 @@ fn client_cert(cert: &Path, key: &Path) -> Result<ClientCert, NetSetupError> {
             expected: "certificate",
         });
     }
-    crate::config::warn_if_exposed(key, "client key");
+    crate::secret_file::check_private(key, "[dispatcher] client_key").map_err(NetSetupError::Exposed)?;
     let key_pem = read(key, "[dispatcher] client_key")?;
     let key = PrivateKey::from_pem(&key_pem).map_err(|_| NetSetupError::Pem {
         what: "[dispatcher] client_key",

@@ -9,8 +9,6 @@ use crate::tasks::{Task, TaskKind};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -285,24 +283,11 @@ pub fn heartbeat_path(store_dir: &Path) -> std::path::PathBuf {
     store_dir.join("heartbeat.json")
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename), mode 0600.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 pub fn write_heartbeat(store_dir: &Path, hb: &Heartbeat) -> std::io::Result<()> {
-    write_atomic(
+    crate::fsutil::write_atomic(
         &heartbeat_path(store_dir),
         serde_json::to_string(hb).unwrap_or_default().as_bytes(),
+        0o600,
     )
 }
 

@@ -573,7 +573,7 @@ fn the_example_config_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
     let key = dir.path().join("api-key");
-    std::fs::write(&key, "k\n").unwrap();
+    common::write_private(&key, "k\n");
     let path = dir.path().join("config.toml");
     let seeds = dir.path().join("seeds.toml");
     std::fs::write(

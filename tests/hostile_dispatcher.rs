@@ -388,3 +388,41 @@ fn duplicate_json_keys_in_an_answer_are_refused() {
     assert!(out.contains("an object has the same key twice"), "{out}");
     assert_eq!(site.audit_outcomes("poll"), ["protocol_error"]);
 }
+
+#[test]
+fn a_start_tag_with_a_hundred_thousand_attributes_is_refused_at_once() {
+    // quick-xml before 0.41 spent quadratic time on repeated attribute
+    // names and unbounded memory on namespace declarations (RUSTSEC-2026-0194,
+    // -0195): 28 s of CPU past the HTTP timeout for a 2.8 MB answer.
+    for (attribute, on_root) in [("xmlns:n", true), ("a", false)] {
+        let site = site_with(SimOptions::default());
+        let mut attributes = String::new();
+        for i in 0..100_000 {
+            attributes.push_str(&format!(" {attribute}{i}=\"x\""));
+        }
+        let body = if on_root {
+            format!(
+                r#"<Parameters xmlns="http://hl7.org/fhir"{attributes}><parameter><name value="x"/></parameter></Parameters>"#
+            )
+        } else {
+            format!(
+                r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name{attributes} value="x"/></parameter></Parameters>"#
+            )
+        };
+        site.sim.push(
+            RTASKS,
+            FaultKind::Raw {
+                status: 200,
+                content_type: "application/fhir+xml".into(),
+                body: body.into_bytes(),
+            },
+        );
+        let started = std::time::Instant::now();
+        let (code, out) = site.cycle();
+        assert_eq!(code, 4, "{attribute}: {out}");
+        assert!(out.contains("invalid FHIR"), "{out}");
+        // Generous: a debug build on a loaded machine; the quadratic case
+        // took minutes.
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+}

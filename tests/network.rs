@@ -101,7 +101,7 @@ fn mutual_tls_presents_the_client_certificate() {
     let (site, ca, front) = tls_site(true, &["localhost"], false);
     let client = ca.leaf(&["dic-test"], false);
     std::fs::write(site.dir.path().join("client.pem"), &client.cert_pem).unwrap();
-    std::fs::write(site.dir.path().join("client.key"), &client.key_pem).unwrap();
+    common::write_private(site.dir.path().join("client.key"), &client.key_pem);
     reconfigure(
         &site,
         &format!("localhost:{}", front.port),
@@ -189,7 +189,7 @@ fn basic_site(password_in_file: &str) -> Site {
         ..SimOptions::default()
     };
     let site = Site::with("xml", options, "");
-    std::fs::write(site.dir.path().join("basic.pw"), format!("{password_in_file}\n")).unwrap();
+    common::write_private(site.dir.path().join("basic.pw"), format!("{password_in_file}\n"));
     let text = std::fs::read_to_string(&site.config).unwrap().replace(
         "[site]",
         "[dispatcher.auth]\nbasic_user = \"dic\"\nbasic_password_file = \"basic.pw\"\n\n[site]",
@@ -221,13 +221,13 @@ fn oauth_site(user: Option<(&str, &str)>, secret_in_file: &str, lifetime: u64) -
     };
     let site = Site::with("json", options, "");
     site.import_patients();
-    std::fs::write(site.dir.path().join("client.secret"), secret_in_file).unwrap();
+    common::write_private(site.dir.path().join("client.secret"), secret_in_file);
     let mut auth = format!(
         "[dispatcher.auth]\ntoken_url = \"{}\"\nclient_id = \"fttp-agent\"\nclient_secret_file = \"client.secret\"\n",
         site.sim.token_url()
     );
     if let Some((u, p)) = user {
-        std::fs::write(site.dir.path().join("user.pw"), p).unwrap();
+        common::write_private(site.dir.path().join("user.pw"), p);
         auth.push_str(&format!("username = \"{u}\"\npassword_file = \"user.pw\"\n"));
     }
     let text = std::fs::read_to_string(&site.config)

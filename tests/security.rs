@@ -462,3 +462,32 @@ fn each_idat_element_alone_and_all_together_is_sent_exactly() {
         }
     }
 }
+
+#[test]
+fn secret_files_others_can_read_are_refused() {
+    let site = Site::new("xml");
+    let key_file = site.dir.path().join("api.key");
+    common::write_private(&key_file, common::KEY);
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace(&format!("api_key = \"{}\"", common::KEY), "api_key_file = \"api.key\"");
+    std::fs::write(&site.config, text).unwrap();
+    assert_eq!(site.cycle().0, 0);
+    for (file, what) in [
+        (key_file.clone(), "the API key file"),
+        (site.dir.path().join("store.key"), "the key file"),
+    ] {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (code, out) = site.cycle();
+        assert_eq!(code, 2, "{out}");
+        assert!(
+            out.contains(&format!(
+                "{what} {} can be read or changed by group or others (mode 640)",
+                file.display()
+            )),
+            "{out}"
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    assert_eq!(site.cycle().0, 0);
+}

@@ -30,12 +30,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("cannot read {what} from {path}: {source}")]
-    Secret {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Secret(#[from] crate::secret_file::SecretFileError),
 }
 
 /// A secret string: never printed by `Debug`.
@@ -458,11 +454,7 @@ impl Config {
             });
         }
         if let Some(file) = &self.dispatcher.api_key_file {
-            let key = std::fs::read_to_string(file).map_err(|source| ConfigError::Secret {
-                what: "the API key",
-                path: file.clone(),
-                source,
-            })?;
+            let key = crate::secret_file::read_private(file, "the API key file")?;
             self.dispatcher.api_key = Some(Secret::new(key.trim()));
         }
         if self.dispatcher.api_key.as_ref().is_none_or(|k| k.expose().is_empty()) {
@@ -757,29 +749,9 @@ pub fn is_loopback_url(url: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Reads a one-line secret from a file (password, client secret).
+/// Reads a one-line secret from a private file (password, client secret).
 pub fn read_secret(path: &Path, what: &'static str) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Secret {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    warn_if_exposed(path, what);
-    Ok(Secret::new(text.trim()))
-}
-
-/// Warns when a secret-bearing file can be read by group or others.
-pub fn warn_if_exposed(path: &Path, what: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            log::warn!(
-                "{what} {} can be read by group or others (mode {mode:o}); chmod 600 it",
-                path.display()
-            );
-        }
-    }
+    Ok(Secret::new(crate::secret_file::read_private(path, what)?.trim()))
 }
 
 #[cfg(test)]

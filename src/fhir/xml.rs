@@ -299,8 +299,11 @@ impl Attrs {
             if key == b"xmlns" || key.starts_with(b"xmlns:") {
                 continue;
             }
-            let value = attr
-                .unescape_value()
+            // Unescaped without attribute-value normalisation, as the fast
+            // path reads it (both readers must agree on every input).
+            let raw = std::str::from_utf8(&attr.value)
+                .map_err(|_| FhirError::structure(path, "attribute value that is not UTF-8"))?;
+            let value = quick_xml::escape::unescape(raw)
                 .map_err(|_| FhirError::structure(path, "attribute value with an invalid escape"))?
                 .into_owned();
             match attr.key.local_name().as_ref() {

@@ -28,6 +28,13 @@ p2,{bf2},Maximilian,Musterfrau,,,1962-03-01,m,Hauptweg 9,Bonn,53111,Bonn,,Dr. re
 p3,{bf3},Annabell,Schmidtke,,,1990-11-23,w,Lindenweg 3,Greifswald,17489,Rostock,,,de,DE,S
 ";
 
+/// Writes a secret file readable by its owner only, as the agent demands.
+pub fn write_private(path: impl AsRef<std::path::Path>, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path.as_ref(), contents).unwrap();
+    std::fs::set_permissions(path.as_ref(), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 pub fn bf(n: u32) -> String {
     sample_bloomfilter(n).to_base64()
 }

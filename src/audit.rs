@@ -84,7 +84,10 @@ impl Chain {
     /// HMAC-SHA256 keyed by a key file in the store key's format (`keygen`).
     pub fn hmac_from_file(path: &Path) -> Result<Chain, crate::crypto::KeyError> {
         let bytes = crate::crypto::read_key_bytes(path)?;
-        Ok(Chain::Hmac(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes)))
+        Ok(Chain::Hmac(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            bytes.as_ref(),
+        )))
     }
 
     fn name(&self) -> &'static str {

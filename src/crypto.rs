@@ -13,6 +13,7 @@ use ring::{hkdf, hmac};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Random bytes drawn from the system in one call and handed out as nonces:
 /// a re-keying cycle seals some 200,000 records, and one `getrandom` call
@@ -102,18 +103,22 @@ impl std::fmt::Debug for StoreKey {
 
 /// Reads a 256-bit key written by `keygen` (base64); refuses a key file that
 /// group or others can read.
-pub fn read_key_bytes(path: &Path) -> Result<[u8; 32], KeyError> {
+pub fn read_key_bytes(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyError> {
     crate::secret_file::check_private(path, "the key file")?;
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| KeyError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::Format {
+    })?);
+    let bytes = Zeroizing::new(STANDARD.decode(text.trim()).map_err(|_| KeyError::Format {
         path: path.to_path_buf(),
-    })?;
-    let secret: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Format {
-        path: path.to_path_buf(),
-    })?;
+    })?);
+    let mut secret = Zeroizing::new([0u8; 32]);
+    if bytes.len() != secret.len() {
+        return Err(KeyError::Format {
+            path: path.to_path_buf(),
+        });
+    }
+    secret.copy_from_slice(&bytes);
     Ok(secret)
 }
 
@@ -133,7 +138,11 @@ impl StoreKey {
         let _ = prk.expand(&[b"aes-256-gcm"], Len(32)).and_then(|o| o.fill(&mut enc));
         let _ = prk.expand(&[b"hmac-sha256"], Len(32)).and_then(|o| o.fill(&mut mac));
         let aead = UnboundKey::new(&AES_256_GCM, &enc).map(LessSafeKey::new);
-        let mac = hmac::Key::new(hmac::HMAC_SHA256, &mac);
+        let mac_key = hmac::Key::new(hmac::HMAC_SHA256, &mac);
+        // (ring holds its own copies; ours leave no trace on the stack.)
+        enc.zeroize();
+        mac.zeroize();
+        let mac = mac_key;
         let id = crate::privacy::hex(&hmac::sign(&mac, b"key id").as_ref()[..6]);
         StoreKey {
             // A 32-byte key is always a valid AES-256 key.
@@ -145,13 +154,15 @@ impl StoreKey {
 
     /// Reads a key file: 32 bytes as base64 (what `keygen` writes).
     pub fn load(path: &Path) -> Result<StoreKey, KeyError> {
-        Ok(StoreKey::from_bytes(&read_key_bytes(path)?))
+        Ok(StoreKey::from_bytes(&*read_key_bytes(path)?))
     }
 
     /// Writes a new random key to `path` (mode 0600); never overwrites.
     pub fn generate(path: &Path) -> Result<(), KeyError> {
-        let mut secret = [0u8; 32];
-        SystemRandom::new().fill(&mut secret).map_err(|_| KeyError::Random)?;
+        let mut secret = Zeroizing::new([0u8; 32]);
+        SystemRandom::new()
+            .fill(secret.as_mut())
+            .map_err(|_| KeyError::Random)?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -161,7 +172,7 @@ impl StoreKey {
                 path: path.to_path_buf(),
                 source,
             })?;
-        writeln!(f, "{}", STANDARD.encode(secret))
+        writeln!(f, "{}", Zeroizing::new(STANDARD.encode(secret.as_ref())).as_str())
             .and_then(|_| f.sync_all())
             .map_err(|source| KeyError::Create {
                 path: path.to_path_buf(),
@@ -196,25 +207,28 @@ impl StoreKey {
         out
     }
 
-    pub fn open(&self, what: &'static str, context: &[u8], sealed: &str) -> Result<Vec<u8>, OpenError> {
+    /// The plaintext of a sealed record, wiped from memory when dropped.
+    pub fn open(&self, what: &'static str, context: &[u8], sealed: &str) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         let raw = STANDARD.decode(sealed).map_err(|_| OpenError::auth(what))?;
         self.open_raw(what, context, &raw)
     }
 
     /// `open` for the sealed bytes without their base64 form.
-    pub fn open_raw(&self, what: &'static str, context: &[u8], raw: &[u8]) -> Result<Vec<u8>, OpenError> {
+    pub fn open_raw(&self, what: &'static str, context: &[u8], raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         let err = OpenError::auth(what);
         if raw.len() < NONCE_LEN {
             return Err(err);
         }
         let (nonce, ct) = raw.split_at(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| err.clone())?;
-        let mut buf = ct.to_vec();
-        let plain = self
+        let mut buf = Zeroizing::new(ct.to_vec());
+        let len = self
             .aead
             .open_in_place(nonce, Aad::from(context), &mut buf)
-            .map_err(|_| err)?;
-        Ok(plain.to_vec())
+            .map_err(|_| err)?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
     }
 
     /// Keyed index of a value in a domain ("bf", "psn"): 128 bits of HMAC, as hex.
@@ -244,7 +258,7 @@ mod tests {
         let k = StoreKey::from_bytes(&[7; 32]);
         let s = STANDARD.encode(k.seal_raw(b"patient\0p1", b"Mustermann"));
         assert!(!s.contains("Mustermann"));
-        assert_eq!(k.open("patient", b"patient\0p1", &s).unwrap(), b"Mustermann");
+        assert_eq!(k.open("patient", b"patient\0p1", &s).unwrap().as_slice(), b"Mustermann");
         // Moved to another record, or altered, or another key: refused.
         assert!(k.open("patient", b"patient\0p2", &s).is_err());
         let mut bytes = STANDARD.decode(&s).unwrap();

@@ -6,6 +6,8 @@
 //! state) and `audit` (outcome log). `fhir` holds the wire formats, `sim` the
 //! simulated dispatcher used by `demo` and the tests.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod audit;
 pub mod auth;
@@ -21,6 +23,7 @@ pub mod error;
 pub mod fhir;
 pub mod fsutil;
 pub mod fxhash;
+pub mod harden;
 pub mod import;
 pub mod logger;
 pub mod net;

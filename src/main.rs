@@ -1,4 +1,5 @@
 //! Command line: parse, set up logging, dispatch, map errors to exit codes.
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fttp_agent::commands;
@@ -172,6 +173,9 @@ enum FormatArg {
 }
 
 fn main() -> ExitCode {
+    // Before anything secret is read (and again in `load`, to log what
+    // failed once the logger is up).
+    fttp_agent::harden::process();
     let cli = Cli::parse();
     let code = match dispatch(cli) {
         Ok(code) => code,
@@ -189,7 +193,7 @@ fn load(cli: &Cli) -> Result<Config, AppError> {
     let cfg = Config::load(&path)?;
     let level = cli.log_level.unwrap_or(cfg.log.level);
     fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref(), cfg.log.format).map_err(AppError::Other)?;
-    for w in &cfg.warnings {
+    for w in cfg.warnings.iter().chain(&fttp_agent::harden::process()) {
         log::warn!("{w}");
     }
     Ok(cfg)

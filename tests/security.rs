@@ -491,3 +491,36 @@ fn secret_files_others_can_read_are_refused() {
     }
     assert_eq!(site.cycle().0, 0);
 }
+
+#[test]
+fn the_running_agent_writes_no_core_dump() {
+    let site = Site::new("xml");
+    let mut daemon = site.daemon("1h");
+    let limits = std::path::PathBuf::from(format!("/proc/{}/limits", daemon.id()));
+    let started = std::time::Instant::now();
+    // The soft limit may be 0 already (a common default); the hard limit
+    // is what only the agent itself lowers.
+    let disabled = loop {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        let core: Vec<String> = text
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .map(|l| l.split_whitespace().skip(4).take(2).map(str::to_string).collect())
+            .unwrap_or_default();
+        if core == ["0", "0"] {
+            break true;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    if !disabled {
+        let _ = daemon.kill();
+        panic!(
+            "core dumps stay enabled: {}",
+            std::fs::read_to_string(&limits).unwrap_or_default()
+        );
+    }
+    common::stop_daemon(daemon);
+}

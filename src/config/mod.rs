@@ -48,6 +48,14 @@ impl Secret {
     }
 }
 
+impl Drop for Secret {
+    /// Wiped when no longer needed: a core dump, swap or a later
+    /// allocation reusing the memory holds no copy.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")

@@ -18,6 +18,12 @@ pub struct AuditError {
     pub source: std::io::Error,
 }
 
+impl AuditError {
+    pub fn exit_code(&self) -> u8 {
+        crate::exit::IO
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct AuditRecord {
     /// RFC 3339, UTC.
@@ -50,7 +56,11 @@ pub struct AuditRecord {
     pub tasks: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// `sha256` or `hmac-sha256`: how `hash` is computed.
+    /// The record's number in the chain, 1 for the first record ever: a
+    /// reader sees how many records came before, and a gap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// `sha256` or `hmac-sha256`: how `hash` is computed (one per log).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chain: Option<String>,
     /// `hash` of the previous record (64 zeros for the first one ever).
@@ -162,6 +172,9 @@ struct Writer {
     file: std::io::BufWriter<File>,
     chain: Chain,
     last: String,
+    /// The number of the last record written (`None`: continuing a log
+    /// from before records were numbered; its records stay unnumbered).
+    seq: Option<u64>,
 }
 
 /// The sidecar that remembers the chain's head across log rotation.
@@ -171,22 +184,78 @@ fn head_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// The `hash` of the last complete record of `path`, if any.
-fn last_hash(path: &Path) -> Option<String> {
+/// Where a chain stands: the hash of its last record and that record's
+/// number (none in logs written before records were numbered).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub hash: String,
+    pub seq: Option<u64>,
+}
+
+impl Head {
+    fn describe(&self) -> String {
+        let short: String = self.hash.chars().take(12).collect();
+        match self.seq {
+            Some(n) => format!("record {n} ({short}…)"),
+            None => format!("the record {short}…"),
+        }
+    }
+}
+
+/// The head saved beside `path` at its last sync: `hash [seq]`.
+pub fn saved_head(path: &Path) -> Option<Head> {
+    let text = std::fs::read_to_string(head_path(path)).ok()?;
+    let mut words = text.split_whitespace();
+    let hash = words
+        .next()
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    Some(Head {
+        hash: hash.to_string(),
+        seq: words.next().and_then(|n| n.parse().ok()),
+    })
+}
+
+/// The last complete record of `path`, if any.
+fn last_record(path: &Path) -> Option<Head> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     let from = len.saturating_sub(64 * 1024);
     f.seek(SeekFrom::Start(from)).ok()?;
-    let mut tail = String::new();
-    f.read_to_string(&mut tail).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let tail = String::from_utf8_lossy(&tail);
     tail.lines().rev().find_map(|l| {
-        serde_json::from_str::<serde_json::Value>(l)
-            .ok()?
-            .get("hash")?
-            .as_str()
-            .map(str::to_string)
+        let v = serde_json::from_str::<serde_json::Value>(l).ok()?;
+        Some(Head {
+            hash: v.get("hash")?.as_str()?.to_string(),
+            seq: v.get("seq").and_then(serde_json::Value::as_u64),
+        })
     })
+}
+
+/// Whether the record with `hash` is in `path`, searched from the end (the
+/// saved head is at most a cycle's records before the end).
+fn holds_record(path: &Path, hash: &str) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 1 << 20;
+    let needle = format!("\"hash\":\"{hash}\"");
+    let mut f = File::open(path)?;
+    let mut end = f.metadata()?.len();
+    let mut buf = Vec::new();
+    while end > 0 {
+        // Chunks overlap by the needle's length, so no match is split.
+        let start = end.saturating_sub(CHUNK);
+        f.seek(SeekFrom::Start(start))?;
+        buf.clear();
+        let want = (end - start + needle.len() as u64).min(f.metadata()?.len() - start);
+        (&mut f).take(want).read_to_end(&mut buf)?;
+        if buf.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            return Ok(true);
+        }
+        end = start;
+    }
+    Ok(false)
 }
 
 impl Audit {
@@ -212,25 +281,45 @@ impl Audit {
             .open(path)
             .map_err(err("open"))?;
         // Continue the chain: from this file's last record, or, in a file
-        // freshly started by log rotation, from the head remembered before.
-        let last = last_hash(path)
-            .or_else(|| {
-                std::fs::read_to_string(head_path(path))
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| s.len() == 64)
-            })
-            .unwrap_or_else(|| GENESIS.to_string());
+        // freshly started by log rotation, from the head saved before. A
+        // file that does not hold its saved head was cut short or replaced:
+        // appending to it would hide that, so the agent stops.
+        let saved = saved_head(path);
+        let last = match (last_record(path), saved) {
+            (Some(last), Some(saved)) => {
+                if last.hash != saved.hash && !holds_record(path, &saved.hash).map_err(err("read"))? {
+                    return Err(AuditError {
+                        path: path.to_path_buf(),
+                        op: "continue its chain",
+                        source: std::io::Error::other(format!(
+                            "it does not hold its saved head, {} (in {}): records were cut off the end or the \
+                             file was replaced. Check it with `fttp-agent audit verify`, restore it from a backup, \
+                             or move it aside after review (the agent then starts a new file continuing the saved head)",
+                            saved.describe(),
+                            head_path(path).display()
+                        )),
+                    });
+                }
+                last
+            }
+            (Some(last), None) => last,
+            (None, Some(saved)) => saved,
+            (None, None) => Head {
+                hash: GENESIS.to_string(),
+                seq: Some(0),
+            },
+        };
         Audit::start(path, file, chain, last)
     }
 
     /// Starts the writer thread on an open file whose chain head is `last`.
-    fn start(path: &Path, file: File, chain: Chain, last: String) -> Result<Audit, AuditError> {
+    fn start(path: &Path, file: File, chain: Chain, last: Head) -> Result<Audit, AuditError> {
         let mut writer = Writer {
             path: path.to_path_buf(),
             file: std::io::BufWriter::with_capacity(64 * 1024, file),
             chain,
-            last,
+            last: last.hash,
+            seq: last.seq,
         };
         let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
         let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -404,6 +493,8 @@ impl Drop for Audit {
 
 impl Writer {
     fn append(&mut self, mut rec: AuditRecord) -> std::io::Result<()> {
+        self.seq = self.seq.map(|n| n + 1);
+        rec.seq = self.seq;
         rec.chain = Some(self.chain.name().to_string());
         rec.prev = Some(std::mem::take(&mut self.last));
         rec.hash = None;
@@ -422,7 +513,11 @@ impl Writer {
     fn sync(&mut self) -> Result<(), (&'static str, std::io::Error)> {
         self.file.flush().map_err(|e| ("write", e))?;
         self.file.get_ref().sync_data().map_err(|e| ("sync", e))?;
-        crate::fsutil::write_atomic(&head_path(&self.path), self.last.as_bytes(), 0o600)
+        let head = match self.seq {
+            Some(n) => format!("{} {n}\n", self.last),
+            None => format!("{}\n", self.last),
+        };
+        crate::fsutil::write_atomic(&head_path(&self.path), head.as_bytes(), 0o600)
             .map_err(|e| ("record the chain head", e))
     }
 }
@@ -430,20 +525,32 @@ impl Writer {
 /// What `audit verify` found.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
-    /// Every record is intact and linked; the count, and the `prev` the
-    /// first record continues from (the last hash of a rotated predecessor).
-    Intact { records: usize, continues_from: String },
+    /// Every record is intact and linked; the count, the `prev` the first
+    /// record continues from (the last hash of a rotated predecessor, with
+    /// `--partial`), and how many records follow the saved head (written
+    /// after the last sync; `None` without a saved head).
+    Intact {
+        records: usize,
+        continues_from: String,
+        after_head: Option<usize>,
+    },
     /// The first problem: file, 1-based line, what is wrong.
     Broken { file: PathBuf, line: usize, reason: String },
 }
 
 /// Checks one audit file, or several in rotation order (oldest first), as
-/// one chain. With an HMAC chain the key is needed.
-pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditError> {
+/// one chain. The algorithm is the first record's and fixed for the log;
+/// with a key every record must be keyed. Unless `partial`, the chain must
+/// start at the first record ever; and it must hold the head saved beside
+/// the last file (records cut off the end).
+pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<Verdict, AuditError> {
     let mut prev: Option<String> = None;
+    let mut prev_seq: Option<u64> = None;
+    let mut algorithm: Option<String> = None;
     let mut first_prev = None;
     let mut count = 0;
     let mut seen: Vec<String> = Vec::new();
+    let sha = Chain::Sha256;
     for file in files {
         let text = std::fs::read_to_string(file).map_err(|source| AuditError {
             path: file.clone(),
@@ -456,8 +563,14 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditEr
                 line: i + 1,
                 reason,
             };
-            let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(line) else {
-                return Ok(broken("not a JSON record (edited or truncated)".into()));
+            let mut map = match crate::fhir::json::parse_strict(line.as_bytes()) {
+                Ok(serde_json::Value::Object(map)) => map,
+                Err(e) if e.to_string().starts_with("an object has the same key twice") => {
+                    return Ok(broken(
+                        "a field appears twice in this record (readers could disagree on its value)".into(),
+                    ));
+                }
+                _ => return Ok(broken("not a JSON record (edited or truncated)".into())),
             };
             let hash = map.remove("hash").and_then(|h| h.as_str().map(str::to_string));
             let rec_prev = map.get("prev").and_then(|h| h.as_str()).map(str::to_string);
@@ -466,19 +579,35 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditEr
                     "record without prev/hash (not written by fttp-agent, or edited)".into(),
                 ));
             };
-            let chain_name = map.get("chain").and_then(|c| c.as_str()).unwrap_or("sha256");
-            let sha;
-            let chain = match (chain_name, key) {
+            let Some(name) = map.get("chain").and_then(|c| c.as_str()).map(str::to_string) else {
+                return Ok(broken("record without its chain algorithm (edited)".into()));
+            };
+            match &algorithm {
+                None => {
+                    if key.is_some() && name != "hmac-sha256" {
+                        return Ok(broken(format!(
+                            "the log is chained with {name}, but a key was given: a keyed log rewritten \
+                             without the key, or the wrong log"
+                        )));
+                    }
+                    algorithm = Some(name.clone());
+                }
+                Some(a) if *a != name => {
+                    return Ok(broken(format!(
+                        "the chain's algorithm changes here ({a} before, {name} here): records were replaced"
+                    )));
+                }
+                Some(_) => {}
+            }
+            let chain = match (name.as_str(), key) {
                 ("hmac-sha256", Some(k @ Chain::Hmac(_))) => k,
                 ("hmac-sha256", _) => {
                     return Ok(broken(
                         "the chain is keyed (hmac-sha256): give the audit HMAC key".into(),
                     ));
                 }
-                _ => {
-                    sha = Chain::Sha256;
-                    &sha
-                }
+                ("sha256", _) => &sha,
+                _ => return Ok(broken("unknown chain algorithm".into())),
             };
             let canonical = serde_json::to_string(&map).unwrap_or_default();
             if chain.hash(canonical.as_bytes()) != hash {
@@ -486,8 +615,21 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditEr
                     "this record was edited (its hash does not match its content)".into(),
                 ));
             }
+            let seq = map.get("seq").and_then(serde_json::Value::as_u64);
             match &prev {
-                None => first_prev = Some(rec_prev.clone()),
+                None => {
+                    if rec_prev != GENESIS && !partial {
+                        return Ok(broken(format!(
+                            "the chain starts mid-way{}: the records before it were cut off, or are in rotated \
+                             files (give them too, oldest first; or --partial to check from here)",
+                            seq.map(|n| format!(" at record {n}")).unwrap_or_default()
+                        )));
+                    }
+                    if rec_prev == GENESIS && seq.is_some_and(|n| n != 1) {
+                        return Ok(broken("the first record of the chain is not numbered 1".into()));
+                    }
+                    first_prev = Some(rec_prev.clone());
+                }
                 Some(p) if *p != rec_prev => {
                     let reason = if seen.contains(&rec_prev) {
                         "records before this line were removed or reordered"
@@ -498,17 +640,55 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>) -> Result<Verdict, AuditEr
                     };
                     return Ok(broken(reason.into()));
                 }
-                Some(_) => {}
+                Some(_) => {
+                    if let (Some(before), Some(n)) = (prev_seq, seq)
+                        && n != before + 1
+                    {
+                        return Ok(broken(format!("record {n} follows record {before}")));
+                    }
+                }
             }
             seen.push(hash.clone());
             prev = Some(hash);
+            prev_seq = seq;
             count += 1;
         }
+    }
+    let last_file = files.last();
+    let head = last_file.and_then(|f| saved_head(f));
+    let after_head = match (&head, last_file) {
+        (Some(head), Some(file)) => match seen.iter().rposition(|h| *h == head.hash) {
+            Some(at) => Some(seen.len() - at - 1),
+            None => {
+                return Ok(Verdict::Broken {
+                    file: file.clone(),
+                    line: text_lines(file) + 1,
+                    reason: format!(
+                        "the log ends here, but the head saved at its last sync is {}, which it does not hold: \
+                         records were cut off the end, or the file was replaced",
+                        head.describe()
+                    ),
+                });
+            }
+        },
+        _ => None,
+    };
+    if count == 0 {
+        return Ok(Verdict::Broken {
+            file: last_file.cloned().unwrap_or_default(),
+            line: 1,
+            reason: "no records: fttp-agent never leaves an empty audit log (emptied, or not its log)".into(),
+        });
     }
     Ok(Verdict::Intact {
         records: count,
         continues_from: first_prev.unwrap_or_else(|| GENESIS.to_string()),
+        after_head,
     })
+}
+
+fn text_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
 }
 
 #[cfg(test)]
@@ -543,25 +723,33 @@ mod tests {
             .collect();
         assert_eq!(tasks, (0..10_000).map(|n| format!("\"{n:019}\"")).collect::<Vec<_>>());
         assert_eq!(
-            verify(std::slice::from_ref(&path), None).unwrap(),
+            verify(std::slice::from_ref(&path), None, false).unwrap(),
             Verdict::Intact {
                 records: 10_000,
-                continues_from: GENESIS.into()
+                continues_from: GENESIS.into(),
+                after_head: Some(0),
             }
         );
         // The head is remembered for a rotated successor, and a reopened
         // log continues the chain.
-        let head = std::fs::read_to_string(head_path(&path)).unwrap();
+        let head = saved_head(&path).unwrap();
+        assert_eq!(head.seq, Some(10_000));
         drop(audit);
         let mut audit = Audit::open(&path, Chain::Sha256).unwrap();
         audit.write(record(10_000)).unwrap();
         drop(audit);
         let text = std::fs::read_to_string(&path).unwrap();
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-        assert_eq!(last["prev"], head.as_str());
+        assert_eq!(last["prev"], head.hash.as_str());
+        assert_eq!(last["seq"], 10_001);
+        // Not synced: one record after the saved head.
         assert!(matches!(
-            verify(std::slice::from_ref(&path), None).unwrap(),
-            Verdict::Intact { records: 10_001, .. }
+            verify(std::slice::from_ref(&path), None, false).unwrap(),
+            Verdict::Intact {
+                records: 10_001,
+                after_head: Some(1),
+                ..
+            }
         ));
     }
 
@@ -593,7 +781,11 @@ mod tests {
     fn a_failed_write_on_the_writer_thread_is_reported_by_the_next_write_or_sync() {
         // /dev/full takes the open and fails every write (ENOSPC).
         let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
-        let mut audit = Audit::start(Path::new("/dev/full"), full, Chain::Sha256, GENESIS.into()).unwrap();
+        let genesis = Head {
+            hash: GENESIS.into(),
+            seq: Some(0),
+        };
+        let mut audit = Audit::start(Path::new("/dev/full"), full, Chain::Sha256, genesis).unwrap();
         // More than the writer's buffer: its flush fails while records
         // are still being queued; a later write says so.
         let refused = (0..20_000).find_map(|n| audit.write(record(n)).err());

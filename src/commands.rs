@@ -604,16 +604,22 @@ pub fn sim(options: SimOptions, sample_tasks: bool, clearing_every: Option<u32>)
     Ok(exit::OK)
 }
 
-pub fn audit_verify(files: &[std::path::PathBuf], key: Option<&Path>) -> Result<u8, AppError> {
+pub fn audit_verify(files: &[std::path::PathBuf], key: Option<&Path>, partial: bool) -> Result<u8, AppError> {
     let chain = key.map(crate::audit::Chain::hmac_from_file).transpose()?;
-    match crate::audit::verify(files, chain.as_ref())? {
+    match crate::audit::verify(files, chain.as_ref(), partial)? {
         crate::audit::Verdict::Intact {
             records,
             continues_from,
+            after_head,
         } => {
             println!("intact: {records} record(s), every hash and link checks out");
             if continues_from != crate::audit::GENESIS {
                 println!("the first record continues the chain from {continues_from} (a rotated predecessor)");
+            }
+            match after_head {
+                Some(0) => println!("it ends at the head saved at its last sync"),
+                Some(n) => println!("{n} record(s) follow the head saved at its last sync (written since)"),
+                None => println!("no saved head beside the last file: records cut off its end cannot be seen"),
             }
             Ok(exit::OK)
         }

@@ -27,6 +27,16 @@ pub enum EnrollError {
     NoVersion,
 }
 
+impl EnrollError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            EnrollError::Store(e) => e.exit_code(),
+            EnrollError::Audit(e) => e.exit_code(),
+            EnrollError::NoVersion => crate::exit::CONFIG,
+        }
+    }
+}
+
 /// What `enroll` did; every count is of patients.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EnrollReport {
@@ -68,7 +78,7 @@ impl Stopped {
     fn dispatcher(e: &ClientError) -> Stopped {
         Stopped::Dispatcher {
             reason: e.to_string(),
-            exit: crate::error::exit::for_dispatcher(e),
+            exit: crate::exit::for_dispatcher(e),
         }
     }
 }

@@ -6,36 +6,7 @@ use crate::config::ConfigError;
 use crate::import::ImportError;
 use crate::store::StoreError;
 
-/// Exit codes, documented in the README.
-pub mod exit {
-    /// Every task resolved or cleanly skipped (expired, duplicate, rejected).
-    pub const OK: u8 = 0;
-    /// Some tasks failed or wait for local data; they stay open for the next cycle.
-    pub const TASKS_OPEN: u8 = 1;
-    /// Configuration or usage error.
-    pub const CONFIG: u8 = 2;
-    /// Dispatcher unreachable or authentication refused; nothing changed.
-    pub const DISPATCHER: u8 = 3;
-    /// The dispatcher answered, but not in the protocol: an unreadable or
-    /// oversized document. Nothing was changed; its operators must look.
-    pub const PROTOCOL: u8 = 4;
-    /// Another agent holds the store lock (EX_TEMPFAIL).
-    pub const LOCKED: u8 = 75;
-
-    /// The exit code for a dispatcher that refused or did not answer.
-    pub fn for_dispatcher(e: &crate::client::ClientError) -> u8 {
-        match e {
-            // The gateway understood us and said the request is wrong:
-            // study or target unknown, a configuration problem.
-            crate::client::ClientError::Status {
-                status: 400 | 404 | 422,
-                ..
-            } => CONFIG,
-            e if e.is_protocol() => PROTOCOL,
-            _ => DISPATCHER,
-        }
-    }
-}
+pub use crate::exit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -62,17 +33,17 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// Each error type decides its own code; this only delegates, so a new
+    /// wrapper cannot silently turn a lock or a broken disk into exit 1.
     pub fn exit_code(&self) -> u8 {
         match self {
             AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) | AppError::ClientSetup(_) => exit::CONFIG,
-            AppError::Enroll(crate::enroll::EnrollError::NoVersion) => exit::CONFIG,
-            AppError::Enroll(crate::enroll::EnrollError::Store(StoreError::Locked { .. })) => exit::LOCKED,
-            AppError::Store(StoreError::WrongKey { .. } | StoreError::Version { .. }) => exit::CONFIG,
-            AppError::Store(StoreError::Locked { .. }) => exit::LOCKED,
-            AppError::Import(ImportError::Store(StoreError::Locked { .. })) => exit::LOCKED,
-            AppError::Agent(AgentError::Store(StoreError::Locked { .. })) => exit::LOCKED,
-            AppError::Agent(AgentError::Poll(e)) => exit::for_dispatcher(e),
-            _ => exit::TASKS_OPEN,
+            AppError::Store(e) => e.exit_code(),
+            AppError::Audit(e) => e.exit_code(),
+            AppError::Import(e) => e.exit_code(),
+            AppError::Agent(e) => e.exit_code(),
+            AppError::Enroll(e) => e.exit_code(),
+            AppError::Other(_) => exit::IO,
         }
     }
 }

@@ -46,6 +46,17 @@ pub enum ImportError {
     Store(#[from] StoreError),
 }
 
+impl ImportError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            // The file given is missing or not an import file: a usage error.
+            ImportError::Read { .. } | ImportError::Header { .. } => crate::exit::CONFIG,
+            ImportError::Write { .. } => crate::exit::IO,
+            ImportError::Store(e) => e.exit_code(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ImportReport {
     pub added: usize,

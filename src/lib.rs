@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod demo;
 pub mod enroll;
 pub mod error;
+pub mod exit;
 pub mod fhir;
 pub mod fsutil;
 pub mod fxhash;

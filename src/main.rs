@@ -144,6 +144,10 @@ enum AuditCommand {
         /// The audit HMAC key, for a log written with [log] audit_hmac_key_file
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Accept a chain that starts mid-way (its older rotated files are
+        /// gone): check from the first record given
+        #[arg(long)]
+        partial: bool,
     },
     /// The audit records as NDJSON (one record per line)
     Export {
@@ -226,8 +230,8 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         }
         Command::Keygen { path } => commands::keygen(path),
         Command::Audit {
-            command: AuditCommand::Verify { files, key },
-        } => commands::audit_verify(files, key.as_deref()),
+            command: AuditCommand::Verify { files, key, partial },
+        } => commands::audit_verify(files, key.as_deref(), *partial),
         Command::Audit {
             command: AuditCommand::Export { since },
         } => commands::audit_export(&load(&cli)?, since.as_deref()),

@@ -311,7 +311,7 @@ fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert_eq!(out.status.code(), Some(5), "a broken disk has its own code: {err}");
     assert!(
         err.contains("cannot write the journal") && err.contains("File too large"),
         "{err}"
@@ -340,7 +340,7 @@ fn a_damaged_store_is_refused_by_name_and_left_for_recovery() {
     bytes[mid] ^= 0x20;
     std::fs::write(&snap, &bytes).unwrap();
     let (code, out) = s.cycle();
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 5, "{out}");
     assert!(
         out.contains("store file") && out.contains("snapshot") && out.contains("is damaged at line"),
         "{out}"
@@ -499,7 +499,7 @@ fn a_read_only_location_is_reported_clearly() {
         .replace("path = \"store\"", "path = \"/proc/fttp-agent-store\"");
     std::fs::write(&s.config, text).unwrap();
     let (code, out) = s.cycle();
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 5, "{out}");
     assert!(
         out.contains("store /proc/fttp-agent-store: cannot create the store directory"),
         "{out}"

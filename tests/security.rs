@@ -4,7 +4,7 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::{Site, TARGET, bf, secrets};
+use common::{Site, TARGET, bf, lines, secrets, verify, verify_with, write_lines};
 use fttp_agent::fhir::idat::{Idat, IdatElement};
 use fttp_agent::sim::{self, FaultKind};
 use std::os::unix::fs::PermissionsExt;
@@ -36,35 +36,6 @@ fn site_with_history() -> Site {
         .add_task(sim::send_idat("s2", later, None, Some(&bf(3)), &[IdatElement::Family]));
     assert_eq!(site.cycle().0, 0);
     site
-}
-
-fn verify(files: &[&Path], key: Option<&Path>) -> (i32, String) {
-    let mut c = bin();
-    c.args(["audit", "verify"]).args(files);
-    if let Some(k) = key {
-        c.arg("--key").arg(k);
-    }
-    let out = c.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn lines(p: &Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-fn write_lines(p: &Path, l: &[String]) {
-    std::fs::write(p, l.join("\n") + "\n").unwrap();
 }
 
 #[test]
@@ -181,7 +152,12 @@ fn a_rotated_log_continues_the_chain() {
         &[IdatElement::Gender],
     ));
     assert_eq!(site.cycle().0, 0);
+    // Alone, the new file starts mid-way: the old one must be given too...
     let (code, out) = verify(&[&audit], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the chain starts mid-way at record 7"), "{out}");
+    // ...unless the older files are gone for good.
+    let (code, out) = verify_with(&[&audit], None, &["--partial"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("continues the chain from"), "{out}");
     let (code, out) = verify(&[&old, &audit], None);

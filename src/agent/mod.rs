@@ -37,6 +37,16 @@ pub enum AgentError {
     Audit(#[from] AuditError),
 }
 
+impl AgentError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Poll(e) => crate::exit::for_dispatcher(e),
+            AgentError::Store(e) => e.exit_code(),
+            AgentError::Audit(e) => e.exit_code(),
+        }
+    }
+}
+
 /// What happened to one task in this cycle.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskOutcome {

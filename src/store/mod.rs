@@ -95,6 +95,16 @@ pub enum StoreError {
     Poisoned { path: PathBuf },
 }
 
+impl StoreError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StoreError::Locked { .. } => crate::exit::LOCKED,
+            StoreError::WrongKey { .. } | StoreError::Version { .. } => crate::exit::CONFIG,
+            _ => crate::exit::IO,
+        }
+    }
+}
+
 /// Records appended to the journal but not yet known to be on disk
 /// (`Store::write_ahead`).
 #[must_use = "an appended write must be settled"]

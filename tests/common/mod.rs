@@ -240,3 +240,39 @@ pub fn stop_daemon(mut daemon: std::process::Child) -> std::time::Duration {
     assert_eq!(daemon.wait().unwrap().code(), Some(0));
     stopping.elapsed()
 }
+
+/// `fttp-agent audit verify FILES [--key K]`: exit code and all output.
+pub fn verify(files: &[&std::path::Path], key: Option<&std::path::Path>) -> (i32, String) {
+    verify_with(files, key, &[])
+}
+
+pub fn verify_with(files: &[&std::path::Path], key: Option<&std::path::Path>, flags: &[&str]) -> (i32, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fttp-agent"));
+    c.env_remove("FTTP_AGENT_API_KEY")
+        .env_remove("FTTP_AGENT_STORE_KEY_FILE");
+    c.args(["audit", "verify"]).args(flags).args(files);
+    if let Some(k) = key {
+        c.arg("--key").arg(k);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+pub fn lines(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn write_lines(p: &std::path::Path, l: &[String]) {
+    std::fs::write(p, l.join("\n") + "\n").unwrap();
+}

@@ -1,0 +1,167 @@
+//! An attacker who can write the audit files (and the store) but has no
+//! key (security review, issue 18): every edit below must be found by
+//! `audit verify`, and the agent must refuse to continue a chain that was
+//! cut short. (Store attacks, index swaps and replays, come with the
+//! SQLite store.)
+
+mod common;
+
+use chrono::{Duration, Utc};
+use common::{Site, TARGET, bf, lines, verify, verify_with, write_lines};
+use fttp_agent::fhir::idat::IdatElement;
+use fttp_agent::sim;
+use std::path::{Path, PathBuf};
+
+/// A site with an HMAC-chained audit log of a few cycles; returns the
+/// site, the log and the key.
+fn keyed_site() -> (Site, PathBuf, PathBuf) {
+    let site = Site::new("xml");
+    let key = site.dir.path().join("audit.key");
+    fttp_agent::crypto::StoreKey::generate(&key).unwrap();
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("[log]\n", "[log]\naudit_hmac_key_file = \"audit.key\"\n");
+    std::fs::write(&site.config, text).unwrap();
+    site.import_patients();
+    let later = Utc::now() + Duration::days(1);
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_K1", None));
+    site.sim
+        .add_task(sim::send_idat("k1", later, None, Some(&bf(2)), &[IdatElement::Given]));
+    assert_eq!(site.cycle().0, 0);
+    site.sim
+        .add_task(sim::send_idat("k2", later, None, Some(&bf(3)), &[IdatElement::Family]));
+    assert_eq!(site.cycle().0, 0);
+    let audit = site.dir.path().join("audit.ndjson");
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("it ends at the head saved at its last sync"), "{out}");
+    (site, audit, key)
+}
+
+/// Rechains `records` with plain SHA-256 from `prev`, as a forger without
+/// the key would.
+fn rechain_sha256(records: &[String], mut prev: String) -> Vec<String> {
+    records
+        .iter()
+        .map(|line| {
+            let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+            v.remove("hash");
+            v.insert("prev".into(), prev.clone().into());
+            v.insert("chain".into(), "sha256".into());
+            let hash = fttp_agent::privacy::sha256_hex(serde_json::to_string(&v).unwrap().as_bytes());
+            v.insert("hash".into(), hash.clone().into());
+            prev = hash;
+            serde_json::to_string(&v).unwrap()
+        })
+        .collect()
+}
+
+fn edited(line: &str, field: &str, value: &str) -> String {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+    v.insert(field.into(), value.into());
+    serde_json::to_string(&v).unwrap()
+}
+
+#[test]
+fn a_keyed_log_rewritten_as_a_plain_chain_does_not_verify_with_the_key() {
+    let (_site, audit, key) = keyed_site();
+    let original = lines(&audit);
+    // One record edited, one dropped, one inserted; then rechained whole.
+    let mut l = original.clone();
+    l[1] = edited(&l[1], "outcome", "failed");
+    l.remove(3);
+    l.insert(2, original[4].clone());
+    write_lines(&audit, &rechain_sha256(&l, fttp_agent::audit::GENESIS.into()));
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(":1: the log is chained with sha256, but a key was given"),
+        "{out}"
+    );
+
+    // Keeping the first (keyed) record and rechaining the rest after it.
+    let first: serde_json::Value = serde_json::from_str(&original[0]).unwrap();
+    let mut rest = original[1..].to_vec();
+    rest[0] = edited(&rest[0], "outcome", "failed");
+    let mut l = vec![original[0].clone()];
+    l.extend(rechain_sha256(&rest, first["hash"].as_str().unwrap().into()));
+    write_lines(&audit, &l);
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(":2: the chain's algorithm changes here (hmac-sha256 before, sha256 here)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn records_cut_off_the_end_are_found_and_the_agent_will_not_continue() {
+    let (site, audit, key) = keyed_site();
+    let original = lines(&audit);
+    let n = original.len();
+    write_lines(&audit, &original[..n - 2]);
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            ":{}: the log ends here, but the head saved at its last sync is record {n}",
+            n - 1
+        )),
+        "{out}"
+    );
+    assert!(out.contains("records were cut off the end"), "{out}");
+    // The agent refuses to append to it (which would hide the cut).
+    let before = std::fs::read(&audit).unwrap();
+    let (code, out) = site.cycle();
+    assert_eq!(code, 5, "{out}");
+    assert!(
+        out.contains("cannot continue its chain: it does not hold its saved head"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&audit).unwrap(), before, "nothing appended");
+    assert_eq!(site.sim.state().received("$requestTasks").len(), 2, "no poll");
+    // Restored from a backup, it goes on.
+    write_lines(&audit, &original);
+    assert_eq!(site.cycle().0, 0);
+    assert_eq!(verify(&[&audit], Some(&key)).0, 0);
+}
+
+#[test]
+fn an_emptied_log_or_one_cut_at_the_start_does_not_verify() {
+    let (_site, audit, key) = keyed_site();
+    let original = lines(&audit);
+    write_lines(&audit, &original[2..]);
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(":1: the chain starts mid-way at record 3"), "{out}");
+
+    std::fs::write(&audit, "").unwrap();
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("records were cut off the end"), "{out}");
+    // Without the saved head too.
+    std::fs::remove_file(head_of(&audit)).unwrap();
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no records"), "{out}");
+    // --partial does not make an empty log intact.
+    assert_eq!(verify_with(&[&audit], Some(&key), &["--partial"]).0, 1);
+}
+
+fn head_of(audit: &Path) -> PathBuf {
+    audit.with_file_name("audit.ndjson.head")
+}
+
+#[test]
+fn a_record_with_a_field_twice_is_a_break() {
+    let (_site, audit, key) = keyed_site();
+    let mut l = lines(&audit);
+    // Readers that keep the first of two equal keys would see "forged";
+    // serde_json keeps the last, which the hash covers.
+    l[1] = l[1].replacen("\"outcome\":", "\"outcome\":\"forged\",\"outcome\":", 1);
+    write_lines(&audit, &l);
+    let (code, out) = verify(&[&audit], Some(&key));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(":2: a field appears twice in this record"), "{out}");
+}

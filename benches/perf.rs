@@ -9,6 +9,8 @@
 //! 3. The store with 1M patients: open time, peak RSS, lookups; import rate.
 //! 4. Bloom filter encoding (records/s on one core), with and without the
 //!    normalisation of `config.example.toml`.
+//! 5. Peak memory of one poll (`run --once --dry-run`) for a real 100k-task
+//!    answer and for hostile answers, next to the answer's size.
 
 use chrono::{Duration, Utc};
 use fttp_agent::crypto::StoreKey;
@@ -518,6 +520,82 @@ fn bloom_section(records: u32) {
     }
 }
 
+/// Peak RSS of a poll whose answer is `body`, next to the body's size.
+fn memory_case(name: &str, format: Format, body: Vec<u8>) {
+    let sim = Simulator::start(SimOptions {
+        api_key: KEY.into(),
+        ..SimOptions::default()
+    })
+    .unwrap();
+    let mime = match format {
+        Format::Json => "application/fhir+json",
+        Format::Xml => "application/fhir+xml",
+    };
+    let mb = body.len() as f64 / 1e6;
+    sim.push(
+        Some("$requestTasks"),
+        sim::FaultKind::Raw {
+            status: 200,
+            content_type: mime.into(),
+            body,
+        },
+    );
+    let dir = bench_dir("memory");
+    let config = write_config(&dir, sim.url(), 100);
+    let (wall, rss, code) = timed(&["--config", config.to_str().unwrap(), "run", "--once", "--dry-run"]);
+    println!(
+        "| {name} | {mb:.1} | {rss:.0} | {:.1} | {wall:.2} | {code} |",
+        rss / mb.max(0.001)
+    );
+}
+
+fn memory_section() {
+    println!("\n## 5. Peak memory of one poll (run --once --dry-run)\n");
+    println!("| answer | size MB | peak RSS MB | RSS / size | wall s | exit |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let real = Parameters::new(tasks(100_000));
+    memory_case(
+        "100,000 tasks, JSON",
+        Format::Json,
+        real.write(Format::Json).into_bytes(),
+    );
+    memory_case("100,000 tasks, XML", Format::Xml, real.write(Format::Xml).into_bytes());
+    // About the most structure the caps let through: 120,000 parameters
+    // of seven tiny parts each (4.8 M JSON values).
+    let part = r#"{"name":"a","valueString":"b"}"#;
+    let one = format!(r#"{{"name":"t","part":[{}]}}"#, [part; 7].join(","));
+    let dense = format!(
+        r#"{{"resourceType":"Parameters","parameter":[{}]}}"#,
+        vec![one.as_str(); 120_000].join(",")
+    );
+    memory_case(
+        "120,000 x 7 tiny parts, JSON (at the caps)",
+        Format::Json,
+        dense.into_bytes(),
+    );
+    let tiny = [
+        br#"{"resourceType":"Parameters","parameter":["#.as_slice(),
+        &br#"{"name":"a"},"#.repeat(4_600_000),
+        br#"{"name":"a"}]}"#,
+    ]
+    .concat();
+    memory_case("60 MB of tiny parameters, JSON (refused)", Format::Json, tiny);
+    let zeros = [
+        br#"{"resourceType":"Parameters","x":["#.as_slice(),
+        &b"0,".repeat(30_000_000),
+        b"0]}",
+    ]
+    .concat();
+    memory_case("60 MB of numbers, JSON (refused)", Format::Json, zeros);
+    let xml = [
+        br#"<Parameters xmlns="http://hl7.org/fhir">"#.as_slice(),
+        &br#"<parameter><name value="a"/></parameter>"#.repeat(1_500_000),
+        b"</Parameters>",
+    ]
+    .concat();
+    memory_case("60 MB of tiny parameters, XML (refused)", Format::Xml, xml);
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("FTTP_BENCH_CHILD") {
         let (dir, n) = spec.rsplit_once(':').unwrap();
@@ -530,7 +608,7 @@ fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // BENCH_ONLY=parse|cycle|store|bloom runs one section.
+    // BENCH_ONLY=parse|cycle|memory|store|bloom runs one section.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only == s;
     if run("parse") {
@@ -547,6 +625,9 @@ fn main() {
             &[100, 1]
         };
         cycle_section(if quick { 10_000 } else { 100_000 }, batches);
+    }
+    if run("memory") {
+        memory_section();
     }
     if run("bloom") {
         bloom_section(if quick { 50_000 } else { 200_000 });

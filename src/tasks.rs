@@ -156,6 +156,7 @@ pub struct Scope<'a> {
 /// else goes through the Parameters model, which also words the
 /// rejections. Both give the same tasks (a property test checks this).
 pub fn parse_answer(format: Format, body: &[u8], scope: &Scope<'_>) -> Result<Vec<Result<Task, Rejected>>, FhirError> {
+    crate::fhir::limits::check(format, body)?;
     if format == Format::Xml
         && let Some(tasks) = typed_xml(body, scope)
     {

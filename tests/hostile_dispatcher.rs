@@ -426,3 +426,58 @@ fn a_start_tag_with_a_hundred_thousand_attributes_is_refused_at_once() {
         assert!(started.elapsed() < std::time::Duration::from_secs(20));
     }
 }
+
+#[test]
+fn answers_with_millions_of_values_are_refused_before_they_are_read() {
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "application/fhir+json",
+            "tiny parameters",
+            [
+                br#"{"resourceType":"Parameters","parameter":["#.as_slice(),
+                &br#"{"name":"a"},"#.repeat(4_600_000),
+                br#"{"name":"a"}]}"#,
+            ]
+            .concat(),
+            "more than 250000 parameters",
+        ),
+        (
+            "application/fhir+json",
+            "numbers",
+            [
+                br#"{"resourceType":"Parameters","x":["#.as_slice(),
+                &b"0,".repeat(29_000_000),
+                b"0]}",
+            ]
+            .concat(),
+            "more than 5000000 JSON values",
+        ),
+        (
+            "application/fhir+xml",
+            "tiny XML parameters",
+            [
+                br#"<Parameters xmlns="http://hl7.org/fhir">"#.as_slice(),
+                &br#"<parameter><name value="a"/></parameter>"#.repeat(1_500_000),
+                b"</Parameters>",
+            ]
+            .concat(),
+            "more than 250000 parameters",
+        ),
+    ];
+    for (mime, what, body, expected) in cases {
+        let site = site_with(SimOptions::default());
+        site.sim.push(
+            RTASKS,
+            FaultKind::Raw {
+                status: 200,
+                content_type: mime.into(),
+                body,
+            },
+        );
+        let (code, out) = site.cycle();
+        assert_eq!(code, 4, "{what}: {out}");
+        assert!(out.contains(expected), "{what}: {out}");
+        assert!(out.contains("far more than any dispatcher answer holds"), "{out}");
+        assert_eq!(site.store().ledger_entries().count(), 0);
+    }
+}

@@ -5,6 +5,7 @@ pub mod element;
 pub mod fast;
 pub mod idat;
 pub mod json;
+pub mod limits;
 pub mod outcome;
 pub mod parameters;
 pub mod schema;
@@ -29,6 +30,8 @@ pub enum FhirError {
     Xml { position: u64, reason: String },
     #[error("invalid FHIR content at {path}: {reason}")]
     Structure { path: String, reason: String },
+    #[error("more than {limit} {what}: far more than any dispatcher answer holds")]
+    TooMuch { what: &'static str, limit: usize },
     #[error("nesting too deep at {path}")]
     TooDeep { path: String },
     #[error("not a FHIR document: {0}")]
@@ -97,6 +100,7 @@ impl Format {
 }
 
 pub fn parse_resource(format: Format, body: &[u8]) -> Result<Resource, FhirError> {
+    limits::check(format, body)?;
     match format {
         Format::Json => json::parse(body),
         Format::Xml => xml::parse(body),

@@ -179,6 +179,7 @@ impl Parameters {
     /// Reads a Parameters document: the fast path for the common shape,
     /// the generic element tree for anything else (same result either way).
     pub fn parse(format: Format, body: &[u8]) -> Result<Parameters, FhirError> {
+        super::limits::check(format, body)?;
         let fast = match format {
             Format::Json => super::fast::parameters_json(body),
             Format::Xml => super::fast::parameters_xml(body),

@@ -1,8 +1,13 @@
-//! The JSON fast path: serde straight into Parameters.
+//! The JSON fast path: serde straight into Parameters, with no
+//! intermediate struct per parameter (one with a field per value[x] type
+//! took three times the memory of the Parameter it became, for every
+//! parameter of a 100,000-task answer at once).
 
 use super::MAX_DEPTH;
 use crate::fhir::parameters::{Coding, Identifier, ParamValue, Parameter, Parameters};
 use serde::Deserialize;
+use serde::de::{Error, MapAccess, Visitor};
+use std::borrow::Cow;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -11,7 +16,7 @@ struct JParameters {
     resource_type: String,
     id: Option<String>,
     #[serde(default)]
-    parameter: Vec<JParameter>,
+    parameter: Vec<Param>,
 }
 
 #[derive(Deserialize)]
@@ -29,91 +34,98 @@ struct JCoding {
     display: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct JParameter {
-    name: String,
-    value_string: Option<String>,
-    value_id: Option<String>,
-    value_instant: Option<String>,
-    value_base64_binary: Option<String>,
-    value_code: Option<String>,
-    value_uri: Option<String>,
-    value_url: Option<String>,
-    value_canonical: Option<String>,
-    value_date_time: Option<String>,
-    value_date: Option<String>,
-    value_boolean: Option<bool>,
-    value_integer: Option<serde_json::Number>,
-    value_decimal: Option<serde_json::Number>,
-    value_identifier: Option<JIdentifier>,
-    value_coding: Option<JCoding>,
-    #[serde(default)]
-    part: Vec<JParameter>,
+/// A parameter read straight into the model. Any key but `name`, `part`
+/// and the value[x] types below is an error, which sends the document to
+/// the generic reader.
+struct Param(Parameter);
+
+impl<'de> Deserialize<'de> for Param {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ParamVisitor)
+    }
 }
 
-impl JParameter {
-    fn into_typed(self, depth: usize) -> Option<Parameter> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        let mut values: Vec<ParamValue> = Vec::new();
-        let prim = |ty: &'static str, v: String| ParamValue::Primitive {
-            ty: std::borrow::Cow::Borrowed(ty),
-            value: v,
+struct ParamVisitor;
+
+/// The value[x] types read as text, by key suffix.
+fn string_type(suffix: &str) -> Option<&'static str> {
+    Some(match suffix {
+        "String" => "string",
+        "Id" => "id",
+        "Instant" => "instant",
+        "Base64Binary" => "base64Binary",
+        "Code" => "code",
+        "Uri" => "uri",
+        "Url" => "url",
+        "Canonical" => "canonical",
+        "DateTime" => "dateTime",
+        "Date" => "date",
+        _ => return None,
+    })
+}
+
+impl<'de> Visitor<'de> for ParamVisitor {
+    type Value = Param;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a parameter")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Param, A::Error> {
+        let mut name: Option<String> = None;
+        let mut value: Option<ParamValue> = None;
+        let mut part: Option<Vec<Param>> = None;
+        let prim = |ty: &'static str, value: String| ParamValue::Primitive {
+            ty: Cow::Borrowed(ty),
+            value,
         };
-        for (ty, v) in [
-            ("string", self.value_string),
-            ("id", self.value_id),
-            ("instant", self.value_instant),
-            ("base64Binary", self.value_base64_binary),
-            ("code", self.value_code),
-            ("uri", self.value_uri),
-            ("url", self.value_url),
-            ("canonical", self.value_canonical),
-            ("dateTime", self.value_date_time),
-            ("date", self.value_date),
-        ] {
-            if let Some(v) = v {
-                values.push(prim(ty, v));
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "name" if name.is_none() => name = Some(map.next_value()?),
+                "part" if part.is_none() => part = Some(map.next_value()?),
+                k if value.is_none() && k.starts_with("value") => {
+                    let suffix = &k["value".len()..];
+                    value = Some(match suffix {
+                        "Boolean" => prim("boolean", map.next_value::<bool>()?.to_string()),
+                        "Integer" => prim("integer", map.next_value::<serde_json::Number>()?.to_string()),
+                        "Decimal" => prim("decimal", map.next_value::<serde_json::Number>()?.to_string()),
+                        "Identifier" => {
+                            let i: JIdentifier = map.next_value()?;
+                            ParamValue::Identifier(Identifier {
+                                system: i.system,
+                                value: i.value,
+                            })
+                        }
+                        "Coding" => {
+                            let c: JCoding = map.next_value()?;
+                            ParamValue::Coding(Coding {
+                                system: c.system,
+                                code: c.code,
+                                display: c.display,
+                            })
+                        }
+                        s => match string_type(s) {
+                            Some(ty) => prim(ty, map.next_value()?),
+                            None => return Err(A::Error::custom("a value type the fast path does not read")),
+                        },
+                    });
+                }
+                _ => return Err(A::Error::custom("not the common shape")),
             }
         }
-        if let Some(b) = self.value_boolean {
-            values.push(prim("boolean", b.to_string()));
-        }
-        if let Some(n) = self.value_integer {
-            values.push(prim("integer", n.to_string()));
-        }
-        if let Some(n) = self.value_decimal {
-            values.push(prim("decimal", n.to_string()));
-        }
-        if let Some(i) = self.value_identifier {
-            values.push(ParamValue::Identifier(Identifier {
-                system: i.system,
-                value: i.value,
-            }));
-        }
-        if let Some(c) = self.value_coding {
-            values.push(ParamValue::Coding(Coding {
-                system: c.system,
-                code: c.code,
-                display: c.display,
-            }));
-        }
-        if values.len() > 1 {
-            return None;
-        }
-        let mut part = Vec::with_capacity(self.part.len());
-        for p in self.part {
-            part.push(p.into_typed(depth + 1)?);
-        }
-        Some(Parameter {
-            name: crate::fhir::parameters::intern_name(&self.name),
-            value: values.pop(),
+        let name = name.ok_or_else(|| A::Error::custom("a parameter without name"))?;
+        Ok(Param(Parameter {
+            name: crate::fhir::parameters::intern_name(&name),
+            value,
             resource: None,
-            part,
-        })
+            // (Same size as Parameter: collected in place, not copied.)
+            part: part.unwrap_or_default().into_iter().map(|p| p.0).collect(),
+        }))
     }
+}
+
+fn depth_ok(p: &Parameter, depth: usize) -> bool {
+    depth <= MAX_DEPTH && p.part.iter().all(|q| depth_ok(q, depth + 1))
 }
 
 pub fn parameters_json(bytes: &[u8]) -> Option<Parameters> {
@@ -125,9 +137,9 @@ pub fn parameters_json(bytes: &[u8]) -> Option<Parameters> {
     if j.resource_type != "Parameters" {
         return None;
     }
-    let mut parameter = Vec::with_capacity(j.parameter.len());
-    for p in j.parameter {
-        parameter.push(p.into_typed(0)?);
-    }
-    Some(Parameters { id: j.id, parameter })
+    let parameter: Vec<Parameter> = j.parameter.into_iter().map(|p| p.0).collect();
+    parameter
+        .iter()
+        .all(|p| depth_ok(p, 0))
+        .then_some(Parameters { id: j.id, parameter })
 }

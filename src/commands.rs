@@ -369,8 +369,9 @@ pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<
         println!("computed {} Bloom filter(s) from IDAT", r.computed);
     }
     println!(
-        "enroll: {} sent: {} enrolled, {} in clearing (pseudonym follows as a task), {} refused with an error, {} not answered",
-        r.sent, r.enrolled, r.clearing, r.errors, r.failed
+        "enroll: {} sent: {} enrolled, {} in clearing (pseudonym follows as a task), {} refused with an error, \
+         {} busy (sent again by the next run), {} not answered",
+        r.sent, r.enrolled, r.clearing, r.errors, r.retry, r.failed
     );
     if r.waiting + r.earlier_errors + r.changed > 0 {
         println!(
@@ -382,7 +383,7 @@ pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<
     if let Some(stopped) = &r.stopped {
         return Ok(stopped_exit("enroll", stopped));
     }
-    Ok(if r.errors + r.failed == 0 && r.no_filter.is_empty() {
+    Ok(if r.errors + r.retry + r.failed == 0 && r.no_filter.is_empty() {
         exit::OK
     } else {
         exit::TASKS_OPEN

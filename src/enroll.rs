@@ -46,8 +46,10 @@ pub struct EnrollReport {
     pub sent: usize,
     pub enrolled: usize,
     pub clearing: usize,
-    /// Answered with an error for the filter (or the whole request).
+    /// Answered with a final error for the filter (or the whole request).
     pub errors: usize,
+    /// Answered with a transient error: sent again by the next run.
+    pub retry: usize,
     /// Not answered (network, HTTP error): sent again by the next run.
     pub failed: usize,
     /// Left alone: enrolled earlier with a filter they no longer have.
@@ -120,7 +122,8 @@ pub fn enroll(
                 continue;
             }
             Some(e) => match e.status {
-                EnrolmentStatus::Sending => {}
+                // (A transient error is sent again without --retry-errors.)
+                EnrolmentStatus::Sending | EnrolmentStatus::Retry => {}
                 EnrolmentStatus::Error if opts.retry_errors => {}
                 EnrolmentStatus::Error => {
                     report.earlier_errors += 1;
@@ -203,11 +206,8 @@ fn enroll_batch(
     let mut records = Vec::with_capacity(2 * batch.len());
     for (id, bf) in batch {
         let (outcome, status, detail) = if let Some(code) = &answers.batch_error {
-            (
-                "dispatcher_error",
-                EnrolmentStatus::Error,
-                Some(format!("whole request refused: {code}")),
-            )
+            let (outcome, status) = enrolment_verdict(code);
+            (outcome, status, Some(format!("whole request refused: {code}")))
         } else if let Some(psn) = answers.pseudonyms.remove(bf) {
             records.push(Record::Pseudonym(PseudonymRecord {
                 bloomfilter: bf.clone(),
@@ -218,17 +218,15 @@ fn enroll_batch(
             }));
             ("enrolled", EnrolmentStatus::Enrolled, None)
         } else if let Some(code) = answers.errors.get(bf) {
-            (
-                "dispatcher_error",
-                EnrolmentStatus::Error,
-                Some(format!("error code {code}")),
-            )
+            let (outcome, status) = enrolment_verdict(code);
+            (outcome, status, Some(format!("error code {code}")))
         } else {
             ("clearing", EnrolmentStatus::Clearing, None)
         };
         match status {
             EnrolmentStatus::Enrolled => report.enrolled += 1,
             EnrolmentStatus::Clearing => report.clearing += 1,
+            EnrolmentStatus::Retry => report.retry += 1,
             _ => report.errors += 1,
         }
         let mut rec = AuditRecord::new("enroll", outcome, target);
@@ -236,7 +234,7 @@ fn enroll_batch(
         rec.bloomfilter = Some(bf.fingerprint());
         rec.detail = detail.clone();
         audit.write(rec)?;
-        if status == EnrolmentStatus::Error {
+        if matches!(status, EnrolmentStatus::Error | EnrolmentStatus::Retry) {
             log::warn!(
                 "[enroll {}] {outcome}: {}",
                 id.fingerprint(),
@@ -252,6 +250,24 @@ fn enroll_batch(
     audit.write_out()?;
     store.write(records)?;
     Ok(Ok(()))
+}
+
+/// The rule every `error-code` answer follows (README, "What the agent
+/// does with each answer"): transient -> sent again by the next `enroll`;
+/// anything else final (an unknown code too: `enroll` is run by hand, and
+/// `--retry-errors` sends it again).
+fn enrolment_verdict(code: &crate::tasks::ErrorCode) -> (&'static str, EnrolmentStatus) {
+    use crate::fhir::outcome::ErrorClass;
+    match code.class() {
+        ErrorClass::Transient => ("transient_error", EnrolmentStatus::Retry),
+        ErrorClass::Final { security: true } => {
+            log::warn!(
+                "enroll: the dispatcher refused on security grounds ({code}): check the API key and the site's rights"
+            );
+            ("dispatcher_error", EnrolmentStatus::Error)
+        }
+        ErrorClass::Final { .. } | ErrorClass::Unknown => ("dispatcher_error", EnrolmentStatus::Error),
+    }
 }
 
 fn compute_missing(store: &mut Store, encoder: &RecordEncoder, report: &mut EnrollReport) -> Result<(), StoreError> {

@@ -125,6 +125,7 @@ pub fn fhir_status(s: Status) -> &'static str {
         Status::Failed => "failed",
         Status::Expired => "cancelled",
         Status::Rejected => "rejected",
+        Status::Closed => "failed",
     }
 }
 
@@ -603,7 +604,8 @@ mod tests {
                 "completed",
                 "failed",
                 "cancelled",
-                "rejected"
+                "rejected",
+                "failed"
             ]
         );
     }

@@ -572,6 +572,35 @@ mod tests {
     }
 }
 
+/// The `error-code` Coding of an `error` answer (either part may be missing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ErrorCode {
+    pub system: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ErrorCode {
+    pub fn class(&self) -> crate::fhir::outcome::ErrorClass {
+        crate::fhir::outcome::ErrorClass::of(self.system.as_deref(), self.code.as_deref())
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // (A code from the dispatcher: bounded and cleaned, never trusted.)
+        let code = self.code.as_deref().unwrap_or("no error-code");
+        let clean: String = code
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .take(40)
+            .collect();
+        match &self.system {
+            Some(s) if s != crate::fhir::outcome::ISSUE_TYPE => write!(f, "{clean} (another code system)"),
+            _ => f.write_str(&clean),
+        }
+    }
+}
+
 /// The answer of `$requestPsnFromBfWorkflow`, typed: a pseudonym per Bloom
 /// filter (`pseudonym-bf`), an error code per filter (`error`), or an error
 /// for the whole request (an `error` with an `all` part). A filter in
@@ -579,8 +608,10 @@ mod tests {
 #[derive(Debug, Default)]
 pub struct PsnAnswers {
     pub pseudonyms: std::collections::HashMap<BloomFilter, Pseudonym>,
-    pub errors: std::collections::HashMap<BloomFilter, String>,
-    pub batch_error: Option<String>,
+    pub errors: std::collections::HashMap<BloomFilter, ErrorCode>,
+    /// An `error` with an `all` part, or with no `bloomfilter` part: it
+    /// answers the whole request.
+    pub batch_error: Option<ErrorCode>,
     /// Parts that could not be read (reported, then ignored).
     pub malformed: usize,
 }
@@ -614,11 +645,15 @@ impl PsnAnswers {
                     let code = p
                         .parts("error-code")
                         .find_map(|x| match &x.value {
-                            Some(ParamValue::Coding(c)) => c.code.clone(),
+                            Some(ParamValue::Coding(c)) => Some(ErrorCode {
+                                system: c.system.clone(),
+                                code: c.code.clone(),
+                            }),
                             _ => None,
                         })
-                        .unwrap_or_else(|| "unspecified".into());
-                    if p.parts("all").next().is_some() {
+                        .unwrap_or_default();
+                    let has_bf = p.parts("bloomfilter").next().is_some();
+                    if p.parts("all").next().is_some() || !has_bf {
                         out.batch_error = Some(code);
                     } else if let Some(bf) = bf_of(p) {
                         out.errors.insert(bf, code);

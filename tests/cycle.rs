@@ -357,7 +357,8 @@ fn repeat_requests_are_batched_and_errors_recorded_per_filter() {
     }
     site.sim.state().bf_errors.insert(bf(4), "not-found".into());
     let (code, out) = site.cycle();
-    assert_eq!(code, 1, "{out}");
+    // not-found is final: the task is closed, nothing stays open.
+    assert_eq!(code, 0, "{out}");
     let st = site.sim.state();
     let calls = st.received("$requestPsnFromBfWorkflow");
     assert_eq!(calls.len(), 3);
@@ -379,14 +380,24 @@ fn repeat_requests_are_batched_and_errors_recorded_per_filter() {
 }
 
 #[test]
-fn an_all_error_fails_the_whole_batch() {
+fn an_all_error_answers_the_whole_batch() {
+    // A final code closes every task of the batch; nothing is resent.
     let site = Site::new("xml");
     let later = Utc::now() + Duration::days(1);
+    site.queue_repeat_requests(1..=3);
+    site.sim.state().batch_error = Some("processing".into());
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(site.audit_outcomes("repeat_request"), ["dispatcher_error"; 3]);
+    assert_eq!(site.cycle().0, 0);
+    assert_eq!(site.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
+    // A transient one leaves them open, resent from the ledger next cycle.
+    let site = Site::new("xml");
     for n in 1..=3 {
         site.sim
             .add_task(sim::repeat_request(STUDY, &bf(n), TARGET, Some(later)));
     }
-    site.sim.state().batch_error = Some("processing".into());
+    site.sim.state().batch_error = Some("throttled".into());
     let (code, _) = site.cycle();
     assert_eq!(code, 1);
     let details: Vec<String> = site
@@ -395,7 +406,7 @@ fn an_all_error_fails_the_whole_batch() {
         .filter(|r| r["kind"] == "repeat_request")
         .map(|r| r["detail"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(details, vec!["whole batch refused: processing"; 3]);
+    assert_eq!(details, vec!["whole batch refused: throttled"; 3]);
     assert_eq!(site.store().pseudonym_count(), 0);
     // Next cycle: resent from the ledger, and now accepted.
     let (code, out) = site.cycle();

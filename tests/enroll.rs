@@ -258,7 +258,7 @@ fn enroll_stores_pseudonyms_and_a_clearing_comes_back_as_a_task() {
     assert_eq!(code, 1, "{stdout}");
     assert!(
         stdout.contains(
-            "3 sent: 1 enrolled, 1 in clearing (pseudonym follows as a task), 1 refused with an error, 0 not answered"
+            "3 sent: 1 enrolled, 1 in clearing (pseudonym follows as a task), 1 refused with an error, 0 busy (sent again by the next run), 0 not answered"
         ),
         "{stdout}"
     );

@@ -70,6 +70,10 @@ fn every_status() -> Site {
     let mut broken = sim::send_idat("t-rejected", later, None, Some(&bf(1)), &[IdatElement::Given]);
     broken.part.retain(|p| p.name != "expires");
     site.sim.add_task(broken);
+    // Closed: a final error code for its Bloom filter.
+    site.sim
+        .add_task(sim::repeat_request(common::STUDY, &bf(4), TARGET, Some(later)));
+    site.sim.state().bf_errors.insert(bf(4), "not-found".into());
     site.sim.push(
         Some("$providePatientData"),
         FaultKind::Delay(StdDuration::from_millis(1)),
@@ -106,7 +110,7 @@ fn the_fhir_export_maps_every_ledger_status_and_is_valid_r4() {
     let bundle = fttp_agent::fhir::json::parse(out.as_bytes()).unwrap();
     assert_eq!(bundle.resource_type, "Bundle");
     assert_eq!(bundle.node.str("type"), Some("searchset"));
-    assert_eq!(bundle.node.str("total"), Some("6"));
+    assert_eq!(bundle.node.str("total"), Some("7"));
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(json["entry"].is_array() && json["total"].is_number());
     let mut seen = std::collections::BTreeMap::new();
@@ -177,7 +181,7 @@ fn tasks_as_json_lines_and_filters() {
     let site = every_status();
     let (_, out) = stdout(&site, &["tasks", "--format", "json"]);
     let lines: Vec<TaskLine> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 6);
+    assert_eq!(lines.len(), 7);
     assert!(
         lines
             .iter()
@@ -189,10 +193,10 @@ fn tasks_as_json_lines_and_filters() {
     let (_, out) = stdout(&site, &["tasks", "--format", "json", "--since", &tomorrow]);
     assert_eq!(out.lines().count(), 0);
     let (_, out) = stdout(&site, &["tasks", "--since", "1h"]);
-    assert!(out.contains("6 task(s)"), "{out}");
+    assert!(out.contains("7 task(s)"), "{out}");
     // The table is aligned: every row's STATUS column starts at the same place.
     let col = out.lines().next().unwrap().find("STATUS").unwrap();
-    for line in out.lines().skip(1).take(6) {
+    for line in out.lines().skip(1).take(7) {
         let status = &line[col..];
         assert!(Status::ALL.iter().any(|s| status.starts_with(s.as_str())), "{line}");
     }
@@ -289,7 +293,7 @@ fn purge_removes_only_finished_entries_past_retention() {
     std::thread::sleep(StdDuration::from_millis(1200));
     let (code, out) = stdout(&site, &["purge"]);
     assert_eq!(code, 0);
-    assert!(out.contains("purged 3 finished ledger entries"), "{out}");
+    assert!(out.contains("purged 4 finished ledger entries"), "{out}");
     let store = site.store();
     let left: Vec<Status> = store.ledger_entries().map(|e| e.status).collect();
     assert_eq!(left.len(), 3);
@@ -298,7 +302,7 @@ fn purge_removes_only_finished_entries_past_retention() {
         "open tasks are never purged: {left:?}"
     );
     drop(store);
-    assert!(site.audit().iter().any(|r| r["kind"] == "purge" && r["tasks"] == 3));
+    assert!(site.audit().iter().any(|r| r["kind"] == "purge" && r["tasks"] == 4));
 }
 
 #[test]

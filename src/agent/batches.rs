@@ -282,13 +282,9 @@ impl Agent<'_> {
             };
             let bloomfilter = bloomfilter.clone();
             if let Some(code) = &batch_error {
-                e.status = Status::Failed;
-                self.finish(
-                    e,
-                    "dispatcher_error",
-                    Some(format!("whole batch refused: {code}")),
-                    None,
-                )?;
+                let (status, outcome) = super::error_verdict(code, &e.display_id);
+                e.status = status;
+                self.finish(e, outcome, Some(format!("whole batch refused: {code}")), None)?;
             } else if let Some(psn) = psns.remove(&bloomfilter) {
                 let fp = self
                     .save_pseudonym(&bloomfilter, target, psn, &e.key)?
@@ -299,14 +295,18 @@ impl Agent<'_> {
                 e.status = Status::Resolved;
                 self.finish(e, "stored", detail, fp)?;
             } else if let Some(code) = errors.get(&bloomfilter) {
-                e.status = Status::Failed;
-                self.finish(e, "dispatcher_error", Some(format!("error code {code}")), None)?;
+                let (status, outcome) = super::error_verdict(code, &e.display_id);
+                e.status = status;
+                self.finish(e, outcome, Some(format!("error code {code}")), None)?;
             } else {
-                e.status = Status::Failed;
+                // Nothing for the filter: it went to clearing, and the
+                // pseudonym comes as a dic_psn_available task. Sending it
+                // again could start another clearing.
+                e.status = Status::Resolved;
                 self.finish(
                     e,
-                    "failed",
-                    Some("the answer had nothing for this Bloom filter".into()),
+                    "clearing",
+                    Some("in clearing at the fTTP: the pseudonym follows as a dic_psn_available task".into()),
                     None,
                 )?;
             }

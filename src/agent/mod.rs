@@ -65,13 +65,16 @@ pub struct CycleReport {
     /// Wall time of each phase (poll, ledger, tasks, end), for the summary
     /// line: where a slow cycle spent its time.
     pub phases: Vec<(&'static str, std::time::Duration)>,
+    /// Open tasks not tried this cycle: they wait out the backoff after a
+    /// transient error.
+    pub deferred: usize,
 }
 
 impl CycleReport {
     /// Tasks that are still open after this cycle (failed, waiting for a
-    /// patient, or not reached).
+    /// patient, waiting out a backoff, or not reached).
     pub fn unresolved(&self) -> usize {
-        self.outcomes.iter().filter(|o| !o.status.is_terminal()).count()
+        self.outcomes.iter().filter(|o| !o.status.is_terminal()).count() + self.deferred
     }
 
     pub fn counts(&self) -> BTreeMap<String, usize> {
@@ -102,6 +105,38 @@ pub struct Agent<'a> {
     /// log before it goes to the store (`Audit::written`): an outcome the
     /// store holds is in the audit log too, even after a SIGKILL.
     pending: Vec<(Record, u64)>,
+}
+
+/// Whether a task answered with a transient (or unknown) error waits before
+/// it is tried again: `[dispatcher] retry_delay` after the first attempt,
+/// doubling with each attempt, at most a day; its expiry still bounds it.
+fn waits_out_backoff(e: &LedgerEntry, now: chrono::DateTime<Utc>, base: std::time::Duration) -> bool {
+    if e.status != Status::Failed || !matches!(e.outcome.as_str(), "transient_error" | "unknown_error") {
+        return false;
+    }
+    let wait = base
+        .saturating_mul(1 << e.attempts.saturating_sub(1).min(20))
+        .min(std::time::Duration::from_secs(86_400));
+    now < e.updated + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::days(1))
+}
+
+/// The ledger status and outcome for an `error-code` answer (README, "What
+/// the agent does with each answer").
+fn error_verdict(code: &crate::tasks::ErrorCode, task: &str) -> (Status, &'static str) {
+    use crate::fhir::outcome::ErrorClass;
+    match code.class() {
+        ErrorClass::Transient => (Status::Failed, "transient_error"),
+        ErrorClass::Unknown => (Status::Failed, "unknown_error"),
+        ErrorClass::Final { security } => {
+            if security {
+                log::warn!(
+                    "[repeat_request {task}] the dispatcher refused on security grounds ({code}): check the API key \
+                     and the site's rights"
+                );
+            }
+            (Status::Closed, "dispatcher_error")
+        }
+    }
 }
 
 /// Outcomes buffered before a write is forced.
@@ -360,6 +395,17 @@ impl<'a> Agent<'a> {
                 self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
                 continue;
             }
+            if let Some(why) = self.give_up(&e, now) {
+                let mut done = e;
+                done.status = Status::Closed;
+                log::warn!("[{} {}] gave up: {why}", done.kind.as_str(), done.display_id);
+                self.finish(done, "gave_up", Some(why), None)?;
+                continue;
+            }
+            if waits_out_backoff(&e, now, self.cfg.dispatcher.retry_delay.0) {
+                self.report.deferred += 1;
+                continue;
+            }
             let Some(Task::RepeatRequest { study, target, .. }) = &e.task else {
                 items.push(Work::One(Box::new(e)));
                 continue;
@@ -431,6 +477,35 @@ impl<'a> Agent<'a> {
         }
         progress.finish();
         self.flush()
+    }
+
+    /// Why an open task is given up, if it is: one without `expires` (the
+    /// guide allows it) would otherwise be tried forever, and so would one
+    /// answered with an error code nobody knows.
+    fn give_up(&self, e: &LedgerEntry, now: chrono::DateTime<Utc>) -> Option<String> {
+        let d = &self.cfg.dispatcher;
+        let unknown_error = e.outcome == "unknown_error";
+        if e.expires.is_some() && !unknown_error {
+            return None;
+        }
+        if e.attempts >= d.max_task_attempts.0 {
+            return Some(format!(
+                "{} attempts without a result{} ([dispatcher] max_task_attempts)",
+                e.attempts,
+                if unknown_error {
+                    ", the last answered with an unknown error code"
+                } else {
+                    " and no expiry"
+                }
+            ));
+        }
+        let age = (now - e.first_seen).to_std().unwrap_or_default();
+        (e.expires.is_none() && age > d.max_task_age.0).then(|| {
+            format!(
+                "open for {} days with no expiry ([dispatcher] max_task_age)",
+                age.as_secs() / 86_400
+            )
+        })
     }
 
     fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {

@@ -138,6 +138,18 @@ pub struct Dispatcher {
     /// Largest answer body accepted.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// Cycles in which an open task without `expires` (or one whose last
+    /// answer was an unknown error code) is tried before it is given up.
+    #[serde(default = "default_max_task_attempts")]
+    pub max_task_attempts: TaskAttempts,
+    /// Age after which an open task without `expires` is given up.
+    #[serde(default = "default_max_task_age")]
+    pub max_task_age: HumanDuration,
+    /// How a Bloom filter is sent in `$requestPsnFromBfWorkflow`: `plain`
+    /// (a base64Binary value, as the guide's example) or `with_version`
+    /// (parts `bloomfilter` and `version`, as its operation definition).
+    #[serde(default)]
+    pub bloomfilter_form: BloomfilterForm,
     /// PEM bundle of additional CAs to trust (an internal hospital or
     /// trust-centre CA), on top of the system's roots.
     #[serde(default)]
@@ -321,6 +333,12 @@ fn default_timeout() -> HumanDuration {
 }
 fn default_batch_size() -> BatchSize {
     BatchSize(100)
+}
+fn default_max_task_attempts() -> TaskAttempts {
+    TaskAttempts(5)
+}
+fn default_max_task_age() -> HumanDuration {
+    HumanDuration(Duration::from_secs(14 * 86_400))
 }
 fn default_max_attempts() -> Attempts {
     Attempts(3)
@@ -602,6 +620,15 @@ impl Config {
             ("dispatcher.batch_size".into(), d.batch_size.0.to_string()),
             ("dispatcher.max_attempts".into(), d.max_attempts.0.to_string()),
             ("dispatcher.retry_delay".into(), fmt_dur(&d.retry_delay)),
+            ("dispatcher.max_task_attempts".into(), d.max_task_attempts.0.to_string()),
+            ("dispatcher.max_task_age".into(), fmt_dur(&d.max_task_age)),
+            (
+                "dispatcher.bloomfilter_form".into(),
+                match d.bloomfilter_form {
+                    BloomfilterForm::Plain => "plain".into(),
+                    BloomfilterForm::WithVersion => "with_version".into(),
+                },
+            ),
             ("dispatcher.max_response_bytes".into(), d.max_response_bytes.to_string()),
             (
                 "dispatcher.ca_file".into(),

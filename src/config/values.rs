@@ -153,3 +153,22 @@ fn in_range<'de, D: Deserializer<'de>>(d: D, key: &str, range: std::ops::RangeIn
     }
     Ok(n)
 }
+
+/// `[dispatcher] max_task_attempts`: cycles, 1 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskAttempts(pub u32);
+
+impl<'de> Deserialize<'de> for TaskAttempts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        in_range(d, "max_task_attempts", 1..=100).map(|n| TaskAttempts(n as u32))
+    }
+}
+
+/// `[dispatcher] bloomfilter_form`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BloomfilterForm {
+    #[default]
+    Plain,
+    WithVersion,
+}

@@ -105,3 +105,90 @@ impl OperationOutcome {
         redactor.clean(&parts.join("; "), 300)
     }
 }
+
+/// The FHIR issue-type code system (http://hl7.org/fhir/R4/valueset-issue-type.html).
+pub const ISSUE_TYPE: &str = "http://hl7.org/fhir/issue-type";
+
+/// What an `error-code` of the dispatcher means for the request it
+/// answers, by the FHIR issue-type hierarchy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// `transient` and its children: the same request may succeed later.
+    Transient,
+    /// Any other issue type: this request will never succeed as it is; the
+    /// dispatcher issues a new task if it wants another try. `security`
+    /// marks the security branch (an operator should look).
+    Final { security: bool },
+    /// An unknown system or code, or none: retried, but only a few times.
+    Unknown,
+}
+
+impl ErrorClass {
+    pub fn of(system: Option<&str>, code: Option<&str>) -> ErrorClass {
+        let Some(code) = code else {
+            return ErrorClass::Unknown;
+        };
+        if system.is_some_and(|s| s != ISSUE_TYPE) {
+            return ErrorClass::Unknown;
+        }
+        match code {
+            "transient" | "lock-error" | "no-store" | "exception" | "timeout" | "incomplete" | "throttled" => {
+                ErrorClass::Transient
+            }
+            "security" | "login" | "unknown" | "expired" | "forbidden" | "suppressed" => {
+                ErrorClass::Final { security: true }
+            }
+            "invalid" | "structure" | "required" | "value" | "invariant" | "processing" | "not-supported"
+            | "duplicate" | "multiple-matches" | "not-found" | "deleted" | "too-long" | "code-invalid"
+            | "extension" | "too-costly" | "business-rule" | "conflict" | "informational" => {
+                ErrorClass::Final { security: false }
+            }
+            _ => ErrorClass::Unknown,
+        }
+    }
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+
+    #[test]
+    fn issue_types_are_classified_by_their_branch() {
+        let of = |c| ErrorClass::of(Some(ISSUE_TYPE), Some(c));
+        for c in [
+            "transient",
+            "lock-error",
+            "no-store",
+            "exception",
+            "timeout",
+            "incomplete",
+            "throttled",
+        ] {
+            assert_eq!(of(c), ErrorClass::Transient, "{c}");
+        }
+        for c in [
+            "not-found",
+            "invalid",
+            "processing",
+            "business-rule",
+            "duplicate",
+            "conflict",
+            "value",
+        ] {
+            assert_eq!(of(c), ErrorClass::Final { security: false }, "{c}");
+        }
+        for c in ["security", "login", "forbidden", "expired"] {
+            assert_eq!(of(c), ErrorClass::Final { security: true }, "{c}");
+        }
+        assert_eq!(of("no-such-code"), ErrorClass::Unknown);
+        assert_eq!(
+            ErrorClass::of(None, Some("not-found")),
+            ErrorClass::Final { security: false }
+        );
+        assert_eq!(
+            ErrorClass::of(Some("urn:other"), Some("not-found")),
+            ErrorClass::Unknown
+        );
+        assert_eq!(ErrorClass::of(Some(ISSUE_TYPE), None), ErrorClass::Unknown);
+    }
+}

@@ -128,10 +128,17 @@ pub struct SimState {
     pub received: Vec<Received>,
     /// Bloom filters (base64) the fTTP already knows, with their pseudonym.
     pub registry: HashMap<String, Identifier, Fx>,
-    /// Bloom filters (base64) answered with an `error` part of this code.
+    /// Bloom filters (base64) answered with an `error` part of this code
+    /// (issue-type system; `SYSTEM#CODE` for another system, empty for an
+    /// error without `error-code`). Like every answered filter, its
+    /// repeat_request is not handed out again: the gateway issues a new
+    /// task if it wants another try.
     pub bf_errors: HashMap<String, String, Fx>,
     /// Answer the next `$requestPsnFromBfWorkflow` with an `all` error.
     pub batch_error: Option<String>,
+    /// Answer the next `$requestPsnFromBfWorkflow` with an `error` that has
+    /// no `bloomfilter` part (and no `all`): it answers the whole request.
+    pub bare_error: Option<String>,
     /// Bloom filters (base64) whose first enrolment goes to clearing: the
     /// answer has nothing for them, and the pseudonym follows as a
     /// `dic_psn_available` task on the next `$requestTasks`.
@@ -693,31 +700,37 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
         return (400, outcome("required", "at least one bloomfilter is required"));
     }
     let target_id = Identifier::new(Some(GPAS), target);
-    let error_code = |code: &str| {
-        Parameter::coding(
+    let error_code = |code: &str| -> Vec<Parameter> {
+        if code.is_empty() {
+            return Vec::new();
+        }
+        let (system, code) = code.split_once('#').unwrap_or(("http://hl7.org/fhir/issue-type", code));
+        vec![Parameter::coding(
             "error-code",
             Coding {
-                system: Some("http://hl7.org/fhir/issue-type".into()),
+                system: Some(system.into()),
                 code: Some(code.into()),
                 display: None,
             },
-        )
+        )]
     };
     if let Some(code) = st.batch_error.take() {
-        let err = Parameter::with_parts("error", vec![Parameter::string("all", "all"), error_code(&code)]);
+        let mut parts = vec![Parameter::string("all", "all")];
+        parts.extend(error_code(&code));
+        let err = Parameter::with_parts("error", parts);
+        return (200, Answer::Params(Parameters::new(vec![err])));
+    }
+    if let Some(code) = st.bare_error.take() {
+        let err = Parameter::with_parts("error", error_code(&code));
         return (200, Answer::Params(Parameters::new(vec![err])));
     }
     let mut out = Vec::new();
     for bf in bfs {
         if let Some(code) = st.bf_errors.get(&bf).cloned() {
-            out.push(Parameter::with_parts(
-                "error",
-                vec![
-                    bf_part(&bf),
-                    Parameter::identifier("target", target_id.clone()),
-                    error_code(&code),
-                ],
-            ));
+            let mut parts = vec![bf_part(&bf), Parameter::identifier("target", target_id.clone())];
+            parts.extend(error_code(&code));
+            out.push(Parameter::with_parts("error", parts));
+            st.done.insert(format!("bf:{bf}"));
             continue;
         }
         let psn = match st.registry.get(&bf) {
@@ -735,6 +748,7 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
                     let expires = Utc::now() + chrono::Duration::days(7);
                     let value = id.value.clone().unwrap_or_default();
                     st.tasks.push(dic_psn_available(&bf, target, &value, Some(expires)));
+                    st.done.insert(format!("bf:{bf}"));
                     continue;
                 }
                 id

@@ -44,21 +44,30 @@ pub enum Status {
     Expired,
     /// Malformed or not for this site; never acted on.
     Rejected,
+    /// Ended without a result and never sent again: the dispatcher refused
+    /// it for good (a final error code, a 4xx to a first send), or the
+    /// agent gave it up (no expiry and too many attempts or too old). The
+    /// dispatcher issues a new task if it wants another try.
+    Closed,
 }
 
 impl Status {
     /// Terminal states are never worked on again.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Resolved | Status::Expired | Status::Rejected)
+        matches!(
+            self,
+            Status::Resolved | Status::Expired | Status::Rejected | Status::Closed
+        )
     }
 
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 7] = [
         Status::Pending,
         Status::InFlight,
         Status::Resolved,
         Status::Failed,
         Status::Expired,
         Status::Rejected,
+        Status::Closed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +78,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Expired => "expired",
             Status::Rejected => "rejected",
+            Status::Closed => "closed",
         }
     }
 }
@@ -147,6 +157,9 @@ pub enum EnrolmentStatus {
     Clearing,
     /// The fTTP answered with an error for this filter.
     Error,
+    /// The fTTP answered with a transient error (busy, timeout): the next
+    /// `enroll` sends the same filter again.
+    Retry,
 }
 
 impl EnrolmentStatus {
@@ -156,6 +169,7 @@ impl EnrolmentStatus {
             EnrolmentStatus::Enrolled => "enrolled",
             EnrolmentStatus::Clearing => "clearing",
             EnrolmentStatus::Error => "error",
+            EnrolmentStatus::Retry => "retry",
         }
     }
 }
@@ -211,10 +225,9 @@ impl Progress {
 impl std::str::FromStr for Status {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Status::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown status '{s}' (pending, in_flight, resolved, failed, expired, rejected)"))
+        Status::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
+            format!("unknown status '{s}' (pending, in_flight, resolved, failed, expired, rejected, closed)")
+        })
     }
 }
 

@@ -94,6 +94,18 @@ impl ClientError {
         )
     }
 
+    /// The dispatcher refused the request as it is, for good: sending the
+    /// same again cannot help.
+    pub fn is_final_refusal(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Status {
+                status: 400 | 404 | 409 | 410 | 422,
+                ..
+            } | ClientError::Refused { .. }
+        )
+    }
+
     /// The dispatcher says it does not know (any more) what we refer to.
     pub fn task_unknown(&self) -> bool {
         matches!(
@@ -136,6 +148,16 @@ impl Retryable for ClientError {
             _ => None,
         }
     }
+}
+
+/// How a `$providePatientData` arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// This call's answer accepted it.
+    Accepted,
+    /// An earlier attempt of this call got no answer, and the dispatcher
+    /// now no longer knows the task: that attempt consumed it.
+    ByEarlierAttempt,
 }
 
 pub struct Client {
@@ -213,7 +235,9 @@ impl Client {
     }
 
     /// `$providePatientData` {taskId, target, patient}. `secrets` are the
-    /// IDAT values sent, so an error echoing them is redacted.
+    /// IDAT values sent, so an error echoing them is redacted. A 404, 409
+    /// or 410 after an attempt of this call that got no complete answer
+    /// means that attempt arrived and consumed the task.
     pub fn provide_patient_data(
         &self,
         task_id: &TaskId,
@@ -221,7 +245,7 @@ impl Client {
         patient: Resource,
         secrets: &[&str],
         deadline: Option<Instant>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<Delivery, ClientError> {
         let params = Parameters::new(vec![
             Parameter::primitive("taskId", "id", task_id.as_str()),
             Parameter::string("target", target),
@@ -232,8 +256,12 @@ impl Client {
             redactor.add(s);
         }
         let op = Operation::ProvidePatientData;
-        let (format, body) = self.call(op, params, &redactor, deadline)?;
-        refusal(op, format, &body, &redactor)
+        let (result, indeterminate) = self.call_noting(op, params, &redactor, deadline);
+        match result {
+            Err(e) if indeterminate && e.task_unknown() => Ok(Delivery::ByEarlierAttempt),
+            Err(e) => Err(e),
+            Ok((format, body)) => refusal(op, format, &body, &redactor).map(|()| Delivery::Accepted),
+        }
     }
 
     /// `$requestPsnFromBfWorkflow` {study, bloomfilter 1..*, target}.
@@ -287,18 +315,34 @@ impl Client {
     fn call(
         &self,
         op: Operation,
-        mut params: Parameters,
+        params: Parameters,
         redactor: &Redactor,
         deadline: Option<Instant>,
     ) -> Result<(Format, Vec<u8>), ClientError> {
+        self.call_noting(op, params, redactor, deadline).0
+    }
+
+    /// `call`, also saying whether an attempt got no complete answer (the
+    /// dispatcher may have processed it).
+    fn call_noting(
+        &self,
+        op: Operation,
+        mut params: Parameters,
+        redactor: &Redactor,
+        deadline: Option<Instant>,
+    ) -> (Result<(Format, Vec<u8>), ClientError>, bool) {
         if matches!(self.api_key_in, ApiKeyIn::Body | ApiKeyIn::Both) {
             params.parameter.insert(0, Parameter::string("apikey", &self.api_key));
         }
         let body = params.write(self.format);
-        with_backoff(&self.retry, deadline, |attempt| {
+        let mut indeterminate = false;
+        let result = with_backoff(&self.retry, deadline, |attempt| {
             log::debug!("{op}: attempt {attempt}, {} bytes", body.len());
-            self.exchange(op, &body, redactor)
-        })
+            let r = self.exchange(op, &body, redactor);
+            indeterminate |= matches!(&r, Err(e) if e.is_unreachable());
+            r
+        });
+        (result, indeterminate)
     }
 
     fn exchange(&self, op: Operation, body: &str, redactor: &Redactor) -> Result<(Format, Vec<u8>), ClientError> {

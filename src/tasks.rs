@@ -318,10 +318,15 @@ const fn rule(name: &'static str, min: usize, max: Option<usize>, types: &'stati
 // some FHIR servers serialise instants that way.
 const EXPIRES: &[&str] = &["instant", "dateTime"];
 
+/// A task is rejected only for a known part that is missing, repeated or
+/// of the wrong type. A part the agent does not know is ignored: the guide
+/// adds optional parts between versions, and rejecting every task of a
+/// kind for one new part would abort all their clearings.
 fn check(p: &impl Parts, rules: &[Rule]) -> Result<(), String> {
     for (name, ty) in p.shape() {
         let Some(rule) = rules.iter().find(|r| r.name == name) else {
-            return Err(format!("unexpected part '{}'", sanitize(name)));
+            log::debug!("ignoring a part the agent does not know: '{}'", sanitize(name));
+            continue;
         };
         if !rule.types.contains(&ty) {
             return Err(format!(

@@ -164,7 +164,7 @@ fn a_resend_of_a_delivered_task_counts_as_done() {
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
     let e = site.store().ledger("task:send-a").unwrap().clone();
-    assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "sent"));
+    assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "delivered"));
     assert!(e.detail.unwrap().contains("interrupted earlier attempt"));
     // The dispatcher got it once for real, and a resend it refused as unknown.
     let st = site.sim.state();

@@ -345,6 +345,17 @@ impl<'a> Agent<'a> {
                 continue;
             }
             match self.store.ledger(&key).cloned() {
+                Some(mut old) if self.idat_changed_since_refusal(&old)? => {
+                    // Refused for good with the data it had; the patient's
+                    // data changed since, so the dispatcher may take it now.
+                    old.status = Status::Pending;
+                    old.outcome = "reopened".into();
+                    old.detail = Some("the patient's data changed since the dispatcher refused it".into());
+                    old.last_seen = now;
+                    old.updated = now;
+                    self.outcome(&old, "reopened", Status::Pending, old.detail.clone(), None)?;
+                    batch.push(Record::Progress(Progress::of(&old)));
+                }
                 Some(old) if old.status.is_terminal() => {
                     self.outcome(
                         &old,
@@ -479,6 +490,21 @@ impl<'a> Agent<'a> {
         self.flush()
     }
 
+    /// A send_idat refused for good whose patient's IDAT changed since.
+    fn idat_changed_since_refusal(&self, e: &LedgerEntry) -> Result<bool, AgentError> {
+        if e.status != Status::Closed || e.outcome != "dispatcher_error" {
+            return Ok(false);
+        }
+        let Some(Task::SendIdat {
+            pseudonym, bloomfilter, ..
+        }) = &e.task
+        else {
+            return Ok(false);
+        };
+        let patient = self.store.find_patient(pseudonym.as_ref(), bloomfilter.as_ref())?;
+        Ok(patient.is_some_and(|p| p.updated > e.updated))
+    }
+
     /// Why an open task is given up, if it is: one without `expires` (the
     /// guide allows it) would otherwise be tried forever, and so would one
     /// answered with an error code nobody knows.
@@ -596,6 +622,23 @@ impl<'a> Agent<'a> {
         }
         let resend = e.status == Status::InFlight;
         let (resource, missing) = patient.idat.to_patient(elements);
+        if missing.len() == elements.len() {
+            // An empty Patient tells the fTTP nothing and would end the
+            // task: it waits for the data instead, as for an unknown patient.
+            let mut done = e;
+            done.status = Status::Pending;
+            log::warn!(
+                "[send_idat {}] none of the {} requested element(s) is on file for patient {fp}: import them",
+                done.display_id,
+                elements.len()
+            );
+            return self.finish(
+                done,
+                "unknown_patient",
+                Some(format!("none of the {} requested element(s) on file", elements.len())),
+                Some(fp),
+            );
+        }
         let secrets: Vec<&str> = patient.idat.values().collect();
         // Recorded before sending: after a crash the task is sent again
         // (at-least-once) rather than forgotten.
@@ -611,7 +654,7 @@ impl<'a> Agent<'a> {
         crashpoint::hit("send:after");
         let mut done = flight;
         match result {
-            Ok(()) => {
+            Ok(crate::client::Delivery::Accepted) => {
                 done.status = Status::Resolved;
                 let detail =
                     (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
@@ -620,16 +663,17 @@ impl<'a> Agent<'a> {
                 rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
                 self.commit(done, "sent", rec)
             }
-            Err(err) if resend && err.task_unknown() => {
-                // At-least-once: the previous attempt was interrupted after
-                // the request left (crash, timeout, reset); the dispatcher no
-                // longer knowing the task means that attempt arrived.
-                done.status = Status::Resolved;
-                let detail =
-                    Some("delivered by an interrupted earlier attempt; the dispatcher reports the task done".into());
-                let mut rec = self.record_for(&done, "sent", detail, Some(fp));
-                rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
-                self.commit(done, "sent", rec)
+            Ok(crate::client::Delivery::ByEarlierAttempt) => self.delivered(done, &missing, fp),
+            Err(err) if resend && err.task_unknown() => self.delivered(done, &missing, fp),
+            Err(err) if err.is_final_refusal() => {
+                // Sent unchanged, it would be refused again every cycle:
+                // closed, reopened only if the patient's IDAT changes.
+                done.status = Status::Closed;
+                log::warn!(
+                    "[send_idat {}] refused for good: {err}; sent again only if the patient's data change",
+                    done.display_id
+                );
+                self.finish(done, "dispatcher_error", Some(err.to_string()), Some(fp))
             }
             Err(err) => {
                 self.note_network(&err);
@@ -643,6 +687,17 @@ impl<'a> Agent<'a> {
                 self.finish(done, "failed", Some(err.to_string()), Some(fp))
             }
         }
+    }
+
+    /// At-least-once: an earlier attempt got no answer (a crash, timeout or
+    /// reset after the request left), and the dispatcher no longer knowing
+    /// the task means that attempt arrived.
+    fn delivered(&mut self, mut done: LedgerEntry, missing: &[IdatElement], fp: String) -> Result<(), AgentError> {
+        done.status = Status::Resolved;
+        let detail = Some("delivered by an interrupted earlier attempt; the dispatcher reports the task done".into());
+        let mut rec = self.record_for(&done, "delivered", detail, Some(fp));
+        rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
+        self.commit(done, "delivered", rec)
     }
 
     fn note_network(&mut self, err: &ClientError) {

@@ -174,6 +174,9 @@ pub struct Client {
     api_key_header: String,
     api_key_in: ApiKeyIn,
     format: Format,
+    /// `Some(version)`: filters go as parts `bloomfilter` and `version`
+    /// (`[dispatcher] bloomfilter_form = "with_version"`).
+    bf_version: Option<String>,
     max_response_bytes: u64,
     retry: RetryPolicy,
 }
@@ -197,6 +200,10 @@ impl Client {
             api_key_header: d.api_key_header.0.clone(),
             api_key_in: d.api_key_in,
             format: d.format,
+            bf_version: match d.bloomfilter_form {
+                crate::config::BloomfilterForm::Plain => None,
+                crate::config::BloomfilterForm::WithVersion => cfg.bloomfilter.as_ref().and_then(|b| b.version.clone()),
+            },
             max_response_bytes: d.max_response_bytes,
             retry: RetryPolicy {
                 max_attempts: d.max_attempts.0,
@@ -230,8 +237,23 @@ impl Client {
         ]);
         let op = Operation::RequestTasks;
         let (format, body) = self.call(op, params, &self.redactor(), None)?;
-        crate::tasks::parse_answer(format, &body, &Scope { study, target })
-            .map_err(|source| ClientError::Decode { op, source })
+        let tasks = crate::tasks::parse_answer(format, &body, &Scope { study, target })
+            .map_err(|source| ClientError::Decode { op, source })?;
+        // A top-level `error` parameter is the dispatcher refusing the
+        // poll in a 200 answer, not a task of kind "error".
+        if tasks.iter().any(|t| matches!(t, Err(r) if r.name == "error")) {
+            let answer = Parameters::parse(format, &body).map_err(|source| ClientError::Decode { op, source })?;
+            let codes: Vec<String> = crate::tasks::PsnAnswers::from_parameters(&answer)
+                .batch_error
+                .into_iter()
+                .map(|c| c.to_string())
+                .collect();
+            return Err(ClientError::Refused {
+                op,
+                outcome: format!("an error parameter ({})", codes.join(", ")),
+            });
+        }
+        Ok(tasks)
     }
 
     /// `$providePatientData` {taskId, target, patient}. `secrets` are the
@@ -277,7 +299,11 @@ impl Client {
         for bf in bloomfilters {
             let b64 = bf.to_base64();
             redactor.add(&b64);
-            list.push(Parameter::primitive("bloomfilter", "base64Binary", &b64));
+            let value = Parameter::primitive("bloomfilter", "base64Binary", &b64);
+            list.push(match &self.bf_version {
+                None => value,
+                Some(v) => Parameter::with_parts("bloomfilter", vec![value, Parameter::string("version", v)]),
+            });
         }
         list.push(Parameter::string("target", target));
         let op = Operation::RequestPsnFromBfWorkflow;
@@ -394,9 +420,7 @@ impl Client {
                 .map(str::to_string)
         };
         let content_type = header("content-type");
-        let retry_after = header("retry-after")
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = header("retry-after").and_then(|v| retry_after(&v, chrono::Utc::now()));
         let location = header("location");
         let bytes = resp
             .body_mut()
@@ -436,6 +460,17 @@ impl Client {
             retry_after,
         })
     }
+}
+
+/// `Retry-After` as seconds or as an HTTP-date (RFC 9110, 10.2.3); a date
+/// in the past means now.
+fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some((at.with_timezone(&chrono::Utc) - now).to_std().unwrap_or_default())
 }
 
 /// A 2xx answer that is an OperationOutcome with an `error` or `fatal`
@@ -494,6 +529,18 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-04T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let secs = |v| super::retry_after(v, now).map(|d| d.as_secs());
+        assert_eq!(secs("120"), Some(120));
+        assert_eq!(secs("Fri, 04 Dec 2026 10:02:30 GMT"), Some(150));
+        assert_eq!(secs("Fri, 04 Dec 2026 09:00:00 GMT"), Some(0));
+        assert_eq!(secs("soon"), None);
+    }
+
     #[test]
     fn the_proxy_password_is_found_for_redaction() {
         assert_eq!(

@@ -12,8 +12,19 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+/// An instant as RFC 3339 in UTC, with at least milliseconds and every
+/// fractional digit it came with: `expires` is a FHIR `instant`, and the
+/// dispatcher compares it to the millisecond.
 pub fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    let nanos = t.timestamp_subsec_nanos();
+    let format = if nanos.is_multiple_of(1_000_000) {
+        SecondsFormat::Millis
+    } else if nanos.is_multiple_of(1_000) {
+        SecondsFormat::Micros
+    } else {
+        SecondsFormat::Nanos
+    };
+    t.to_rfc3339_opts(format, true)
 }
 
 /// `T` for `--since`: an RFC 3339 time, a date (`2026-11-01`), or a
@@ -76,7 +87,7 @@ pub fn table(entries: &[&LedgerEntry]) -> String {
                 crate::privacy::escape_controls(&e.display_id).into_owned(),
                 e.status.as_str().to_string(),
                 e.outcome.clone(),
-                e.expires.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+                e.expires.map_or("-".into(), ts),
                 e.first_seen.format("%Y-%m-%d %H:%M").to_string(),
                 crate::privacy::escape_controls(e.detail.as_deref().unwrap_or_default()).into_owned(),
             ]
@@ -582,12 +593,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn instants_keep_their_precision_and_show_at_least_milliseconds() {
+        let at = |s| ts(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc));
+        assert_eq!(at("2026-12-04T10:00:00+01:00"), "2026-12-04T09:00:00.000Z");
+        assert_eq!(at("2026-12-04T10:00:00.5Z"), "2026-12-04T10:00:00.500Z");
+        assert_eq!(at("2026-12-04T10:00:00.123456Z"), "2026-12-04T10:00:00.123456Z");
+        assert_eq!(at("2026-12-04T10:00:00.123456789Z"), "2026-12-04T10:00:00.123456789Z");
+    }
+
+    #[test]
     fn since_accepts_times_dates_and_durations() {
         assert_eq!(
             ts(parse_since("2026-11-01T10:00:00+01:00").unwrap()),
-            "2026-11-01T09:00:00Z"
+            "2026-11-01T09:00:00.000Z"
         );
-        assert_eq!(ts(parse_since("2026-11-01").unwrap()), "2026-11-01T00:00:00Z");
+        assert_eq!(ts(parse_since("2026-11-01").unwrap()), "2026-11-01T00:00:00.000Z");
         let ago = Utc::now() - parse_since("24h").unwrap();
         assert!((ago.num_seconds() - 86_400).abs() < 5);
         assert!(parse_since("yesterday").is_err());

@@ -27,10 +27,18 @@ impl BloomFilter {
     pub const MAX_BYTES: usize = 64 * 1024;
 
     pub fn from_base64(s: &str) -> Result<Self, BloomFilterError> {
-        if s.len() > BloomFilter::MAX_BYTES / 3 * 4 + 4 {
+        // (Twice the base64 length: room for whitespace between groups.)
+        if s.len() > (BloomFilter::MAX_BYTES / 3 * 4 + 4) * 2 {
             return Err(BloomFilterError::TooLarge);
         }
-        let bytes = STANDARD.decode(s.trim()).map_err(|_| BloomFilterError::NotBase64)?;
+        // FHIR allows whitespace inside base64Binary (between groups).
+        let bytes = if s.bytes().any(|b| b.is_ascii_whitespace()) {
+            let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+            STANDARD.decode(compact)
+        } else {
+            STANDARD.decode(s)
+        }
+        .map_err(|_| BloomFilterError::NotBase64)?;
         Self::from_bytes(bytes)
     }
 
@@ -148,6 +156,13 @@ impl LocalId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_with_whitespace_between_groups_is_a_bloom_filter() {
+        let plain = BloomFilter::from_base64("SWNoIGJpbiBlaW4gQmxvb21maWx0ZXIu").unwrap();
+        let spaced = BloomFilter::from_base64("SWNo IGJp\nbiBl aW4g\r\nQmxv b21m aWx0 ZXIu").unwrap();
+        assert_eq!(plain, spaced);
+    }
 
     #[test]
     fn bloom_filter_debug_hides_content() {

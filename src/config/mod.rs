@@ -512,6 +512,16 @@ impl Config {
                     .into(),
             });
         }
+        if self.dispatcher.bloomfilter_form == BloomfilterForm::WithVersion
+            && self.bloomfilter.as_ref().and_then(|b| b.version.as_ref()).is_none()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: "[dispatcher] bloomfilter_form = \"with_version\" needs [bloomfilter] version (the \
+                          version sent with each filter)"
+                    .into(),
+            });
+        }
         if self.dispatcher.client_cert.is_some() != self.dispatcher.client_key.is_some() {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),

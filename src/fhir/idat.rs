@@ -22,6 +22,9 @@ pub const EXT_QUALIFIER: &str = "http://hl7.org/fhir/StructureDefinition/iso2109
 pub const SYSTEM_COUNTRY: &str = "urn:iso:std:iso:3166";
 pub const SYSTEM_LANGUAGE: &str = "urn:ietf:bcp:47";
 pub const SYSTEM_MARITAL: &str = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus";
+/// `UNK` belongs to this code system, not to v3-MaritalStatus (R4's
+/// marital-status value set takes it from here).
+pub const SYSTEM_NULL_FLAVOR: &str = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor";
 /// Identifier system under which `import` reads a patient's Bloom filter
 /// (base64) from a FHIR Patient resource. Defined by fttp-agent.
 pub const BLOOMFILTER_SYSTEM: &str = "urn:fttp-agent:bloomfilter";
@@ -276,7 +279,17 @@ impl Idat {
             p.node.push_complex(
                 "maritalStatus",
                 Node::new()
-                    .with_node("coding", coding(SYSTEM_MARITAL, code))
+                    .with_node(
+                        "coding",
+                        coding(
+                            if code == "UNK" {
+                                SYSTEM_NULL_FLAVOR
+                            } else {
+                                SYSTEM_MARITAL
+                            },
+                            code,
+                        ),
+                    )
                     .with("text", text),
             );
         }
@@ -452,6 +465,22 @@ mod tests {
             let back = Idat::from_patient(&patient);
             assert_eq!(back.present(), vec![e], "element {}", e.code());
             assert_eq!(back.get(e), idat.get(e));
+        }
+    }
+
+    #[test]
+    fn an_unknown_marital_status_is_a_null_flavor() {
+        let mut idat = Idat::default();
+        for (code, system) in [("UNK", SYSTEM_NULL_FLAVOR), ("M", SYSTEM_MARITAL)] {
+            idat.maritalstatus = Some(code.into());
+            let (patient, _) = idat.to_patient(&[IdatElement::Maritalstatus]);
+            let coding = patient
+                .node
+                .node("maritalStatus")
+                .and_then(|m| m.node("coding"))
+                .unwrap();
+            assert_eq!((coding.str("system"), coding.str("code")), (Some(system), Some(code)));
+            assert_eq!(Idat::from_patient(&patient).maritalstatus.as_deref(), Some(code));
         }
     }
 

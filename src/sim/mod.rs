@@ -691,9 +691,16 @@ fn request_psn(st: &mut SimState, p: &Parameters) -> (u16, Answer) {
     let (Some(study), Some(target)) = (p.first_string("study"), p.first_string("target")) else {
         return (400, outcome("required", "study and target are required"));
     };
+    // Either form the operation definition allows: a plain base64Binary
+    // value (its example), or parts `bloomfilter` and `version`.
     let bfs: Vec<String> = p
         .get("bloomfilter")
-        .filter_map(|x| x.value.as_ref().and_then(ParamValue::as_str))
+        .filter_map(|x| {
+            x.value.as_ref().and_then(ParamValue::as_str).or_else(|| {
+                x.parts("bloomfilter")
+                    .find_map(|y| y.value.as_ref().and_then(ParamValue::as_str))
+            })
+        })
         .map(str::to_string)
         .collect();
     if bfs.is_empty() {

@@ -553,3 +553,71 @@ fn an_update_the_store_holds_is_in_the_audit_log_after_a_crash() {
     let audited = audited(&site, "update_bf", "updated");
     assert_eq!(audited, 1, "the update the store holds is audited");
 }
+
+#[test]
+fn a_transient_error_is_sent_again_by_the_next_enroll_without_retry_errors() {
+    let site = Site::new("json");
+    site.import_patients();
+    site.sim.state().bf_errors.insert(bf(2), "throttled".into());
+    let (code, stdout, _) = run(&site, &["enroll"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("1 busy (sent again by the next run)"), "{stdout}");
+    assert_eq!(enrolment(&site, "p2"), Some((EnrolmentStatus::Retry, true)));
+    site.sim.state().bf_errors.clear();
+    let (code, stdout, _) = run(&site, &["enroll"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("1 sent: 1 enrolled"), "{stdout}");
+    assert_eq!(enrolment(&site, "p2"), Some((EnrolmentStatus::Enrolled, true)));
+}
+
+#[test]
+fn update_bf_answered_2xx_with_an_error_outcome_is_refused() {
+    let site = Site::new("xml");
+    with_bloom(&site);
+    let file = csv(&site, "in.csv", &["z1,,Herr,Mustermann,1920-01-01,m"]);
+    run(&site, &["import", &file]);
+    assert_eq!(run(&site, &["enroll"]).0, 0);
+    write_seeds(&site, &SEEDS.replace("487484864", "487484865"));
+    site.sim.push(
+        Some("$updateBf"),
+        fttp_agent::sim::FaultKind::Raw {
+            status: 200,
+            content_type: "application/fhir+xml".into(),
+            body: br#"<OperationOutcome xmlns="http://hl7.org/fhir"><issue><severity value="error"/><code value="processing"/><diagnostics value="unknown pseudonym"/></issue></OperationOutcome>"#.to_vec(),
+        },
+    );
+    let (code, stdout, stderr) = run(&site, &["update-bf"]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("$updateBf refused") && stderr.contains("answered 2xx but refused: error/processing"),
+        "{stderr}"
+    );
+    assert!(site.sim.state().updated_bf.is_empty());
+}
+
+#[test]
+fn filters_go_with_their_version_when_so_configured() {
+    let site = Site::with("json", Default::default(), "bloomfilter_form = \"with_version\"");
+    with_bloom(&site);
+    let file = csv(&site, "in.csv", &["z1,,Herr,Mustermann,1920-01-01,m"]);
+    run(&site, &["import", &file]);
+    let (code, stdout, _) = run(&site, &["enroll"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("1 sent: 1 enrolled"), "{stdout}");
+    let st = site.sim.state();
+    let req = st.received("$requestPsnFromBfWorkflow")[0].parameters.clone().unwrap();
+    let bf = req.get("bloomfilter").next().unwrap();
+    assert!(bf.value.is_none(), "the filter is a part, not a value");
+    let parts: Vec<&str> = bf.part.iter().map(|p| p.name.as_ref()).collect();
+    assert_eq!(parts, ["bloomfilter", "version"]);
+    assert_eq!(bf.part[1].value.as_ref().and_then(|v| v.as_str()), Some("2"));
+    drop(st);
+    // Without [bloomfilter] version, the form is a configuration error.
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("version = \"2\"\n", "");
+    std::fs::write(&site.config, text).unwrap();
+    let (code, _, stderr) = run(&site, &["enroll"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("needs [bloomfilter] version"), "{stderr}");
+}

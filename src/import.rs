@@ -288,6 +288,20 @@ fn parse_ndjson_line(line: &str) -> Result<Row, String> {
 }
 
 fn validate(idat: &mut Idat) -> Result<(), String> {
+    use crate::fhir::idat::{IdatElement, in_value_set};
+    for (e, what) in [
+        (IdatElement::Nationality, "an ISO 3166-1 alpha-2 country code, e.g. DE"),
+        (IdatElement::Language, "a BCP-47 language tag, e.g. de or de-DE"),
+        (
+            IdatElement::Maritalstatus,
+            "a code of FHIR's marital-status value set: A, D, I, L, M, P, S, T, U, W or UNK",
+        ),
+    ] {
+        // (The value itself is IDAT: named by its column only.)
+        if idat.get(e).is_some_and(|v| !in_value_set(e, v)) {
+            return Err(format!("{} must be {what}", e.code()));
+        }
+    }
     if let Some(g) = idat.gender.as_deref() {
         let norm = normalize_gender(g).ok_or("gender must be male, female, other or unknown (or m/f/w/d/u)")?;
         idat.gender = Some(norm.to_string());

@@ -321,3 +321,58 @@ fn instants_keep_the_precision_they_came_with() {
         assert!(audit.iter().any(|r| r["expires"] == want));
     }
 }
+
+#[test]
+fn import_checks_coded_values_and_keeps_lists() {
+    let site = Site::new("json");
+    let csv = format!(
+        "local_id,bloomfilter,given,family,address_line,nationality,language,maritalstatus\n\
+         q1,{},Anna|Maria,Muster,Hauptstr. 1|Hinterhaus,DE,de-DE,UNK\n\
+         q2,{},Bert,Muster,,Germany,de,M\n\
+         q3,{},Cora,Muster,,DE,deutsch,M\n\
+         q4,{},Dora,Muster,,DE,de,C\n",
+        bf(1),
+        bf(2),
+        bf(3),
+        bf(4)
+    );
+    let file = site.dir.path().join("coded.csv");
+    std::fs::write(&file, csv).unwrap();
+    let out = site.run(&["import", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("coded.csv:3: skipped: nationality must be an ISO 3166-1 alpha-2 country code"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("coded.csv:4: skipped: language must be a BCP-47 language tag"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("coded.csv:5: skipped: maritalstatus must be a code of FHIR's marital-status value set"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Germany") && !stderr.contains("deutsch"),
+        "values are not quoted"
+    );
+    assert_eq!(site.store().patient_count(), 1);
+    // The lists go out as repeated elements.
+    site.sim.add_task(sim::send_idat(
+        "lists",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given, IdatElement::AddressLine, IdatElement::Maritalstatus],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    let st = site.sim.state();
+    let patient = st.received("$providePatientData")[0].patient().unwrap().clone();
+    drop(st);
+    let json = fttp_agent::fhir::json::to_string(&patient);
+    assert!(json.contains(r#""given":["Anna","Maria"]"#), "{json}");
+    assert!(json.contains(r#""line":["Hauptstr. 1","Hinterhaus"]"#), "{json}");
+    assert!(json.contains("v3-NullFlavor"), "{json}");
+}

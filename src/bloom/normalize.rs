@@ -176,7 +176,15 @@ impl FieldRule {
         let mut raw: Option<String> = None;
         for e in &self.sources {
             if let Some(v) = idat.get(*e) {
-                raw.get_or_insert_with(String::new).push_str(v);
+                // Several given names or address lines are one value,
+                // separated by spaces, as a Mainzelliste field holds them.
+                let buf = raw.get_or_insert_with(String::new);
+                for (i, item) in crate::fhir::idat::list_items(v).enumerate() {
+                    if i > 0 {
+                        buf.push(' ');
+                    }
+                    buf.push_str(item);
+                }
             }
         }
         let Some(raw) = raw else { return Ok(None) };
@@ -292,6 +300,20 @@ mod tests {
             transformers,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn several_given_names_are_one_value_separated_by_spaces() {
+        let r = rule(&[IdatElement::Given], None, vec![]);
+        let listed = Idat {
+            given: Some("Anna|Maria".into()),
+            ..Idat::default()
+        };
+        let spaced = Idat {
+            given: Some("Anna Maria".into()),
+            ..Idat::default()
+        };
+        assert_eq!(r.value(&listed).unwrap(), r.value(&spaced).unwrap());
     }
 
     const UMLAUTS: [(&str, &str); 8] = [

@@ -228,7 +228,9 @@ impl Idat {
             name.push_primitive("family", v);
         }
         if let Some(v) = val(IdatElement::Given) {
-            name.push_primitive("given", v);
+            for given in list_items(v) {
+                name.push_primitive("given", given);
+            }
         }
         if let Some(v) = val(IdatElement::Prefix) {
             name.push_primitive("prefix", v);
@@ -263,7 +265,9 @@ impl Idat {
 
         let mut address = Node::new();
         if let Some(v) = val(IdatElement::AddressLine) {
-            address.push_primitive("line", v);
+            for line in list_items(v) {
+                address.push_primitive("line", line);
+            }
         }
         if let Some(v) = val(IdatElement::AddressCity) {
             address.push_primitive("city", v);
@@ -348,7 +352,7 @@ impl Idat {
                 .filter_map(|v| v.as_primitive()?.value.as_deref())
                 .collect();
             if !given.is_empty() {
-                set(&mut idat, IdatElement::Given, Some(&given.join(" ")));
+                set(&mut idat, IdatElement::Given, Some(&given.join(LIST_SEPARATOR)));
             }
             for prefix in name.all("prefix").filter_map(Value::as_primitive) {
                 let academic = prefix
@@ -372,7 +376,7 @@ impl Idat {
                 .filter_map(|v| v.as_primitive()?.value.as_deref())
                 .collect();
             if !lines.is_empty() {
-                set(&mut idat, IdatElement::AddressLine, Some(&lines.join(", ")));
+                set(&mut idat, IdatElement::AddressLine, Some(&lines.join(LIST_SEPARATOR)));
             }
             set(&mut idat, IdatElement::AddressCity, a.str("city"));
             set(&mut idat, IdatElement::AddressPostalcode, a.str("postalCode"));
@@ -396,6 +400,41 @@ impl Idat {
 
 fn coding(system: &str, code: &str) -> Node {
     Node::new().with("system", system).with("code", code)
+}
+
+/// Separates the items of a repeated element (several given names or
+/// address lines) in the one value the store and a CSV cell hold; they are
+/// sent as repeated FHIR elements, in order.
+pub const LIST_SEPARATOR: &str = "|";
+
+/// The items of a value that may hold a list (see `LIST_SEPARATOR`),
+/// trimmed, empty ones left out.
+pub fn list_items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(LIST_SEPARATOR).map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// The codes of R4's marital-status value set (v3-MaritalStatus, and
+/// `UNK` from v3-NullFlavor), the Idat profile's required binding.
+pub const MARITAL_STATUS: [&str; 11] = ["A", "D", "I", "L", "M", "P", "S", "T", "U", "W", "UNK"];
+
+/// Whether a coded IDAT value is in its element's value set (the Idat
+/// profile's required bindings): nationality ISO 3166-1 alpha-2, language
+/// a BCP-47 tag whose primary subtag is an ISO 639 code, marital status
+/// R4's marital-status. Other elements are not coded: always true.
+pub fn in_value_set(element: IdatElement, value: &str) -> bool {
+    use super::codes::{ISO639, ISO3166_ALPHA2};
+    match element {
+        IdatElement::Nationality => ISO3166_ALPHA2.binary_search(&value).is_ok(),
+        IdatElement::Maritalstatus => MARITAL_STATUS.contains(&value),
+        IdatElement::Language => {
+            let mut subtags = value.split('-');
+            let primary = subtags.next().unwrap_or("").to_ascii_lowercase();
+            (2..=3).contains(&primary.len())
+                && ISO639.binary_search(&primary.as_str()).is_ok()
+                && subtags.all(|t| (1..=8).contains(&t.len()) && t.chars().all(|c| c.is_ascii_alphanumeric()))
+        }
+        _ => true,
+    }
 }
 
 fn marital_display(code: &str) -> Option<&'static str> {
@@ -466,6 +505,50 @@ mod tests {
             assert_eq!(back.present(), vec![e], "element {}", e.code());
             assert_eq!(back.get(e), idat.get(e));
         }
+    }
+
+    #[test]
+    fn coded_elements_are_checked_against_their_value_sets() {
+        use IdatElement::{Language, Maritalstatus, Nationality};
+        for (e, ok) in [
+            (Nationality, "DE"),
+            (Nationality, "TR"),
+            (Language, "de"),
+            (Language, "de-DE"),
+            (Language, "sr-Latn-RS"),
+            (Language, "gsw"),
+            (Maritalstatus, "M"),
+            (Maritalstatus, "UNK"),
+        ] {
+            assert!(in_value_set(e, ok), "{ok}");
+        }
+        for (e, bad) in [
+            (Nationality, "de"),
+            (Nationality, "XX"),
+            (Nationality, "DEU"),
+            (Language, "german"),
+            (Language, "xx"),
+            (Language, "de-"),
+            (Maritalstatus, "C"),
+            (Maritalstatus, "married"),
+        ] {
+            assert!(!in_value_set(e, bad), "{bad}");
+        }
+        assert!(in_value_set(IdatElement::Given, "anything"));
+    }
+
+    #[test]
+    fn several_given_names_and_address_lines_are_repeated_elements() {
+        let idat = Idat {
+            given: Some("Anna|Maria".into()),
+            address_line: Some("Hauptstr. 1|Hinterhaus".into()),
+            ..Idat::default()
+        };
+        let (patient, _) = idat.to_patient(&[IdatElement::Given, IdatElement::AddressLine]);
+        let json = crate::fhir::json::to_string(&patient);
+        assert!(json.contains(r#""given":["Anna","Maria"]"#), "{json}");
+        assert!(json.contains(r#""line":["Hauptstr. 1","Hinterhaus"]"#), "{json}");
+        assert_eq!(Idat::from_patient(&patient), idat);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! FHIR R4 as the dispatcher speaks it: Parameters, the Idat Patient and
 //! OperationOutcome, in JSON and XML.
 
+pub mod codes;
 pub mod element;
 pub mod fast;
 pub mod idat;

@@ -55,6 +55,9 @@ fn error_codes_are_final_transient_or_unknown_by_issue_type() {
         // The transient one goes through next time; the unknown one is
         // tried until max_task_attempts; the final ones never again.
         site.sim.state().bf_errors.remove(&bf(3));
+        // (Past the backoff: retry_delay is 10 ms in tests, doubling.)
+        let later = || std::thread::sleep(std::time::Duration::from_millis(150));
+        later();
         let (code, out) = site.cycle();
         assert_eq!(code, 1, "{out}");
         assert_eq!(status_of(&site, 3), (Status::Resolved, "stored".into()));
@@ -75,7 +78,9 @@ fn error_codes_are_final_transient_or_unknown_by_issue_type() {
             vec![bf(3), bf(4)],
             "{format}: only the retryable ones are resent"
         );
+        later();
         site.cycle();
+        later();
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{out}");
         assert_eq!(status_of(&site, 4), (Status::Closed, "gave_up".into()));
@@ -118,6 +123,8 @@ fn an_error_without_a_bloomfilter_answers_the_whole_request() {
         let outcomes = site.audit_outcomes("repeat_request");
         let expected = if open { "transient_error" } else { "dispatcher_error" };
         assert_eq!(outcomes, [expected; 3], "{code}");
+        // (Past the backoff: retry_delay is 10 ms in tests.)
+        std::thread::sleep(std::time::Duration::from_millis(150));
         site.cycle();
         assert_eq!(psn_requests(&site), if open { 2 } else { 1 }, "{code}");
         assert_eq!(site.store().pseudonym_count(), if open { 3 } else { 0 });
@@ -130,8 +137,11 @@ fn a_repeat_request_without_expiry_is_given_up_after_its_attempts() {
         let site = Site::with(format, SimOptions::default(), "max_task_attempts = 2");
         site.sim.add_task(sim::repeat_request(STUDY, &bf(1), TARGET, None));
         site.sim.state().bf_errors.insert(bf(1), "exception".into());
+        let later = || std::thread::sleep(std::time::Duration::from_millis(150));
         assert_eq!(site.cycle().0, 1);
+        later();
         assert_eq!(site.cycle().0, 1);
+        later();
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{out}");
         assert!(

@@ -426,8 +426,20 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
         });
     }
     let mut outcomes = BTreeMap::new();
+    let mut given_up = 0;
     for e in store.ledger_entries() {
         *outcomes.entry(e.outcome.clone()).or_insert(0) += 1;
+        given_up += usize::from(e.outcome == "gave_up" && now - e.updated < chrono::Duration::days(7));
+    }
+    if given_up > 0 {
+        raise(
+            Health::Warning,
+            format!(
+                "{given_up} task(s) given up in the last 7 days (no expiry, or an unknown error code, and no \
+                 result after [dispatcher] max_task_attempts or max_task_age): see `fttp-agent tasks --status closed`"
+            ),
+            &mut warnings,
+        );
     }
     StatusReport {
         health,

@@ -153,6 +153,9 @@ fn a_repeat_request_without_expiry_is_given_up_after_its_attempts() {
         assert_eq!(site.audit_outcomes("repeat_request").last().unwrap(), "gave_up");
         let tasks = site.run(&["tasks", "--status", "closed"]);
         assert!(String::from_utf8_lossy(&tasks.stdout).contains("gave_up"));
+        let status = site.run(&["status"]);
+        assert_eq!(status.status.code(), Some(1), "a warning");
+        assert!(String::from_utf8_lossy(&status.stdout).contains("1 task(s) given up in the last 7 days"));
     }
 }
 

@@ -155,10 +155,67 @@ pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
     Ok(code)
 }
 
+/// The file a daemon holds locked for its whole life (the store lock is
+/// held only during a cycle): a second daemon, and `rekey`, see it.
+fn daemon_lock_path(cfg: &Config) -> std::path::PathBuf {
+    cfg.store.path.join("daemon.lock")
+}
+
+/// Takes the daemon lock, or says which process holds it.
+fn daemon_lock(cfg: &Config) -> Result<std::fs::File, AppError> {
+    use std::io::{Seek, Write as _};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let path = daemon_lock_path(cfg);
+    let io = |e: std::io::Error| AppError::Other(format!("cannot take the daemon lock {}: {e}", path.display()));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.store.path)
+        .map_err(io)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    if file.try_lock().is_err() {
+        return Err(AppError::Busy(format!(
+            "a daemon{} already runs on the store {}",
+            daemon_pid(&path).map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            cfg.store.path.display()
+        )));
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+fn daemon_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The pid of a daemon running on this store, if one is (`Some(None)`:
+/// running, pid unknown).
+fn running_daemon(cfg: &Config) -> Option<Option<u32>> {
+    let path = daemon_lock_path(cfg);
+    let file = std::fs::File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => Some(daemon_pid(&path)),
+    }
+}
+
 /// The daemon loop: a cycle every `[schedule] interval`, sooner when an
 /// open task would otherwise expire before the next poll. A failed cycle is
 /// logged and does not end the loop; SIGTERM/SIGINT end it between cycles.
 pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
+    // A store this configuration cannot open (wrong key, newer format)
+    // ends the daemon before it leaves any trace in the store directory.
+    drop(open_store(cfg, LockMode::Wait)?);
+    let _running = daemon_lock(cfg)?;
     let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
     if let Err(e) = crate::logger::reopen_on_sighup() {
         log::warn!("cannot install the SIGHUP handler (log files will not reopen): {e}");
@@ -535,6 +592,9 @@ pub fn forget(cfg: &Config, local_id: &str) -> Result<u8, AppError> {
     }
 }
 
+/// The file that marks a directory as the demo's own.
+const DEMO_MARKER: &str = ".fttp-agent-demo";
+
 pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     let io = |what: &str| {
         let what = what.to_string();
@@ -544,10 +604,32 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
         Some(d) => d.to_path_buf(),
         None => std::env::temp_dir().join(format!("fttp-agent-demo-{}", std::process::id())),
     };
-    if dir.join("store").exists() {
-        std::fs::remove_dir_all(dir.join("store")).map_err(io("clear the previous demo store"))?;
+    // Only a directory the demo made, or an empty one: `--dir .` in a
+    // config directory, or the site's store directory, must never be
+    // overwritten. And a store is never deleted, not even a demo's.
+    let marker = dir.join(DEMO_MARKER);
+    if dir.exists() {
+        let empty = std::fs::read_dir(&dir)
+            .map_err(io("read the demo directory"))?
+            .next()
+            .is_none();
+        if !empty && !marker.exists() {
+            return Err(AppError::Usage(format!(
+                "demo --dir {}: the directory is not empty and was not made by `demo`; give a new or empty \
+                 directory (the demo writes a config, a key and a store there)",
+                dir.display()
+            )));
+        }
+        if dir.join("store").exists() {
+            return Err(AppError::Usage(format!(
+                "demo --dir {}: it holds the store of an earlier demo, which the demo never deletes; remove the \
+                 directory or give another",
+                dir.display()
+            )));
+        }
     }
     std::fs::create_dir_all(&dir).map_err(io("create the demo directory"))?;
+    std::fs::write(&marker, "made by `fttp-agent demo`\n").map_err(io("mark the demo directory"))?;
     let sim = demo::start_simulator().map_err(io("start the simulated dispatcher"))?;
     demo::load_sample_tasks(&sim);
     println!("simulated dispatcher listening at {}", sim.url());
@@ -639,6 +721,15 @@ pub fn keygen(path: &Path) -> Result<u8, AppError> {
 }
 
 pub fn rekey(cfg: &Config, new_key: &Path) -> Result<u8, AppError> {
+    // The daemon reads the key file once, at start: re-keying under it
+    // would make its next cycle fail.
+    if let Some(pid) = running_daemon(cfg) {
+        return Err(AppError::Busy(format!(
+            "a daemon{} uses this store: stop it first (systemctl stop fttp-agent-daemon), run rekey, point \
+             [store] key_file at the new key, then start it again",
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        )));
+    }
     let new = crate::crypto::StoreKey::load(new_key)?;
     let mut store = open_store(cfg, LockMode::Wait)?;
     let old_id = store.key_id().to_string();

@@ -28,6 +28,9 @@ pub enum AppError {
     ClientSetup(#[from] crate::client::ClientSetupError),
     #[error("{0}")]
     Usage(String),
+    /// Another process is using what this command needs (EX_TEMPFAIL).
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Other(String),
 }
@@ -43,6 +46,7 @@ impl AppError {
             AppError::Import(e) => e.exit_code(),
             AppError::Agent(e) => e.exit_code(),
             AppError::Enroll(e) => e.exit_code(),
+            AppError::Busy(_) => exit::LOCKED,
             AppError::Other(_) => exit::IO,
         }
     }

@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use fttp_agent::commands;
 use fttp_agent::config::{self, Config, LogLevel};
-use fttp_agent::error::{AppError, exit};
+use fttp_agent::error::AppError;
 use fttp_agent::fhir::Format;
 use fttp_agent::sim::SimOptions;
 use fttp_agent::store::Status;
@@ -184,8 +184,13 @@ fn main() -> ExitCode {
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            log::error!("{e}");
-            eprintln!("fttp-agent: {}", fttp_agent::privacy::escape_controls(&e.to_string()));
+            // Once: through the logger when it is up (stderr and the log
+            // file), else (config and usage errors) straight to stderr.
+            if log::max_level() == log::LevelFilter::Off {
+                eprintln!("fttp-agent: {}", fttp_agent::privacy::escape_controls(&e.to_string()));
+            } else {
+                log::error!("{e}");
+            }
             e.exit_code()
         }
     };
@@ -264,8 +269,4 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             commands::sim(options, !empty, *clearing_every)
         }
     }
-    .or_else(|e| match e {
-        AppError::Usage(_) => Ok(exit::CONFIG),
-        other => Err(other),
-    })
 }

@@ -671,6 +671,10 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
 pub fn sim(options: SimOptions, sample_tasks: bool, clearing_every: Option<u32>) -> Result<u8, AppError> {
     let key = options.api_key.clone();
     let header = options.api_key_header.clone();
+    let (study, target) = options
+        .study_target
+        .clone()
+        .unwrap_or_else(|| (demo::STUDY.to_string(), demo::TARGET.to_string()));
     let sim = Simulator::start(options).map_err(|e| AppError::Other(format!("cannot start the simulator: {e}")))?;
     sim.state().clearing_every = clearing_every;
     if sample_tasks {
@@ -678,9 +682,8 @@ pub fn sim(options: SimOptions, sample_tasks: bool, clearing_every: Option<u32>)
     }
     println!("simulated dispatcher at {}", sim.url());
     println!(
-        "API key header '{header}', key '{key}'; study '{}', target '{}'",
-        demo::STUDY,
-        demo::TARGET
+        "API key header '{header}', key '{key}'; study '{study}', target '{target}' (a poll for any other is \
+         refused with 404)"
     );
     println!("Ctrl-C to stop");
     sim.join();

@@ -130,6 +130,13 @@ enum Command {
         /// pseudonym then comes as a dic_psn_available task)
         #[arg(long)]
         clearing_every: Option<u32>,
+        /// The study it serves: a poll for another is refused (404), as the
+        /// gateway does
+        #[arg(long, default_value = fttp_agent::demo::STUDY)]
+        study: String,
+        /// This site's target domain in that study
+        #[arg(long, default_value = fttp_agent::demo::TARGET)]
+        target: String,
     },
 }
 
@@ -176,7 +183,27 @@ enum FormatArg {
     Json,
 }
 
+/// A reader that stops early (`tasks | head -1`) closes the pipe: printing
+/// then fails, and `println!` panics. That is not an error of the agent's:
+/// end quietly, as Unix tools do.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     // Before anything secret is read (and again in `load`, to log what
     // failed once the logger is up).
     fttp_agent::harden::process();
@@ -256,6 +283,8 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             api_key_header,
             empty,
             clearing_every,
+            study,
+            target,
         } => {
             fttp_agent::logger::init(cli.log_level.unwrap_or_default().filter(), None, Default::default())
                 .map_err(AppError::Other)?;
@@ -264,6 +293,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
                 api_key_header: api_key_header.clone(),
                 accept_body_key: true,
                 port: *port,
+                study_target: Some((study.clone(), target.clone())),
                 ..SimOptions::default()
             };
             commands::sim(options, !empty, *clearing_every)

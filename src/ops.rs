@@ -564,13 +564,19 @@ pub fn metrics(store: &Store, cycle_seconds: f64, cycle_ok: bool) -> String {
     s.push_str("# HELP fttp_agent_pending_tasks Tasks not yet resolved, expired or rejected.\n");
     s.push_str("# TYPE fttp_agent_pending_tasks gauge\n");
     s.push_str(&format!("fttp_agent_pending_tasks {}\n", open.len()));
-    if let Some(soonest) = soonest_open_expiry(store) {
-        s.push_str("# HELP fttp_agent_seconds_until_soonest_expiry Seconds until the first open task expires.\n");
-        s.push_str("# TYPE fttp_agent_seconds_until_soonest_expiry gauge\n");
-        s.push_str(&format!(
+    // Always written, so that an alert on it never sees an absent series:
+    // +Inf when no open task has an expiry (Prometheus reads it; `< 3600`
+    // is then false, as it should be).
+    s.push_str(
+        "# HELP fttp_agent_seconds_until_soonest_expiry Seconds until the first open task expires (+Inf: none).\n",
+    );
+    s.push_str("# TYPE fttp_agent_seconds_until_soonest_expiry gauge\n");
+    match soonest_open_expiry(store) {
+        Some(soonest) => s.push_str(&format!(
             "fttp_agent_seconds_until_soonest_expiry {}\n",
             (soonest - Utc::now()).num_seconds()
-        ));
+        )),
+        None => s.push_str("fttp_agent_seconds_until_soonest_expiry +Inf\n"),
     }
     if let Some(t) = store.last_poll().and_then(|p| p.last_ok) {
         s.push_str("# HELP fttp_agent_last_successful_poll_timestamp_seconds Unix time of the last successful poll.\n");

@@ -88,3 +88,74 @@ fn rekey_refuses_while_the_daemon_runs_and_a_second_daemon_is_refused() {
     let out = site.run(&["rekey", "--new-key", new_key.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    let site = Site::new("xml");
+    site.import_patients();
+    for n in 0..200 {
+        site.sim.add_task(fttp_agent::sim::send_idat(
+            &format!("t{n}"),
+            chrono::Utc::now() + chrono::Duration::days(1),
+            None,
+            Some(&common::bf(1 + n % 3)),
+            &[fttp_agent::fhir::idat::IdatElement::Given],
+        ));
+    }
+    site.cycle();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg("\"$0\" --config \"$1\" tasks --format json | head -1 >/dev/null; echo \"${PIPESTATUS[0]}\"")
+        .arg(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg(&site.config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_missing_config_names_both_places_and_a_missing_import_file_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin().current_dir(dir.path()).arg("check").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("neither ./fttp-agent.toml nor /etc/fttp-agent/config.toml exists"),
+        "{}",
+        text(&out)
+    );
+    let site = Site::new("xml");
+    let out = site.run(&["import", "/nonexistent/patients.csv"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("/nonexistent/patients.csv"), "{}", text(&out));
+}
+
+#[test]
+fn the_simulator_refuses_a_study_or_target_it_does_not_serve() {
+    let options = fttp_agent::sim::SimOptions {
+        study_target: Some(("other_study".into(), common::TARGET.into())),
+        ..Default::default()
+    };
+    let site = Site::with("xml", options, "");
+    let (code, out) = site.cycle();
+    assert_eq!(code, 2, "a 404 to the poll is a configuration error: {out}");
+    assert!(out.contains("HTTP 404"), "{out}");
+}
+
+#[test]
+fn the_metrics_file_is_readable_by_others_and_always_has_the_expiry_gauge() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = Site::new("xml");
+    let text = std::fs::read_to_string(&site.config).unwrap() + "metrics = \"metrics.prom\"\n";
+    std::fs::write(&site.config, text).unwrap();
+    assert_eq!(site.cycle().0, 0);
+    let path = site.dir.path().join("metrics.prom");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+    let metrics = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        metrics.contains("fttp_agent_seconds_until_soonest_expiry +Inf"),
+        "{metrics}"
+    );
+}

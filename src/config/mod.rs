@@ -24,6 +24,11 @@ pub const DEFAULT_CONFIG: &str = "fttp-agent.toml";
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "no config file: neither ./fttp-agent.toml nor /etc/fttp-agent/config.toml exists (give one with \
+         --config or FTTP_AGENT_CONFIG; config.example.toml documents every key)"
+    )]
+    Missing,
     // toml's message names the key and line; values it quotes are ours to
     // see (an inline api_key is never quoted: its type is a plain string).
     #[error("config file {path}: {message}")]
@@ -372,22 +377,33 @@ fn default_interval() -> HumanDuration {
 
 // ------------------------------------------------------------ loading
 
-/// The config file to use: `--config`, else `$FTTP_AGENT_CONFIG`, else `./fttp-agent.toml`.
+/// The config file of a package install.
+pub const SYSTEM_CONFIG: &str = "/etc/fttp-agent/config.toml";
+
+/// The config file to use: `--config`, else `$FTTP_AGENT_CONFIG`, else
+/// `./fttp-agent.toml` if it exists, else `/etc/fttp-agent/config.toml`.
 pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
     if let Some(p) = cli {
         return p.to_path_buf();
     }
     match std::env::var_os(ENV_CONFIG) {
         Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(DEFAULT_CONFIG),
+        _ if Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+        _ => PathBuf::from(SYSTEM_CONFIG),
     }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound && path == Path::new(SYSTEM_CONFIG) {
+                ConfigError::Missing
+            } else {
+                ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         })?;
         let mut cfg = Config::parse(&text, path)?;
         if cfg.dispatcher.api_key.is_some() && std::env::var_os(ENV_API_KEY).is_none() {

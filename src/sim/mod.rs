@@ -29,6 +29,10 @@ pub struct SimOptions {
     pub port: u16,
     /// Require HTTP Basic with this user and password.
     pub basic: Option<(String, String)>,
+    /// The study and target it serves, as a gateway knows its own: a poll
+    /// for any other is refused (404), so that the documented refusal can
+    /// be rehearsed. `None` accepts any.
+    pub study_target: Option<(String, String)>,
     /// Require a bearer token from the simulator's token endpoint
     /// (`/token`, Keycloak-style form POST).
     pub oauth: Option<SimOAuth>,
@@ -52,6 +56,7 @@ impl Default for SimOptions {
             port: 0,
             basic: None,
             oauth: None,
+            study_target: None,
         }
     }
 }
@@ -533,7 +538,7 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
         match &parameters {
             None => (400, outcome("invalid", "body is not a FHIR Parameters resource")),
             Some(p) => match operation.as_str() {
-                "$requestTasks" => request_tasks(&mut st, p, answer_format),
+                "$requestTasks" => request_tasks(&mut st, p, answer_format, options),
                 "$providePatientData" => provide_patient_data(&mut st, p),
                 "$requestPsnFromBfWorkflow" => request_psn(&mut st, p),
                 "$updateBf" => update_bf(&mut st, p),
@@ -617,9 +622,14 @@ fn identity(t: &Parameter) -> Option<String> {
     }
 }
 
-fn request_tasks(st: &mut SimState, p: &Parameters, format: Format) -> (u16, Answer) {
-    if p.first_string("study").is_none() || p.first_string("target").is_none() {
+fn request_tasks(st: &mut SimState, p: &Parameters, format: Format, options: &SimOptions) -> (u16, Answer) {
+    let (Some(study), Some(target)) = (p.first_string("study"), p.first_string("target")) else {
         return (400, outcome("required", "study and target are required"));
+    };
+    if let Some((s, t)) = &options.study_target
+        && (study != s || target != t)
+    {
+        return (404, outcome("not-found", "unknown study or target"));
     }
     // Tasks stay queued until done or expired; a finished clearing
     // (dic_psn_available) has no "done" call, so it is handed out on every

@@ -281,10 +281,13 @@ fn humanize(d: Duration) -> String {
     ops::human(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
 }
 
-pub fn check(cfg: &Config) -> Result<u8, AppError> {
+pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {
     println!("configuration: ok");
     for (k, v) in cfg.describe() {
         println!("  {k:<30} {v}");
+    }
+    if offline {
+        return check_offline(cfg);
     }
     let store = open_store(cfg, LockMode::Try)?;
     let patients = store.patient_count();
@@ -324,6 +327,61 @@ pub fn check(cfg: &Config) -> Result<u8, AppError> {
             })
         }
     }
+}
+
+/// `check --offline`: keys, store, audit log and permissions, without
+/// contacting the dispatcher or creating anything (a container image, a
+/// package's post-install check, a site without network yet).
+fn check_offline(cfg: &Config) -> Result<u8, AppError> {
+    let key = cfg.store_key()?;
+    println!("store key: ok (key {})", key.id());
+    if cfg.log.audit_hmac_key_file.is_some() {
+        cfg.audit_chain()?;
+        println!("audit HMAC key: ok");
+    }
+    if cfg.store.path.exists() {
+        let store = Store::open(&cfg.store.path, LockMode::Try, key)?;
+        println!(
+            "store: ok ({} patient(s), {} pseudonym(s), {} task(s) in the ledger)",
+            store.patient_count(),
+            store.pseudonym_count(),
+            store.ledger_entries().count()
+        );
+    } else {
+        println!(
+            "store: not created yet ({}: the first run creates it)",
+            cfg.store.path.display()
+        );
+    }
+    let audit = cfg.audit_path();
+    match std::fs::OpenOptions::new().append(true).open(&audit) {
+        Ok(_) => println!("audit log: writable"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!(
+                "audit log: not created yet ({}: the first run creates it)",
+                audit.display()
+            )
+        }
+        Err(e) => {
+            return Err(crate::audit::AuditError {
+                path: audit,
+                op: "open",
+                source: e,
+            }
+            .into());
+        }
+    }
+    if let Some(e) = cfg.bloom_encoder()? {
+        println!(
+            "bloomfilter: ok (seeds file readable and complete; {} fields, {} bits)",
+            e.encoder().field_names().len(),
+            e.encoder().bits()
+        );
+    }
+    // The TLS material and secrets the client reads, without a request.
+    Client::new(cfg)?;
+    println!("dispatcher: not contacted (--offline)");
+    Ok(exit::OK)
 }
 
 pub fn import(cfg: &Config, file: &Path) -> Result<u8, AppError> {

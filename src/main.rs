@@ -51,7 +51,12 @@ enum Command {
     /// Right to erasure: remove one patient's IDAT and Bloom filter from the store
     Forget { local_id: String },
     /// Validate config and store, and check that the dispatcher accepts our API key
-    Check,
+    Check {
+        /// Check config, keys, store, audit log and permissions without
+        /// contacting the dispatcher or creating anything
+        #[arg(long)]
+        offline: bool,
+    },
     /// Load patients from CSV or NDJSON (FHIR Patient per line) into the store
     Import { file: PathBuf },
     /// Print the Bloom filter of each row of an import file (CSV
@@ -242,7 +247,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Status { format } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json)),
         Command::Purge => commands::purge(&load(&cli)?),
         Command::Forget { local_id } => commands::forget(&load(&cli)?, local_id),
-        Command::Check => commands::check(&load(&cli)?),
+        Command::Check { offline } => commands::check(&load(&cli)?, *offline),
         Command::Import { file } => commands::import(&load(&cli)?, file),
         Command::Bloom { file } => commands::bloom(&load(&cli)?, file),
         Command::Enroll { limit, retry_errors } => commands::enroll(&load(&cli)?, *limit, *retry_errors),

@@ -159,3 +159,27 @@ fn the_metrics_file_is_readable_by_others_and_always_has_the_expiry_gauge() {
         "{metrics}"
     );
 }
+
+#[test]
+fn check_offline_creates_nothing_and_shows_durations_as_written() {
+    let site = Site::new("xml");
+    let config = std::fs::read_to_string(&site.config).unwrap() + "\n[schedule]\ninterval = \"6h\"\n";
+    std::fs::write(&site.config, config).unwrap();
+    let out = site.run(&["check", "--offline"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let shown = text(&out);
+    assert!(shown.contains("schedule.interval") && shown.contains(" 6h"), "{shown}");
+    assert!(!shown.contains("21600s"), "{shown}");
+    assert!(shown.contains("store: not created yet"), "{shown}");
+    assert!(shown.contains("dispatcher: not contacted (--offline)"), "{shown}");
+    assert!(!site.dir.path().join("store").exists(), "nothing created");
+    assert!(!site.dir.path().join("audit.ndjson").exists(), "nothing created");
+    assert!(site.sim.state().received.is_empty(), "the dispatcher was contacted");
+    // A key others can read fails it, with the fix.
+    use std::os::unix::fs::PermissionsExt;
+    let key = site.dir.path().join("store.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = site.run(&["check", "--offline"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("chmod 600"));
+}

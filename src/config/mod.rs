@@ -625,7 +625,7 @@ impl Config {
     /// What `check` prints: every effective setting, secrets shown only as set/unset.
     pub fn describe(&self) -> Vec<(String, String)> {
         let d = &self.dispatcher;
-        let fmt_dur = |h: &HumanDuration| format!("{:?}", h.0);
+        let fmt_dur = |h: &HumanDuration| format_duration(h.0);
         let mut out: Vec<(String, String)> = vec![
             ("dispatcher.url".into(), d.url.0.clone()),
             (
@@ -781,7 +781,10 @@ impl Config {
 /// toml's error with the line number spelled out, and without echoing the
 /// offending line (it may hold an inline API key).
 fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
-    let message = e.message().trim().to_string();
+    let mut message = e.message().trim().to_string();
+    if let Some(hint) = did_you_mean(&message) {
+        message.push_str(&format!(" -- did you mean `{hint}`?"));
+    }
     match e.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -797,6 +800,38 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
         }
         None => message,
     }
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`": the expected
+/// name closest to `x`, if one is close (a typo, not another key).
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected ")?.1;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (edit_distance(unknown, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k.to_string())
+}
+
+/// Levenshtein distance (keys are a few ASCII characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// `http://127.x.x.x`, `http://localhost`, `http://[::1]`.

@@ -21,6 +21,13 @@ key_file = "store.key"
 "#;
 
 #[test]
+fn durations_are_shown_as_written() {
+    for text in ["6h", "1h30m", "500ms", "14d", "2s", "1d2h3m4s5ms"] {
+        assert_eq!(format_duration(parse_duration(text).unwrap()), text);
+    }
+}
+
+#[test]
 fn durations() {
     assert_eq!(parse_duration("6h").unwrap(), Duration::from_secs(21600));
     assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
@@ -153,4 +160,26 @@ fn durations_too_long_for_a_clock_are_refused() {
     std::fs::write(&path, GOOD.replace("interval = \"1h30m\"", "interval = \"365d\"")).unwrap();
     let e = Config::load(&path).unwrap_err().to_string();
     assert!(e.contains("interval must be between 1s and 31d"), "{e}");
+}
+
+#[test]
+fn an_unknown_key_gets_a_did_you_mean() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, GOOD.replace("interval = ", "intervall = ")).unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown field `intervall`") && e.contains("did you mean `interval`?"),
+        "{e}"
+    );
+    std::fs::write(&path, GOOD.replace("timeout = ", "timout = ")).unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(e.contains("did you mean `timeout`?"), "{e}");
+    // Nothing close: no guess.
+    std::fs::write(&path, GOOD.replace("interval = ", "colour = ")).unwrap();
+    let e = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("unknown field `colour`") && !e.contains("did you mean"),
+        "{e}"
+    );
 }

@@ -10,6 +10,29 @@ pub struct HumanDuration(pub Duration);
 /// The longest duration any setting takes: ten years.
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
 
+/// A duration as a person writes it (`6h`, `1h30m`, `500ms`, `14d`): the
+/// inverse of `parse_duration`, so `check` shows what the file says.
+pub fn format_duration(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    for (unit, size) in [
+        ("d", 86_400_000u128),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ] {
+        if ms >= size {
+            out.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    out
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {

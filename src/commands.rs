@@ -576,14 +576,32 @@ pub fn tasks(
 
 /// Health for people and for monitoring (Nagios/Icinga, systemd):
 /// exit 0 ok, 1 warning, 2 critical.
-pub fn status(cfg: &Config, json: bool) -> Result<u8, AppError> {
-    let store = open_store(cfg, LockMode::Wait)?;
+pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
     let rules = ops::StatusRules {
         interval: cfg.schedule.interval.0,
+        stale_after: cfg.schedule.stale_after(),
+        list_at_most: (!all).then_some(20),
         warn_before: cfg.schedule.warn_before.0,
         critical_failed_polls: cfg.schedule.critical_failed_polls,
     };
-    let report = ops::status(&store, ops::read_heartbeat(&cfg.store.path).as_ref(), &rules);
+    let heartbeat = ops::read_heartbeat(&cfg.store.path);
+    // Never wait for a running cycle (monitoring wants an answer within
+    // seconds), and a store that cannot be read is critical, said so.
+    let report = match open_store(cfg, LockMode::Try) {
+        Ok(store) => ops::status(&store, heartbeat.as_ref(), &rules),
+        Err(AppError::Store(StoreError::Locked { pid, .. })) => {
+            ops::status_from_heartbeat(heartbeat.as_ref(), pid, &rules)
+        }
+        Err(e) => {
+            let message = format!("CRITICAL: cannot read the store: {e}");
+            if json {
+                println!("{}", serde_json::json!({"health": "critical", "warnings": [message]}));
+            } else {
+                println!("fttp-agent status: CRITICAL\n{message}");
+            }
+            return Ok(ops::Health::Critical.exit_code());
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {

@@ -45,6 +45,9 @@ enum Command {
         /// text or json
         #[arg(long, value_enum, default_value = "text")]
         format: StatusFormat,
+        /// List every open task (by default the 20 that expire soonest)
+        #[arg(long)]
+        all: bool,
     },
     /// Remove finished ledger entries older than [store] retention (the daemon does this daily)
     Purge,
@@ -244,7 +247,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
     match &cli.command {
         Command::Run { once: true, dry_run } => commands::run_once(&load(&cli)?, *dry_run),
         Command::Run { once: false, .. } => commands::run_daemon(&load(&cli)?),
-        Command::Status { format } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json)),
+        Command::Status { format, all } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json), *all),
         Command::Purge => commands::purge(&load(&cli)?),
         Command::Forget { local_id } => commands::forget(&load(&cli)?, local_id),
         Command::Check { offline } => commands::check(&load(&cli)?, *offline),

@@ -357,14 +357,61 @@ pub struct StatusReport {
     /// Patients by enrolment status (`enroll`), if any were enrolled.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub enrolments: BTreeMap<String, usize>,
+    /// Every open task: `pending` lists the soonest-expiring of them.
+    pub open_tasks: usize,
     pub pending: Vec<PendingTask>,
     pub warnings: Vec<String>,
 }
 
 pub struct StatusRules {
     pub interval: Duration,
+    /// The last successful poll older than this is critical.
+    pub stale_after: Duration,
+    /// Open tasks listed (all of them are counted).
+    pub list_at_most: Option<usize>,
     pub warn_before: Duration,
     pub critical_failed_polls: u32,
+}
+
+/// `status` while a cycle holds the store: what the heartbeat of the last
+/// cycle says (the store is not waited for: monitoring wants an answer).
+pub fn status_from_heartbeat(heartbeat: Option<&Heartbeat>, pid: Option<u32>, rules: &StatusRules) -> StatusReport {
+    let now = Utc::now();
+    let mut health = Health::Ok;
+    let mut warnings = vec![format!(
+        "a cycle is running{}: figures from the last finished cycle; open tasks are not listed",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )];
+    let stale_after = chrono::Duration::from_std(rules.stale_after).unwrap_or(chrono::Duration::days(1));
+    match heartbeat.and_then(|h| h.last_success) {
+        Some(t) if now - t > stale_after => {
+            health = Health::Critical;
+            warnings.push(format!(
+                "CRITICAL: no successful poll for {} ([schedule] stale_after {})",
+                human(now - t),
+                crate::config::format_duration(rules.stale_after)
+            ));
+        }
+        Some(_) => {}
+        None => {
+            health = Health::Warning;
+            warnings.push("no successful poll recorded yet".into());
+        }
+    }
+    StatusReport {
+        health,
+        last_poll: heartbeat.map(|h| ts(h.cycle_end)),
+        last_poll_ok: heartbeat.is_some_and(|h| h.last_success == Some(h.cycle_end)),
+        last_poll_detail: None,
+        failed_polls_in_a_row: 0,
+        last_successful_poll: heartbeat.and_then(|h| h.last_success).map(ts),
+        next_poll: heartbeat.and_then(|h| h.next_poll).map(ts),
+        outcomes: BTreeMap::new(),
+        enrolments: BTreeMap::new(),
+        open_tasks: 0,
+        pending: Vec::new(),
+        warnings,
+    }
 }
 
 pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules) -> StatusReport {
@@ -376,10 +423,23 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
         warnings.push(msg);
     };
     let poll = store.last_poll();
-    let interval = chrono::Duration::from_std(rules.interval).unwrap_or(chrono::Duration::hours(6));
-    let next_poll = heartbeat
-        .and_then(|h| h.next_poll)
-        .or_else(|| poll.map(|p| p.at + interval));
+    // Known only for the daemon; a timer's or cron's next run is theirs.
+    let next_poll = heartbeat.and_then(|h| h.next_poll);
+    let stale_after = chrono::Duration::from_std(rules.stale_after).unwrap_or(chrono::Duration::days(1));
+    let last_ok = poll.and_then(|p| p.last_ok);
+    if let Some(t) = last_ok
+        && now - t > stale_after
+    {
+        raise(
+            Health::Critical,
+            format!(
+                "CRITICAL: no successful poll for {} ([schedule] stale_after {}): is the timer or daemon running?",
+                human(now - t),
+                crate::config::format_duration(rules.stale_after)
+            ),
+            &mut warnings,
+        );
+    }
     match poll {
         None => raise(Health::Warning, "the agent has never polled".into(), &mut warnings),
         Some(p) if p.failures >= rules.critical_failed_polls => raise(
@@ -398,6 +458,7 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
     let mut open: Vec<&LedgerEntry> = store.ledger_entries().filter(|e| !e.status.is_terminal()).collect();
     open.sort_by_key(|e| (e.expires.is_none(), e.expires));
     let mut pending = Vec::new();
+    let open_tasks = open.len();
     for e in open {
         let left = e.expires.map(|x| x - now);
         if let (Some(x), Some(left)) = (e.expires, left) {
@@ -415,6 +476,9 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
                     &mut warnings,
                 );
             }
+        }
+        if rules.list_at_most.is_some_and(|n| pending.len() >= n) {
+            continue;
         }
         pending.push(PendingTask {
             kind: e.kind.as_str().into(),
@@ -455,6 +519,7 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
             .into_iter()
             .map(|(k, v)| (k.as_str().to_string(), v))
             .collect(),
+        open_tasks,
         pending,
         warnings,
     }
@@ -512,7 +577,9 @@ pub fn status_text(r: &StatusReport) -> String {
     ));
     s.push_str(&format!(
         "next poll:            {}\n",
-        r.next_poll.as_deref().unwrap_or("unknown")
+        r.next_poll.as_deref().unwrap_or(
+            "unknown (not a daemon: a systemd timer or cron decides; `systemctl list-timers fttp-agent.timer`)"
+        )
     ));
     s.push_str("tasks by outcome:\n");
     for (k, v) in &r.outcomes {
@@ -524,7 +591,7 @@ pub fn status_text(r: &StatusReport) -> String {
             s.push_str(&format!("  {k:<18} {v}\n"));
         }
     }
-    s.push_str(&format!("open tasks: {}\n", r.pending.len()));
+    s.push_str(&format!("open tasks: {}\n", r.open_tasks));
     for p in &r.pending {
         let left = p.seconds_left.map_or("no expiry".into(), |l| {
             format!("{} left", human(chrono::Duration::seconds(l)))
@@ -532,6 +599,12 @@ pub fn status_text(r: &StatusReport) -> String {
         s.push_str(&format!(
             "  {:<18} {:<38} {:<10} {:<16} {left}\n",
             p.kind, p.task, p.status, p.outcome
+        ));
+    }
+    if r.open_tasks > r.pending.len() {
+        s.push_str(&format!(
+            "  ... and {} more (`status --all` lists every one)\n",
+            r.open_tasks - r.pending.len()
         ));
     }
     for w in &r.warnings {

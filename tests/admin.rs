@@ -183,3 +183,85 @@ fn check_offline_creates_nothing_and_shows_durations_as_written() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("chmod 600"));
 }
+
+/// Sets the last successful poll in the store `ago` back, as an agent that
+/// stopped polling leaves it.
+fn stop_polling_since(site: &Site, ago: chrono::Duration) {
+    let mut store = site.store();
+    let mut poll = store.last_poll().unwrap().clone();
+    poll.at = chrono::Utc::now();
+    poll.last_ok = Some(chrono::Utc::now() - ago);
+    store.put(fttp_agent::store::Record::Poll(poll)).unwrap();
+}
+
+#[test]
+fn status_sees_an_agent_that_stopped_polling_and_never_waits_for_a_cycle() {
+    let site = Site::new("xml");
+    assert_eq!(site.cycle().0, 0);
+    let out = site.run(&["status"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("next poll:            unknown (not a daemon"),
+        "{}",
+        text(&out)
+    );
+    // Default stale_after: 2 x 6h + 1h.
+    stop_polling_since(&site, chrono::Duration::hours(14));
+    let out = site.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("CRITICAL: no successful poll for 14h") && text(&out).contains("stale_after 13h"),
+        "{}",
+        text(&out)
+    );
+
+    // A cycle holding the store (a slow dispatcher): status answers at once.
+    site.sim.push(
+        Some("$requestTasks"),
+        fttp_agent::sim::FaultKind::Delay(std::time::Duration::from_secs(4)),
+    );
+    let mut cycle = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(&site.config)
+        .args(["run", "--once"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // (The simulator records a delayed request only once it answers: the
+    // cycle is given a second to take the store and send its poll.)
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let asked = std::time::Instant::now();
+    let out = site.run(&["status"]);
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "status waited {took:?}");
+    assert!(text(&out).contains("a cycle is running"), "{}", text(&out));
+    cycle.wait().unwrap();
+
+    // A store that cannot be read is critical, and says why.
+    std::fs::write(site.dir.path().join("store.key"), "not a key\n").unwrap();
+    let out = site.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("CRITICAL: cannot read the store"), "{}", text(&out));
+}
+
+#[test]
+fn status_lists_twenty_open_tasks_unless_asked_for_all() {
+    let site = Site::new("xml");
+    for n in 0..30 {
+        site.sim.add_task(fttp_agent::sim::send_idat(
+            &format!("u{n}"),
+            chrono::Utc::now() + chrono::Duration::days(3),
+            None,
+            Some(&common::bf(9)),
+            &[fttp_agent::fhir::idat::IdatElement::Given],
+        ));
+    }
+    assert_eq!(site.cycle().0, 1);
+    let out = site.run(&["status"]);
+    let shown = text(&out);
+    assert!(shown.contains("open tasks: 30"), "{shown}");
+    assert_eq!(shown.matches("send_idat ").count(), 20, "{shown}");
+    assert!(shown.contains("... and 10 more (`status --all`"), "{shown}");
+    let out = site.run(&["status", "--all"]);
+    assert_eq!(text(&out).matches("send_idat ").count(), 30);
+}

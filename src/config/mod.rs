@@ -230,6 +230,18 @@ pub struct Schedule {
     /// `status` is critical after this many failed polls in a row.
     #[serde(default = "default_critical_failed_polls")]
     pub critical_failed_polls: u32,
+    /// `status` is critical when the last successful poll is older than
+    /// this (an agent that stopped polling). Unset: 2 x interval + 1h.
+    #[serde(default)]
+    pub stale_after: Option<HumanDuration>,
+}
+
+impl Schedule {
+    /// `stale_after`, or its default from the interval.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
+            .map_or_else(|| self.interval.0 * 2 + Duration::from_secs(3600), |d| d.0)
+    }
 }
 
 impl Default for Schedule {
@@ -238,6 +250,7 @@ impl Default for Schedule {
             interval: default_interval(),
             warn_before: default_warn_before(),
             critical_failed_polls: default_critical_failed_polls(),
+            stale_after: None,
         }
     }
 }

@@ -51,16 +51,29 @@ fn cycle_then(
         agent = agent.with_shutdown(s.clone());
     }
     let result = agent.run_cycle();
-    if purge && let Err(e) = purge_old(cfg, &mut store, &mut audit) {
-        log::warn!("retention purge skipped: {e}");
-    }
-    after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok());
+    let purged = purge
+        && match purge_old(cfg, &mut store, &mut audit) {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!("retention purge skipped: {e}");
+                false
+            }
+        };
+    after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok(), purged);
     close(store);
     Ok(result?)
 }
 
 /// Metrics and heartbeat; their failure is logged, never fatal.
-fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool) {
+/// Whether the daily retention purge is due: the heartbeat remembers the
+/// last one, so a timer's `run --once` purges too, once a day.
+fn purge_due(cfg: &Config) -> bool {
+    ops::read_heartbeat(&cfg.store.path)
+        .and_then(|h| h.last_purge)
+        .is_none_or(|t| Utc::now() - t >= chrono::Duration::days(1))
+}
+
+fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, purged: bool) {
     if let Some(path) = &cfg.log.metrics
         && let Err(e) = crate::fsutil::write_atomic(path, ops::metrics(store, seconds, ok).as_bytes(), 0o644)
     {
@@ -72,6 +85,11 @@ fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool) {
         last_success: store.last_poll().and_then(|p| p.last_ok),
         next_poll: None,
         soonest_expiry: ops::soonest_open_expiry(store),
+        last_purge: if purged {
+            Some(Utc::now())
+        } else {
+            ops::read_heartbeat(store.dir()).and_then(|h| h.last_purge)
+        },
     };
     if let Err(e) = ops::write_heartbeat(store.dir(), &hb) {
         log::warn!("cannot write the heartbeat: {e}");
@@ -149,7 +167,7 @@ pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
     // the OS, as freeing 100,000 ledger entries and task outcomes one by one
     // took about half a second. (Every write is durable before this point;
     // the store's lock goes with the process.)
-    let report = cycle_then(cfg, &client, None, false, std::mem::forget)?;
+    let report = cycle_then(cfg, &client, None, purge_due(cfg), std::mem::forget)?;
     let code = report_exit(&report);
     std::mem::forget(report);
     Ok(code)
@@ -223,15 +241,10 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     let client = Client::new(cfg)?;
     let interval = cfg.schedule.interval.0;
     log::info!("daemon started; polling every {}", humanize(interval));
-    let mut last_purge: Option<std::time::Instant> = None;
     while !shutdown.requested() {
-        let purge = last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(86_400));
-        match cycle(cfg, &client, Some(&shutdown), purge) {
+        match cycle(cfg, &client, Some(&shutdown), purge_due(cfg)) {
             Ok(report) => {
                 report_exit(&report);
-                if purge {
-                    last_purge = Some(std::time::Instant::now());
-                }
             }
             Err(AppError::Store(e @ StoreError::Locked { .. })) => log::warn!("skipping this cycle: {e}"),
             Err(

@@ -289,6 +289,9 @@ pub struct Heartbeat {
     /// it without opening the store again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soonest_expiry: Option<DateTime<Utc>>,
+    /// When the retention purge last ran (daily, from any cycle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_purge: Option<DateTime<Utc>>,
 }
 
 pub fn heartbeat_path(store_dir: &Path) -> std::path::PathBuf {

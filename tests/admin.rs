@@ -265,3 +265,36 @@ fn status_lists_twenty_open_tasks_unless_asked_for_all() {
     let out = site.run(&["status", "--all"]);
     assert_eq!(text(&out).matches("send_idat ").count(), 30);
 }
+
+#[test]
+fn run_once_purges_once_a_day_without_extra_units() {
+    let site = Site::new("xml");
+    site.import_patients();
+    site.sim.add_task(fttp_agent::sim::send_idat(
+        "old",
+        chrono::Utc::now() + chrono::Duration::days(1),
+        None,
+        Some(&common::bf(1)),
+        &[fttp_agent::fhir::idat::IdatElement::Given],
+    ));
+    let config = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("[store]\n", "[store]\nretention = \"1s\"\n");
+    std::fs::write(&site.config, config).unwrap();
+    assert_eq!(site.cycle().0, 0);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // The first cycle of the day purged (nothing old yet); the next ones
+    // of the same day do not.
+    site.cycle();
+    assert!(site.store().ledger("task:old").is_some(), "purged twice in one day");
+    let purges = site.audit().iter().filter(|r| r["kind"] == "purge").count();
+    assert_eq!(purges, 0);
+    // A day later (as the heartbeat tells), the next cycle purges.
+    let hb_path = site.dir.path().join("store/heartbeat.json");
+    let mut hb: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&hb_path).unwrap()).unwrap();
+    hb["last_purge"] = (chrono::Utc::now() - chrono::Duration::hours(25)).to_rfc3339().into();
+    std::fs::write(&hb_path, hb.to_string()).unwrap();
+    site.cycle();
+    assert!(site.store().ledger("task:old").is_none(), "not purged");
+    assert!(site.audit().iter().any(|r| r["kind"] == "purge" && r["tasks"] == 1));
+}

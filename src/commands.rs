@@ -121,6 +121,17 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
 
 fn report_exit(report: &CycleReport) -> u8 {
     let open = report.unresolved();
+    // One line per condition, not one per task (per task: --log-level debug).
+    for (outcome, (n, kinds, example)) in report.conditions() {
+        let kinds: Vec<String> = kinds.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let example = example.map(|d| format!("; e.g. {d}")).unwrap_or_default();
+        let line = format!("{n} task(s) {outcome} ({}){example}", kinds.join(", "));
+        if outcome == "duplicate" {
+            log::info!("{line}");
+        } else {
+            log::warn!("{line}");
+        }
+    }
     let counts: Vec<String> = report.counts().iter().map(|(k, v)| format!("{k}={v}")).collect();
     // Where a slow cycle spent its time; a quick one just says how long.
     let total: f64 = report.phases.iter().map(|(_, d)| d.as_secs_f64()).sum();

@@ -298,3 +298,34 @@ fn run_once_purges_once_a_day_without_extra_units() {
     assert!(site.store().ledger("task:old").is_none(), "not purged");
     assert!(site.audit().iter().any(|r| r["kind"] == "purge" && r["tasks"] == 1));
 }
+
+#[test]
+fn a_condition_is_one_summary_line_per_cycle_not_one_per_task() {
+    let site = Site::new("xml");
+    let config = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("level = \"debug\"", "level = \"info\"");
+    std::fs::write(&site.config, config).unwrap();
+    for n in 0..40 {
+        site.sim.add_task(fttp_agent::sim::send_idat(
+            &format!("w{n}"),
+            chrono::Utc::now() + chrono::Duration::days(3),
+            None,
+            Some(&common::bf(9)),
+            &[fttp_agent::fhir::idat::IdatElement::Given],
+        ));
+    }
+    for _ in 0..2 {
+        assert_eq!(site.cycle().0, 1);
+    }
+    let log = std::fs::read_to_string(site.dir.path().join("agent.log")).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("unknown_patient") && !l.contains("cycle done"))
+        .collect();
+    assert_eq!(lines.len(), 2, "one per cycle: {lines:#?}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("40 task(s) unknown_patient (send_idat 40)"),
+        "{lines:#?}"
+    );
+}

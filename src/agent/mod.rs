@@ -77,6 +77,21 @@ impl CycleReport {
         self.outcomes.iter().filter(|o| !o.status.is_terminal()).count() + self.deferred
     }
 
+    /// Conditions that can repeat every cycle, by outcome: how many tasks,
+    /// by kind, and one detail as an example (`log_outcome`).
+    pub fn conditions(&self) -> BTreeMap<String, (usize, BTreeMap<&'static str, usize>, Option<String>)> {
+        let mut m: BTreeMap<String, (usize, BTreeMap<&'static str, usize>, Option<String>)> = BTreeMap::new();
+        for o in self.outcomes.iter().filter(|o| is_condition(o.status, &o.outcome)) {
+            let entry = m.entry(o.outcome.clone()).or_default();
+            entry.0 += 1;
+            *entry.1.entry(o.kind.as_str()).or_insert(0) += 1;
+            if entry.2.is_none() {
+                entry.2.clone_from(&o.detail);
+            }
+        }
+        m
+    }
+
     pub fn counts(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for o in &self.outcomes {
@@ -806,10 +821,13 @@ impl<'a> Agent<'a> {
 /// a re-keying of 100,000 tasks should not write 100,000 lines to journald.
 const QUIET_ABOVE: usize = 1000;
 
+/// One task's outcome, at debug for a condition that can repeat every
+/// cycle (a failure, a rejection, a patient not found, a duplicate): those
+/// get one summary line per condition at the end of the cycle
+/// (`CycleReport::conditions`), so that 6,000 unknown patients are one
+/// warning, not 6,000 every cycle.
 fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool) {
-    let level = if matches!(e.status, Status::Failed | Status::Rejected) || outcome == "unknown_patient" {
-        log::Level::Warn
-    } else if quiet {
+    let level = if is_condition(e.status, outcome) || quiet {
         log::Level::Debug
     } else {
         log::Level::Info
@@ -819,6 +837,11 @@ fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool
         let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
         log::log!(level, "[{} {}] {outcome}{detail}", e.kind, e.display_id);
     }
+}
+
+/// A task outcome that is summarised per cycle, not logged per task.
+pub fn is_condition(status: Status, outcome: &str) -> bool {
+    matches!(status, Status::Failed | Status::Rejected) || matches!(outcome, "unknown_patient" | "duplicate")
 }
 
 /// The monotonic instant of a wall-clock expiry, for retry deadlines.

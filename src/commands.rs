@@ -122,10 +122,10 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
 fn report_exit(report: &CycleReport) -> u8 {
     let open = report.unresolved();
     // One line per condition, not one per task (per task: --log-level debug).
-    for (outcome, (n, kinds, example)) in report.conditions() {
-        let kinds: Vec<String> = kinds.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let example = example.map(|d| format!("; e.g. {d}")).unwrap_or_default();
-        let line = format!("{n} task(s) {outcome} ({}){example}", kinds.join(", "));
+    for (outcome, c) in report.conditions() {
+        let kinds: Vec<String> = c.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let example = c.example.map(|d| format!("; e.g. {d}")).unwrap_or_default();
+        let line = format!("{} task(s) {outcome} ({}){example}", c.count, kinds.join(", "));
         if outcome == "duplicate" {
             log::info!("{line}");
         } else {

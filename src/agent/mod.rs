@@ -57,6 +57,15 @@ pub struct TaskOutcome {
     pub detail: Option<String>,
 }
 
+/// How many tasks of a cycle ended in one condition, by task kind, with
+/// one detail as an example.
+#[derive(Debug, Clone, Default)]
+pub struct Condition {
+    pub count: usize,
+    pub by_kind: BTreeMap<&'static str, usize>,
+    pub example: Option<String>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct CycleReport {
     /// Tasks in the dispatcher's answer.
@@ -77,16 +86,15 @@ impl CycleReport {
         self.outcomes.iter().filter(|o| !o.status.is_terminal()).count() + self.deferred
     }
 
-    /// Conditions that can repeat every cycle, by outcome: how many tasks,
-    /// by kind, and one detail as an example (`log_outcome`).
-    pub fn conditions(&self) -> BTreeMap<String, (usize, BTreeMap<&'static str, usize>, Option<String>)> {
-        let mut m: BTreeMap<String, (usize, BTreeMap<&'static str, usize>, Option<String>)> = BTreeMap::new();
+    /// Conditions that can repeat every cycle, by outcome (`log_outcome`).
+    pub fn conditions(&self) -> BTreeMap<String, Condition> {
+        let mut m: BTreeMap<String, Condition> = BTreeMap::new();
         for o in self.outcomes.iter().filter(|o| is_condition(o.status, &o.outcome)) {
             let entry = m.entry(o.outcome.clone()).or_default();
-            entry.0 += 1;
-            *entry.1.entry(o.kind.as_str()).or_insert(0) += 1;
-            if entry.2.is_none() {
-                entry.2.clone_from(&o.detail);
+            entry.count += 1;
+            *entry.by_kind.entry(o.kind.as_str()).or_insert(0) += 1;
+            if entry.example.is_none() {
+                entry.example.clone_from(&o.detail);
             }
         }
         m

@@ -424,6 +424,12 @@ fn print_import(file: &Path, r: &ImportReport) {
     for (line, reason) in &r.errors {
         eprintln!("{}:{line}: skipped: {reason}", file.display());
     }
+    for (line, earlier) in &r.repeated {
+        eprintln!(
+            "{}:{line}: the same local_id as line {earlier}; this later row wins",
+            file.display()
+        );
+    }
     for (line, reason) in &r.without_filter {
         eprintln!("{}:{line}: imported without a Bloom filter: {reason}", file.display());
     }
@@ -431,12 +437,13 @@ fn print_import(file: &Path, r: &ImportReport) {
         println!("computed {} Bloom filter(s) from IDAT ([bloomfilter])", r.computed);
     }
     println!(
-        "import {}: {} added, {} updated, {} unchanged, {} skipped",
+        "import {}: {} added, {} updated, {} unchanged, {} skipped ({} line(s) not imported)",
         file.display(),
         r.added,
         r.updated,
         r.unchanged,
-        r.errors.len()
+        r.errors.len(),
+        r.lines_skipped
     );
 }
 

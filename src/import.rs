@@ -69,6 +69,12 @@ pub struct ImportReport {
     /// (line number, reason) of rows imported without a Bloom filter
     /// because none could be computed.
     pub without_filter: Vec<(usize, String)>,
+    /// Lines not imported: a skipped row is one line, or more when a quote
+    /// was not closed and swallowed the lines after it.
+    pub lines_skipped: usize,
+    /// (line, earlier line) of each row whose local_id an earlier row of
+    /// the same file had: the later row wins, as in a second import.
+    pub repeated: Vec<(usize, usize)>,
 }
 
 /// A parsed row: the patient's key, IDAT and Bloom filter.
@@ -87,16 +93,23 @@ pub fn import_file(
     let mut report = ImportReport::default();
     let mut progress = crate::progress::Progress::new("rows", None);
     let mut pending: Vec<Record> = Vec::new();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     read_rows(path, |lineno, row| {
         progress.tick(1);
         match row {
             Ok(row) => {
+                if let Some(earlier) = seen.insert(row.0.0.clone(), lineno) {
+                    report.repeated.push((lineno, earlier));
+                }
                 upsert(store, &mut report, &mut pending, encoder, lineno, row)?;
                 if pending.len() >= WRITE_BATCH {
                     store.write(std::mem::take(&mut pending))?;
                 }
             }
-            Err(reason) => report.errors.push((lineno, reason)),
+            Err(skip) => {
+                report.lines_skipped += skip.lines;
+                report.errors.push((lineno, skip.reason));
+            }
         }
         Ok(())
     })?;
@@ -123,13 +136,18 @@ pub fn bloom_file(
     let mut csv = csv::Writer::from_writer(out);
     csv.write_record(["local_id", "bloomfilter"]).map_err(write_err)?;
     read_rows(path, |lineno, row| {
-        match row.and_then(|(id, idat, _)| encoder.encode(&idat).map(|bf| (id, bf)).map_err(|e| e.to_string())) {
+        match row.and_then(|(id, idat, _)| {
+            encoder
+                .encode(&idat)
+                .map(|bf| (id, bf))
+                .map_err(|e| Skip::from(e.to_string()))
+        }) {
             Ok((id, bf)) => {
                 csv.write_record([id.0.as_str(), bf.to_base64().as_str()])
                     .map_err(write_err)?;
                 written += 1;
             }
-            Err(reason) => errors.push((lineno, reason)),
+            Err(skip) => errors.push((lineno, skip.reason)),
         }
         Ok(())
     })?;
@@ -144,7 +162,7 @@ pub fn bloom_file(
 /// character) and hands each row, or why it is bad, to `sink` with its line.
 fn read_rows(
     path: &Path,
-    mut sink: impl FnMut(usize, Result<Row, String>) -> Result<(), ImportError>,
+    mut sink: impl FnMut(usize, Result<Row, Skip>) -> Result<(), ImportError>,
 ) -> Result<(), ImportError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| ImportError::Read {
@@ -173,8 +191,8 @@ fn read_rows(
             let lineno = i + 1;
             match line {
                 Ok(l) if l.trim().is_empty() => {}
-                Ok(l) => sink(lineno, parse_ndjson_line(&l))?,
-                Err(_) => sink(lineno, Err("not valid UTF-8".into()))?,
+                Ok(l) => sink(lineno, parse_ndjson_line(&l).map_err(Skip::from))?,
+                Err(_) => sink(lineno, Err(Skip::from("not valid UTF-8".to_string())))?,
             }
         }
         return Ok(());
@@ -207,11 +225,16 @@ fn read_rows(
             Ok(false) => break,
             Ok(true) => {
                 let lineno = record.position().map_or(lineno, |p| p.line() as usize);
-                sink(lineno, parse_csv_row(&columns, &record))?;
+                if let Some(skip) = run_on(&csv, lineno) {
+                    sink(lineno, Err(skip))?;
+                    continue;
+                }
+                sink(lineno, parse_csv_row(&columns, &record).map_err(Skip::from))?;
             }
             Err(e) => {
                 let line = e.position().map_or(lineno, |p| p.line() as usize);
-                sink(line, Err(csv_reason(&e)))?;
+                let skip = run_on(&csv, line).unwrap_or_else(|| Skip::from(csv_reason(&e)));
+                sink(line, Err(skip))?;
                 if !matches!(
                     e.kind(),
                     csv::ErrorKind::UnequalLengths { .. } | csv::ErrorKind::Utf8 { .. }
@@ -222,6 +245,32 @@ fn read_rows(
         }
     }
     Ok(())
+}
+
+/// A row is one line: one that ran on from `line` was opened by a quote
+/// that did not close where it should have, and swallowed the lines after
+/// it (the csv reader takes them as one field).
+fn run_on<R: std::io::Read>(csv: &csv::Reader<R>, line: usize) -> Option<Skip> {
+    let next = csv.position().line() as usize;
+    let last = if csv.is_done() { next } else { next.saturating_sub(1) };
+    (last > line).then(|| Skip {
+        reason: format!("quoted field not closed at line {line}; lines {line}-{last} not imported"),
+        lines: last - line + 1,
+    })
+}
+
+/// Why a row was not imported, and how many lines of the file that is
+/// (more than one when an unclosed quote swallowed the lines after it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skip {
+    pub reason: String,
+    pub lines: usize,
+}
+
+impl From<String> for Skip {
+    fn from(reason: String) -> Skip {
+        Skip { reason, lines: 1 }
+    }
 }
 
 // csv's messages can include a field's bytes for UTF-8 errors; describe by kind.

@@ -329,3 +329,54 @@ fn a_condition_is_one_summary_line_per_cycle_not_one_per_task() {
         "{lines:#?}"
     );
 }
+
+#[test]
+fn an_unclosed_quote_reports_every_line_it_swallowed_and_a_repeated_id_both_lines() {
+    let site = Site::new("xml");
+    let b = |n| common::bf(n);
+    let csv = format!(
+        "local_id,bloomfilter,given,family\n\
+         a1,{},Anna,Muster\n\
+         a2,{},\"Bert,Muster\n\
+         a3,{},Cora,Muster\n\
+         a4,{},Dora,Muster\n",
+        b(1),
+        b(2),
+        b(3),
+        b(4)
+    );
+    let file = site.dir.path().join("broken.csv");
+    std::fs::write(&file, csv).unwrap();
+    let out = site.run(&["import", file.to_str().unwrap()]);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("broken.csv:3: skipped: quoted field not closed at line 3; lines 3-5 not imported"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("1 added, 0 updated, 0 unchanged, 1 skipped (3 line(s) not imported)"),
+        "{shown}"
+    );
+
+    let csv = format!(
+        "local_id,bloomfilter,given,family\nd1,{},Anna,Muster\nd2,{},Bert,Muster\nd1,{},Anna,Mustermann\n",
+        b(1),
+        b(2),
+        b(1)
+    );
+    let file = site.dir.path().join("twice.csv");
+    std::fs::write(&file, csv).unwrap();
+    let out = site.run(&["import", file.to_str().unwrap()]);
+    let shown = text(&out);
+    assert!(
+        shown.contains("twice.csv:4: the same local_id as line 2; this later row wins"),
+        "{shown}"
+    );
+    let store = site.store();
+    let p = store
+        .patient(&fttp_agent::types::LocalId("d1".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.idat.family.as_deref(), Some("Mustermann"));
+}

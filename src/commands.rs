@@ -21,10 +21,27 @@ use std::path::Path;
 use std::time::Duration;
 
 pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
+    check_owner(cfg)?;
     let key = cfg.store_key()?;
     let mut store = Store::open(&cfg.store.path, mode, key)?;
     store.set_compact_after(cfg.store.compact_after);
     Ok(store)
+}
+
+/// Refuses to work on a store or audit log another user owns (see `owner`).
+pub fn check_owner(cfg: &Config) -> Result<(), AppError> {
+    let audit = cfg.audit_path();
+    let checks = [
+        (cfg.store.path.as_path(), "the store"),
+        (audit.as_path(), "the audit log"),
+    ];
+    match checks
+        .into_iter()
+        .find_map(|(path, what)| crate::owner::foreign_owner(path, what))
+    {
+        Some(why) => Err(AppError::Usage(why)),
+        None => Ok(()),
+    }
 }
 
 /// One cycle with the store locked for its duration; with `purge`, the

@@ -29,6 +29,7 @@ pub mod import;
 pub mod logger;
 pub mod net;
 pub mod ops;
+pub mod owner;
 pub mod privacy;
 pub mod progress;
 pub mod retry;

@@ -380,3 +380,55 @@ fn an_unclosed_quote_reports_every_line_it_swallowed_and_a_repeated_id_both_line
         .unwrap();
     assert_eq!(p.idat.family.as_deref(), Some("Mustermann"));
 }
+
+#[test]
+fn an_admin_command_as_another_user_is_refused_before_it_writes() {
+    use std::os::unix::fs::MetadataExt;
+    let site = Site::new("xml");
+    site.import_patients();
+    assert_eq!(site.cycle().0, 0);
+    // The service user's files (nobody stands in for fttp-agent here).
+    let nobody = 65534;
+    let store = site.dir.path().join("store");
+    let audit = site.dir.path().join("audit.ndjson");
+    for entry in std::fs::read_dir(&store).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(nobody), Some(nobody)).unwrap();
+    }
+    std::os::unix::fs::chown(&store, Some(nobody), Some(nobody)).unwrap();
+    std::os::unix::fs::chown(&audit, Some(nobody), Some(nobody)).unwrap();
+    let before: Vec<(std::path::PathBuf, u32, u64)> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (e.path(), m.uid(), m.len())
+        })
+        .collect();
+    // Run as root (the test's user), as an admin might.
+    let csv = site.dir.path().join("patients.csv");
+    for args in [
+        vec!["import", csv.to_str().unwrap()],
+        vec!["forget", "p1"],
+        vec!["purge"],
+        vec!["run", "--once"],
+    ] {
+        let out = site.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("belongs to user nobody, but this command runs as root")
+                && text(&out).contains("sudo -u nobody fttp-agent"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+    let after: Vec<(std::path::PathBuf, u32, u64)> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (e.path(), m.uid(), m.len())
+        })
+        .collect();
+    assert_eq!(before, after, "nothing written, no root-owned file left");
+    assert_eq!(std::fs::metadata(&audit).unwrap().uid(), nobody);
+}

@@ -544,6 +544,17 @@ pub enum Verdict {
 /// start at the first record ever; and it must hold the head saved beside
 /// the last file (records cut off the end).
 pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<Verdict, AuditError> {
+    if let Some(order) = rotation_order(files) {
+        let names: Vec<String> = order.iter().map(|f| f.display().to_string()).collect();
+        return Ok(Verdict::Broken {
+            file: files[0].clone(),
+            line: 1,
+            reason: format!(
+                "the files are given in the wrong order: give them oldest first ({})",
+                names.join(", ")
+            ),
+        });
+    }
     let mut prev: Option<String> = None;
     let mut prev_seq: Option<u64> = None;
     let mut algorithm: Option<String> = None;
@@ -685,6 +696,81 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<V
         continues_from: first_prev.unwrap_or_else(|| GENESIS.to_string()),
         after_head,
     })
+}
+
+/// The files in the order their chain links them, when that differs from
+/// the order given (rotated files given newest first); `None` when the
+/// given order links, or no order does (then `verify` names the break).
+fn rotation_order(files: &[PathBuf]) -> Option<Vec<PathBuf>> {
+    if files.len() < 2 {
+        return None;
+    }
+    // Each file's first `prev` and last `hash`.
+    let ends: Vec<(String, String)> = files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(f).ok()?;
+            let field = |line: &str, name: &str| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()?
+                    .get(name)?
+                    .as_str()
+                    .map(str::to_string)
+            };
+            let first = field(text.lines().next()?, "prev")?;
+            let last = field(text.lines().next_back()?, "hash")?;
+            Some((first, last))
+        })
+        .collect::<Option<_>>()?;
+    let links = |a: usize, b: usize| ends[a].1 == ends[b].0;
+    if (1..files.len()).all(|i| links(i - 1, i)) {
+        return None;
+    }
+    // The oldest is the one no other file leads to; follow the links.
+    let start = (0..files.len()).find(|&i| !(0..files.len()).any(|j| j != i && links(j, i)))?;
+    let mut order = vec![start];
+    while order.len() < files.len() {
+        let last = *order.last()?;
+        let next = (0..files.len()).find(|&j| !order.contains(&j) && links(last, j))?;
+        order.push(next);
+    }
+    Some(order.into_iter().map(|i| files[i].clone()).collect())
+}
+
+/// The rotated predecessors of `path` that logrotate left (`path.N`, the
+/// highest N oldest), oldest first, then `path` itself; compressed ones
+/// (`path.N.gz`) are named apart, since they cannot be read as they are.
+pub fn rotated_files(path: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut numbered: Vec<(u32, PathBuf)> = Vec::new();
+    let mut compressed = Vec::new();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if let Some(dir) = path
+        .parent()
+        .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(suffix) = file.strip_prefix(&format!("{name}.")) else {
+                continue;
+            };
+            if let Ok(n) = suffix.parse::<u32>() {
+                numbered.push((n, entry.path()));
+            } else if suffix.strip_suffix(".gz").is_some_and(|n| n.parse::<u32>().is_ok()) {
+                compressed.push(entry.path());
+            }
+        }
+    }
+    numbered.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    let mut files: Vec<PathBuf> = numbered.into_iter().map(|(_, p)| p).collect();
+    if path.exists() {
+        files.push(path.to_path_buf());
+    }
+    compressed.sort();
+    (files, compressed)
 }
 
 fn text_lines(path: &Path) -> usize {

@@ -16,7 +16,6 @@ use crate::store::Record;
 use crate::store::{LockMode, Status, Store, StoreError};
 use crate::{demo, tasks::TaskKind};
 use chrono::Utc;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -661,13 +660,36 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
 /// The audit records as NDJSON (one record per line), from `since` on.
 pub fn audit_export(cfg: &Config, since: Option<&str>) -> Result<u8, AppError> {
     let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
-    let path = cfg.audit_path();
-    let text = std::fs::read_to_string(&path).map_err(|source| crate::audit::AuditError {
-        path: path.clone(),
-        op: "read",
-        source,
-    })?;
+    // The rotated files first, oldest first, then the current one.
+    let (files, compressed) = crate::audit::rotated_files(&cfg.audit_path());
+    for gz in &compressed {
+        log::warn!(
+            "skipping {}: compressed (decompress it to export its records)",
+            gz.display()
+        );
+    }
+    if files.is_empty() {
+        return Err(crate::audit::AuditError {
+            path: cfg.audit_path(),
+            op: "read",
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }
+        .into());
+    }
     let mut out = std::io::stdout().lock();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|source| crate::audit::AuditError {
+            path: path.clone(),
+            op: "read",
+            source,
+        })?;
+        export_lines(&text, &path, since, &mut out);
+    }
+    Ok(exit::OK)
+}
+
+/// The records of one audit file from `since` on, as they are.
+fn export_lines(text: &str, path: &Path, since: Option<chrono::DateTime<Utc>>, out: &mut impl std::io::Write) {
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             log::warn!("skipping a line of {} that is not a JSON record", path.display());
@@ -682,7 +704,6 @@ pub fn audit_export(cfg: &Config, since: Option<&str>) -> Result<u8, AppError> {
         }
         let _ = writeln!(out, "{line}");
     }
-    Ok(exit::OK)
 }
 
 pub fn purge(cfg: &Config) -> Result<u8, AppError> {

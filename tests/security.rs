@@ -164,7 +164,25 @@ fn a_rotated_log_continues_the_chain() {
     assert_eq!(code, 0, "{out}");
     // 6 before, then a poll, the send and the repeated dic_psn_available.
     assert!(out.contains("intact: 9 record(s)"), "{out}");
-    assert_eq!(verify(&[&audit, &old], None).0, 1, "wrong order is a broken chain");
+    let (code, out) = verify(&[&audit, &old], None);
+    assert_eq!(code, 1, "wrong order is a broken chain");
+    assert!(
+        out.contains(&format!(
+            "the files are given in the wrong order: give them oldest first ({}, {})",
+            old.display(),
+            audit.display()
+        )),
+        "{out}"
+    );
+    // audit export reads the rotated file too, oldest first.
+    let out = site.run(&["audit", "export"]);
+    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported.len(), 9);
+    let seqs: Vec<u64> = exported.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=9).collect::<Vec<u64>>());
 }
 
 #[test]

@@ -461,6 +461,12 @@ fn print_import(file: &Path, r: &ImportReport) {
         r.errors.len(),
         r.lines_skipped
     );
+    if r.forgotten > 0 {
+        println!(
+            "{} row(s) of erased patients left out (`forget`; `forget --undo LOCAL_ID` takes an erasure back)",
+            r.forgotten
+        );
+    }
 }
 
 fn need_encoder(cfg: &Config) -> Result<crate::bloom::RecordEncoder, AppError> {
@@ -714,11 +720,33 @@ pub fn purge(cfg: &Config) -> Result<u8, AppError> {
     Ok(exit::OK)
 }
 
-/// Right to erasure: removes one patient's IDAT and Bloom filter.
-pub fn forget(cfg: &Config, local_id: &str) -> Result<u8, AppError> {
+/// Right to erasure: removes one patient's IDAT and Bloom filter, and
+/// keeps a tombstone so that no later import brings her back; `undo`
+/// takes the tombstone back.
+pub fn forget(cfg: &Config, local_id: &str, undo: bool) -> Result<u8, AppError> {
     let mut store = open_store(cfg, LockMode::Wait)?;
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let id = crate::types::LocalId(local_id.to_string());
+    if undo {
+        let taken_back = store.unforget(&id)?;
+        let mut rec = AuditRecord::new(
+            "forget",
+            if taken_back { "undone" } else { "not_forgotten" },
+            cfg.site.target.as_str(),
+        );
+        rec.patient = Some(id.fingerprint());
+        audit.write(rec)?;
+        audit.sync()?;
+        if taken_back {
+            println!(
+                "patient {} may be imported again (her data was erased: it comes back only with an import)",
+                id.fingerprint()
+            );
+            return Ok(exit::OK);
+        }
+        println!("no erased patient with that local id");
+        return Ok(exit::TASKS_OPEN);
+    }
     let erased = store.forget(&id)?;
     let mut rec = AuditRecord::new(
         "forget",

@@ -112,6 +112,10 @@ pub fn enroll(
         if opts.limit.is_some_and(|n| todo.len() >= n) {
             break;
         }
+        // (An erasure interrupted before the IDAT went: never sent.)
+        if store.is_forgotten(&id) {
+            continue;
+        }
         let Some(bf) = store.patient(&id)?.and_then(|p| p.bloomfilter) else {
             continue;
         };
@@ -339,6 +343,9 @@ pub fn update_bf(
     for id in store.local_ids() {
         if limit.is_some_and(|n| sent >= n) {
             break;
+        }
+        if store.is_forgotten(&id) {
+            continue;
         }
         if stop.is_some_and(Shutdown::requested) {
             report.stopped = Some(Stopped::Signal);

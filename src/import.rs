@@ -75,6 +75,8 @@ pub struct ImportReport {
     /// (line, earlier line) of each row whose local_id an earlier row of
     /// the same file had: the later row wins, as in a second import.
     pub repeated: Vec<(usize, usize)>,
+    /// Rows of patients erased by `forget`: not imported again.
+    pub forgotten: usize,
 }
 
 /// A parsed row: the patient's key, IDAT and Bloom filter.
@@ -97,6 +99,7 @@ pub fn import_file(
     read_rows(path, |lineno, row| {
         progress.tick(1);
         match row {
+            Ok(row) if store.is_forgotten(&row.0) => report.forgotten += 1,
             Ok(row) => {
                 if let Some(earlier) = seen.insert(row.0.0.clone(), lineno) {
                     report.repeated.push((lineno, earlier));

@@ -51,8 +51,14 @@ enum Command {
     },
     /// Remove finished ledger entries older than [store] retention (the daemon does this daily)
     Purge,
-    /// Right to erasure: remove one patient's IDAT and Bloom filter from the store
-    Forget { local_id: String },
+    /// Right to erasure: remove one patient's IDAT and Bloom filter from the
+    /// store, and keep her from being imported again
+    Forget {
+        local_id: String,
+        /// Take a mistaken erasure back: the next import may bring the patient back
+        #[arg(long)]
+        undo: bool,
+    },
     /// Validate config and store, and check that the dispatcher accepts our API key
     Check {
         /// Check config, keys, store, audit log and permissions without
@@ -249,7 +255,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Run { once: false, .. } => commands::run_daemon(&load(&cli)?),
         Command::Status { format, all } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json), *all),
         Command::Purge => commands::purge(&load(&cli)?),
-        Command::Forget { local_id } => commands::forget(&load(&cli)?, local_id),
+        Command::Forget { local_id, undo } => commands::forget(&load(&cli)?, local_id, *undo),
         Command::Check { offline } => commands::check(&load(&cli)?, *offline),
         Command::Import { file } => commands::import(&load(&cli)?, file),
         Command::Bloom { file } => commands::bloom(&load(&cli)?, file),

@@ -432,3 +432,70 @@ fn an_admin_command_as_another_user_is_refused_before_it_writes() {
     assert_eq!(before, after, "nothing written, no root-owned file left");
     assert_eq!(std::fs::metadata(&audit).unwrap().uid(), nobody);
 }
+
+#[test]
+fn a_forgotten_patient_is_not_brought_back_by_the_next_import_nor_enrolled() {
+    let site = Site::new("xml");
+    site.import_patients();
+    let out = site.run(&["forget", "p1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The hospital's regular export still holds her.
+    let csv = site.dir.path().join("patients.csv");
+    let out = site.run(&["import", csv.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 row(s) of erased patients left out"),
+        "{}",
+        text(&out)
+    );
+    let id = fttp_agent::types::LocalId("p1".into());
+    assert!(site.store().patient(&id).unwrap().is_none());
+    let out = site.run(&["enroll"]);
+    assert!(text(&out).contains("2 sent"), "{}", text(&out));
+    let sent: Vec<String> = site
+        .sim
+        .state()
+        .received("$requestPsnFromBfWorkflow")
+        .iter()
+        .flat_map(|r| {
+            r.parameters
+                .as_ref()
+                .unwrap()
+                .get("bloomfilter")
+                .filter_map(|x| x.value.as_ref().and_then(|v| v.as_str()).map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!sent.contains(&common::bf(1)), "her filter was sent");
+    // The tombstone holds no IDAT and no plain local id.
+    for entry in std::fs::read_dir(site.dir.path().join("store")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("Erika") && !text.contains("Mustermann"));
+    }
+    // A mistaken erasure is taken back: the next import brings her back.
+    let out = site.run(&["forget", "--undo", "p1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = site.run(&["import", csv.to_str().unwrap()]);
+    assert!(text(&out).contains("1 added"), "{}", text(&out));
+    assert!(site.store().patient(&id).unwrap().is_some());
+    let outcomes = site.audit_outcomes("forget");
+    assert_eq!(outcomes, ["erased", "undone"]);
+    // The tombstones survive a rekey.
+    site.run(&["forget", "p1"]);
+    let new_key = site.dir.path().join("new.key");
+    fttp_agent::crypto::StoreKey::generate(&new_key).unwrap();
+    assert_eq!(
+        site.run(&["rekey", "--new-key", new_key.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    std::fs::rename(&new_key, site.dir.path().join("store.key")).unwrap();
+    let out = site.run(&["import", csv.to_str().unwrap()]);
+    assert!(
+        text(&out).contains("1 row(s) of erased patients left out"),
+        "{}",
+        text(&out)
+    );
+}

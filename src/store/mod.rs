@@ -17,6 +17,7 @@
 
 mod batch;
 mod disk;
+mod forgotten;
 mod state;
 use batch::BatchWriter;
 use disk::{Line, load, push, write_atomically};
@@ -234,6 +235,8 @@ pub struct Store {
     writes: Writes,
     state: State,
     key: StoreKey,
+    /// Local ids erased by `forget` (see `forgotten`).
+    forgotten: std::collections::BTreeSet<String>,
 }
 
 impl Store {
@@ -346,7 +349,9 @@ impl Store {
             .append(true)
             .open(&journal_path)
             .map_err(io("open the journal", &journal_path))?;
+        let forgotten = forgotten::load(dir, &key)?;
         Ok(Store {
+            forgotten,
             dir: dir.to_path_buf(),
             _lock: lock,
             journal,
@@ -680,6 +685,8 @@ impl Store {
         state.last_poll = self.state.last_poll.clone();
         state.enrolments = self.rekeyed_enrolments(&new)?;
         let next = self.generation + 1;
+        // Under the new key before the switch (the file is named by it).
+        forgotten::save(&self.dir, &new, &self.forgotten)?;
         write_atomically(
             &self.dir,
             SNAPSHOT,
@@ -702,6 +709,7 @@ impl Store {
         self.journal_records = 0;
         self.state = state;
         self.key = new;
+        forgotten::remove_others(&self.dir, &self.key);
         Ok(())
     }
 
@@ -780,7 +788,41 @@ impl Store {
     /// Removes a patient's IDAT and Bloom filter for good: the removal is
     /// recorded, then the store is compacted and the previous generation
     /// deleted, so the sealed data is gone from every store file.
+    /// Whether `id` was erased by `forget`: `import` skips it.
+    pub fn is_forgotten(&self, id: &LocalId) -> bool {
+        forgotten::holds(&self.forgotten, id)
+    }
+
+    /// How many patients were erased (and not taken back).
+    pub fn forgotten_count(&self) -> usize {
+        self.forgotten.len()
+    }
+
+    /// Takes back a mistaken erasure: the next import may bring the patient
+    /// back (her data is gone: it comes only from that import). False if
+    /// `id` was not erased.
+    pub fn unforget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
+        self.writable()?;
+        if !self.forgotten.contains(id.0.as_str()) {
+            return Ok(false);
+        }
+        let mut next = self.forgotten.clone();
+        next.remove(id.0.as_str());
+        forgotten::save(&self.dir, &self.key, &next)?;
+        self.forgotten = next;
+        Ok(true)
+    }
+
     pub fn forget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
+        self.writable()?;
+        // The tombstone first: a crash after it leaves the patient erased
+        // from every later import, and `forget` can simply be run again.
+        if !self.forgotten.contains(id.0.as_str()) {
+            let mut next = self.forgotten.clone();
+            next.insert(id.0.clone());
+            forgotten::save(&self.dir, &self.key, &next)?;
+            self.forgotten = next;
+        }
         if !self.state.patients.contains_key(id.0.as_str()) {
             return Ok(false);
         }

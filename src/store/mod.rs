@@ -686,7 +686,9 @@ impl Store {
         state.enrolments = self.rekeyed_enrolments(&new)?;
         let next = self.generation + 1;
         // Under the new key before the switch (the file is named by it).
-        forgotten::save(&self.dir, &new, &self.forgotten)?;
+        if !self.forgotten.is_empty() {
+            forgotten::save(&self.dir, &new, &self.forgotten)?;
+        }
         write_atomically(
             &self.dir,
             SNAPSHOT,

@@ -396,14 +396,20 @@ fn an_admin_command_as_another_user_is_refused_before_it_writes() {
     }
     std::os::unix::fs::chown(&store, Some(nobody), Some(nobody)).unwrap();
     std::os::unix::fs::chown(&audit, Some(nobody), Some(nobody)).unwrap();
-    let before: Vec<(std::path::PathBuf, u32, u64)> = std::fs::read_dir(&store)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let m = e.metadata().unwrap();
-            (e.path(), m.uid(), m.len())
-        })
-        .collect();
+    // Every file of the store: its owner and size.
+    let listing = || -> Vec<(std::path::PathBuf, u32, u64)> {
+        let mut files: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                (e.path(), m.uid(), m.len())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = listing();
     // Run as root (the test's user), as an admin might.
     let csv = site.dir.path().join("patients.csv");
     for args in [
@@ -421,15 +427,7 @@ fn an_admin_command_as_another_user_is_refused_before_it_writes() {
             text(&out)
         );
     }
-    let after: Vec<(std::path::PathBuf, u32, u64)> = std::fs::read_dir(&store)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let m = e.metadata().unwrap();
-            (e.path(), m.uid(), m.len())
-        })
-        .collect();
-    assert_eq!(before, after, "nothing written, no root-owned file left");
+    assert_eq!(before, listing(), "nothing written, no root-owned file left");
     assert_eq!(std::fs::metadata(&audit).unwrap().uid(), nobody);
 }
 

@@ -48,6 +48,16 @@ fn auth_section(site: &Site, lines: &str) {
     std::fs::write(&site.config, text).unwrap();
 }
 
+/// An OAuth2 `[dispatcher.auth]` section with `token_url`, whose client
+/// secret file holds `secret`.
+fn oauth_section(site: &Site, token_url: &str, secret: &str) {
+    secret_file(site, "client.secret", secret);
+    auth_section(
+        site,
+        &format!("token_url = \"{token_url}\"\nclient_id = \"fttp-agent\"\nclient_secret_file = \"client.secret\"\n"),
+    );
+}
+
 /// Everything the agent wrote outside the store, and what `status` says.
 fn everything_written(site: &Site, cycle_output: &str) -> String {
     let mut all = cycle_output.to_string();
@@ -127,14 +137,7 @@ fn a_redirecting_token_endpoint_gets_no_secret_followed() {
     let elsewhere = a_server_that_records_everything();
     let target = elsewhere.url("/token");
     let token = Hostile::start(move |_| answer("307 Temporary Redirect", &[("Location", &target)], b""));
-    secret_file(&site, "client.secret", "client-secret-4711");
-    auth_section(
-        &site,
-        &format!(
-            "token_url = \"{}\"\nclient_id = \"fttp-agent\"\nclient_secret_file = \"client.secret\"\n",
-            token.url("/token")
-        ),
-    );
+    oauth_section(&site, &token.url("/token"), "client-secret-4711");
     let (code, out) = site.cycle();
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("HTTP 307, a redirect to 127.0.0.1:"), "{out}");
@@ -160,14 +163,7 @@ fn a_token_endpoint_echoing_the_secret_with_a_newline_is_cleaned() {
                 body.as_bytes(),
             )
         });
-        secret_file(&site, "client.secret", secret);
-        auth_section(
-            &site,
-            &format!(
-                "token_url = \"{}\"\nclient_id = \"fttp-agent\"\nclient_secret_file = \"client.secret\"\n",
-                token.url("/token")
-            ),
-        );
+        oauth_section(&site, &token.url("/token"), secret);
         let (code, out) = site.cycle();
         assert_eq!(code, 3, "{out}");
         assert!(out.contains("token endpoint: HTTP 400 (bad [redacted]"), "{out}");
@@ -192,14 +188,7 @@ fn an_absurd_token_lifetime_does_not_crash_the_agent() {
             br#"{"access_token":"tok-huge-lifetime","token_type":"Bearer","expires_in":18446744073709551615}"#,
         )
     });
-    secret_file(&site, "client.secret", "client-secret-4711");
-    auth_section(
-        &site,
-        &format!(
-            "token_url = \"{}\"\nclient_id = \"fttp-agent\"\nclient_secret_file = \"client.secret\"\n",
-            token.url("/token")
-        ),
-    );
+    oauth_section(&site, &token.url("/token"), "client-secret-4711");
     queue_send(&site, "t1");
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
@@ -243,14 +232,7 @@ fn a_dispatcher_echoing_basic_credentials_or_a_bearer_token_is_redacted() {
             br#"{"access_token":"tok-7f3e-echoed-9a","token_type":"Bearer","expires_in":300}"#,
         )
     });
-    secret_file(&site, "client.secret", "client-secret-4711");
-    auth_section(
-        &site,
-        &format!(
-            "token_url = \"{}\"\nclient_id = \"fttp-agent\"\nclient_secret_file = \"client.secret\"\n",
-            token.url("/token")
-        ),
-    );
+    oauth_section(&site, &token.url("/token"), "client-secret-4711");
     site.sim.push(
         RTASKS,
         FaultKind::Status {

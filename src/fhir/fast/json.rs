@@ -47,21 +47,16 @@ impl<'de> Deserialize<'de> for Param {
 
 struct ParamVisitor;
 
-/// The value[x] types read as text, by key suffix.
+/// The value[x] types read as text, by key suffix: the ones the fast path
+/// has always read (any other type sends the document to the generic
+/// reader, so both readers agree).
 fn string_type(suffix: &str) -> Option<&'static str> {
-    Some(match suffix {
-        "String" => "string",
-        "Id" => "id",
-        "Instant" => "instant",
-        "Base64Binary" => "base64Binary",
-        "Code" => "code",
-        "Uri" => "uri",
-        "Url" => "url",
-        "Canonical" => "canonical",
-        "DateTime" => "dateTime",
-        "Date" => "date",
-        _ => return None,
-    })
+    matches!(
+        suffix,
+        "String" | "Id" | "Instant" | "Base64Binary" | "Code" | "Uri" | "Url" | "Canonical" | "DateTime" | "Date"
+    )
+    .then(|| super::primitive_type(suffix))
+    .flatten()
 }
 
 impl<'de> Visitor<'de> for ParamVisitor {

@@ -336,7 +336,11 @@ fn store_child(dir: &Path, n: u32) {
     let mut found = 0;
     for i in 0..10_000u32 {
         let id = (i.wrapping_mul(7919)) % (n / 10);
-        if store.patient_by_pseudonym(&format!("mii_{id:08}")).unwrap().is_some() {
+        if store
+            .patient_by_pseudonym(TARGET, &format!("mii_{id:08}"))
+            .unwrap()
+            .is_some()
+        {
             found += 1;
         }
     }

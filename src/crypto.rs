@@ -77,6 +77,11 @@ pub enum OpenError {
     Authentication { what: &'static str },
     #[error("a {what} record is intact but not in the layout this version writes (a bug: please report it)")]
     Layout { what: &'static str },
+    #[error(
+        "a {what} record is not the one its index names: the store's indexes were altered (nothing is sent \
+         for it)"
+    )]
+    Mismatch { what: &'static str },
 }
 
 impl OpenError {

@@ -165,3 +165,61 @@ fn a_record_with_a_field_twice_is_a_break() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(":2: a field appears twice in this record"), "{out}");
 }
+
+/// Rewrites the store's snapshot with each line as `edit` makes it and its
+/// checksum recomputed (CRC-32 needs no key).
+fn edit_snapshot(site: &Site, edit: impl Fn(&str) -> String) {
+    let path = site.dir.path().join("store/snapshot");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let (_, payload) = line.split_once(' ').unwrap();
+            let payload = edit(payload);
+            format!("{:08x} {payload}", crc32fast::hash(payload.as_bytes()))
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn swapped_index_values_are_a_damaged_store_never_a_send() {
+    let site = Site::new("xml");
+    site.import_patients();
+    // A snapshot holding the patients, as after any compaction.
+    site.store().compact().unwrap();
+    let snapshot = std::fs::read_to_string(site.dir.path().join("store/snapshot")).unwrap();
+    let bf_of = |id: &str| -> String {
+        snapshot
+            .lines()
+            .find(|l| l.contains(&format!("\"id\":\"{id}\"")))
+            .and_then(|l| l.split("\"bf\":\"").nth(1))
+            .map(|rest| rest[..32].to_string())
+            .unwrap()
+    };
+    let (bf1, bf2) = (bf_of("p1"), bf_of("p2"));
+    edit_snapshot(&site, |payload| {
+        if payload.contains("\"id\":\"p1\"") {
+            payload.replace(&bf1, &bf2)
+        } else if payload.contains("\"id\":\"p2\"") {
+            payload.replace(&bf2, &bf1)
+        } else {
+            payload.to_string()
+        }
+    });
+    // A send_idat for patient 1's filter: the index now leads to patient 2.
+    site.sim.add_task(sim::send_idat(
+        "swap",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("a patient record is not the one its index names"), "{out}");
+    assert!(
+        site.sim.state().received("$providePatientData").is_empty(),
+        "IDAT was sent for the wrong patient"
+    );
+}

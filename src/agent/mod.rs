@@ -524,7 +524,9 @@ impl<'a> Agent<'a> {
         else {
             return Ok(false);
         };
-        let patient = self.store.find_patient(pseudonym.as_ref(), bloomfilter.as_ref())?;
+        let patient = self
+            .store
+            .find_patient(self.target(), pseudonym.as_ref(), bloomfilter.as_ref())?;
         Ok(patient.is_some_and(|p| p.updated > e.updated))
     }
 
@@ -629,7 +631,10 @@ impl<'a> Agent<'a> {
         bloomfilter: Option<BloomFilter>,
         elements: &[IdatElement],
     ) -> Result<(), AgentError> {
-        let Some(patient) = self.store.find_patient(pseudonym.as_ref(), bloomfilter.as_ref())? else {
+        let Some(patient) = self
+            .store
+            .find_patient(self.target(), pseudonym.as_ref(), bloomfilter.as_ref())?
+        else {
             let mut done = e;
             done.status = Status::Pending;
             return self.finish(

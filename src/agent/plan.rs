@@ -88,7 +88,7 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                     bloomfilter,
                     elements,
                     ..
-                } => match store.find_patient(pseudonym.as_ref(), bloomfilter.as_ref())? {
+                } => match store.find_patient(cfg.site.target.as_str(), pseudonym.as_ref(), bloomfilter.as_ref())? {
                     Some(p) => {
                         let have: Vec<&str> = elements
                             .iter()

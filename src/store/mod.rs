@@ -573,32 +573,63 @@ impl Store {
             .map(|id| LocalId(id.to_string()))
     }
 
+    /// The patient with this Bloom filter. The index that leads to her
+    /// lies outside the encryption: the opened record must hold the very
+    /// filter asked for, or the store was altered (two patients' index
+    /// values swapped would otherwise send one's IDAT for the other).
     pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<PatientRecord>, StoreError> {
-        match self.local_id_by_bloomfilter(bf) {
-            Some(id) => self.patient(&id),
-            None => Ok(None),
+        let Some(id) = self.local_id_by_bloomfilter(bf) else {
+            return Ok(None);
+        };
+        let patient = self.patient(&id)?;
+        if patient.as_ref().is_some_and(|p| p.bloomfilter.as_ref() != Some(bf)) {
+            return Err(tampered(&self.dir)(OpenError::Mismatch { what: "patient" }));
         }
+        Ok(patient)
     }
 
     /// The patient a pseudonym was issued for (any target, any system).
-    pub fn patient_by_pseudonym(&self, value: &str) -> Result<Option<PatientRecord>, StoreError> {
-        let Some(bf) = self.state.by_psn.get(&self.key.index_bytes("psn", value.as_bytes())) else {
+    /// The patient whose pseudonym in `target` is `value`. Both indexes
+    /// on the way lie outside the encryption: the sealed pseudonym record
+    /// the first leads to must hold `value`, and the patient record the
+    /// second leads to must hold that filter, or the store was altered.
+    pub fn patient_by_pseudonym(&self, target: &str, value: &str) -> Result<Option<PatientRecord>, StoreError> {
+        let Some(bf) = self
+            .state
+            .by_psn
+            .get(&self.key.index_bytes("psn", value.as_bytes()))
+            .copied()
+        else {
             return Ok(None);
         };
-        match self.state.by_bf.get(bf) {
-            Some(id) => self.patient(&LocalId(id.to_string())),
-            None => Ok(None),
+        let Some(sealed) = self.state.pseudonyms.get(&(bf, target.to_string())) else {
+            return Ok(None);
+        };
+        if self.open_pseudonym(&bf, target, sealed)?.pseudonym.value != value {
+            return Err(tampered(&self.dir)(OpenError::Mismatch { what: "pseudonym" }));
         }
+        let Some(id) = self.state.by_bf.get(&bf).map(|id| LocalId(id.to_string())) else {
+            return Ok(None);
+        };
+        let patient = self.patient(&id)?;
+        if patient
+            .as_ref()
+            .is_some_and(|p| p.bloomfilter.as_ref().map(|b| self.key.index_bytes("bf", b.as_bytes())) != Some(bf))
+        {
+            return Err(tampered(&self.dir)(OpenError::Mismatch { what: "patient" }));
+        }
+        Ok(patient)
     }
 
     /// The patient a task names: by pseudonym, else by Bloom filter.
     pub fn find_patient(
         &self,
+        target: &str,
         pseudonym: Option<&crate::types::Pseudonym>,
         bloomfilter: Option<&BloomFilter>,
     ) -> Result<Option<PatientRecord>, StoreError> {
         if let Some(p) = pseudonym
-            && let Some(found) = self.patient_by_pseudonym(&p.value)?
+            && let Some(found) = self.patient_by_pseudonym(target, &p.value)?
         {
             return Ok(Some(found));
         }

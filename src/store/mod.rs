@@ -16,6 +16,7 @@
 //! reported with file and line, and the store refuses to open.
 
 mod batch;
+pub mod db;
 mod disk;
 mod forgotten;
 mod state;

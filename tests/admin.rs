@@ -4,6 +4,7 @@
 mod common;
 
 use common::Site;
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn bin() -> Command {
@@ -147,8 +148,8 @@ fn the_simulator_refuses_a_study_or_target_it_does_not_serve() {
 fn the_metrics_file_is_readable_by_others_and_always_has_the_expiry_gauge() {
     use std::os::unix::fs::PermissionsExt;
     let site = Site::new("xml");
-    let text = std::fs::read_to_string(&site.config).unwrap() + "metrics = \"metrics.prom\"\n";
-    std::fs::write(&site.config, text).unwrap();
+    let config = std::fs::read_to_string(&site.config).unwrap() + "metrics = \"metrics.prom\"\n";
+    std::fs::write(&site.config, config).unwrap();
     assert_eq!(site.cycle().0, 0);
     let path = site.dir.path().join("metrics.prom");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -158,6 +159,17 @@ fn the_metrics_file_is_readable_by_others_and_always_has_the_expiry_gauge() {
         metrics.contains("fttp_agent_seconds_until_soonest_expiry +Inf"),
         "{metrics}"
     );
+    // Read as another user (node_exporter's), where setpriv is there.
+    if Path::new("/usr/bin/setpriv").exists() {
+        std::fs::set_permissions(site.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), metrics);
+    }
 }
 
 #[test]

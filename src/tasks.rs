@@ -156,7 +156,9 @@ pub struct Scope<'a> {
 /// else goes through the Parameters model, which also words the
 /// rejections. Both give the same tasks (a property test checks this).
 pub fn parse_answer(format: Format, body: &[u8], scope: &Scope<'_>) -> Result<Vec<Result<Task, Rejected>>, FhirError> {
-    crate::fhir::limits::check(format, body)?;
+    // The XML scanner bounds what it builds itself (`typed_xml`), so the
+    // usual answer is read in one pass; anything else goes through
+    // `Parameters::parse`, which counts the structure first.
     if format == Format::Xml
         && let Some(tasks) = typed_xml(body, scope)
     {
@@ -168,9 +170,17 @@ pub fn parse_answer(format: Format, body: &[u8], scope: &Scope<'_>) -> Result<Ve
 /// The XML fast path alone: `None` where it leaves the document to the
 /// Parameters path (tests compare the two).
 pub fn typed_xml(body: &[u8], scope: &Scope<'_>) -> Option<Vec<Result<Task, Rejected>>> {
+    use crate::fhir::limits::{MAX_PARAMETERS, MAX_XML_ELEMENTS};
     // A task takes some 550 bytes of XML or more: sized once, not regrown.
-    let mut out = Vec::with_capacity(body.len() / 550 + 1);
+    let mut out = Vec::with_capacity((body.len() / 550 + 1).min(MAX_PARAMETERS));
+    // More tasks or parts than any answer holds: left to the Parameters
+    // path, whose structure count refuses the document.
+    let mut parts_seen = 0usize;
     crate::fhir::fast::scan_tasks_xml(body, |name, parts| {
+        parts_seen += parts.len();
+        if out.len() >= MAX_PARAMETERS || parts_seen > MAX_XML_ELEMENTS / 2 {
+            return None;
+        }
         // A task the Parameters path would reject goes back to it, which
         // words and keys the rejection.
         let task = typed(name, &Raw(parts)).and_then(|t| in_scope(t, scope)).ok()?;

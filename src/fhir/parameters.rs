@@ -179,9 +179,14 @@ impl Parameters {
     /// Reads a Parameters document: the fast path for the common shape,
     /// the generic element tree for anything else (same result either way).
     pub fn parse(format: Format, body: &[u8]) -> Result<Parameters, FhirError> {
-        super::limits::check(format, body)?;
+        // JSON is counted before serde builds anything; the XML scanner
+        // bounds what it builds itself, so the usual document is read once
+        // (the generic reader counts before it parses).
         let fast = match format {
-            Format::Json => super::fast::parameters_json(body),
+            Format::Json => {
+                super::limits::check(format, body)?;
+                super::fast::parameters_json(body)
+            }
             Format::Xml => super::fast::parameters_xml(body),
         };
         match fast {

@@ -19,6 +19,11 @@ struct Scanner<'a> {
     s: &'a str,
     b: &'a [u8],
     pos: usize,
+    /// Parameters and parts read into the model so far: past the caps of
+    /// `limits`, the document goes to the generic reader, which counts its
+    /// structure and refuses it (memory stays bounded without a second
+    /// pass over every usual document).
+    nodes: usize,
 }
 
 impl<'a> Scanner<'a> {
@@ -27,6 +32,7 @@ impl<'a> Scanner<'a> {
             s,
             b: s.as_bytes(),
             pos: 0,
+            nodes: 0,
         }
     }
 
@@ -208,7 +214,9 @@ pub fn parameters_xml(bytes: &[u8]) -> Option<Parameters> {
     loop {
         match sc.tag()? {
             Tag::Empty("id", attr) => out.id = Some(value_of(attr)??),
-            Tag::Start("parameter", None) => out.parameter.push(xml_parameter(&mut sc, "parameter", 0)?),
+            Tag::Start("parameter", None) if out.parameter.len() < crate::fhir::limits::MAX_PARAMETERS => {
+                out.parameter.push(xml_parameter(&mut sc, "parameter", 0)?);
+            }
             Tag::End("Parameters") => break,
             _ => return None,
         }
@@ -217,7 +225,8 @@ pub fn parameters_xml(bytes: &[u8]) -> Option<Parameters> {
 }
 
 fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parameter> {
-    if depth > MAX_DEPTH {
+    sc.nodes += 1;
+    if depth > MAX_DEPTH || sc.nodes > crate::fhir::limits::MAX_XML_ELEMENTS / 2 {
         return None;
     }
     let mut name: Option<std::borrow::Cow<'static, str>> = None;

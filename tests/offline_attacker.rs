@@ -223,3 +223,47 @@ fn swapped_index_values_are_a_damaged_store_never_a_send() {
         "IDAT was sent for the wrong patient"
     );
 }
+
+#[test]
+fn swapped_pseudonym_indexes_are_a_damaged_store_never_a_send() {
+    let site = Site::new("json");
+    site.import_patients();
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_PSN_A", None));
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(2), TARGET, "mii_PSN_B", None));
+    assert_eq!(site.cycle().0, 0);
+    site.store().compact().unwrap();
+    let snapshot = std::fs::read_to_string(site.dir.path().join("store/snapshot")).unwrap();
+    let psn_indexes: Vec<String> = snapshot
+        .lines()
+        .filter(|l| l.contains("\"t\":\"pseudonym\""))
+        .filter_map(|l| l.split("\"psn\":\"").nth(1).map(|rest| rest[..32].to_string()))
+        .collect();
+    assert_eq!(psn_indexes.len(), 2);
+    let (a, b) = (psn_indexes[0].clone(), psn_indexes[1].clone());
+    edit_snapshot(&site, |payload| {
+        if payload.contains(&a) {
+            payload.replace(&a, &b)
+        } else if payload.contains(&b) {
+            payload.replace(&b, &a)
+        } else {
+            payload.to_string()
+        }
+    });
+    // A send_idat by pseudonym only: the index now leads to the other one.
+    site.sim.add_task(sim::send_idat(
+        "by-psn",
+        Utc::now() + Duration::days(1),
+        Some("mii_PSN_A"),
+        None,
+        &[IdatElement::Family],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 5, "{out}");
+    assert!(
+        out.contains("a pseudonym record is not the one its index names"),
+        "{out}"
+    );
+    assert!(site.sim.state().received("$providePatientData").is_empty());
+}

@@ -267,3 +267,40 @@ fn swapped_pseudonym_indexes_are_a_damaged_store_never_a_send() {
     );
     assert!(site.sim.state().received("$providePatientData").is_empty());
 }
+
+#[test]
+fn an_old_write_replayed_after_forget_does_not_bring_the_patient_back() {
+    let site = Site::new("xml");
+    site.import_patients();
+    let journal = site.dir.path().join("store/journal");
+    // The write that holds the patients, as an attacker could have copied it.
+    let old: Vec<String> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
+    assert!(!old.is_empty());
+    assert_eq!(site.run(&["forget", "p1"]).status.code(), Some(0));
+    // Appended again after the erasure (its checksum is its own, no key needed).
+    let mut text = std::fs::read_to_string(&journal).unwrap();
+    for line in &old {
+        text.push_str(line);
+        text.push('\n');
+    }
+    std::fs::write(&journal, text).unwrap();
+    site.sim.add_task(sim::send_idat(
+        "replayed",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+    let (code, out) = site.cycle();
+    assert!(
+        site.sim.state().received("$providePatientData").is_empty(),
+        "the erased patient's IDAT was sent: {out}"
+    );
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(site.store().ledger("task:replayed").unwrap().outcome, "unknown_patient");
+}

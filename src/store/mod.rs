@@ -558,7 +558,20 @@ impl Store {
         })
     }
 
+    /// A patient's record. An erased patient is absent even if her record
+    /// is there: an erasure interrupted before the IDAT went, or an old
+    /// write replayed into the store, never leads to a send.
     pub fn patient(&self, id: &LocalId) -> Result<Option<PatientRecord>, StoreError> {
+        if self.is_forgotten(id) {
+            if self.state.patients.contains_key(id.0.as_str()) {
+                log::warn!(
+                    "patient {} was erased but her record is in the store again (an interrupted forget: run it \
+                     again; or a replayed write): treated as absent",
+                    id.fingerprint()
+                );
+            }
+            return Ok(None);
+        }
         self.state
             .patients
             .get(id.0.as_str())

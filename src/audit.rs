@@ -544,7 +544,12 @@ pub enum Verdict {
 /// start at the first record ever; and it must hold the head saved beside
 /// the last file (records cut off the end).
 pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<Verdict, AuditError> {
-    if let Some(order) = rotation_order(files) {
+    let verdict = verify_chain(files, key, partial)?;
+    // A break may be rotated files given newest first: then say so (looked
+    // at only after a break, so an intact log is read once).
+    if matches!(verdict, Verdict::Broken { .. })
+        && let Some(order) = rotation_order(files)
+    {
         let names: Vec<String> = order.iter().map(|f| f.display().to_string()).collect();
         return Ok(Verdict::Broken {
             file: files[0].clone(),
@@ -555,6 +560,10 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<V
             ),
         });
     }
+    Ok(verdict)
+}
+
+fn verify_chain(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<Verdict, AuditError> {
     let mut prev: Option<String> = None;
     let mut prev_seq: Option<u64> = None;
     let mut algorithm: Option<String> = None;
@@ -562,12 +571,15 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<V
     let mut count = 0;
     let mut seen: Vec<String> = Vec::new();
     let sha = Chain::Sha256;
+    // Lines of the last file read: where a cut-off end shows.
+    let mut last_lines = 0;
     for file in files {
         let text = std::fs::read_to_string(file).map_err(|source| AuditError {
             path: file.clone(),
             op: "read",
             source,
         })?;
+        last_lines = text.lines().count();
         for (i, line) in text.lines().enumerate() {
             let broken = |reason: String| Verdict::Broken {
                 file: file.clone(),
@@ -576,7 +588,7 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<V
             };
             let mut map = match crate::fhir::json::parse_strict(line.as_bytes()) {
                 Ok(serde_json::Value::Object(map)) => map,
-                Err(e) if e.to_string().starts_with("an object has the same key twice") => {
+                Err(e) if crate::fhir::json::is_duplicate_key(&e) => {
                     return Ok(broken(
                         "a field appears twice in this record (readers could disagree on its value)".into(),
                     ));
@@ -673,7 +685,7 @@ pub fn verify(files: &[PathBuf], key: Option<&Chain>, partial: bool) -> Result<V
             None => {
                 return Ok(Verdict::Broken {
                     file: file.clone(),
-                    line: text_lines(file) + 1,
+                    line: last_lines + 1,
                     reason: format!(
                         "the log ends here, but the head saved at its last sync is {}, which it does not hold: \
                          records were cut off the end, or the file was replaced",
@@ -705,21 +717,21 @@ fn rotation_order(files: &[PathBuf]) -> Option<Vec<PathBuf>> {
     if files.len() < 2 {
         return None;
     }
-    // Each file's first `prev` and last `hash`.
+    // Each file's first `prev` and last `hash` (its first line and tail).
     let ends: Vec<(String, String)> = files
         .iter()
         .map(|f| {
-            let text = std::fs::read_to_string(f).ok()?;
-            let field = |line: &str, name: &str| {
-                serde_json::from_str::<serde_json::Value>(line)
-                    .ok()?
-                    .get(name)?
-                    .as_str()
-                    .map(str::to_string)
-            };
-            let first = field(text.lines().next()?, "prev")?;
-            let last = field(text.lines().next_back()?, "hash")?;
-            Some((first, last))
+            use std::io::BufRead;
+            let mut first = String::new();
+            std::io::BufReader::new(File::open(f).ok()?)
+                .read_line(&mut first)
+                .ok()?;
+            let prev = serde_json::from_str::<serde_json::Value>(&first)
+                .ok()?
+                .get("prev")?
+                .as_str()?
+                .to_string();
+            Some((prev, last_record(f)?.hash))
         })
         .collect::<Option<_>>()?;
     let links = |a: usize, b: usize| ends[a].1 == ends[b].0;
@@ -771,10 +783,6 @@ pub fn rotated_files(path: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     }
     compressed.sort();
     (files, compressed)
-}
-
-fn text_lines(path: &Path) -> usize {
-    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
 }
 
 #[cfg(test)]

@@ -103,11 +103,17 @@ impl Auth {
 }
 
 impl OAuth {
-    fn secrets(&self) -> Vec<String> {
+    /// The client secret and the password-grant password.
+    fn own_secrets(&self) -> Vec<String> {
         let mut v = vec![self.client_secret.expose().to_string()];
         if let Some((_, p)) = &self.password_grant {
             v.push(p.expose().to_string());
         }
+        v
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        let mut v = self.own_secrets();
         if let Some((t, _)) = crate::lock(&self.cached).as_ref() {
             v.push(t.expose().to_string());
         }
@@ -115,13 +121,14 @@ impl OAuth {
     }
 
     fn token(&self, agent: &ureq::Agent) -> Result<String, TokenError> {
-        let redactor = crate::privacy::Redactor::with_credentials(&self.secrets());
         let mut cached = crate::lock(&self.cached);
         if let Some((t, until)) = cached.as_ref()
             && Instant::now() < *until
         {
             return Ok(t.expose().to_string());
         }
+        // (Only on a fetch: every request asks for the cached token.)
+        let redactor = crate::privacy::Redactor::with_credentials(&self.own_secrets());
         let mut form = vec![
             ("client_id", self.client_id.as_str()),
             ("client_secret", self.client_secret.expose()),

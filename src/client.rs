@@ -164,7 +164,6 @@ pub struct Client {
     agent: ureq::Agent,
     /// The token endpoint's: its own proxy decision (see `net::agent`).
     token_agent: ureq::Agent,
-    proxy: Option<String>,
     /// For the hint when a TLS 1.3 server drops us after the handshake,
     /// which is how a missing client certificate shows.
     mtls_hint: bool,
@@ -179,6 +178,9 @@ pub struct Client {
     bf_version: Option<String>,
     max_response_bytes: u64,
     retry: RetryPolicy,
+    /// Every credential of the configuration in every form (built once:
+    /// each call starts from a copy and adds what it sends).
+    redactor: Redactor,
 }
 
 impl Client {
@@ -189,14 +191,17 @@ impl Client {
             Some(url) => crate::net::agent(d, &url.0)?,
             None => agent.clone(),
         };
+        let auth = crate::auth::Auth::from_config(d)?;
+        let api_key = cfg.api_key().to_string();
+        let redactor = base_redactor(&auth, &api_key, d.proxy.as_ref().map(|p| p.expose()));
         Ok(Client {
+            redactor,
             agent,
             token_agent,
             mtls_hint: d.url.0.starts_with("https://") && d.client_cert.is_none(),
-            auth: crate::auth::Auth::from_config(d)?,
+            auth,
             base: d.url.0.clone(),
-            api_key: cfg.api_key().to_string(),
-            proxy: d.proxy.as_ref().map(|p| p.expose().to_string()),
+            api_key,
             api_key_header: d.api_key_header.0.clone(),
             api_key_in: d.api_key_in,
             format: d.format,
@@ -214,18 +219,7 @@ impl Client {
     }
 
     fn redactor(&self) -> Redactor {
-        let mut r = Redactor::with_credentials(&self.auth.secrets());
-        r.add_credential(&self.api_key);
-        // A transport error may quote the proxy URL, credentials included,
-        // and a proxy may echo its Basic credentials.
-        if let Some(proxy) = &self.proxy {
-            r.add(proxy);
-            if let Some((userinfo, password)) = proxy_credentials(proxy) {
-                r.add_credential(userinfo);
-                r.add_credential(password);
-            }
-        }
-        r
+        self.redactor.clone()
     }
 
     /// `$requestTasks` {study, target}: the open tasks of this site, typed;
@@ -493,6 +487,22 @@ fn refusal(op: Operation, format: Format, body: &[u8], redactor: &Redactor) -> R
         }
         _ => Ok(()),
     }
+}
+
+/// A redactor for every credential of the configuration: the API key, the
+/// authentication's secrets, and the proxy's (a transport error may quote
+/// the proxy URL, and a proxy may echo its Basic credentials).
+fn base_redactor(auth: &crate::auth::Auth, api_key: &str, proxy: Option<&str>) -> Redactor {
+    let mut r = Redactor::with_credentials(&auth.secrets());
+    r.add_credential(api_key);
+    if let Some(proxy) = proxy {
+        r.add(proxy);
+        if let Some((userinfo, password)) = proxy_credentials(proxy) {
+            r.add_credential(userinfo);
+            r.add_credential(password);
+        }
+    }
+    r
 }
 
 /// `user:password` and the password in `scheme://user:password@host`.

@@ -43,11 +43,12 @@ pub fn check_owner(cfg: &Config) -> Result<(), AppError> {
     }
 }
 
-/// One cycle with the store locked for its duration; with `purge`, the
-/// retention purge runs on the same open store afterwards. Then the metrics
-/// file (if configured) and the heartbeat are written.
-pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>, purge: bool) -> Result<CycleReport, AppError> {
-    cycle_then(cfg, client, stop, purge, drop)
+/// One cycle with the store locked for its duration; the first cycle of
+/// each day then runs the retention purge on the same open store (the
+/// heartbeat remembers the last, so a timer's `run --once` purges too).
+/// Then the metrics file (if configured) and the heartbeat are written.
+pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
+    cycle_then(cfg, client, stop, drop)
 }
 
 /// `cycle`, then `close` takes the store (everything in it is durable by
@@ -56,40 +57,30 @@ fn cycle_then(
     cfg: &Config,
     client: &Client,
     stop: Option<&Shutdown>,
-    purge: bool,
     close: fn(Store),
 ) -> Result<CycleReport, AppError> {
     let started = std::time::Instant::now();
     let mut store = open_store(cfg, LockMode::Try)?;
+    let mut last_purge = ops::read_heartbeat(store.dir()).and_then(|h| h.last_purge);
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let mut agent = Agent::new(cfg, client, &mut store, &mut audit);
     if let Some(s) = stop {
         agent = agent.with_shutdown(s.clone());
     }
     let result = agent.run_cycle();
-    let purged = purge
-        && match purge_old(cfg, &mut store, &mut audit) {
-            Ok(_) => true,
-            Err(e) => {
-                log::warn!("retention purge skipped: {e}");
-                false
-            }
-        };
-    after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok(), purged);
+    if last_purge.is_none_or(|t| Utc::now() - t >= chrono::Duration::days(1)) {
+        match purge_old(cfg, &mut store, &mut audit) {
+            Ok(_) => last_purge = Some(Utc::now()),
+            Err(e) => log::warn!("retention purge skipped: {e}"),
+        }
+    }
+    after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok(), last_purge);
     close(store);
     Ok(result?)
 }
 
 /// Metrics and heartbeat; their failure is logged, never fatal.
-/// Whether the daily retention purge is due: the heartbeat remembers the
-/// last one, so a timer's `run --once` purges too, once a day.
-fn purge_due(cfg: &Config) -> bool {
-    ops::read_heartbeat(&cfg.store.path)
-        .and_then(|h| h.last_purge)
-        .is_none_or(|t| Utc::now() - t >= chrono::Duration::days(1))
-}
-
-fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, purged: bool) {
+fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, last_purge: Option<chrono::DateTime<Utc>>) {
     if let Some(path) = &cfg.log.metrics
         && let Err(e) = crate::fsutil::write_atomic(path, ops::metrics(store, seconds, ok).as_bytes(), 0o644)
     {
@@ -98,14 +89,11 @@ fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, purged: bool
     let hb = ops::Heartbeat {
         pid: std::process::id(),
         cycle_end: Utc::now(),
+        cycle_ok: Some(ok),
         last_success: store.last_poll().and_then(|p| p.last_ok),
         next_poll: None,
         soonest_expiry: ops::soonest_open_expiry(store),
-        last_purge: if purged {
-            Some(Utc::now())
-        } else {
-            ops::read_heartbeat(store.dir()).and_then(|h| h.last_purge)
-        },
+        last_purge,
     };
     if let Err(e) = ops::write_heartbeat(store.dir(), &hb) {
         log::warn!("cannot write the heartbeat: {e}");
@@ -123,7 +111,7 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
         rec.tasks = Some(n);
         rec.detail = Some(format!(
             "finished ledger entries older than {}",
-            humanize(cfg.store.retention.0)
+            crate::config::format_duration(cfg.store.retention.0)
         ));
         audit.write(rec)?;
         audit.sync()?;
@@ -194,7 +182,7 @@ pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
     // the OS, as freeing 100,000 ledger entries and task outcomes one by one
     // took about half a second. (Every write is durable before this point;
     // the store's lock goes with the process.)
-    let report = cycle_then(cfg, &client, None, purge_due(cfg), std::mem::forget)?;
+    let report = cycle_then(cfg, &client, None, std::mem::forget)?;
     let code = report_exit(&report);
     std::mem::forget(report);
     Ok(code)
@@ -209,14 +197,10 @@ fn daemon_lock_path(cfg: &Config) -> std::path::PathBuf {
 /// Takes the daemon lock, or says which process holds it.
 fn daemon_lock(cfg: &Config) -> Result<std::fs::File, AppError> {
     use std::io::{Seek, Write as _};
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
+    // (In the store directory, which `run_daemon` has just opened.)
     let path = daemon_lock_path(cfg);
     let io = |e: std::io::Error| AppError::Other(format!("cannot take the daemon lock {}: {e}", path.display()));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.store.path)
-        .map_err(io)?;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -267,9 +251,12 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     }
     let client = Client::new(cfg)?;
     let interval = cfg.schedule.interval.0;
-    log::info!("daemon started; polling every {}", humanize(interval));
+    log::info!(
+        "daemon started; polling every {}",
+        crate::config::format_duration(interval)
+    );
     while !shutdown.requested() {
-        match cycle(cfg, &client, Some(&shutdown), purge_due(cfg)) {
+        match cycle(cfg, &client, Some(&shutdown)) {
             Ok(report) => {
                 report_exit(&report);
             }
@@ -631,7 +618,6 @@ pub fn tasks(
 /// exit 0 ok, 1 warning, 2 critical.
 pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
     let rules = ops::StatusRules {
-        interval: cfg.schedule.interval.0,
         stale_after: cfg.schedule.stale_after(),
         list_at_most: (!all).then_some(20),
         warn_before: cfg.schedule.warn_before.0,
@@ -822,7 +808,7 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
     }
     println!("running one cycle against the simulator ({})", format.mime());
     let client = Client::new(&cfg)?;
-    let report = cycle(&cfg, &client, None, false)?;
+    let report = cycle(&cfg, &client, None)?;
     print!("{}", demo::summary(&report));
 
     let st = sim.state();

@@ -216,11 +216,14 @@ fn quiet_on_broken_pipe() {
     }));
 }
 
+/// What process hardening could not do (a container may forbid it).
+static HARDENING_FAILED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
     quiet_on_broken_pipe();
-    // Before anything secret is read (and again in `load`, to log what
-    // failed once the logger is up).
-    fttp_agent::harden::process();
+    // Before anything secret is read; what failed is logged by `load`, once
+    // the logger is up.
+    let _ = HARDENING_FAILED.set(fttp_agent::harden::process());
     let cli = Cli::parse();
     let code = match dispatch(cli) {
         Ok(code) => code,
@@ -243,7 +246,7 @@ fn load(cli: &Cli) -> Result<Config, AppError> {
     let cfg = Config::load(&path)?;
     let level = cli.log_level.unwrap_or(cfg.log.level);
     fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref(), cfg.log.format).map_err(AppError::Other)?;
-    for w in cfg.warnings.iter().chain(&fttp_agent::harden::process()) {
+    for w in cfg.warnings.iter().chain(HARDENING_FAILED.get().into_iter().flatten()) {
         log::warn!("{w}");
     }
     Ok(cfg)

@@ -280,6 +280,10 @@ pub fn fhir_bundle(entries: &[&LedgerEntry]) -> Resource {
 pub struct Heartbeat {
     pub pid: u32,
     pub cycle_end: DateTime<Utc>,
+    /// Whether that cycle succeeded (absent in heartbeats before it was
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycle_ok: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success: Option<DateTime<Utc>>,
     /// When the daemon will poll next (absent for `run --once`).
@@ -367,13 +371,25 @@ pub struct StatusReport {
 }
 
 pub struct StatusRules {
-    pub interval: Duration,
     /// The last successful poll older than this is critical.
     pub stale_after: Duration,
     /// Open tasks listed (all of them are counted).
     pub list_at_most: Option<usize>,
     pub warn_before: Duration,
     pub critical_failed_polls: u32,
+}
+
+/// The critical warning for an agent whose last successful poll, at
+/// `last_ok`, is older than `[schedule] stale_after`: it stopped polling.
+fn stale(last_ok: DateTime<Utc>, now: DateTime<Utc>, rules: &StatusRules) -> Option<String> {
+    let stale_after = chrono::Duration::from_std(rules.stale_after).unwrap_or(chrono::Duration::days(1));
+    (now - last_ok > stale_after).then(|| {
+        format!(
+            "CRITICAL: no successful poll for {} ([schedule] stale_after {}): is the timer or daemon running?",
+            human(now - last_ok),
+            crate::config::format_duration(rules.stale_after)
+        )
+    })
 }
 
 /// `status` while a cycle holds the store: what the heartbeat of the last
@@ -385,17 +401,13 @@ pub fn status_from_heartbeat(heartbeat: Option<&Heartbeat>, pid: Option<u32>, ru
         "a cycle is running{}: figures from the last finished cycle; open tasks are not listed",
         pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )];
-    let stale_after = chrono::Duration::from_std(rules.stale_after).unwrap_or(chrono::Duration::days(1));
     match heartbeat.and_then(|h| h.last_success) {
-        Some(t) if now - t > stale_after => {
-            health = Health::Critical;
-            warnings.push(format!(
-                "CRITICAL: no successful poll for {} ([schedule] stale_after {})",
-                human(now - t),
-                crate::config::format_duration(rules.stale_after)
-            ));
+        Some(t) => {
+            if let Some(w) = stale(t, now, rules) {
+                health = Health::Critical;
+                warnings.push(w);
+            }
         }
-        Some(_) => {}
         None => {
             health = Health::Warning;
             warnings.push("no successful poll recorded yet".into());
@@ -404,7 +416,7 @@ pub fn status_from_heartbeat(heartbeat: Option<&Heartbeat>, pid: Option<u32>, ru
     StatusReport {
         health,
         last_poll: heartbeat.map(|h| ts(h.cycle_end)),
-        last_poll_ok: heartbeat.is_some_and(|h| h.last_success == Some(h.cycle_end)),
+        last_poll_ok: heartbeat.and_then(|h| h.cycle_ok).unwrap_or(false),
         last_poll_detail: None,
         failed_polls_in_a_row: 0,
         last_successful_poll: heartbeat.and_then(|h| h.last_success).map(ts),
@@ -428,20 +440,8 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
     let poll = store.last_poll();
     // Known only for the daemon; a timer's or cron's next run is theirs.
     let next_poll = heartbeat.and_then(|h| h.next_poll);
-    let stale_after = chrono::Duration::from_std(rules.stale_after).unwrap_or(chrono::Duration::days(1));
-    let last_ok = poll.and_then(|p| p.last_ok);
-    if let Some(t) = last_ok
-        && now - t > stale_after
-    {
-        raise(
-            Health::Critical,
-            format!(
-                "CRITICAL: no successful poll for {} ([schedule] stale_after {}): is the timer or daemon running?",
-                human(now - t),
-                crate::config::format_duration(rules.stale_after)
-            ),
-            &mut warnings,
-        );
+    if let Some(w) = poll.and_then(|p| p.last_ok).and_then(|t| stale(t, now, rules)) {
+        raise(Health::Critical, w, &mut warnings);
     }
     match poll {
         None => raise(Health::Warning, "the agent has never polled".into(), &mut warnings),

@@ -389,3 +389,26 @@ fn import_checks_coded_values_and_keeps_lists() {
     assert!(json.contains(r#""line":["Hauptstr. 1","Hinterhaus"]"#), "{json}");
     assert!(json.contains("v3-NullFlavor"), "{json}");
 }
+
+#[test]
+fn the_dry_run_follows_the_same_rules_as_a_cycle() {
+    // retry_delay 1h: a transient error waits out its backoff.
+    let site = Site::with("xml", SimOptions::default(), "retry_delay = \"1h\"");
+    site.import_patients();
+    site.queue_repeat_requests(1..=1);
+    site.sim.state().bf_errors.insert(bf(1), "throttled".into());
+    queue_send(&site, "nothing-on-file", &[IdatElement::Prefix]);
+    assert_eq!(site.cycle().0, 1);
+    let out = site.run(&["run", "--once", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |task: &str| text.lines().find(|l| l.contains(task)).unwrap_or_default().to_string();
+    assert!(line("sha256:").contains("wait (backoff)"), "{text}");
+    assert!(
+        line("nothing-on-file").contains("wait") && line("nothing-on-file").contains("none of the requested"),
+        "{text}"
+    );
+    // And the cycle does what it said: nothing sent.
+    let requests = (psn_requests(&site), sends(&site));
+    assert_eq!(site.cycle().0, 1);
+    assert_eq!((psn_requests(&site), sends(&site)), requests);
+}

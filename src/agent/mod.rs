@@ -130,6 +130,34 @@ pub struct Agent<'a> {
     pending: Vec<(Record, u64)>,
 }
 
+/// Why an open task is given up, if it is: one without `expires` (the
+/// guide allows it) would otherwise be tried forever, and so would one
+/// answered with an error code nobody knows.
+fn give_up(d: &crate::config::Dispatcher, e: &LedgerEntry, now: chrono::DateTime<Utc>) -> Option<String> {
+    let unknown_error = e.outcome == "unknown_error";
+    if e.expires.is_some() && !unknown_error {
+        return None;
+    }
+    if e.attempts >= d.max_task_attempts.0 {
+        return Some(format!(
+            "{} attempts without a result{} ([dispatcher] max_task_attempts)",
+            e.attempts,
+            if unknown_error {
+                ", the last answered with an unknown error code"
+            } else {
+                " and no expiry"
+            }
+        ));
+    }
+    let age = (now - e.first_seen).to_std().unwrap_or_default();
+    (e.expires.is_none() && age > d.max_task_age.0).then(|| {
+        format!(
+            "open for {} days with no expiry ([dispatcher] max_task_age)",
+            age.as_secs() / 86_400
+        )
+    })
+}
+
 /// Whether a task answered with a transient (or unknown) error waits before
 /// it is tried again: `[dispatcher] retry_delay` after the first attempt,
 /// doubling with each attempt, at most a day; its expiry still bounds it.
@@ -429,7 +457,7 @@ impl<'a> Agent<'a> {
                 self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
                 continue;
             }
-            if let Some(why) = self.give_up(&e, now) {
+            if let Some(why) = give_up(&self.cfg.dispatcher, &e, now) {
                 let mut done = e;
                 done.status = Status::Closed;
                 log::warn!("[{} {}] gave up: {why}", done.kind.as_str(), done.display_id);
@@ -528,35 +556,6 @@ impl<'a> Agent<'a> {
             .store
             .find_patient(self.target(), pseudonym.as_ref(), bloomfilter.as_ref())?;
         Ok(patient.is_some_and(|p| p.updated > e.updated))
-    }
-
-    /// Why an open task is given up, if it is: one without `expires` (the
-    /// guide allows it) would otherwise be tried forever, and so would one
-    /// answered with an error code nobody knows.
-    fn give_up(&self, e: &LedgerEntry, now: chrono::DateTime<Utc>) -> Option<String> {
-        let d = &self.cfg.dispatcher;
-        let unknown_error = e.outcome == "unknown_error";
-        if e.expires.is_some() && !unknown_error {
-            return None;
-        }
-        if e.attempts >= d.max_task_attempts.0 {
-            return Some(format!(
-                "{} attempts without a result{} ([dispatcher] max_task_attempts)",
-                e.attempts,
-                if unknown_error {
-                    ", the last answered with an unknown error code"
-                } else {
-                    " and no expiry"
-                }
-            ));
-        }
-        let age = (now - e.first_seen).to_std().unwrap_or_default();
-        (e.expires.is_none() && age > d.max_task_age.0).then(|| {
-            format!(
-                "open for {} days with no expiry ([dispatcher] max_task_age)",
-                age.as_secs() / 86_400
-            )
-        })
     }
 
     fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {

@@ -46,16 +46,33 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                         action: "skip (duplicate)".into(),
                         why: format!("already {} ({})", e.status.as_str(), e.outcome),
                     });
-                } else {
+                } else if store.ledger(&key).is_none() {
                     tasks.push((t, "received now".into()));
                 }
+                // (Open in the ledger already: planned below, by its entry.)
             }
         }
     }
     for e in store.ledger_entries().filter(|e| !e.status.is_terminal()) {
-        if let Some(t) = &e.task
-            && seen.insert(e.key.clone())
-        {
+        // The cycle's own rules for open tasks: given up, or waiting out a
+        // backoff, they are not sent.
+        let waits = if let Some(why) = super::give_up(&cfg.dispatcher, e, now) {
+            Some(("give up".to_string(), why))
+        } else if super::waits_out_backoff(e, now, cfg.dispatcher.retry_delay.0) {
+            Some(("wait (backoff)".to_string(), format!("after a {}", e.outcome)))
+        } else {
+            None
+        };
+        if let Some((action, why)) = waits {
+            plans.push(Plan {
+                kind: e.kind,
+                task: e.display_id.clone(),
+                action,
+                why,
+            });
+            continue;
+        }
+        if let Some(t) = &e.task {
             tasks.push((
                 t.clone(),
                 format!("open in the ledger ({}, {})", e.status.as_str(), e.outcome),
@@ -89,6 +106,13 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                     elements,
                     ..
                 } => match store.find_patient(cfg.site.target.as_str(), pseudonym.as_ref(), bloomfilter.as_ref())? {
+                    Some(p) if elements.iter().all(|e| p.idat.get(*e).is_none()) => (
+                        "wait".to_string(),
+                        format!(
+                            "patient {}: none of the requested element(s) on file (unknown_patient)",
+                            p.local_id.fingerprint()
+                        ),
+                    ),
                     Some(p) => {
                         let have: Vec<&str> = elements
                             .iter()

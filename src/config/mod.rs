@@ -520,8 +520,10 @@ impl Config {
                 message: format!("[dispatcher] no API key: set api_key_file, api_key or {ENV_API_KEY}"),
             });
         }
-        let url = &self.dispatcher.url.0;
-        if url.starts_with("http://") && !self.dispatcher.allow_insecure_http && !is_loopback_url(url) {
+        // Plain http only to loopback, unless a test setup opts in.
+        let insecure =
+            |url: &str| url.starts_with("http://") && !self.dispatcher.allow_insecure_http && !is_loopback_url(url);
+        if insecure(&self.dispatcher.url.0) {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 message: "[dispatcher] url uses plain http:// to a host that is not loopback: IDAT would cross \
@@ -529,11 +531,7 @@ impl Config {
                     .into(),
             });
         }
-        if let Some(token_url) = &self.dispatcher.auth.token_url
-            && token_url.0.starts_with("http://")
-            && !self.dispatcher.allow_insecure_http
-            && !is_loopback_url(&token_url.0)
-        {
+        if self.dispatcher.auth.token_url.as_ref().is_some_and(|u| insecure(&u.0)) {
             return Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 message: "[dispatcher.auth] token_url uses plain http:// to a host that is not loopback: the \

@@ -25,6 +25,14 @@ pub fn parse_strict(bytes: &[u8]) -> Result<J, serde_json::Error> {
     serde_json::from_slice::<Strict>(bytes).map(|s| s.0)
 }
 
+/// What `parse_strict` says of a key given twice.
+const DUPLICATE_KEY: &str = "an object has the same key twice";
+
+/// Whether `parse_strict` refused a document for a key given twice.
+pub fn is_duplicate_key(e: &serde_json::Error) -> bool {
+    e.to_string().starts_with(DUPLICATE_KEY)
+}
+
 struct Strict(J);
 
 impl<'de> serde::Deserialize<'de> for Strict {
@@ -74,7 +82,7 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
                 // (The key is not quoted: it may be anything.)
-                return Err(serde::de::Error::custom("an object has the same key twice"));
+                return Err(serde::de::Error::custom(DUPLICATE_KEY));
             }
             let Strict(v) = map.next_value()?;
             out.insert(key, v);
@@ -90,9 +98,7 @@ fn classify(e: &serde_json::Error) -> &'static str {
     match e.classify() {
         Category::Io => "read error",
         Category::Syntax => "syntax error",
-        Category::Data if e.to_string().starts_with("an object has the same key twice") => {
-            "an object has the same key twice"
-        }
+        Category::Data if is_duplicate_key(e) => DUPLICATE_KEY,
         Category::Data => "unexpected data",
         Category::Eof => "truncated document",
     }

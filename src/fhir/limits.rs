@@ -23,45 +23,28 @@ pub const MAX_PARAMETERS: usize = 250_000;
 
 /// Refuses a document with more structure than any dispatcher answer has.
 pub fn check(format: Format, body: &[u8]) -> Result<(), FhirError> {
-    match format {
+    // (count, cap, what is counted)
+    let counts: Vec<(usize, usize, &'static str)> = match format {
         Format::Json => {
             let (containers, values, top) = json_counts(body);
-            if top > MAX_PARAMETERS {
-                return Err(FhirError::TooMuch {
-                    what: "parameters",
-                    limit: MAX_PARAMETERS,
-                });
-            }
-            if containers > MAX_JSON_CONTAINERS {
-                return Err(FhirError::TooMuch {
-                    what: "JSON objects and arrays",
-                    limit: MAX_JSON_CONTAINERS,
-                });
-            }
-            if values > MAX_JSON_VALUES {
-                return Err(FhirError::TooMuch {
-                    what: "JSON values",
-                    limit: MAX_JSON_VALUES,
-                });
-            }
+            vec![
+                (top, MAX_PARAMETERS, "parameters"),
+                (containers, MAX_JSON_CONTAINERS, "JSON objects and arrays"),
+                (values, MAX_JSON_VALUES, "JSON values"),
+            ]
         }
         Format::Xml => {
             let (elements, top) = xml_counts(body);
-            if elements > MAX_XML_ELEMENTS {
-                return Err(FhirError::TooMuch {
-                    what: "XML elements",
-                    limit: MAX_XML_ELEMENTS,
-                });
-            }
-            if top > MAX_PARAMETERS {
-                return Err(FhirError::TooMuch {
-                    what: "parameters",
-                    limit: MAX_PARAMETERS,
-                });
-            }
+            vec![
+                (top, MAX_PARAMETERS, "parameters"),
+                (elements, MAX_XML_ELEMENTS, "XML elements"),
+            ]
         }
+    };
+    match counts.into_iter().find(|(n, cap, _)| n > cap) {
+        Some((_, limit, what)) => Err(FhirError::TooMuch { what, limit }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Objects and arrays; all values (containers, and a scalar before each

@@ -182,16 +182,19 @@ impl Parameters {
         // JSON is counted before serde builds anything; the XML scanner
         // bounds what it builds itself, so the usual document is read once
         // (the generic reader counts before it parses).
-        let fast = match format {
+        match format {
             Format::Json => {
                 super::limits::check(format, body)?;
-                super::fast::parameters_json(body)
+                match super::fast::parameters_json(body) {
+                    Some(p) => Ok(p),
+                    // (Counted already: not a second time.)
+                    None => Parameters::from_resource(&super::json::parse(body)?),
+                }
             }
-            Format::Xml => super::fast::parameters_xml(body),
-        };
-        match fast {
-            Some(p) => Ok(p),
-            None => Parameters::parse_generic(format, body),
+            Format::Xml => match super::fast::parameters_xml(body) {
+                Some(p) => Ok(p),
+                None => Parameters::parse_generic(format, body),
+            },
         }
     }
 

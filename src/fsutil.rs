@@ -6,8 +6,10 @@ use std::path::Path;
 
 /// Writes `bytes` to `path` atomically: a new temp file beside it (created
 /// exclusively, so a planted file or symlink of that name is never
-/// followed or overwritten), fsynced, renamed over `path`. `mode` is the
-/// new file's (e.g. 0644 for a metrics file another user reads).
+/// followed or overwritten), fsynced, renamed over `path`, and the rename
+/// made durable by an fsync of the directory (a power loss must not take
+/// back, say, an erased patient's tombstone). `mode` is the new file's
+/// (e.g. 0644 for a metrics file another user reads).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let name = path
         .file_name()
@@ -31,8 +33,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return written;
     }
-    written
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -323,7 +323,7 @@ fn store_child(dir: &Path, n: u32) {
     let start = Instant::now();
     let store = Store::open(&dir.join("store"), LockMode::Try, key).unwrap();
     let open = start.elapsed().as_secs_f64();
-    assert_eq!(store.patient_count(), n as usize);
+    assert_eq!(store.patient_count().unwrap(), n as usize);
     let probes: Vec<BloomFilter> = (0..10_000u32)
         .map(|i| sample_bloomfilter((i.wrapping_mul(7919)) % n))
         .collect();
@@ -394,7 +394,6 @@ fn store_section(n: u32, import_rows: u32) {
             }
         }
         store.write(batch).unwrap();
-        store.compact().unwrap();
     }
     let size: u64 = std::fs::read_dir(dir.join("store"))
         .unwrap()

@@ -23,8 +23,25 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
     check_owner(cfg)?;
     let key = cfg.store_key()?;
     let mut store = Store::open(&cfg.store.path, mode, key)?;
-    store.set_compact_after(cfg.store.compact_after);
+    finish_migration(cfg, &mut store)?;
     Ok(store)
+}
+
+/// A store just converted from the files of a release before the database
+/// (or converted by a run that ended before this): the migration goes into
+/// the audit log, and only then are the old files retired (`.v1`).
+fn finish_migration(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
+    let Some(report) = store.pending_migration() else {
+        return Ok(());
+    };
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut rec = AuditRecord::new("store", "migrated", cfg.site.target.as_str());
+    rec.detail = Some(format!("store files converted to the database: {}", report.describe()));
+    audit.write(rec)?;
+    audit.sync()?;
+    store.finish_migration()?;
+    log::info!("store migrated to the database; the old files are kept with a .v1 suffix");
+    Ok(())
 }
 
 /// Refuses to work on a store or audit log another user owns (see `owner`).
@@ -178,11 +195,10 @@ pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
         }
         return Ok(exit::OK);
     }
-    // The process ends after this cycle: its store and report are left to
+    // The process ends after this cycle: its ledger and report are left to
     // the OS, as freeing 100,000 ledger entries and task outcomes one by one
-    // took about half a second. (Every write is durable before this point;
-    // the store's lock goes with the process.)
-    let report = cycle_then(cfg, &client, None, std::mem::forget)?;
+    // took about half a second. (Every write is durable before this point.)
+    let report = cycle_then(cfg, &client, None, Store::close_and_exit_soon)?;
     let code = report_exit(&report);
     std::mem::forget(report);
     Ok(code)
@@ -241,11 +257,12 @@ fn running_daemon(cfg: &Config) -> Option<Option<u32>> {
 /// open task would otherwise expire before the next poll. A failed cycle is
 /// logged and does not end the loop; SIGTERM/SIGINT end it between cycles.
 pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
+    // (First: a SIGTERM while the store opens ends the daemon cleanly.)
+    let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
     // A store this configuration cannot open (wrong key, newer format)
     // ends the daemon before it leaves any trace in the store directory.
     drop(open_store(cfg, LockMode::Wait)?);
     let _running = daemon_lock(cfg)?;
-    let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
     if let Err(e) = crate::logger::reopen_on_sighup() {
         log::warn!("cannot install the SIGHUP handler (log files will not reopen): {e}");
     }
@@ -264,7 +281,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
             Err(
                 e @ AppError::Config(_)
                 | e @ AppError::Key(_)
-                | e @ AppError::Store(StoreError::WrongKey { .. } | StoreError::Version { .. }),
+                | e @ AppError::Store(StoreError::WrongKey { .. } | StoreError::Newer { .. }),
             ) => {
                 // Nothing a later cycle could fix by itself.
                 return Err(e);
@@ -316,13 +333,13 @@ pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {
     if offline {
         return check_offline(cfg);
     }
-    let store = open_store(cfg, LockMode::Try)?;
-    let patients = store.patient_count();
-    let with_bf = store.patients_with_bloomfilter();
+    let store = open_store(cfg, LockMode::Read)?;
+    let patients = store.patient_count()?;
+    let with_bf = store.patients_with_bloomfilter()?;
     let open = store.ledger_entries().filter(|e| !e.status.is_terminal()).count();
     println!(
         "store: ok ({patients} patient(s), {with_bf} with a Bloom filter, {} pseudonym(s), {} task(s) in the ledger, {open} open)",
-        store.pseudonym_count(),
+        store.pseudonym_count()?,
         store.ledger_entries().count()
     );
     drop(store);
@@ -367,11 +384,11 @@ fn check_offline(cfg: &Config) -> Result<u8, AppError> {
         println!("audit HMAC key: ok");
     }
     if cfg.store.path.exists() {
-        let store = Store::open(&cfg.store.path, LockMode::Try, key)?;
+        let store = Store::open(&cfg.store.path, LockMode::Read, key)?;
         println!(
             "store: ok ({} patient(s), {} pseudonym(s), {} task(s) in the ledger)",
-            store.patient_count(),
-            store.pseudonym_count(),
+            store.patient_count()?,
+            store.pseudonym_count()?,
             store.ledger_entries().count()
         );
     } else {
@@ -591,7 +608,7 @@ pub fn tasks(
     format: TasksFormat,
 ) -> Result<u8, AppError> {
     let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
-    let store = open_store(cfg, LockMode::Wait)?;
+    let store = open_store(cfg, LockMode::Read)?;
     let mut entries: Vec<_> = store
         .ledger_entries()
         .filter(|e| status.is_none_or(|s| e.status == s))
@@ -626,10 +643,21 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
     let heartbeat = ops::read_heartbeat(&cfg.store.path);
     // Never wait for a running cycle (monitoring wants an answer within
     // seconds), and a store that cannot be read is critical, said so.
-    let report = match open_store(cfg, LockMode::Try) {
-        Ok(store) => ops::status(&store, heartbeat.as_ref(), &rules),
-        Err(AppError::Store(StoreError::Locked { pid, .. })) => {
-            ops::status_from_heartbeat(heartbeat.as_ref(), pid, &rules)
+    // (A reader: never waits for a running cycle, and sees its last
+    // committed write.)
+    let report = match open_store(cfg, LockMode::Read) {
+        Ok(store) => {
+            let mut report = ops::status(&store, heartbeat.as_ref(), &rules);
+            if let Some(pid) = crate::store::writer(&cfg.store.path) {
+                report.warnings.insert(
+                    0,
+                    format!(
+                        "a cycle is running{}: figures as of its last committed write",
+                        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+                    ),
+                );
+            }
+            report
         }
         Err(e) => {
             let message = format!("CRITICAL: cannot read the store: {e}");
@@ -703,6 +731,24 @@ pub fn purge(cfg: &Config) -> Result<u8, AppError> {
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
     let n = purge_old(cfg, &mut store, &mut audit)?;
     println!("purged {n} finished ledger entr{}", if n == 1 { "y" } else { "ies" });
+    Ok(exit::OK)
+}
+
+/// An online copy of the store (see `Store::backup`), audited.
+pub fn backup(cfg: &Config, dest: &Path) -> Result<u8, AppError> {
+    let store = open_store(cfg, LockMode::Read)?;
+    let file = store.backup(dest)?;
+    drop(store);
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut rec = AuditRecord::new("store", "backed_up", cfg.site.target.as_str());
+    rec.detail = Some(format!("a copy of the store was written to {}", dest.display()));
+    audit.write(rec)?;
+    audit.sync()?;
+    println!(
+        "store copied to {} ({} bytes); the store key is not in it: keep a copy of [store] key_file apart",
+        file.display(),
+        std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0)
+    );
     Ok(exit::OK)
 }
 

@@ -15,12 +15,13 @@ pub const POINTS: &[&str] = &[
     "send:after",
     "batch:before",
     "batch:after",
-    "journal:torn",
-    "journal:written",
-    "snapshot:tmp",
-    "snapshot:installed",
+    "store:committing",
+    "store:committed",
     "cycle:end",
 ];
+
+/// The points of a store's migration from the files before the database.
+pub const MIGRATION_POINTS: &[&str] = &["migrate:written", "migrate:installed"];
 
 #[cfg(debug_assertions)]
 pub fn hit(point: &str) {

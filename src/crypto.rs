@@ -94,6 +94,7 @@ impl OpenError {
     }
 }
 
+#[derive(Clone)]
 pub struct StoreKey {
     aead: LessSafeKey,
     mac: hmac::Key,

@@ -108,7 +108,7 @@ pub fn enroll(
     }
     let target = cfg.site.target.as_str();
     let mut todo: Vec<(LocalId, BloomFilter)> = Vec::new();
-    for id in store.without_pseudonym(target) {
+    for id in store.without_pseudonym(target)? {
         if opts.limit.is_some_and(|n| todo.len() >= n) {
             break;
         }
@@ -119,7 +119,7 @@ pub fn enroll(
         let Some(bf) = store.patient(&id)?.and_then(|p| p.bloomfilter) else {
             continue;
         };
-        match store.enrolment(&id, Some(&bf)) {
+        match store.enrolment(&id, Some(&bf))? {
             None => {}
             Some(e) if !e.same_filter => {
                 report.changed += 1;
@@ -157,7 +157,6 @@ pub fn enroll(
     }
     progress.finish();
     audit.sync()?;
-    store.maybe_compact()?;
     Ok(report)
 }
 
@@ -276,7 +275,7 @@ fn enrolment_verdict(code: &crate::tasks::ErrorCode) -> (&'static str, Enrolment
 
 fn compute_missing(store: &mut Store, encoder: &RecordEncoder, report: &mut EnrollReport) -> Result<(), StoreError> {
     let mut pending = Vec::new();
-    for id in store.without_bloomfilter() {
+    for id in store.without_bloomfilter()? {
         let Some(p) = store.patient(&id)? else { continue };
         match encoder.encode(&p.idat) {
             Ok(bf) => {
@@ -340,7 +339,7 @@ pub fn update_bf(
     // Filters that changed locally only, written a thousand at a time (a
     // new configuration changes every patient's).
     let mut local: Vec<Record> = Vec::new();
-    for id in store.local_ids() {
+    for id in store.local_ids()? {
         if limit.is_some_and(|n| sent >= n) {
             break;
         }
@@ -376,7 +375,7 @@ pub fn update_bf(
         };
         let Some(psn) = store.pseudonym(&old, target)? else {
             if store
-                .enrolment(&id, Some(&old))
+                .enrolment(&id, Some(&old))?
                 .is_some_and(|e| e.status != EnrolmentStatus::Error)
             {
                 report.waiting += 1;
@@ -430,6 +429,5 @@ pub fn update_bf(
     }
     store.write(local)?;
     audit.sync()?;
-    store.maybe_compact()?;
     Ok(report)
 }

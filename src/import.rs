@@ -117,7 +117,6 @@ pub fn import_file(
         Ok(())
     })?;
     store.write(pending)?;
-    store.maybe_compact()?;
     progress.finish();
     Ok(report)
 }

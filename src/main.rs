@@ -59,6 +59,10 @@ enum Command {
         #[arg(long)]
         undo: bool,
     },
+    /// Copy the store, consistently, into the new directory DEST (also while
+    /// the daemon runs); point [store] path at it to restore. The store key
+    /// is not in the copy: back it up separately
+    Backup { dest: PathBuf },
     /// Validate config and store, and check that the dispatcher accepts our API key
     Check {
         /// Check config, keys, store, audit log and permissions without
@@ -259,6 +263,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Status { format, all } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json), *all),
         Command::Purge => commands::purge(&load(&cli)?),
         Command::Forget { local_id, undo } => commands::forget(&load(&cli)?, local_id, *undo),
+        Command::Backup { dest } => commands::backup(&load(&cli)?, dest),
         Command::Check { offline } => commands::check(&load(&cli)?, *offline),
         Command::Import { file } => commands::import(&load(&cli)?, file),
         Command::Bloom { file } => commands::bloom(&load(&cli)?, file),

@@ -392,43 +392,6 @@ fn stale(last_ok: DateTime<Utc>, now: DateTime<Utc>, rules: &StatusRules) -> Opt
     })
 }
 
-/// `status` while a cycle holds the store: what the heartbeat of the last
-/// cycle says (the store is not waited for: monitoring wants an answer).
-pub fn status_from_heartbeat(heartbeat: Option<&Heartbeat>, pid: Option<u32>, rules: &StatusRules) -> StatusReport {
-    let now = Utc::now();
-    let mut health = Health::Ok;
-    let mut warnings = vec![format!(
-        "a cycle is running{}: figures from the last finished cycle; open tasks are not listed",
-        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-    )];
-    match heartbeat.and_then(|h| h.last_success) {
-        Some(t) => {
-            if let Some(w) = stale(t, now, rules) {
-                health = Health::Critical;
-                warnings.push(w);
-            }
-        }
-        None => {
-            health = Health::Warning;
-            warnings.push("no successful poll recorded yet".into());
-        }
-    }
-    StatusReport {
-        health,
-        last_poll: heartbeat.map(|h| ts(h.cycle_end)),
-        last_poll_ok: heartbeat.and_then(|h| h.cycle_ok).unwrap_or(false),
-        last_poll_detail: None,
-        failed_polls_in_a_row: 0,
-        last_successful_poll: heartbeat.and_then(|h| h.last_success).map(ts),
-        next_poll: heartbeat.and_then(|h| h.next_poll).map(ts),
-        outcomes: BTreeMap::new(),
-        enrolments: BTreeMap::new(),
-        open_tasks: 0,
-        pending: Vec::new(),
-        warnings,
-    }
-}
-
 pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules) -> StatusReport {
     let now = Utc::now();
     let mut warnings = Vec::new();
@@ -508,6 +471,17 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
             &mut warnings,
         );
     }
+    let enrolments = match store.enrolment_counts() {
+        Ok(counts) => counts.into_iter().map(|(k, v)| (k.as_str().to_string(), v)).collect(),
+        Err(e) => {
+            raise(
+                Health::Critical,
+                format!("cannot read the enrolments: {e}"),
+                &mut warnings,
+            );
+            BTreeMap::new()
+        }
+    };
     StatusReport {
         health,
         last_poll: poll.map(|p| ts(p.at)),
@@ -517,11 +491,7 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
         last_successful_poll: poll.and_then(|p| p.last_ok).map(ts),
         next_poll: next_poll.map(ts),
         outcomes,
-        enrolments: store
-            .enrolment_counts()
-            .into_iter()
-            .map(|(k, v)| (k.as_str().to_string(), v))
-            .collect(),
+        enrolments,
         open_tasks,
         pending,
         warnings,

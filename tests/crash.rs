@@ -178,21 +178,6 @@ fn a_resend_of_a_delivered_task_counts_as_done() {
 }
 
 #[test]
-fn a_torn_journal_write_is_cut_off_and_kept_aside() {
-    let site = scenario();
-    assert_eq!(run_crashing_at(&site, "journal:torn").signal(), Some(9));
-    let (code, out) = site.cycle();
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("incomplete last record"), "{out}");
-    let kept: Vec<_> = std::fs::read_dir(site.dir.path().join("store"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("journal.torn-"))
-        .collect();
-    assert_eq!(kept.len(), 1);
-}
-
-#[test]
 fn a_crash_leaves_at_most_three_batches_in_flight() {
     // The agent marks batches in flight up to three ahead of their answers
     // (src/agent/batches.rs), and a request leaves only once its marks are

@@ -376,7 +376,7 @@ fn repeat_requests_are_batched_and_errors_recorded_per_filter() {
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["detail"], "error code not-found");
     assert_eq!(failed[0]["bloomfilter"], bfv(4).fingerprint());
-    assert_eq!(site.store().pseudonym_count(), 4);
+    assert_eq!(site.store().pseudonym_count().unwrap(), 4);
 }
 
 #[test]
@@ -407,11 +407,11 @@ fn an_all_error_answers_the_whole_batch() {
         .map(|r| r["detail"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(details, vec!["whole batch refused: throttled"; 3]);
-    assert_eq!(site.store().pseudonym_count(), 0);
+    assert_eq!(site.store().pseudonym_count().unwrap(), 0);
     // Next cycle: resent from the ledger, and now accepted.
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().pseudonym_count(), 3);
+    assert_eq!(site.store().pseudonym_count().unwrap(), 3);
 }
 
 #[test]
@@ -473,11 +473,11 @@ fn import_reports_bad_rows_by_line_and_keeps_the_good_ones() {
     assert!(!err.contains("1999-02-30") && !err.contains("Weber"), "{err}");
     let out = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.contains("4 added, 0 updated, 0 unchanged, 2 skipped"), "{out}");
-    assert_eq!(site.store().patient_count(), 4);
+    assert_eq!(site.store().patient_count().unwrap(), 4);
     // Again: updates, never duplicates.
     let out = site.run(&["import", path.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 added, 0 updated, 4 unchanged"));
-    assert_eq!(site.store().patient_count(), 4);
+    assert_eq!(site.store().patient_count().unwrap(), 4);
 }
 
 #[test]
@@ -703,7 +703,7 @@ fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails
             );
         }
         let store = site.store();
-        assert_eq!(store.pseudonym_count(), size as usize);
+        assert_eq!(store.pseudonym_count().unwrap(), size as usize);
         for e in store.ledger_entries() {
             let first = matches!(&e.task, Some(fttp_agent::tasks::Task::RepeatRequest { bloomfilter, .. })
                 if (1..=size).any(|n| *bloomfilter == bfv(n)));
@@ -723,6 +723,6 @@ fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails
         site.sim.state().faults.clear();
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{out}");
-        assert_eq!(site.store().pseudonym_count(), 3 * size as usize);
+        assert_eq!(site.store().pseudonym_count().unwrap(), 3 * size as usize);
     }
 }

@@ -239,7 +239,10 @@ fn enrolment(site: &Site, id: &str) -> Option<(EnrolmentStatus, bool)> {
     let store = site.store();
     let id = LocalId(id.into());
     let bf = store.patient(&id).unwrap().and_then(|p| p.bloomfilter);
-    store.enrolment(&id, bf.as_ref()).map(|e| (e.status, e.same_filter))
+    store
+        .enrolment(&id, bf.as_ref())
+        .unwrap()
+        .map(|e| (e.status, e.same_filter))
 }
 
 fn pseudonym_of(site: &Site, id: &str) -> Option<String> {
@@ -472,8 +475,14 @@ fn enroll_computes_the_filters_an_earlier_import_could_not() {
 fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
     let site = Site::with("xml", Default::default(), "batch_size = 1");
     site.import_patients();
-    let journal = site.dir.path().join("store").join("journal");
-    let imported = std::fs::metadata(&journal).unwrap().len();
+    let enrolments = || -> i64 {
+        rusqlite::Connection::open_with_flags(
+            site.dir.path().join("store/store.sqlite3"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|db| db.query_row("SELECT count(*) FROM enrolments", [], |r| r.get(0)))
+        .unwrap_or(0)
+    };
     site.sim.push(
         Some("$requestPsnFromBfWorkflow"),
         fttp_agent::sim::FaultKind::Delay(std::time::Duration::from_millis(1500)),
@@ -487,9 +496,9 @@ fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
         .spawn()
         .unwrap();
     let start = std::time::Instant::now();
-    // The first patient is recorded as being sent (the journal grows) just
-    // before its request, which is answered slowly.
-    while std::fs::metadata(&journal).unwrap().len() == imported {
+    // The first patient is recorded as being sent just before its
+    // request, which is answered slowly.
+    while enrolments() == 0 {
         assert!(start.elapsed() < std::time::Duration::from_secs(20));
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -525,7 +534,7 @@ fn enrolments_the_store_holds_are_in_the_audit_log_after_a_crash() {
     site.import_patients();
     // Killed right after the answers reached the store (its second write;
     // the first recorded the filters as being sent).
-    crash(&site, &["enroll"], "journal:written:2");
+    crash(&site, &["enroll"], "store:committed:2");
     for id in ["p1", "p2", "p3"] {
         assert_eq!(
             enrolment(&site, id).map(|e| e.0),
@@ -548,7 +557,7 @@ fn an_update_the_store_holds_is_in_the_audit_log_after_a_crash() {
     let old = patient_bf(&site, "z1").unwrap();
     write_seeds(&site, &SEEDS.replace("487484864", "487484865"));
     // Killed right after the new filter reached the store.
-    crash(&site, &["update-bf"], "journal:written:1");
+    crash(&site, &["update-bf"], "store:committed:1");
     assert_ne!(patient_bf(&site, "z1"), Some(old), "the store holds the new filter");
     let audited = audited(&site, "update_bf", "updated");
     assert_eq!(audited, 1, "the update the store holds is audited");

@@ -280,7 +280,7 @@ fn hostile_tasks_are_rejected_one_by_one() {
             .iter()
             .any(|r| r["outcome"] == "duplicate" && r["task"] == "dup")
     );
-    assert_eq!(s.store().pseudonym_count(), 0);
+    assert_eq!(s.store().pseudonym_count().unwrap(), 0);
 }
 
 fn base64_of_len(bytes: usize) -> String {
@@ -288,38 +288,41 @@ fn base64_of_len(bytes: usize) -> String {
     base64::engine::general_purpose::STANDARD.encode(vec![7u8; bytes])
 }
 
-#[test]
-fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
-    let s = site("");
-    queue_send(&s, "before", Days::days(1));
-    assert_eq!(s.cycle().0, 0);
-    let journal = s.dir.path().join("store/journal");
-    let before = std::fs::read(&journal).unwrap();
-    // RLIMIT_FSIZE just above the journal's size: the next append fails
-    // with EFBIG exactly as on a full disk (SIGXFSZ ignored so the write
-    // returns the error).
-    let limit_blocks = before.len() / 1024 + 1;
-    queue_send(&s, "after", Days::days(1));
-    s.sim.state().registry.clear();
+/// `run --once` with the file size limit at `kib` KiB: a write past it
+/// fails with EFBIG, exactly as on a full disk (SIGXFSZ ignored so that
+/// the write returns the error).
+fn cycle_with_file_limit(s: &Site, kib: u64) -> (Option<i32>, String) {
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(format!(
-            "trap '' XFSZ; ulimit -f {limit_blocks}; exec \"$0\" --config \"$1\" run --once",
+            "trap '' XFSZ; ulimit -f {kib}; exec \"$0\" --config \"$1\" run --once"
         ))
         .arg(env!("CARGO_BIN_EXE_fttp-agent"))
         .arg(&s.config)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(5), "a broken disk has its own code: {err}");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
+    let s = site("");
+    queue_send(&s, "before", Days::days(1));
+    assert_eq!(s.cycle().0, 0);
+    let db = s.dir.path().join("store/store.sqlite3");
+    queue_send(&s, "after", Days::days(1));
+    s.sim.state().registry.clear();
+    // No room for a single page of the write-ahead log.
+    let (code, err) = cycle_with_file_limit(&s, 1);
+    assert_eq!(code, Some(5), "a broken disk has its own code: {err}");
     assert!(
-        err.contains("cannot write the journal") && err.contains("File too large"),
+        err.contains("store database") && err.contains(&db.display().to_string()),
         "{err}"
     );
     // The store still opens, with everything from before.
     let store = s.store();
     assert_eq!(store.ledger("task:before").unwrap().status, Status::Resolved);
-    assert_eq!(store.patient_count(), 3);
+    assert_eq!(store.patient_count().unwrap(), 3);
     drop(store);
     // With space again, the task is done.
     let (code, out) = s.cycle();
@@ -329,29 +332,65 @@ fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
 
 #[test]
 fn a_damaged_store_is_refused_by_name_and_left_for_recovery() {
-    let s = site("compact_after = 1");
+    let s = site("");
     queue_send(&s, "x", Days::days(1));
     assert_eq!(s.cycle().0, 0);
-    let dir = s.dir.path().join("store");
-    assert!(dir.join("snapshot.prev").exists() || dir.join("journal.prev").exists());
-    let snap = dir.join("snapshot");
-    let mut bytes = std::fs::read(&snap).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x20;
-    std::fs::write(&snap, &bytes).unwrap();
+    let backup = s.dir.path().join("backup");
+    let out = s.run(&["backup", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = s.dir.path().join("store/store.sqlite3");
+    let good = std::fs::read(&file).unwrap();
+    // A bit flipped in a page's header, then the file cut in half: each
+    // refused with the file named, never reset or rewritten.
+    let mut flipped = good.clone();
+    flipped[4096] ^= 0xff;
+    for damaged in [flipped, good[..good.len() / 2].to_vec()] {
+        std::fs::write(&file, &damaged).unwrap();
+        let polls = s.sim.state().received("$requestTasks").len();
+        let (code, out) = s.cycle();
+        assert_eq!(code, 5, "{out}");
+        assert!(out.contains(&file.display().to_string()), "{out}");
+        assert!(out.contains("malformed") || out.contains("not a database"), "{out}");
+        assert!(out.contains("restore the last backup"), "{out}");
+        assert_eq!(std::fs::read(&file).unwrap(), damaged, "never reset or rewritten");
+        assert_eq!(
+            s.sim.state().received("$requestTasks").len(),
+            polls,
+            "no poll with a damaged store"
+        );
+    }
+    // Restored from the backup, the next run works and the task is done.
+    std::fs::copy(backup.join("store.sqlite3"), &file).unwrap();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(s.store().ledger("task:x").unwrap().status, Status::Resolved);
+}
+
+#[test]
+fn a_store_directory_that_cannot_be_written_is_a_clear_error_and_loses_nothing() {
+    let s = site("");
+    queue_send(&s, "ro", Days::days(1));
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    // /proc takes no new files, whoever asks (root included).
+    let (from, to) = ("\"store\"", "\"/proc/self/fttp-store\"");
+    let broken = config.replacen(&format!("path = {from}"), &format!("path = {to}"), 1);
+    assert_ne!(broken, config, "the test's config names its store as expected");
+    std::fs::write(&s.config, broken).unwrap();
     let (code, out) = s.cycle();
     assert_eq!(code, 5, "{out}");
     assert!(
-        out.contains("store file") && out.contains("snapshot") && out.contains("is damaged at line"),
+        out.contains("/proc/self/fttp-store") && out.contains("cannot create the store directory"),
         "{out}"
     );
-    assert!(out.contains("refusing to run"), "{out}");
-    assert_eq!(std::fs::read(&snap).unwrap(), bytes, "never reset or rewritten");
-    assert_eq!(
-        s.sim.state().received("$requestTasks").len(),
-        1,
-        "no poll with a damaged store"
+    assert!(
+        s.sim.state().received("$requestTasks").is_empty(),
+        "no poll without a store"
     );
+    // Fixed, the next run does the task.
+    std::fs::write(&s.config, config).unwrap();
+    let (code, out) = s.cycle();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(s.store().ledger("task:ro").unwrap().status, Status::Resolved);
 }
 
 #[test]
@@ -405,7 +444,7 @@ fn import_while_the_daemon_runs_is_safe() {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop_daemon(daemon);
-    assert_eq!(s.store().patient_count(), 203);
+    assert_eq!(s.store().patient_count().unwrap(), 203);
 }
 
 #[test]
@@ -488,7 +527,7 @@ fn repeat_requests_to_the_same_study_survive_a_batch_failure() {
     s.sim.push(Some("$requestPsnFromBfWorkflow"), FaultKind::ResetMidBody);
     assert_eq!(s.cycle().0, 1);
     assert_eq!(s.cycle().0, 0);
-    assert_eq!(s.store().pseudonym_count(), 1);
+    assert_eq!(s.store().pseudonym_count().unwrap(), 1);
 }
 
 #[test]

@@ -166,48 +166,35 @@ fn a_record_with_a_field_twice_is_a_break() {
     assert!(out.contains(":2: a field appears twice in this record"), "{out}");
 }
 
-/// Rewrites the store's snapshot with each line as `edit` makes it and its
-/// checksum recomputed (CRC-32 needs no key).
-fn edit_snapshot(site: &Site, edit: impl Fn(&str) -> String) {
-    let path = site.dir.path().join("store/snapshot");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let lines: Vec<String> = text
-        .lines()
-        .map(|line| {
-            let (_, payload) = line.split_once(' ').unwrap();
-            let payload = edit(payload);
-            format!("{:08x} {payload}", crc32fast::hash(payload.as_bytes()))
-        })
+/// The store's database, opened as an attacker without the key would:
+/// plain SQL on the file.
+fn database(site: &Site) -> rusqlite::Connection {
+    rusqlite::Connection::open(site.dir.path().join("store/store.sqlite3")).unwrap()
+}
+
+/// Swaps a column's values between two rows of a table (by rowid).
+fn swap(db: &rusqlite::Connection, table: &str, column: &str) {
+    let rows: Vec<(i64, Vec<u8>)> = db
+        .prepare(&format!("SELECT rowid, {column} FROM {table} ORDER BY rowid LIMIT 2"))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
         .collect();
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    assert_eq!(rows.len(), 2);
+    let set = format!("UPDATE {table} SET {column} = ?1 WHERE rowid = ?2");
+    // (Through a value no row has: the column may be unique.)
+    db.execute(&set, rusqlite::params![vec![0u8; 3], rows[0].0]).unwrap();
+    db.execute(&set, rusqlite::params![rows[0].1, rows[1].0]).unwrap();
+    db.execute(&set, rusqlite::params![rows[1].1, rows[0].0]).unwrap();
 }
 
 #[test]
 fn swapped_index_values_are_a_damaged_store_never_a_send() {
     let site = Site::new("xml");
     site.import_patients();
-    // A snapshot holding the patients, as after any compaction.
-    site.store().compact().unwrap();
-    let snapshot = std::fs::read_to_string(site.dir.path().join("store/snapshot")).unwrap();
-    let bf_of = |id: &str| -> String {
-        snapshot
-            .lines()
-            .find(|l| l.contains(&format!("\"id\":\"{id}\"")))
-            .and_then(|l| l.split("\"bf\":\"").nth(1))
-            .map(|rest| rest[..32].to_string())
-            .unwrap()
-    };
-    let (bf1, bf2) = (bf_of("p1"), bf_of("p2"));
-    edit_snapshot(&site, |payload| {
-        if payload.contains("\"id\":\"p1\"") {
-            payload.replace(&bf1, &bf2)
-        } else if payload.contains("\"id\":\"p2\"") {
-            payload.replace(&bf2, &bf1)
-        } else {
-            payload.to_string()
-        }
-    });
-    // A send_idat for patient 1's filter: the index now leads to patient 2.
+    swap(&database(&site), "patients", "bf_index");
+    // A send_idat for patient 1's filter: the index now leads to another.
     site.sim.add_task(sim::send_idat(
         "swap",
         Utc::now() + Duration::days(1),
@@ -217,7 +204,7 @@ fn swapped_index_values_are_a_damaged_store_never_a_send() {
     ));
     let (code, out) = site.cycle();
     assert_eq!(code, 5, "{out}");
-    assert!(out.contains("a patient record is not the one its index names"), "{out}");
+    assert!(out.contains("a patient record fails authentication"), "{out}");
     assert!(
         site.sim.state().received("$providePatientData").is_empty(),
         "IDAT was sent for the wrong patient"
@@ -233,24 +220,7 @@ fn swapped_pseudonym_indexes_are_a_damaged_store_never_a_send() {
     site.sim
         .add_task(sim::dic_psn_available(&bf(2), TARGET, "mii_PSN_B", None));
     assert_eq!(site.cycle().0, 0);
-    site.store().compact().unwrap();
-    let snapshot = std::fs::read_to_string(site.dir.path().join("store/snapshot")).unwrap();
-    let psn_indexes: Vec<String> = snapshot
-        .lines()
-        .filter(|l| l.contains("\"t\":\"pseudonym\""))
-        .filter_map(|l| l.split("\"psn\":\"").nth(1).map(|rest| rest[..32].to_string()))
-        .collect();
-    assert_eq!(psn_indexes.len(), 2);
-    let (a, b) = (psn_indexes[0].clone(), psn_indexes[1].clone());
-    edit_snapshot(&site, |payload| {
-        if payload.contains(&a) {
-            payload.replace(&a, &b)
-        } else if payload.contains(&b) {
-            payload.replace(&b, &a)
-        } else {
-            payload.to_string()
-        }
-    });
+    swap(&database(&site), "pseudonyms", "psn_index");
     // A send_idat by pseudonym only: the index now leads to the other one.
     site.sim.add_task(sim::send_idat(
         "by-psn",
@@ -261,34 +231,47 @@ fn swapped_pseudonym_indexes_are_a_damaged_store_never_a_send() {
     ));
     let (code, out) = site.cycle();
     assert_eq!(code, 5, "{out}");
-    assert!(
-        out.contains("a pseudonym record is not the one its index names"),
-        "{out}"
-    );
+    assert!(out.contains("a pseudonym record fails authentication"), "{out}");
     assert!(site.sim.state().received("$providePatientData").is_empty());
+}
+
+#[test]
+fn an_edited_status_is_a_damaged_store() {
+    let site = Site::new("json");
+    site.import_patients();
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_PSN_A", None));
+    assert_eq!(site.cycle().0, 0);
+    // Reopening a resolved task would have it done again.
+    database(&site)
+        .execute("UPDATE ledger SET status = 'pending'", [])
+        .unwrap();
+    let (code, out) = site.cycle();
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("a ledger entry record fails authentication"), "{out}");
+}
+
+/// The patient row of the first patient imported, every column.
+fn first_patient_row(db: &rusqlite::Connection) -> Vec<rusqlite::types::Value> {
+    db.query_row("SELECT * FROM patients ORDER BY rowid LIMIT 1", [], |r| {
+        (0..5).map(|i| r.get(i)).collect()
+    })
+    .unwrap()
 }
 
 #[test]
 fn an_old_write_replayed_after_forget_does_not_bring_the_patient_back() {
     let site = Site::new("xml");
     site.import_patients();
-    let journal = site.dir.path().join("store/journal");
-    // The write that holds the patients, as an attacker could have copied it.
-    let old: Vec<String> = std::fs::read_to_string(&journal)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(str::to_string)
-        .collect();
-    assert!(!old.is_empty());
+    // The row that holds patient 1, as an attacker could have copied it.
+    let old = first_patient_row(&database(&site));
     assert_eq!(site.run(&["forget", "p1"]).status.code(), Some(0));
-    // Appended again after the erasure (its checksum is its own, no key needed).
-    let mut text = std::fs::read_to_string(&journal).unwrap();
-    for line in &old {
-        text.push_str(line);
-        text.push('\n');
-    }
-    std::fs::write(&journal, text).unwrap();
+    database(&site)
+        .execute(
+            "INSERT INTO patients VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params_from_iter(old),
+        )
+        .unwrap();
     site.sim.add_task(sim::send_idat(
         "replayed",
         Utc::now() + Duration::days(1),
@@ -303,4 +286,32 @@ fn an_old_write_replayed_after_forget_does_not_bring_the_patient_back() {
     );
     assert_eq!(code, 1, "{out}");
     assert_eq!(site.store().ledger("task:replayed").unwrap().outcome, "unknown_patient");
+}
+
+#[test]
+fn a_tombstone_removed_without_the_key_is_found() {
+    let site = Site::new("xml");
+    site.import_patients();
+    let old = first_patient_row(&database(&site));
+    assert_eq!(site.run(&["forget", "p1"]).status.code(), Some(0));
+    // The erasure undone by hand: the tombstone gone, the row back.
+    let db = database(&site);
+    db.execute("DELETE FROM tombstones", []).unwrap();
+    db.execute(
+        "INSERT INTO patients VALUES (?1, ?2, ?3, ?4, ?5)",
+        rusqlite::params_from_iter(old),
+    )
+    .unwrap();
+    drop(db);
+    site.sim.add_task(sim::send_idat(
+        "undone",
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+    let (code, out) = site.cycle();
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("set of erased patients"), "{out}");
+    assert!(site.sim.state().received("$providePatientData").is_empty());
 }

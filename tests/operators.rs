@@ -315,7 +315,7 @@ fn forget_erases_one_patient_and_records_it() {
     let (code, out) = stdout(&site, &["forget", "p2"]);
     assert_eq!(code, 0, "{out}");
     let store = site.store();
-    assert_eq!(store.patient_count(), 2);
+    assert_eq!(store.patient_count().unwrap(), 2);
     assert!(
         store
             .patient(&fttp_agent::types::LocalId("p2".into()))

@@ -1,12 +1,10 @@
 //! `repeat_request`s in batches (one request for many Bloom filters), run
-//! as a pipeline of three threads so that the bookkeeping, the disk and
-//! the network overlap instead of taking turns:
+//! as a pipeline of two threads so that the bookkeeping and the network
+//! overlap instead of taking turns:
 //!
-//! - this thread marks each batch in flight (appended to the journal with
-//!   the outcomes recorded since), applies the marks in memory, and
-//!   records the answers as they come back;
-//! - a sync thread makes each batch's marks durable (fsync) and only then
-//!   clears the batch to go;
+//! - this thread marks each batch in flight (committed to the store with
+//!   the outcomes recorded since: on disk when the write returns), then
+//!   clears it to go, and records the answers as they come back;
 //! - a network thread sends the cleared batches in order, one at a time,
 //!   and reads each answer.
 //!
@@ -17,7 +15,6 @@
 
 use super::*;
 use crate::progress::Progress as Meter;
-use crate::store::Appended;
 use std::sync::mpsc;
 
 /// Batches marked in flight whose answers are not yet recorded: enough
@@ -109,21 +106,8 @@ impl Agent<'_> {
         let quiet = self.report.received > QUIET_ABOVE;
         let stop = self.stop.clone();
         std::thread::scope(|scope| {
-            let (to_sync, sync_in) = mpsc::channel::<(Appended, Job)>();
-            let (synced_out, synced) = mpsc::channel::<(Appended, std::io::Result<()>)>();
             let (to_net, net_in) = mpsc::channel::<Job>();
             let (answer_out, answers) = mpsc::channel::<(Job, Sent)>();
-            scope.spawn(move || {
-                for (appended, job) in sync_in {
-                    let result = appended.sync();
-                    let ok = result.is_ok();
-                    // (A job whose marks failed to sync is never sent: the
-                    // store refuses writes from then on and the cycle ends.)
-                    if synced_out.send((appended, result)).is_err() || !ok || to_net.send(job).is_err() {
-                        break;
-                    }
-                }
-            });
             scope.spawn(move || {
                 let mut down: Option<String> = None;
                 for job in net_in {
@@ -145,11 +129,9 @@ impl Agent<'_> {
                     }
                 }
             });
-            // Jobs marked whose answers are not yet recorded; whether the
-            // last one's marks wait to be settled.
+            // Jobs marked whose answers are not yet recorded.
             let mut out = 0usize;
-            let mut unsettled = false;
-            let feed = |me: &mut Self| -> Result<bool, AgentError> {
+            let feed = |me: &mut Self, out: &mut usize| -> Result<bool, AgentError> {
                 'feed: for mut batch in batches {
                     if me.stop.as_ref().is_some_and(Shutdown::requested) {
                         return Ok(false);
@@ -161,59 +143,36 @@ impl Agent<'_> {
                         }
                         continue;
                     }
-                    while out >= AHEAD {
+                    while *out >= AHEAD {
                         // (A thread gone has panicked: the scope passes it on.)
                         let Ok((job, sent)) = answers.recv() else { break 'feed };
-                        out -= 1;
+                        *out -= 1;
                         me.record(job, sent)?;
                     }
-                    // One write at a time: the marks before are settled
-                    // first (their fsync ran while the answers above were
-                    // recorded).
-                    if std::mem::take(&mut unsettled) && !me.settle(&synced)? {
-                        break;
-                    }
+                    // The marks are on disk before the batch may leave.
                     let prior = mark_in_flight(&mut batch.entries);
                     let records = me.with_pending(&batch.entries)?;
-                    let (appended, records) = me.store.write_ahead(records)?;
-                    unsettled = true;
-                    if to_sync.send((appended, Job { batch, prior })).is_err() {
+                    me.store.write(records)?;
+                    if to_net.send(Job { batch, prior }).is_err() {
                         break;
                     }
-                    out += 1;
-                    me.store.apply(records);
+                    *out += 1;
                     while let Ok((job, sent)) = answers.try_recv() {
-                        out -= 1;
+                        *out -= 1;
                         me.record(job, sent)?;
                     }
                 }
                 Ok(true)
             };
-            let fed = feed(self);
-            drop(to_sync);
-            // The last write is settled whatever happened, so that the
-            // store handle is usable after a failed cycle too.
-            let settled = if unsettled { self.settle(&synced) } else { Ok(true) };
+            let fed = feed(self, &mut out);
+            drop(to_net);
             let finished = fed?;
-            if !settled? {
-                return Ok(finished);
-            }
             for _ in 0..out {
                 let Ok((job, sent)) = answers.recv() else { break };
                 self.record(job, sent)?;
             }
             Ok(finished)
         })
-    }
-
-    /// Settles the last write with the sync thread's outcome. False if that
-    /// thread is gone (it panicked: the scope passes the panic on).
-    fn settle(&mut self, synced: &mpsc::Receiver<(Appended, std::io::Result<()>)>) -> Result<bool, AgentError> {
-        let Ok((appended, result)) = synced.recv() else {
-            return Ok(false);
-        };
-        self.store.settle(appended, result)?;
-        Ok(true)
     }
 
     /// The outcomes waiting to be written whose audit records are out,

@@ -236,8 +236,7 @@ impl<'a> Agent<'a> {
     /// before its store record is buffered).
     fn buffer(&mut self, r: Record) -> Result<(), AgentError> {
         self.pending.push((r, self.audit.accepted()));
-        // (Not while a write is being synced: they go with the next.)
-        if self.pending.len() >= BUFFER && !self.store.unsettled() {
+        if self.pending.len() >= BUFFER {
             self.flush()?;
         }
         Ok(())
@@ -335,7 +334,6 @@ impl<'a> Agent<'a> {
             failures: 0,
         }))?;
         self.audit.sync()?;
-        self.store.maybe_compact()?;
         lap(&mut self.report.phases, "end");
         crashpoint::hit("cycle:end");
         Ok(self.report)
@@ -608,7 +606,7 @@ impl<'a> Agent<'a> {
         if let Some(id) = &patient
             && self
                 .store
-                .enrolment(id, Some(bf))
+                .enrolment(id, Some(bf))?
                 .is_some_and(|e| e.same_filter && e.status == EnrolmentStatus::Clearing)
         {
             self.buffer(Record::Enrolment(EnrolmentRecord {

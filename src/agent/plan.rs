@@ -90,7 +90,7 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
             match &t {
                 Task::DicPsnAvailable {
                     bloomfilter, pseudonym, ..
-                } => match store.local_id_by_bloomfilter(bloomfilter) {
+                } => match store.local_id_by_bloomfilter(bloomfilter)? {
                     Some(id) => (
                         "store pseudonym".to_string(),
                         format!("{} for patient {}", pseudonym.fingerprint(), id.fingerprint()),

@@ -271,10 +271,10 @@ pub struct Store {
     /// never are.
     #[serde(default = "default_retention")]
     pub retention: HumanDuration,
-    /// Journal records after which the store is compacted into a new
-    /// snapshot (the previous generation is kept as *.prev).
-    #[serde(default = "default_compact_after")]
-    pub compact_after: usize,
+    /// Read and ignored: the store before the database compacted its journal
+    /// after this many records. An old config that sets it gets a warning.
+    #[serde(default)]
+    pub compact_after: Option<toml::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -378,9 +378,6 @@ fn default_critical_failed_polls() -> u32 {
 fn default_retention() -> HumanDuration {
     HumanDuration(Duration::from_secs(90 * 86_400))
 }
-fn default_compact_after() -> usize {
-    crate::store::COMPACT_AFTER
-}
 /// Longer than any task lives: a daemon polling less often misses them all.
 const MAX_INTERVAL: Duration = Duration::from_secs(31 * 86_400);
 
@@ -419,6 +416,13 @@ impl Config {
             }
         })?;
         let mut cfg = Config::parse(&text, path)?;
+        if cfg.store.compact_after.is_some() {
+            cfg.warnings.push(format!(
+                "{}: [store] compact_after is no longer used (the store is a SQLite database now); \
+                 remove it",
+                path.display()
+            ));
+        }
         if cfg.dispatcher.api_key.is_some() && std::env::var_os(ENV_API_KEY).is_none() {
             use std::os::unix::fs::PermissionsExt;
             if let Ok(meta) = std::fs::metadata(path)
@@ -719,7 +723,6 @@ impl Config {
                     .as_ref()
                     .map_or("unset".into(), |p| p.display().to_string()),
             ),
-            ("store.compact_after".into(), self.store.compact_after.to_string()),
             (
                 "log.file".into(),
                 self.log

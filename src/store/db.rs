@@ -4,11 +4,6 @@
 //! list of migrations, each applied in one transaction. A database newer than
 //! this binary is refused, never changed.
 //!
-//! This is the foundation only: the store's records still live in the
-//! journal-and-snapshot engine (`disk`, `batch`, `state`) until the engine
-//! is switched and the migration from it (tested against
-//! `tests/fixtures/store-v1`) is in place.
-//!
 //! What the schema keeps in clear, so that `tasks`, `status` and retention
 //! are queries: statuses, kinds, outcomes and times. Everything that names a
 //! person or could be joined to one (local ids, IDAT, Bloom filters,
@@ -29,6 +24,8 @@ pub enum DbError {
         what: &'static str,
         source: rusqlite::Error,
     },
+    #[error("store database {path}: cannot create it: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
     #[error(
         "store database {path} has schema version {found}, newer than this fttp-agent knows ({known}): \
          use the release that wrote it or a newer one (nothing was changed)"
@@ -39,51 +36,53 @@ pub enum DbError {
 /// The schema, one migration per version: `MIGRATIONS[0]` makes version 1.
 /// Never edit a migration that has shipped; add the next one.
 pub const MIGRATIONS: &[&str] = &[
-    // 1: the tables of the store (see the module comment for what is sealed).
+    // 1: the tables of the store (see the module comment for what is
+    // sealed). `*_index` columns are keyed HMACs; `sealed` columns are
+    // AES-256-GCM with the row's other columns as associated data (`rows`).
     "CREATE TABLE meta (
          key TEXT PRIMARY KEY,
-         value TEXT NOT NULL
+         value ANY NOT NULL
      ) STRICT;
      CREATE TABLE patients (
-         local_id_index BLOB PRIMARY KEY,
-         bf_index BLOB UNIQUE,
+         id_index BLOB PRIMARY KEY,
+         bf_index BLOB,
+         id_sealed BLOB NOT NULL,
          sealed BLOB NOT NULL,
          updated INTEGER NOT NULL
      ) STRICT;
+     CREATE INDEX patients_by_bf ON patients (bf_index) WHERE bf_index IS NOT NULL;
      CREATE TABLE pseudonyms (
          bf_index BLOB NOT NULL,
          target TEXT NOT NULL,
          psn_index BLOB NOT NULL,
-         sealed BLOB NOT NULL,
          received INTEGER NOT NULL,
          source TEXT NOT NULL,
+         sealed BLOB NOT NULL,
          PRIMARY KEY (bf_index, target)
      ) STRICT;
-     CREATE INDEX pseudonyms_by_value ON pseudonyms (psn_index);
+     CREATE INDEX pseudonyms_by_value ON pseudonyms (psn_index, target);
      CREATE TABLE ledger (
-         key TEXT PRIMARY KEY,
+         key_index BLOB PRIMARY KEY,
          kind TEXT NOT NULL,
-         display_id TEXT NOT NULL,
          status TEXT NOT NULL,
          outcome TEXT NOT NULL,
-         detail BLOB,
          expires INTEGER,
          first_seen INTEGER NOT NULL,
          last_seen INTEGER NOT NULL,
          updated INTEGER NOT NULL,
          attempts INTEGER NOT NULL,
-         task BLOB
+         sealed BLOB NOT NULL
      ) STRICT;
-     CREATE INDEX ledger_by_status ON ledger (status, expires);
+     CREATE INDEX ledger_by_status ON ledger (status, updated);
      CREATE TABLE enrolments (
-         local_id_index BLOB PRIMARY KEY,
+         id_index BLOB PRIMARY KEY,
          bf_index BLOB NOT NULL,
          status TEXT NOT NULL,
-         detail BLOB,
-         updated INTEGER NOT NULL
+         updated INTEGER NOT NULL,
+         sealed BLOB NOT NULL
      ) STRICT;
      CREATE TABLE tombstones (
-         local_id_index BLOB PRIMARY KEY,
+         id_index BLOB PRIMARY KEY,
          sealed BLOB NOT NULL
      ) STRICT;
      CREATE TABLE polls (
@@ -110,18 +109,30 @@ impl Db {
     /// of what it records), foreign keys and `secure_delete` (an erased
     /// patient's pages are overwritten, not left in the file).
     pub fn open(dir: &Path) -> Result<Db, DbError> {
-        Db::open_with(dir, MIGRATIONS)
+        Db::open_file(&dir.join(FILE))
     }
 
-    fn open_with(dir: &Path, migrations: &[&str]) -> Result<Db, DbError> {
-        let path = dir.join(FILE);
+    /// `open` for a database file of another name (a migration builds the
+    /// new store beside the old one, under a temporary name).
+    pub fn open_file(path: &Path) -> Result<Db, DbError> {
+        Db::open_with(path, MIGRATIONS)
+    }
+
+    fn open_with(path: &Path, migrations: &[&str]) -> Result<Db, DbError> {
+        let path = path.to_path_buf();
         let err = |what: &'static str| {
             let path = path.clone();
             move |source| DbError::Sqlite { path, what, source }
         };
+        // Created private first: SQLite gives its WAL and shared-memory
+        // files the database file's mode.
+        create_private(&path).map_err(|source| DbError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(err("open"))?;
         conn.busy_timeout(std::time::Duration::from_secs(30))
@@ -178,21 +189,55 @@ impl Db {
     /// A read-only connection to the same database, for readers that run
     /// while a cycle writes (status, export, the local service): WAL gives
     /// them a consistent snapshot without blocking the writer.
-    pub fn reader(dir: &Path) -> Result<Connection, DbError> {
+    pub fn reader(dir: &Path) -> Result<Db, DbError> {
         let path = dir.join(FILE);
-        Connection::open_with_flags(
+        let err = |what: &'static str| {
+            let path = path.clone();
+            move |source| DbError::Sqlite { path, what, source }
+        };
+        let conn = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|source| DbError::Sqlite {
-            path,
-            what: "open for reading",
-            source,
-        })
+        .map_err(err("open for reading"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(err("set the busy timeout"))?;
+        let db = Db { path, conn };
+        let found = db.version()?;
+        if found > current_version() {
+            return Err(DbError::Newer {
+                path: db.path,
+                found,
+                known: current_version(),
+            });
+        }
+        Ok(db)
     }
 
     pub fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates `path` (mode 0600) if it does not exist.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map(drop),
     }
 }
 
@@ -254,7 +299,7 @@ mod tests {
         let mut broken: Vec<&str> = MIGRATIONS.to_vec();
         // Half of it would succeed: the table, then an error.
         broken.push("CREATE TABLE added (x INTEGER) STRICT; INSERT INTO no_such_table VALUES (1);");
-        assert!(Db::open_with(dir.path(), &broken).is_err());
+        assert!(Db::open_with(&dir.path().join(FILE), &broken).is_err());
         let db = Db::open(dir.path()).unwrap();
         assert_eq!(db.version().unwrap(), current_version());
         let added: i64 = db
@@ -278,6 +323,7 @@ mod tests {
             .unwrap();
         // Not blocked, and not shown half a write.
         let reader = Db::reader(dir.path()).unwrap();
+        let reader = reader.connection();
         let seen: String = reader
             .query_row("SELECT value FROM meta WHERE key = 'generation'", [], |r| r.get(0))
             .unwrap();

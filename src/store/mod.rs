@@ -1,56 +1,48 @@
-//! The crash-safe local store: patients' IDAT and Bloom filters, pseudonyms
-//! received, the task ledger, the last poll.
+//! The local store: patients' IDAT and Bloom filters, pseudonyms received,
+//! the task ledger, enrolments, tombstones of erased patients, the last
+//! poll. One SQLite database (`db::FILE`) in the store directory:
 //!
-//! On disk, a directory with
-//! - `snapshot`: the whole state as checksummed lines, written to a temp
-//!   file, fsynced and renamed into place (then the directory is fsynced);
-//! - `journal`: checksummed records appended (and fsynced) since that
-//!   snapshot, so writing one record never rewrites the store;
-//! - `LOCK`: held with an OS file lock by the one agent using the store.
+//! - `db`: the connection, its pragmas (WAL, `synchronous = FULL`,
+//!   `secure_delete`) and the schema's migrations;
+//! - `rows`: how each record is sealed into a row, bound to its columns;
+//! - `records`: the records themselves and their binary forms (with `batch`);
+//! - `migrate` and `v1`: the one-time conversion of a store written by a
+//!   release before the database.
 //!
-//! Both files start with a header naming their generation. A crash between
-//! installing a new snapshot and starting its journal leaves an older
-//! journal, which is recognised by its generation and skipped: its records
-//! are in the snapshot. A torn last journal line (a crash mid-append) is an
-//! unacknowledged write and is cut off; damage anywhere else is corruption,
-//! reported with file and line, and the store refuses to open.
+//! One writer at a time holds `LOCK` (an OS file lock, as before the
+//! database: a second `run` exits 75, `import` waits). Readers (`tasks`,
+//! `status`, `backup`, exports) take no lock: WAL lets them read the last
+//! committed write while a cycle writes the next. Every `write` is one
+//! transaction, on disk (fsynced) when it returns.
+//!
+//! The ledger and the last poll are small and read on every task: they are
+//! held in memory, decrypted, as the database has them. Patients and
+//! pseudonyms stay in the database and are opened one at a time.
 
 mod batch;
 pub mod db;
-mod disk;
-mod forgotten;
-mod state;
-use batch::BatchWriter;
-use disk::{Line, load, push, write_atomically};
-use state::*;
+mod migrate;
 pub mod records;
+mod rows;
+mod v1;
 
+pub use migrate::MigrationReport;
 pub use records::{
     EnrolmentRecord, EnrolmentStatus, LedgerEntry, PatientRecord, PollRecord, Progress, PseudonymRecord, Record, Status,
 };
 
 use crate::crypto::{OpenError, StoreKey};
-use records::{DiskRecord, PatientSecret};
-
-use crate::privacy::sha256_hex;
 use crate::types::{BloomFilter, LocalId};
-use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use db::{Db, DbError};
+use rows::{Index, Manifest};
+use rusqlite::{OptionalExtension, Transaction, params};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-const SNAPSHOT: &str = "snapshot";
-const JOURNAL: &str = "journal";
 const LOCK: &str = "LOCK";
-const FORMAT: &str = "fttp-agent-store";
-/// v4: journal writes and the snapshot's ledger are sealed batches of
-/// records in a binary form (`batch`). (v2, one sealed line per record, and
-/// v3, batches of JSON records, are not read: no release ever wrote them.)
-const VERSION: u32 = 4;
-/// Default for [`Store::set_compact_after`].
-pub const COMPACT_AFTER: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,13 +54,16 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("store database {path}: cannot {what}: {}", describe(source))]
+    Sqlite {
+        path: PathBuf,
+        what: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("store file {path} is damaged ({reason}); refusing to run. The file is left as it is for recovery")]
+    Damaged { path: PathBuf, reason: String },
     #[error(
-        "store file {path} is damaged at line {line} ({reason}); refusing to run. \
-         The file is left as it is for recovery"
-    )]
-    Corrupt { path: PathBuf, line: usize, reason: String },
-    #[error(
-        "store file {path} was written with store key {stored}, but the configured key is {given}; \
+        "store {path} was written with store key {stored}, but the configured key is {given}; \
          use the right [store] key_file (nothing was changed)"
     )]
     WrongKey {
@@ -76,70 +71,55 @@ pub enum StoreError {
         stored: String,
         given: String,
     },
-    #[error("store {path}{}: {source}; refusing to use it (nothing was changed)", at_line(*.line))]
+    #[error("store {path}{what}: {source}; refusing to use it (nothing was changed)")]
     Tampered {
         path: PathBuf,
-        /// The file's line, when the record was read from one.
-        line: Option<usize>,
+        /// Where in the file, when known (" at line 3").
+        what: String,
         source: OpenError,
     },
     #[error(
-        "store file {path} is in store format v{found}; this fttp-agent reads v{VERSION} only \
-         (nothing was changed)"
+        "store database {path} has schema version {found}, newer than this fttp-agent knows ({known}): \
+         use the release that wrote it or a newer one (nothing was changed)"
     )]
-    Version { path: PathBuf, found: u32 },
-    #[error("store {path}: a write was started before the one before it was settled (a bug); nothing was written")]
-    Unsettled { path: PathBuf },
+    Newer { path: PathBuf, found: u32, known: u32 },
+    #[error("cannot migrate the store {path} to the database: {reason} (the old files are left as they are)")]
+    Migration { path: PathBuf, reason: String },
     #[error(
-        "store {path}: an earlier write could not be synced to disk; this run takes no more writes \
-         (the store is read afresh from disk by the next run)"
+        "store {path}: an earlier write could not be committed; this run takes no more writes \
+         (the next run reads the store afresh from disk)"
     )]
     Poisoned { path: PathBuf },
+    #[error("store {path} was opened for reading only; a write was refused (a bug)")]
+    ReadOnly { path: PathBuf },
 }
 
 impl StoreError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StoreError::Locked { .. } => crate::exit::LOCKED,
-            StoreError::WrongKey { .. } | StoreError::Version { .. } => crate::exit::CONFIG,
+            StoreError::WrongKey { .. } | StoreError::Newer { .. } => crate::exit::CONFIG,
             _ => crate::exit::IO,
         }
     }
 }
 
-/// Records appended to the journal but not yet known to be on disk
-/// (`Store::write_ahead`).
-#[must_use = "an appended write must be settled"]
-pub struct Appended {
-    /// A second handle on the journal, so that it can be synced on another
-    /// thread while the store is read. `None` for an empty write.
-    journal: Option<File>,
-    len: u64,
-}
-
-/// Whether a store handle takes writes (`Store::write_ahead`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Writes {
-    Open,
-    /// A `write_ahead` is not yet settled.
-    Unsettled,
-    /// A `write_ahead` failed to sync: memory holds records the disk lacks.
-    Poisoned,
-}
-
-/// The records of a `write_ahead`, for `Store::apply`.
-#[must_use = "the records of a write_ahead must be applied"]
-pub struct ToApply(Vec<Record>);
-
-impl Appended {
-    /// Waits for the appended records to be on disk (fdatasync).
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.journal.as_ref().map_or(Ok(()), File::sync_data)
-    }
-}
-
-fn at_line(line: Option<usize>) -> String {
-    line.map(|l| format!(" at line {l}")).unwrap_or_default()
+/// What SQLite's error means for the people running the agent; its own
+/// text names no value (statements carry their values as parameters).
+fn describe(e: &rusqlite::Error) -> String {
+    use rusqlite::ErrorCode::*;
+    let hint = match e.sqlite_error_code() {
+        Some(DatabaseCorrupt | NotADatabase) => {
+            " (the file is damaged: restore the last backup, see README \"Backup and restore\")"
+        }
+        Some(DiskFull) => " (the disk is full: free space and run again; nothing was half-written)",
+        Some(ReadOnly | CannotOpen | PermissionDenied) => {
+            " (the store directory or file cannot be written: check its owner and permissions)"
+        }
+        Some(DatabaseBusy | DatabaseLocked) => " (another process holds the database)",
+        _ => "",
+    };
+    format!("{e}{hint}")
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -150,69 +130,32 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> St
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
-    format: String,
-    version: u32,
-    generation: u64,
-    /// Which store key wrote this file (a public name of the key).
-    key_id: String,
-    /// Records of each kind in a snapshot, so that loading sizes its tables
-    /// once instead of growing them (a growing table briefly holds two copies).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    counts: Option<Counts>,
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> StoreError {
+        match e {
+            DbError::Sqlite { path, what, source } => StoreError::Sqlite { path, what, source },
+            DbError::Newer { path, found, known } => StoreError::Newer { path, found, known },
+            DbError::Io { path, source } => StoreError::Io {
+                op: "create the database file",
+                path,
+                source,
+            },
+        }
+    }
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct Counts {
-    patients: usize,
-    pseudonyms: usize,
-    ledger: usize,
-}
-
-/// How to wait for the store lock.
+/// How to open the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
-    /// Fail with `Locked` if the lock stays held for a second (cron
+    /// Write; fail with `Locked` if the lock stays held for a second (cron
     /// overlap: the other agent is doing the work).
     Try,
-    /// Block until the other agent is done (an import while the daemon polls).
+    /// Write; block until the other agent is done (an import while the
+    /// daemon polls).
     Wait,
-}
-
-/// A keyed HMAC index (128 bits), as bytes in memory and hex on disk.
-type Index = [u8; 16];
-
-/// An index no Bloom filter has (HMAC outputs of all ones: 2^-128).
-const NO_FILTER: Index = [0xff; 16];
-
-fn index_hex(i: &Index) -> String {
-    crate::privacy::hex(i)
-}
-
-fn parse_index(hex: &str) -> Result<Index, OpenError> {
-    let bad = OpenError::layout("index");
-    if hex.len() != 32 {
-        return Err(bad);
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or(bad.clone())?, 16).map_err(|_| bad.clone())?;
-    }
-    Ok(out)
-}
-
-/// Decodes into a buffer of exactly the decoded size (no reallocation:
-/// a million of these are made at open).
-fn decode_sealed(b64: &str, what: &'static str) -> Result<Box<[u8]>, OpenError> {
-    use base64::Engine;
-    let padding = b64.bytes().rev().take_while(|b| *b == b'=').count();
-    let exact = (b64.len() / 4 * 3).saturating_sub(padding);
-    let mut out = vec![0u8; exact].into_boxed_slice();
-    match base64::engine::general_purpose::STANDARD.decode_slice(b64, &mut out) {
-        Ok(n) if n == exact => Ok(out),
-        _ => Err(OpenError::auth(what)),
-    }
+    /// Read only, without the lock, while an agent may be writing: a
+    /// consistent view of the last committed write.
+    Read,
 }
 
 /// A patient's enrolment, as `Store::enrolment` tells it.
@@ -227,282 +170,198 @@ pub struct EnrolmentState {
 
 pub struct Store {
     dir: PathBuf,
-    _lock: File,
-    journal: File,
-    journal_len: u64,
-    journal_records: usize,
-    generation: u64,
-    compact_after: usize,
-    writes: Writes,
-    state: State,
+    /// The writer's lock; `None` for a reader.
+    lock: Option<File>,
+    db: Db,
     key: StoreKey,
-    /// Local ids erased by `forget` (see `forgotten`).
-    forgotten: std::collections::BTreeSet<String>,
+    ledger: HashMap<String, LedgerEntry>,
+    last_poll: Option<PollRecord>,
+    /// Local ids erased by `forget` (their tombstones).
+    forgotten: BTreeSet<String>,
+    manifest: Manifest,
+    /// A commit failed: memory and disk may disagree.
+    poisoned: bool,
+    /// A migration from v1 done but not yet audited and finished.
+    migration: Option<MigrationReport>,
+}
+
+fn sql<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+    move |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+fn tampered(path: &Path) -> impl Fn(OpenError) -> StoreError + '_ {
+    move |source| StoreError::Tampered {
+        path: path.to_path_buf(),
+        what: String::new(),
+        source,
+    }
 }
 
 impl Store {
     pub fn open(dir: &Path, mode: LockMode, key: StoreKey) -> Result<Store, StoreError> {
+        if mode == LockMode::Read && dir.join(db::FILE).exists() {
+            let db = Db::reader(dir)?;
+            return Store::load(dir, db, key, None);
+        }
+        // (A reader of a store not yet created or migrated does that first.)
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(io("create the store directory", dir))?;
-        let lock = acquire_lock(dir, mode)?;
-
-        let state = State::default();
-        let snap_path = dir.join(SNAPSHOT);
-        let cell = std::cell::RefCell::new(state);
-        let snapshot = load(
-            &snap_path,
-            false,
-            |h| {
-                check_key(&snap_path, h, &key)?;
-                if let Some(c) = h.counts {
-                    cell.borrow_mut().reserve(c);
-                }
-                Ok(true)
-            },
-            |line, r| {
-                cell.borrow_mut()
-                    .apply_ready(r, &key)
-                    .map(drop)
-                    .map_err(tampered_at(&snap_path, Some(line)))
-            },
-        )?;
-        let mut state = cell.into_inner();
-        let generation = snapshot.map_or(0, |l| l.header.generation);
-
-        let journal_path = dir.join(JOURNAL);
-        let mut journal_records = 0;
-        let mut journal_len = 0u64;
-        let mut start_new_journal = true;
-        let loaded = load(
-            &journal_path,
-            true,
-            |h| {
-                if h.generation > generation {
-                    return Err(StoreError::Corrupt {
-                        path: journal_path.clone(),
-                        line: 1,
-                        reason: format!(
-                            "journal generation {} is newer than snapshot generation {generation}",
-                            h.generation
-                        ),
-                    });
-                }
-                // An older journal: its records are already in the snapshot.
-                if h.generation < generation {
-                    return Ok(false);
-                }
-                check_key(&journal_path, h, &key)?;
-                Ok(true)
-            },
-            |line, r| {
-                journal_records += state
-                    .apply_ready(r, &key)
-                    .map_err(tampered_at(&journal_path, Some(line)))?;
-                Ok(())
-            },
-        )?;
-        if let Some(l) = loaded
-            && l.header.generation == generation
-        {
-            journal_len = l.good_len;
-            if l.good_len < l.file_len {
-                let kept = dir.join(format!("journal.torn-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")));
-                log::warn!(
-                    "store journal {}: an incomplete last record (an interrupted write) was never \
-                     acknowledged; it is cut off and kept in {}",
-                    journal_path.display(),
-                    kept.display()
-                );
-                let tail = {
-                    use std::io::{Seek, SeekFrom};
-                    let mut f = File::open(&journal_path).map_err(io("open the journal", &journal_path))?;
-                    f.seek(SeekFrom::Start(l.good_len))
-                        .map_err(io("read the journal", &journal_path))?;
-                    let mut tail = Vec::new();
-                    f.read_to_end(&mut tail)
-                        .map_err(io("read the journal", &journal_path))?;
-                    tail
-                };
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&kept)
-                    .and_then(|mut f| f.write_all(&tail))
-                    .map_err(io("keep the torn record", &kept))?;
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&journal_path)
-                    .map_err(io("open the journal", &journal_path))?;
-                f.set_len(journal_len)
-                    .map_err(io("truncate the journal", &journal_path))?;
-                f.sync_all().map_err(io("sync the journal", &journal_path))?;
-            }
-            start_new_journal = false;
+        let lock = acquire_lock(dir, if mode == LockMode::Read { LockMode::Try } else { mode })?;
+        if !dir.join(db::FILE).exists() && v1::present(dir) {
+            migrate::run(dir, &key)?;
         }
-        if start_new_journal {
-            journal_len = write_atomically(dir, JOURNAL, generation, key.id(), None, std::iter::empty())?;
+        // A wrong key or a newer schema is refused by a reader, before a
+        // writer could change a byte (closing a writer checkpoints the WAL).
+        if dir.join(db::FILE).exists() {
+            Store::load(dir, Db::reader(dir)?, key.clone(), None)?;
         }
-        let journal = OpenOptions::new()
-            .append(true)
-            .open(&journal_path)
-            .map_err(io("open the journal", &journal_path))?;
-        let forgotten = forgotten::load(dir, &key)?;
-        Ok(Store {
-            forgotten,
-            dir: dir.to_path_buf(),
-            _lock: lock,
-            journal,
-            journal_len,
-            journal_records,
-            generation,
-            compact_after: COMPACT_AFTER,
-            writes: Writes::Open,
-            state,
-            key,
-        })
+        let db = Db::open(dir)?;
+        let mut store = Store::load(dir, db, key, Some(lock))?;
+        if v1::present(dir) {
+            store.migration = migrate::report(&store.db)?;
+        }
+        Ok(store)
     }
 
-    /// Compact once the journal holds this many records and more than a
-    /// fresh snapshot would: bounds replay time without rewriting the store
-    /// on every write.
-    pub fn set_compact_after(&mut self, records: usize) {
-        self.compact_after = records.max(1);
+    /// Reads what is held in memory, in one read transaction (a reader sees
+    /// one committed write, never part of one). A new database gets its key
+    /// and first manifest here.
+    fn load(dir: &Path, mut db: Db, key: StoreKey, lock: Option<File>) -> Result<Store, StoreError> {
+        let path = db.path().to_path_buf();
+        let tx = db.connection_mut().transaction().map_err(sql(&path, "start reading"))?;
+        let stored: Option<String> = tx
+            .query_row("SELECT value FROM meta WHERE key = 'key_id'", [], |r| r.get(0))
+            .optional()
+            .map_err(sql(&path, "read the store key's id"))?;
+        let held = match stored {
+            None if lock.is_some() => {
+                let held = Held::default();
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('key_id', ?1), ('manifest', ?2)",
+                    params![key.id(), rows::seal_manifest(&key, &held.manifest)],
+                )
+                .map_err(sql(&path, "initialise the store"))?;
+                held
+            }
+            // (A reader of a database whose writer has not initialised it
+            // yet: an empty store.)
+            None => Held::default(),
+            Some(stored) if stored != key.id() => {
+                return Err(StoreError::WrongKey {
+                    path,
+                    stored,
+                    given: key.id().to_string(),
+                });
+            }
+            Some(_) => read_state(&tx, &key, &path)?,
+        };
+        tx.commit().map_err(sql(&path, "finish reading"))?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            lock,
+            db,
+            key,
+            ledger: held.ledger,
+            last_poll: held.last_poll,
+            forgotten: held.forgotten,
+            manifest: held.manifest,
+            poisoned: false,
+            migration: None,
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Appends records durably, then applies them. Nothing is applied if the
-    /// write fails, and a partial append is rolled back so that the journal
-    /// never holds a torn record in its middle. The records go to disk as
-    /// sealed batches of up to `BATCH_RECORDS`, all fsynced at once.
+    /// Closes the database (its WAL checkpointed) but leaves the ledger's
+    /// memory to the OS: for a process that ends next (freeing 100,000
+    /// ledger entries one by one takes half a second).
+    pub fn close_and_exit_soon(mut self) {
+        std::mem::forget(std::mem::take(&mut self.ledger));
+    }
+
+    fn path(&self) -> PathBuf {
+        self.db.path().to_path_buf()
+    }
+
+    /// The store's generation: one more with every write.
+    pub fn generation(&self) -> u64 {
+        self.manifest.generation
+    }
+
+    /// The migration from a v1 store that waits to be audited (see
+    /// `finish_migration`).
+    pub fn pending_migration(&self) -> Option<&MigrationReport> {
+        self.migration.as_ref()
+    }
+
+    /// Once the migration is in the audit log: the old files get a `.v1`
+    /// suffix (never deleted: they are the way back).
+    pub fn finish_migration(&mut self) -> Result<(), StoreError> {
+        if self.migration.take().is_some() {
+            migrate::retire_old_files(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.lock.is_none() {
+            return Err(StoreError::ReadOnly { path: self.path() });
+        }
+        if self.poisoned {
+            return Err(StoreError::Poisoned { path: self.path() });
+        }
+        Ok(())
+    }
+
+    /// Writes the records in one transaction, on disk when this returns;
+    /// then memory follows. Nothing is applied if the write fails.
     pub fn write(&mut self, records: Vec<Record>) -> Result<(), StoreError> {
         self.writable()?;
         if records.is_empty() {
             return Ok(());
         }
-        let len = self.append_lines(&records)?;
-        if let Err(source) = self.journal.sync_data() {
-            return Err(self.roll_back("sync the journal", source));
+        let path = self.path();
+        let mut staged: HashMap<String, Option<LedgerEntry>> = HashMap::new();
+        let mut poll = None;
+        let mut manifest = self.manifest.clone();
+        manifest.generation += 1;
+        let tx = self
+            .db
+            .connection_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(&path, "start a write"))?;
+        for r in &records {
+            put(&tx, &self.key, r, &self.ledger, &mut staged, &mut poll).map_err(sql(&path, "write"))?;
         }
-        crate::crashpoint::hit("journal:written");
-        self.journal_len += len;
-        self.journal_records += records.len();
-        self.state.apply_all(records, &self.key);
-        Ok(())
-    }
-
-    /// `write` for a caller with other work to do while the disk syncs:
-    /// appends the records and hands them back to be applied with `apply`
-    /// (at once: while `Appended::sync` waits for the disk on another
-    /// thread, before the records are known to be on disk); `settle` then
-    /// takes the sync's outcome. Until then the store takes no other write.
-    /// A failed sync leaves this handle with records in memory that are not
-    /// on disk: it is cut off the journal and the handle takes no more
-    /// writes (a cycle ends there; the next one opens the store afresh from
-    /// disk).
-    pub fn write_ahead(&mut self, records: Vec<Record>) -> Result<(Appended, ToApply), StoreError> {
-        self.writable()?;
-        if records.is_empty() {
-            return Ok((Appended { journal: None, len: 0 }, ToApply(records)));
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+            [rows::seal_manifest(&self.key, &manifest)],
+        )
+        .map_err(sql(&path, "write the manifest"))?;
+        crate::crashpoint::hit("store:committing");
+        if let Err(e) = tx.commit() {
+            self.poisoned = true;
+            return Err(sql(&path, "commit a write")(e));
         }
-        let journal = self
-            .journal
-            .try_clone()
-            .map_err(io("open the journal", &self.dir.join(JOURNAL)))?;
-        let len = self.append_lines(&records)?;
-        self.writes = Writes::Unsettled;
-        self.journal_records += records.len();
-        let appended = Appended {
-            journal: Some(journal),
-            len,
-        };
-        Ok((appended, ToApply(records)))
-    }
-
-    /// Applies the records of a `write_ahead`.
-    pub fn apply(&mut self, records: ToApply) {
-        self.state.apply_all(records.0, &self.key);
-    }
-
-    /// Whether this handle takes a write now: not while a `write_ahead` is
-    /// unsettled, nor ever after one failed.
-    fn writable(&self) -> Result<(), StoreError> {
-        let path = self.dir.clone();
-        match self.writes {
-            Writes::Open => Ok(()),
-            Writes::Unsettled => Err(StoreError::Unsettled { path }),
-            Writes::Poisoned => Err(StoreError::Poisoned { path }),
+        crate::crashpoint::hit("store:committed");
+        self.manifest = manifest;
+        for (k, e) in staged {
+            match e {
+                Some(e) => self.ledger.insert(k, e),
+                None => self.ledger.remove(&k),
+            };
         }
-    }
-
-    /// Whether a `write_ahead` waits to be settled.
-    pub fn unsettled(&self) -> bool {
-        self.writes == Writes::Unsettled
-    }
-
-    /// Ends a `write_ahead` with the outcome of its `Appended::sync`.
-    pub fn settle(&mut self, appended: Appended, synced: std::io::Result<()>) -> Result<(), StoreError> {
-        if appended.journal.is_none() {
-            return Ok(());
-        }
-        if let Err(source) = synced {
-            self.writes = Writes::Poisoned;
-            return Err(self.roll_back("sync the journal", source));
-        }
-        self.writes = Writes::Open;
-        crate::crashpoint::hit("journal:written");
-        self.journal_len += appended.len;
-        Ok(())
-    }
-
-    /// Seals the records as batch lines and appends them (not synced);
-    /// returns the bytes appended. A failed append is cut off again.
-    fn append_lines(&mut self, records: &[Record]) -> Result<u64, StoreError> {
-        let mut buf = String::new();
-        let mut appended = 0u64;
-        let mut result = Ok(());
-        for chunk in records.chunks(BATCH_RECORDS) {
-            push(
-                &mut buf,
-                Line::Batch(seal_batch(&self.key, |w| chunk.iter().for_each(|r| w.push(r)))),
-            );
-            if buf.len() >= 1 << 20 {
-                result = append(&mut self.journal, buf.as_bytes());
-                appended += buf.len() as u64;
-                buf.clear();
-                if result.is_err() {
-                    break;
-                }
-            }
-        }
-        appended += buf.len() as u64;
-        match result.and_then(|()| append(&mut self.journal, buf.as_bytes())) {
-            Ok(()) => Ok(appended),
-            Err(source) => Err(self.roll_back("write the journal", source)),
-        }
-    }
-
-    /// Cuts a failed write off the journal.
-    fn roll_back(&mut self, op: &'static str, source: std::io::Error) -> StoreError {
-        let path = self.dir.join(JOURNAL);
-        if let Err(e) = self.journal.set_len(self.journal_len) {
-            log::error!("store journal {}: cannot roll back a failed write: {e}", path.display());
-        }
-        StoreError::Io { op, path, source }
-    }
-
-    /// Compacts when the journal has grown past `compact_after` records and
-    /// half the state: called at the end of a cycle or an import, so a large
-    /// cycle is not interrupted by rewrites.
-    pub fn maybe_compact(&mut self) -> Result<(), StoreError> {
-        if self.journal_records >= self.compact_after && self.journal_records > self.state.len() / 2 {
-            self.compact()?;
+        if poll.is_some() {
+            self.last_poll = poll;
         }
         Ok(())
     }
@@ -511,128 +370,90 @@ impl Store {
         self.write(vec![record])
     }
 
-    /// Writes the whole state as a new snapshot generation and starts an
-    /// empty journal for it.
-    pub fn compact(&mut self) -> Result<(), StoreError> {
-        self.writable()?;
-        let next = self.generation + 1;
-        // The current generation stays available as *.prev for recovery.
-        for name in [SNAPSHOT, JOURNAL] {
-            let (cur, prev) = (self.dir.join(name), self.dir.join(format!("{name}.prev")));
-            if cur.exists() {
-                let _ = std::fs::remove_file(&prev);
-                std::fs::hard_link(&cur, &prev).map_err(io("keep the previous generation", &prev))?;
-            }
+    fn patient_row(&self, clause: &str, index: &Index) -> Result<Option<rows::PatientRow>, StoreError> {
+        let path = self.path();
+        self.db
+            .connection()
+            .prepare_cached(&format!(
+                "SELECT id_index, bf_index, id_sealed, sealed, updated FROM patients WHERE {clause} \
+                 ORDER BY rowid DESC LIMIT 1"
+            ))
+            .and_then(|mut s| s.query_row([&index[..]], patient_row).optional())
+            .map_err(sql(&path, "read a patient"))
+    }
+
+    /// A patient as found by an index; an erased patient is absent even if
+    /// her record is there (an interrupted forget, a replayed write).
+    fn open_found(&self, row: Option<rows::PatientRow>) -> Result<Option<PatientRecord>, StoreError> {
+        let Some(row) = row else { return Ok(None) };
+        let p = rows::open_patient(&self.key, &row).map_err(tampered(&self.path()))?;
+        if self.is_forgotten(&p.local_id) {
+            log::warn!(
+                "patient {} was erased but her record is in the store again (an interrupted forget: run it \
+                 again; or a replayed write): treated as absent",
+                p.local_id.fingerprint()
+            );
+            return Ok(None);
         }
-        write_atomically(
-            &self.dir,
-            SNAPSHOT,
-            next,
-            self.key.id(),
-            Some(self.state.counts()),
-            self.state.lines(&self.key),
-        )?;
-        crate::crashpoint::hit("snapshot:installed");
-        self.journal_len = write_atomically(&self.dir, JOURNAL, next, self.key.id(), None, std::iter::empty())?;
-        let path = self.dir.join(JOURNAL);
-        self.journal = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io("open the journal", &path))?;
-        self.generation = next;
-        self.journal_records = 0;
-        Ok(())
+        Ok(Some(p))
     }
 
-    fn open_patient(&self, id: &LocalId, p: &SealedPatient) -> Result<PatientRecord, StoreError> {
-        let plain = self
-            .key
-            .open_raw("patient", &patient_context(&id.0), &p.data)
-            .map_err(tampered(&self.dir))?;
-        let secret = PatientSecret::decode(&plain).ok_or_else(|| tampered(&self.dir)(OpenError::layout("patient")))?;
-        Ok(PatientRecord {
-            local_id: id.clone(),
-            idat: secret.idat,
-            bloomfilter: secret.bloomfilter,
-            updated: p.updated,
-        })
-    }
-
-    /// A patient's record. An erased patient is absent even if her record
-    /// is there: an erasure interrupted before the IDAT went, or an old
-    /// write replayed into the store, never leads to a send.
+    /// A patient's record.
     pub fn patient(&self, id: &LocalId) -> Result<Option<PatientRecord>, StoreError> {
-        if self.is_forgotten(id) {
-            if self.state.patients.contains_key(id.0.as_str()) {
-                log::warn!(
-                    "patient {} was erased but her record is in the store again (an interrupted forget: run it \
-                     again; or a replayed write): treated as absent",
-                    id.fingerprint()
-                );
-            }
+        let row = self.patient_row("id_index = ?1", &rows::id_index(&self.key, id))?;
+        self.open_found(row)
+    }
+
+    /// The local id of the patient with this Bloom filter (her IDAT stays
+    /// sealed).
+    pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<LocalId>, StoreError> {
+        let Some(row) = self.patient_row("bf_index = ?1", &rows::bf_index(&self.key, bf))? else {
             return Ok(None);
-        }
-        self.state
-            .patients
-            .get(id.0.as_str())
-            .map(|p| self.open_patient(id, p))
-            .transpose()
+        };
+        let id = rows::open_local_id(&self.key, &row.id_index, &row.id_sealed).map_err(tampered(&self.path()))?;
+        Ok((!self.is_forgotten(&id)).then_some(id))
     }
 
-    /// The local id of the patient with this Bloom filter, without decrypting.
-    pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Option<LocalId> {
-        self.state
-            .by_bf
-            .get(&self.key.index_bytes("bf", bf.as_bytes()))
-            .map(|id| LocalId(id.to_string()))
-    }
-
-    /// The patient with this Bloom filter. The index that leads to her
-    /// lies outside the encryption: the opened record must hold the very
-    /// filter asked for, or the store was altered (two patients' index
-    /// values swapped would otherwise send one's IDAT for the other).
+    /// The patient with this Bloom filter. The opened record must hold the
+    /// very filter asked for, or the store was altered.
     pub fn patient_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<PatientRecord>, StoreError> {
-        let Some(id) = self.local_id_by_bloomfilter(bf) else {
-            return Ok(None);
-        };
-        let patient = self.patient(&id)?;
+        let row = self.patient_row("bf_index = ?1", &rows::bf_index(&self.key, bf))?;
+        let patient = self.open_found(row)?;
         if patient.as_ref().is_some_and(|p| p.bloomfilter.as_ref() != Some(bf)) {
-            return Err(tampered(&self.dir)(OpenError::Mismatch { what: "patient" }));
+            return Err(tampered(&self.path())(OpenError::Mismatch { what: "patient" }));
         }
         Ok(patient)
     }
 
-    /// The patient a pseudonym was issued for (any target, any system).
-    /// The patient whose pseudonym in `target` is `value`. Both indexes
-    /// on the way lie outside the encryption: the sealed pseudonym record
-    /// the first leads to must hold `value`, and the patient record the
-    /// second leads to must hold that filter, or the store was altered.
+    fn pseudonym_row(
+        &self,
+        clause: &str,
+        index: &Index,
+        target: &str,
+    ) -> Result<Option<rows::PseudonymRow>, StoreError> {
+        let path = self.path();
+        self.db
+            .connection()
+            .prepare_cached(&format!(
+                "SELECT bf_index, target, psn_index, received, source, sealed FROM pseudonyms \
+                 WHERE {clause} AND target = ?2 LIMIT 1"
+            ))
+            .and_then(|mut s| s.query_row(params![&index[..], target], pseudonym_row).optional())
+            .map_err(sql(&path, "read a pseudonym"))
+    }
+
+    /// The patient whose pseudonym in `target` is `value`. The sealed
+    /// pseudonym found must hold `value`, and the patient it leads to the
+    /// filter it was issued for, or the store was altered.
     pub fn patient_by_pseudonym(&self, target: &str, value: &str) -> Result<Option<PatientRecord>, StoreError> {
-        let Some(bf) = self
-            .state
-            .by_psn
-            .get(&self.key.index_bytes("psn", value.as_bytes()))
-            .copied()
-        else {
+        let Some(row) = self.pseudonym_row("psn_index = ?1", &rows::psn_index(&self.key, value), target)? else {
             return Ok(None);
         };
-        let Some(sealed) = self.state.pseudonyms.get(&(bf, target.to_string())) else {
-            return Ok(None);
-        };
-        if self.open_pseudonym(&bf, target, sealed)?.pseudonym.value != value {
-            return Err(tampered(&self.dir)(OpenError::Mismatch { what: "pseudonym" }));
+        let p = rows::open_pseudonym(&self.key, &row).map_err(tampered(&self.path()))?;
+        if p.pseudonym.value != value {
+            return Err(tampered(&self.path())(OpenError::Mismatch { what: "pseudonym" }));
         }
-        let Some(id) = self.state.by_bf.get(&bf).map(|id| LocalId(id.to_string())) else {
-            return Ok(None);
-        };
-        let patient = self.patient(&id)?;
-        if patient
-            .as_ref()
-            .is_some_and(|p| p.bloomfilter.as_ref().map(|b| self.key.index_bytes("bf", b.as_bytes())) != Some(bf))
-        {
-            return Err(tampered(&self.dir)(OpenError::Mismatch { what: "patient" }));
-        }
-        Ok(patient)
+        self.patient_by_bloomfilter(&p.bloomfilter)
     }
 
     /// The patient a task names: by pseudonym, else by Bloom filter.
@@ -654,195 +475,272 @@ impl Store {
     }
 
     pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Result<Option<PseudonymRecord>, StoreError> {
-        Ok(self.patient_and_pseudonym(bf, target)?.1)
+        let Some(row) = self.pseudonym_row("bf_index = ?1", &rows::bf_index(&self.key, bf), target)? else {
+            return Ok(None);
+        };
+        let p = rows::open_pseudonym(&self.key, &row).map_err(tampered(&self.path()))?;
+        if p.bloomfilter != *bf {
+            return Err(tampered(&self.path())(OpenError::Mismatch { what: "pseudonym" }));
+        }
+        Ok(Some(p))
     }
 
     /// The local patient with this Bloom filter and the pseudonym stored
-    /// for it and `target`: one keyed index for both (100,000 of these are
-    /// asked in a re-keying cycle).
+    /// for it and `target`.
     pub fn patient_and_pseudonym(
         &self,
         bf: &BloomFilter,
         target: &str,
     ) -> Result<(Option<LocalId>, Option<PseudonymRecord>), StoreError> {
-        let index = self.key.index_bytes("bf", bf.as_bytes());
-        let patient = self.state.by_bf.get(&index).map(|id| LocalId(id.to_string()));
-        let pseudonym = self
-            .state
-            .pseudonyms
-            .get(&(index, target.to_string()))
-            .map(|p| self.open_pseudonym(&index, target, p))
-            .transpose()?;
-        Ok((patient, pseudonym))
-    }
-
-    fn open_pseudonym(&self, bf: &Index, target: &str, p: &SealedPseudonym) -> Result<PseudonymRecord, StoreError> {
-        let plain = self
-            .key
-            .open_raw("pseudonym", &pseudonym_context(&index_hex(bf), target), &p.data)
-            .map_err(tampered(&self.dir))?;
-        records::decode_pseudonym(&plain, target).ok_or_else(|| tampered(&self.dir)(OpenError::layout("pseudonym")))
+        Ok((self.local_id_by_bloomfilter(bf)?, self.pseudonym(bf, target)?))
     }
 
     /// Every pseudonym, decrypted (for tests, exports and re-keying).
     pub fn all_pseudonyms(&self) -> Result<Vec<PseudonymRecord>, StoreError> {
-        self.state
-            .pseudonyms
-            .iter()
-            .map(|((bf, target), p)| self.open_pseudonym(bf, target, p))
-            .collect()
-    }
-
-    /// Every patient, decrypted (for tests, exports and re-keying).
-    pub fn all_patients(&self) -> Result<Vec<PatientRecord>, StoreError> {
-        self.state
-            .patients
-            .iter()
-            .map(|(id, p)| self.open_patient(&LocalId(id.to_string()), p))
-            .collect()
-    }
-
-    pub fn patient_count(&self) -> usize {
-        self.state.patients.len()
-    }
-
-    pub fn patients_with_bloomfilter(&self) -> usize {
-        self.state.patients.values().filter(|p| p.bf.is_some()).count()
-    }
-
-    pub fn pseudonym_count(&self) -> usize {
-        self.state.pseudonyms.len()
-    }
-
-    /// Re-encrypts the whole store under `new`, atomically: a new snapshot
-    /// generation written with the new key replaces the old files in one
-    /// rename. A crash before it leaves the store under the old key.
-    pub fn rekey(&mut self, new: StoreKey) -> Result<(), StoreError> {
-        self.writable()?;
-        let mut state = State::default();
-        for p in self.all_patients()? {
-            state.apply_record(Record::Patient(p), &new);
-        }
-        for p in self.all_pseudonyms()? {
-            state.apply_record(Record::Pseudonym(p), &new);
-        }
-        state.ledger = self.state.ledger.clone();
-        state.last_poll = self.state.last_poll.clone();
-        state.enrolments = self.rekeyed_enrolments(&new)?;
-        let next = self.generation + 1;
-        // Under the new key before the switch (the file is named by it).
-        if !self.forgotten.is_empty() {
-            forgotten::save(&self.dir, &new, &self.forgotten)?;
-        }
-        write_atomically(
-            &self.dir,
-            SNAPSHOT,
-            next,
-            new.id(),
-            Some(state.counts()),
-            state.lines(&new),
-        )?;
-        self.journal_len = write_atomically(&self.dir, JOURNAL, next, new.id(), None, std::iter::empty())?;
-        let path = self.dir.join(JOURNAL);
-        self.journal = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io("open the journal", &path))?;
-        // The previous generations were readable with the old key only.
-        for name in ["snapshot.prev", "journal.prev"] {
-            let _ = std::fs::remove_file(self.dir.join(name));
-        }
-        self.generation = next;
-        self.journal_records = 0;
-        self.state = state;
-        self.key = new;
-        forgotten::remove_others(&self.dir, &self.key);
-        Ok(())
-    }
-
-    /// Enrolments keep only the index of the filter sent, which cannot be
-    /// recomputed under a new key without the filter: it is taken from the
-    /// patient when it is still their filter; otherwise the index becomes
-    /// one no filter has, which keeps what matters ("not the current one").
-    fn rekeyed_enrolments(&self, new: &StoreKey) -> Result<HashMap<LocalId, Enrolment>, StoreError> {
-        let mut out = HashMap::with_capacity(self.state.enrolments.len());
-        for (id, e) in &self.state.enrolments {
-            let current = self.patient(id)?.and_then(|p| p.bloomfilter);
-            let bf = match current {
-                Some(bf) if self.key.index_bytes("bf", bf.as_bytes()) == e.bf => new.index_bytes("bf", bf.as_bytes()),
-                _ => NO_FILTER,
-            };
-            out.insert(id.clone(), Enrolment { bf, ..e.clone() });
+        let path = self.path();
+        let mut stmt = self
+            .db
+            .connection()
+            .prepare("SELECT bf_index, target, psn_index, received, source, sealed FROM pseudonyms")
+            .map_err(sql(&path, "read the pseudonyms"))?;
+        let rows = stmt
+            .query_map([], pseudonym_row)
+            .map_err(sql(&path, "read the pseudonyms"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let row = row.map_err(sql(&path, "read the pseudonyms"))?;
+            out.push(rows::open_pseudonym(&self.key, &row).map_err(tampered(&path))?);
         }
         Ok(out)
     }
 
-    /// A patient's enrolment, compared with `current`, their filter now.
-    pub fn enrolment(&self, id: &LocalId, current: Option<&BloomFilter>) -> Option<EnrolmentState> {
-        let e = self.state.enrolments.get(id)?;
-        Some(EnrolmentState {
-            status: e.status,
-            detail: e.detail.clone(),
-            updated: e.updated,
-            same_filter: current.is_some_and(|bf| self.key.index_bytes("bf", bf.as_bytes()) == e.bf),
-        })
-    }
-
-    pub fn enrolment_counts(&self) -> std::collections::BTreeMap<EnrolmentStatus, usize> {
-        let mut counts = std::collections::BTreeMap::new();
-        for e in self.state.enrolments.values() {
-            *counts.entry(e.status).or_insert(0) += 1;
+    /// Every patient, decrypted (for tests, exports and re-keying).
+    pub fn all_patients(&self) -> Result<Vec<PatientRecord>, StoreError> {
+        let path = self.path();
+        let mut stmt = self
+            .db
+            .connection()
+            .prepare("SELECT id_index, bf_index, id_sealed, sealed, updated FROM patients")
+            .map_err(sql(&path, "read the patients"))?;
+        let rows = stmt
+            .query_map([], patient_row)
+            .map_err(sql(&path, "read the patients"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let row = row.map_err(sql(&path, "read the patients"))?;
+            let p = rows::open_patient(&self.key, &row).map_err(tampered(&path))?;
+            if !self.is_forgotten(&p.local_id) {
+                out.push(p);
+            }
         }
-        counts
+        Ok(out)
     }
 
-    /// Local ids of the patients whose sealed record passes `keep`, sorted;
-    /// found from the indexes, without decrypting anyone.
-    fn ids_where(&self, keep: impl Fn(&SealedPatient) -> bool) -> Vec<LocalId> {
-        let mut ids: Vec<LocalId> = self
-            .state
-            .patients
-            .iter()
-            .filter(|(_, p)| keep(p))
-            .map(|(id, _)| LocalId(id.to_string()))
-            .collect();
-        ids.sort();
-        ids
+    fn count(&self, query: &str) -> Result<usize, StoreError> {
+        let path = self.path();
+        self.db
+            .connection()
+            .query_row(query, [], |r| r.get::<_, i64>(0))
+            .map(|n| usize::try_from(n).unwrap_or(0))
+            .map_err(sql(&path, "count"))
+    }
+
+    pub fn patient_count(&self) -> Result<usize, StoreError> {
+        self.count("SELECT count(*) FROM patients")
+    }
+
+    pub fn patients_with_bloomfilter(&self) -> Result<usize, StoreError> {
+        self.count("SELECT count(*) FROM patients WHERE bf_index IS NOT NULL")
+    }
+
+    pub fn pseudonym_count(&self) -> Result<usize, StoreError> {
+        self.count("SELECT count(*) FROM pseudonyms")
+    }
+
+    /// Local ids of the patients a query selects (`id_index, id_sealed`),
+    /// sorted; their IDAT stays sealed.
+    fn ids(&self, query: &str, param: Option<&str>) -> Result<Vec<LocalId>, StoreError> {
+        let path = self.path();
+        let mut stmt = self
+            .db
+            .connection()
+            .prepare(query)
+            .map_err(sql(&path, "list patients"))?;
+        let map = |r: &rusqlite::Row<'_>| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?));
+        let rows = match param {
+            Some(p) => stmt.query_map([p], map),
+            None => stmt.query_map([], map),
+        }
+        .map_err(sql(&path, "list patients"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (index, sealed) = row.map_err(sql(&path, "list patients"))?;
+            let index = index_of(Some(&index)).map_err(tampered(&path))?;
+            let id = rows::open_local_id(&self.key, &index, &sealed).map_err(tampered(&path))?;
+            if !self.is_forgotten(&id) {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Patients with a Bloom filter but no pseudonym for `target`.
-    pub fn without_pseudonym(&self, target: &str) -> Vec<LocalId> {
-        let target = target.to_string();
-        self.ids_where(|p| {
-            p.bf.is_some_and(|bf| !self.state.pseudonyms.contains_key(&(bf, target.clone())))
-        })
+    pub fn without_pseudonym(&self, target: &str) -> Result<Vec<LocalId>, StoreError> {
+        self.ids(
+            "SELECT id_index, id_sealed FROM patients p WHERE bf_index IS NOT NULL AND NOT EXISTS \
+             (SELECT 1 FROM pseudonyms q WHERE q.bf_index = p.bf_index AND q.target = ?1)",
+            Some(target),
+        )
     }
 
     /// Patients without a Bloom filter.
-    pub fn without_bloomfilter(&self) -> Vec<LocalId> {
-        self.ids_where(|p| p.bf.is_none())
+    pub fn without_bloomfilter(&self) -> Result<Vec<LocalId>, StoreError> {
+        self.ids("SELECT id_index, id_sealed FROM patients WHERE bf_index IS NULL", None)
     }
 
     /// Every patient.
-    pub fn local_ids(&self) -> Vec<LocalId> {
-        self.ids_where(|_| true)
+    pub fn local_ids(&self) -> Result<Vec<LocalId>, StoreError> {
+        self.ids("SELECT id_index, id_sealed FROM patients", None)
+    }
+
+    /// A patient's enrolment, compared with `current`, their filter now.
+    pub fn enrolment(&self, id: &LocalId, current: Option<&BloomFilter>) -> Result<Option<EnrolmentState>, StoreError> {
+        let path = self.path();
+        let row = self
+            .db
+            .connection()
+            .prepare_cached("SELECT id_index, bf_index, status, updated, sealed FROM enrolments WHERE id_index = ?1")
+            .and_then(|mut s| {
+                s.query_row([&rows::id_index(&self.key, id)[..]], enrolment_row)
+                    .optional()
+            })
+            .map_err(sql(&path, "read an enrolment"))?;
+        let Some(row) = row else { return Ok(None) };
+        let e = rows::open_enrolment(&self.key, &row).map_err(tampered(&path))?;
+        Ok(Some(EnrolmentState {
+            status: e.status,
+            detail: e.detail,
+            updated: e.updated,
+            same_filter: current.is_some_and(|bf| rows::bf_index(&self.key, bf) == e.bf_index),
+        }))
+    }
+
+    pub fn enrolment_counts(&self) -> Result<BTreeMap<EnrolmentStatus, usize>, StoreError> {
+        let path = self.path();
+        let mut stmt = self
+            .db
+            .connection()
+            .prepare("SELECT status, count(*) FROM enrolments GROUP BY status")
+            .map_err(sql(&path, "count enrolments"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(sql(&path, "count enrolments"))?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let (status, n) = row.map_err(sql(&path, "count enrolments"))?;
+            let status = rows::enrolment_status(&status)
+                .ok_or_else(|| tampered(&path)(OpenError::layout("enrolment status")))?;
+            counts.insert(status, usize::try_from(n).unwrap_or(0));
+        }
+        Ok(counts)
     }
 
     pub fn key_id(&self) -> &str {
         self.key.id()
     }
 
-    /// Removes a patient's IDAT and Bloom filter for good: the removal is
-    /// recorded, then the store is compacted and the previous generation
-    /// deleted, so the sealed data is gone from every store file.
     /// Whether `id` was erased by `forget`: `import` skips it.
     pub fn is_forgotten(&self, id: &LocalId) -> bool {
-        forgotten::holds(&self.forgotten, id)
+        self.forgotten.contains(id.0.as_str())
     }
 
     /// How many patients were erased (and not taken back).
     pub fn forgotten_count(&self) -> usize {
         self.forgotten.len()
+    }
+
+    /// The manifest after the tombstones change to `ids`.
+    fn manifest_with(&self, ids: &BTreeSet<String>) -> Manifest {
+        let indexes: Vec<Index> = ids
+            .iter()
+            .map(|id| rows::id_index(&self.key, &LocalId(id.clone())))
+            .collect();
+        Manifest {
+            generation: self.manifest.generation + 1,
+            tombstones: ids.len() as u64,
+            tombstone_digest: rows::tombstone_digest(indexes.iter()),
+        }
+    }
+
+    /// Removes a patient's IDAT and Bloom filter for good, and keeps a
+    /// tombstone so that no later import brings her back. With
+    /// `secure_delete` her rows' bytes are overwritten, and the checkpoint
+    /// after the commit empties the WAL of every copy of them.
+    pub fn forget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
+        self.writable()?;
+        let path = self.path();
+        let mut ids = self.forgotten.clone();
+        ids.insert(id.0.clone());
+        let manifest = self.manifest_with(&ids);
+        let (index, sealed) = rows::seal_tombstone(&self.key, id);
+        let tx = self
+            .db
+            .connection_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(&path, "start a write"))?;
+        let erased = (|| {
+            tx.execute(
+                "INSERT OR REPLACE INTO tombstones (id_index, sealed) VALUES (?1, ?2)",
+                params![&index[..], sealed],
+            )?;
+            let erased = tx.execute("DELETE FROM patients WHERE id_index = ?1", [&index[..]])? > 0;
+            tx.execute("DELETE FROM enrolments WHERE id_index = ?1", [&index[..]])?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+                [rows::seal_manifest(&self.key, &manifest)],
+            )?;
+            Ok(erased)
+        })()
+        .map_err(sql(&path, "erase a patient"))?;
+        if let Err(e) = tx.commit() {
+            self.poisoned = true;
+            return Err(sql(&path, "commit the erasure")(e));
+        }
+        self.manifest = manifest;
+        self.forgotten = ids;
+        self.checkpoint()?;
+        if !v1::files(&self.dir).is_empty() || migrate::retired_files(&self.dir).next().is_some() {
+            log::warn!(
+                "the store's files from before the database (*.v1 in {}) still hold the erased patient's \
+                 sealed data: delete them once the migrated store has run well",
+                self.dir.display()
+            );
+        }
+        Ok(erased)
+    }
+
+    /// Copies every page of the WAL into the database and empties it, so
+    /// that what was deleted lives on in no copy. A reader holding an old
+    /// snapshot makes this wait (the busy timeout) or fail: then the copy
+    /// stays until the next checkpoint, and the caller is told.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let path = self.path();
+        let (busy, _, _): (i64, i64, i64) = self
+            .db
+            .connection()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .map_err(sql(&path, "checkpoint the write-ahead log"))?;
+        if busy != 0 {
+            return Err(StoreError::Io {
+                op: "empty the write-ahead log (a reader is holding it; run the command again)",
+                path: path.with_extension("sqlite3-wal"),
+                source: std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+            });
+        }
+        Ok(())
     }
 
     /// Takes back a mistaken erasure: the next import may bring the patient
@@ -853,83 +751,458 @@ impl Store {
         if !self.forgotten.contains(id.0.as_str()) {
             return Ok(false);
         }
-        let mut next = self.forgotten.clone();
-        next.remove(id.0.as_str());
-        forgotten::save(&self.dir, &self.key, &next)?;
-        self.forgotten = next;
+        let path = self.path();
+        let mut ids = self.forgotten.clone();
+        ids.remove(id.0.as_str());
+        let manifest = self.manifest_with(&ids);
+        let tx = self
+            .db
+            .connection_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(&path, "start a write"))?;
+        (|| {
+            tx.execute(
+                "DELETE FROM tombstones WHERE id_index = ?1",
+                [&rows::id_index(&self.key, id)[..]],
+            )?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+                [rows::seal_manifest(&self.key, &manifest)],
+            )?;
+            tx.commit()
+        })()
+        .map_err(sql(&path, "take back an erasure"))?;
+        self.manifest = manifest;
+        self.forgotten = ids;
         Ok(true)
     }
 
-    pub fn forget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
+    /// Re-encrypts the whole store under `new` in one transaction: a crash
+    /// before its commit leaves the store under the old key, after it under
+    /// the new one.
+    pub fn rekey(&mut self, new: StoreKey) -> Result<(), StoreError> {
         self.writable()?;
-        // The tombstone first: a crash after it leaves the patient erased
-        // from every later import, and `forget` can simply be run again.
-        if !self.forgotten.contains(id.0.as_str()) {
-            let mut next = self.forgotten.clone();
-            next.insert(id.0.clone());
-            forgotten::save(&self.dir, &self.key, &next)?;
-            self.forgotten = next;
+        let path = self.path();
+        let patients = self.all_patients()?;
+        let pseudonyms = self.all_pseudonyms()?;
+        let mut enrolments = Vec::new();
+        for p in &patients {
+            let Some(e) = self.enrolment_record(&p.local_id)? else {
+                continue;
+            };
+            // Only the index of the filter sent is kept, which cannot be
+            // recomputed under a new key without the filter: it is taken
+            // from the patient when it is still her filter; otherwise it
+            // becomes one no filter has, which keeps what matters.
+            let still = p
+                .bloomfilter
+                .as_ref()
+                .filter(|bf| rows::bf_index(&self.key, bf) == e.bf_index);
+            let bf_index = still.map_or(rows::NO_FILTER, |bf| rows::bf_index(&new, bf));
+            enrolments.push(rows::Enrolment { bf_index, ..e });
         }
-        if !self.state.patients.contains_key(id.0.as_str()) {
-            return Ok(false);
-        }
-        self.put(Record::Forget { local_id: id.clone() })?;
-        self.compact()?;
-        for name in ["snapshot.prev", "journal.prev"] {
-            let p = self.dir.join(name);
-            if p.exists() {
-                std::fs::remove_file(&p).map_err(io("remove the previous generation", &p))?;
+        let forgotten: Vec<LocalId> = self.forgotten.iter().map(|id| LocalId(id.clone())).collect();
+        let mut manifest = self.manifest.clone();
+        manifest.generation += 1;
+        let indexes: Vec<Index> = forgotten.iter().map(|id| rows::id_index(&new, id)).collect();
+        manifest.tombstone_digest = rows::tombstone_digest(indexes.iter());
+        let tx = self
+            .db
+            .connection_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(&path, "start a write"))?;
+        (|| {
+            tx.execute_batch(
+                "DELETE FROM patients; DELETE FROM pseudonyms; DELETE FROM ledger; DELETE FROM enrolments; \
+                 DELETE FROM tombstones; DELETE FROM polls;",
+            )?;
+            let mut ignored = (HashMap::new(), None);
+            for p in patients {
+                put(
+                    &tx,
+                    &new,
+                    &Record::Patient(p),
+                    &HashMap::new(),
+                    &mut ignored.0,
+                    &mut ignored.1,
+                )?;
             }
-        }
-        Ok(true)
+            for p in pseudonyms {
+                put(
+                    &tx,
+                    &new,
+                    &Record::Pseudonym(p),
+                    &HashMap::new(),
+                    &mut ignored.0,
+                    &mut ignored.1,
+                )?;
+            }
+            for e in self.ledger.values() {
+                put_ledger(&tx, &new, e)?;
+            }
+            for e in &enrolments {
+                put_enrolment(&tx, &rows::seal_enrolment(&new, e))?;
+            }
+            for id in &forgotten {
+                let (index, sealed) = rows::seal_tombstone(&new, id);
+                tx.execute(
+                    "INSERT INTO tombstones (id_index, sealed) VALUES (?1, ?2)",
+                    params![&index[..], sealed],
+                )?;
+            }
+            if let Some(p) = &self.last_poll {
+                tx.execute(
+                    "INSERT INTO polls (id, sealed) VALUES (1, ?1)",
+                    [rows::seal_poll(&new, p)],
+                )?;
+            }
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'key_id'", [new.id()])?;
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+                [rows::seal_manifest(&new, &manifest)],
+            )?;
+            tx.commit()
+        })()
+        .map_err(sql(&path, "re-key the store"))?;
+        self.key = new;
+        self.manifest = manifest;
+        // Old seals live on in freed pages and the WAL until overwritten.
+        self.checkpoint()?;
+        Ok(())
+    }
+
+    fn enrolment_record(&self, id: &LocalId) -> Result<Option<rows::Enrolment>, StoreError> {
+        let path = self.path();
+        let row = self
+            .db
+            .connection()
+            .prepare_cached("SELECT id_index, bf_index, status, updated, sealed FROM enrolments WHERE id_index = ?1")
+            .and_then(|mut s| {
+                s.query_row([&rows::id_index(&self.key, id)[..]], enrolment_row)
+                    .optional()
+            })
+            .map_err(sql(&path, "read an enrolment"))?;
+        row.map(|r| rows::open_enrolment(&self.key, &r))
+            .transpose()
+            .map_err(tampered(&path))
+    }
+
+    /// An online, consistent copy of the store into the new directory
+    /// `dest` (`VACUUM INTO`: the last committed write, compacted), usable
+    /// as `[store] path` as it is. The key is not in it: back it up apart.
+    pub fn backup(&self, dest: &Path) -> Result<PathBuf, StoreError> {
+        let path = self.path();
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dest)
+            .map_err(io("create the backup directory (it must not exist yet)", dest))?;
+        let file = dest.join(db::FILE);
+        let name = file
+            .to_str()
+            .ok_or_else(|| io("name the backup file", dest)(std::io::ErrorKind::InvalidFilename.into()))?;
+        db::create_private(&file).map_err(io("create the backup file", &file))?;
+        self.db
+            .connection()
+            .execute("VACUUM INTO ?1", [name])
+            .map_err(sql(&path, "write the backup"))?;
+        File::open(&file)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| File::open(dest))
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync the backup", &file))?;
+        Ok(file)
     }
 
     pub fn ledger(&self, key: &str) -> Option<&LedgerEntry> {
-        self.state.ledger.get(key)
+        self.ledger.get(key)
     }
 
     pub fn ledger_entries(&self) -> impl Iterator<Item = &LedgerEntry> {
-        self.state.ledger.values()
+        self.ledger.values()
     }
 
     pub fn last_poll(&self) -> Option<&PollRecord> {
-        self.state.last_poll.as_ref()
+        self.last_poll.as_ref()
     }
 }
 
-/// Appends to the journal. (Test builds can tear this write in half and
-/// die: the crash tests.)
-fn append(journal: &mut File, bytes: &[u8]) -> std::io::Result<()> {
-    if crate::crashpoint::armed("journal:torn") && !bytes.is_empty() {
-        let (first, rest) = bytes.split_at(bytes.len() / 2);
-        journal.write_all(first)?;
-        journal.sync_data()?;
-        crate::crashpoint::hit("journal:torn");
-        return journal.write_all(rest);
-    }
-    journal.write_all(bytes)
+/// What a store holds in memory, read in the transaction of `Store::load`.
+struct Held {
+    ledger: HashMap<String, LedgerEntry>,
+    last_poll: Option<PollRecord>,
+    forgotten: BTreeSet<String>,
+    manifest: Manifest,
 }
 
-fn check_key(path: &Path, header: &Header, key: &StoreKey) -> Result<(), StoreError> {
-    if header.key_id != key.id() {
-        return Err(StoreError::WrongKey {
-            path: path.to_path_buf(),
-            stored: header.key_id.clone(),
-            given: key.id().to_string(),
-        });
+impl Default for Held {
+    fn default() -> Held {
+        Held {
+            ledger: HashMap::new(),
+            last_poll: None,
+            forgotten: BTreeSet::new(),
+            manifest: Manifest {
+                generation: 0,
+                tombstones: 0,
+                tombstone_digest: rows::tombstone_digest(std::iter::empty()),
+            },
+        }
+    }
+}
+
+fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held, StoreError> {
+    let mut held = Held::default();
+    let bad = tampered(path);
+    let manifest: Option<Vec<u8>> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'manifest'", [], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, "read the manifest"))?;
+    let manifest = manifest.ok_or_else(|| bad(OpenError::layout("manifest (missing)")))?;
+    held.manifest = rows::open_manifest(key, &manifest).map_err(&bad)?;
+
+    let mut indexes = Vec::new();
+    let mut stmt = tx
+        .prepare("SELECT id_index, sealed FROM tombstones")
+        .map_err(sql(path, "read the tombstones"))?;
+    let mut rs = stmt.query([]).map_err(sql(path, "read the tombstones"))?;
+    while let Some(r) = rs.next().map_err(sql(path, "read the tombstones"))? {
+        let index = index_of(r.get_ref(0).ok().and_then(|v| v.as_blob().ok())).map_err(&bad)?;
+        let sealed: Vec<u8> = r.get(1).map_err(sql(path, "read the tombstones"))?;
+        let id = rows::open_tombstone(key, &index, &sealed).map_err(&bad)?;
+        held.forgotten.insert(id.0);
+        indexes.push(index);
+    }
+    drop(rs);
+    drop(stmt);
+    if indexes.len() as u64 != held.manifest.tombstones
+        || rows::tombstone_digest(indexes.iter()) != held.manifest.tombstone_digest
+    {
+        return Err(bad(OpenError::Mismatch {
+            what: "set of erased patients (a tombstone was added or removed without the key)",
+        }));
+    }
+
+    let mut stmt = tx
+        .prepare(
+            "SELECT key_index, kind, status, outcome, expires, first_seen, last_seen, updated, attempts, sealed \
+             FROM ledger",
+        )
+        .map_err(sql(path, "read the ledger"))?;
+    let rows = stmt.query_map([], ledger_row).map_err(sql(path, "read the ledger"))?;
+    for row in rows {
+        let row = row.map_err(sql(path, "read the ledger"))?;
+        let e = rows::open_ledger(key, &row).map_err(&bad)?;
+        held.ledger.insert(e.key.clone(), e);
+    }
+    drop(stmt);
+    let poll: Option<Vec<u8>> = tx
+        .query_row("SELECT sealed FROM polls WHERE id = 1", [], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, "read the last poll"))?;
+    held.last_poll = poll.map(|p| rows::open_poll(key, &p)).transpose().map_err(&bad)?;
+    Ok(held)
+}
+
+/// A 16-byte index read from a row.
+fn index_of(v: Option<&[u8]>) -> Result<Index, OpenError> {
+    v.and_then(|b| b.try_into().ok()).ok_or(OpenError::layout("index"))
+}
+
+fn blob_index(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Index> {
+    let v: Vec<u8> = r.get(i)?;
+    v.try_into()
+        .map_err(|_| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, "not an index".into()))
+}
+
+fn patient_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::PatientRow> {
+    let bf: Option<Vec<u8>> = r.get(1)?;
+    Ok(rows::PatientRow {
+        id_index: blob_index(r, 0)?,
+        bf_index: match bf {
+            Some(b) => Some(b.try_into().map_err(|_| {
+                rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Blob, "not an index".into())
+            })?),
+            None => None,
+        },
+        id_sealed: r.get(2)?,
+        sealed: r.get(3)?,
+        updated: r.get(4)?,
+    })
+}
+
+fn pseudonym_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::PseudonymRow> {
+    Ok(rows::PseudonymRow {
+        bf_index: blob_index(r, 0)?,
+        target: r.get(1)?,
+        psn_index: blob_index(r, 2)?,
+        received: r.get(3)?,
+        source: r.get(4)?,
+        sealed: r.get(5)?,
+    })
+}
+
+fn ledger_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::LedgerRow> {
+    Ok(rows::LedgerRow {
+        key_index: blob_index(r, 0)?,
+        kind: r.get(1)?,
+        status: r.get(2)?,
+        outcome: r.get(3)?,
+        expires: r.get(4)?,
+        first_seen: r.get(5)?,
+        last_seen: r.get(6)?,
+        updated: r.get(7)?,
+        attempts: r.get(8)?,
+        sealed: r.get(9)?,
+    })
+}
+
+fn enrolment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::EnrolmentRow> {
+    Ok(rows::EnrolmentRow {
+        id_index: blob_index(r, 0)?,
+        bf_index: blob_index(r, 1)?,
+        status: r.get(2)?,
+        updated: r.get(3)?,
+        sealed: r.get(4)?,
+    })
+}
+
+fn put_ledger(tx: &Transaction<'_>, key: &StoreKey, e: &LedgerEntry) -> rusqlite::Result<()> {
+    let row = rows::seal_ledger(key, e);
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO ledger (key_index, kind, status, outcome, expires, first_seen, last_seen, updated, \
+         attempts, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        &row.key_index[..],
+        row.kind,
+        row.status,
+        row.outcome,
+        row.expires,
+        row.first_seen,
+        row.last_seen,
+        row.updated,
+        row.attempts,
+        row.sealed
+    ])?;
+    Ok(())
+}
+
+fn put_enrolment(tx: &Transaction<'_>, row: &rows::EnrolmentRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO enrolments (id_index, bf_index, status, updated, sealed) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        &row.id_index[..],
+        &row.bf_index[..],
+        row.status,
+        row.updated,
+        row.sealed
+    ])?;
+    Ok(())
+}
+
+/// Writes one record into the transaction. Ledger entries changed in it
+/// are staged (`None`: purged) until the commit.
+fn put(
+    tx: &Transaction<'_>,
+    key: &StoreKey,
+    record: &Record,
+    ledger: &HashMap<String, LedgerEntry>,
+    staged: &mut HashMap<String, Option<LedgerEntry>>,
+    poll: &mut Option<PollRecord>,
+) -> rusqlite::Result<()> {
+    match record {
+        Record::Patient(p) => {
+            let row = rows::seal_patient(key, p);
+            // (REPLACE gives the row a new rowid: the newest record with a
+            // filter is the one a lookup by that filter finds.)
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO patients (id_index, bf_index, id_sealed, sealed, updated) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                &row.id_index[..],
+                row.bf_index.as_ref().map(|b| &b[..]),
+                row.id_sealed,
+                row.sealed,
+                row.updated
+            ])?;
+        }
+        Record::Pseudonym(p) => {
+            let row = rows::seal_pseudonym(key, p);
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO pseudonyms (bf_index, target, psn_index, received, source, sealed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                &row.bf_index[..],
+                row.target,
+                &row.psn_index[..],
+                row.received,
+                row.source,
+                row.sealed
+            ])?;
+        }
+        Record::Ledger(e) => {
+            put_ledger(tx, key, e)?;
+            staged.insert(e.key.clone(), Some(e.clone()));
+        }
+        Record::Progress(p) => {
+            let current = match staged.get(&p.key) {
+                Some(e) => e.clone(),
+                None => ledger.get(&p.key).cloned(),
+            };
+            if let Some(mut e) = current {
+                p.apply_to(&mut e);
+                put_ledger(tx, key, &e)?;
+                staged.insert(e.key.clone(), Some(e));
+            }
+        }
+        Record::Poll(p) => {
+            tx.prepare_cached("INSERT OR REPLACE INTO polls (id, sealed) VALUES (1, ?1)")?
+                .execute([rows::seal_poll(key, p)])?;
+            *poll = Some(p.clone());
+        }
+        Record::Purge { key: k } => {
+            tx.prepare_cached("DELETE FROM ledger WHERE key_index = ?1")?
+                .execute([&rows::ledger_index(key, k)[..]])?;
+            staged.insert(k.clone(), None);
+        }
+        Record::Forget { local_id } => {
+            let index = rows::id_index(key, local_id);
+            tx.prepare_cached("DELETE FROM patients WHERE id_index = ?1")?
+                .execute([&index[..]])?;
+            tx.prepare_cached("DELETE FROM enrolments WHERE id_index = ?1")?
+                .execute([&index[..]])?;
+        }
+        Record::Enrolment(e) => {
+            let row = rows::seal_enrolment(
+                key,
+                &rows::Enrolment {
+                    local_id: e.local_id.clone(),
+                    bf_index: rows::bf_index(key, &e.bloomfilter),
+                    status: e.status,
+                    detail: e.detail.clone(),
+                    updated: e.updated,
+                },
+            );
+            put_enrolment(tx, &row)?;
+        }
     }
     Ok(())
 }
 
-fn tampered(path: &Path) -> impl Fn(OpenError) -> StoreError + '_ {
-    tampered_at(path, None)
-}
-
-fn tampered_at(path: &Path, line: Option<usize>) -> impl Fn(OpenError) -> StoreError + '_ {
-    move |source| StoreError::Tampered {
-        path: path.to_path_buf(),
-        line,
-        source,
+/// Whether an agent holds the store's write lock now (`Some`, with its pid
+/// when it wrote one), without taking it.
+pub fn writer(dir: &Path) -> Option<Option<u32>> {
+    let mut file = File::open(dir.join(LOCK)).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            Some(text.trim().parse().ok())
+        }
+        Err(std::fs::TryLockError::Error(_)) => None,
     }
 }
 
@@ -945,7 +1218,7 @@ fn acquire_lock(dir: &Path, mode: LockMode) -> Result<File, StoreError> {
         .map_err(io("open the lock file", &path))?;
     match mode {
         LockMode::Wait => file.lock().map_err(io("lock the store", &path))?,
-        LockMode::Try => {
+        LockMode::Try | LockMode::Read => {
             // A short grace period: a lock seen held for a moment (a process
             // between fork and exec still shares the descriptor) is not an
             // overlapping agent.
@@ -977,6 +1250,3 @@ fn acquire_lock(dir: &Path, mode: LockMode) -> Result<File, StoreError> {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod crypto_tests;

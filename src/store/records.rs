@@ -231,47 +231,6 @@ impl std::str::FromStr for Status {
     }
 }
 
-/// What the store files hold, line by line. IDAT, Bloom filters,
-/// pseudonyms and task contents are sealed (AES-256-GCM); Bloom filters and
-/// pseudonyms appear only as keyed HMAC indexes, for lookups without
-/// decryption. A snapshot holds patients, pseudonyms and enrolments one per
-/// line (a million patients are read in parallel and never re-sealed) and
-/// the ledger in batches; the journal holds batches only.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "t", rename_all = "snake_case")]
-pub(crate) enum DiskRecord {
-    Patient {
-        id: LocalId,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        bf: Option<String>,
-        data: String,
-        /// Milliseconds since the epoch: a million of these are read at open.
-        #[serde(with = "chrono::serde::ts_milliseconds")]
-        updated: DateTime<Utc>,
-    },
-    Pseudonym {
-        bf: String,
-        target: String,
-        psn: String,
-        data: String,
-    },
-    Poll(PollRecord),
-    Enrolment {
-        id: LocalId,
-        bf: String,
-        status: EnrolmentStatus,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        detail: Option<String>,
-        updated: DateTime<Utc>,
-    },
-    /// Plain `Record`s in order, sealed together: one seal, one checksum and
-    /// one line for a whole write (or a few thousand ledger entries of a
-    /// snapshot), where one line per record cost most of a large cycle.
-    Batch {
-        data: String,
-    },
-}
-
 /// The sealed part of a patient record.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PatientSecret {

@@ -1,6 +1,6 @@
-//! The store in memory: sealed patients and pseudonyms under their HMAC
-//! indexes, the ledger, enrolments; how a record read or written changes
-//! it, and how it is written out as snapshot lines.
+//! A v1 store as read into memory: sealed patients and pseudonyms under
+//! their HMAC indexes, the ledger, enrolments; how each record read changes
+//! it.
 
 use super::*;
 
@@ -69,7 +69,6 @@ pub(super) struct SealedPatient {
 
 #[derive(Debug)]
 pub(super) struct SealedPseudonym {
-    pub(super) psn: Index,
     pub(super) data: Box<[u8]>,
 }
 
@@ -110,19 +109,6 @@ pub(super) fn pseudonym_context(bf: &str, target: &str) -> Vec<u8> {
 /// inside the seal).
 pub(super) const BATCH_CONTEXT: &[u8] = b"batch";
 
-/// Records per batch line: bounds one line (and the memory to write or read
-/// it) when a write carries 100,000 records.
-pub(super) const BATCH_RECORDS: usize = 4096;
-
-/// Seals what `fill` writes as one batch (`batch` has the binary form):
-/// records of a write, or the ledger's own entries for a snapshot
-/// (borrowed, not copied into records first).
-pub(super) fn seal_batch(key: &StoreKey, fill: impl FnOnce(&mut BatchWriter)) -> Vec<u8> {
-    let mut w = BatchWriter::new();
-    fill(&mut w);
-    key.seal_raw(BATCH_CONTEXT, &w.finish())
-}
-
 impl State {
     pub(super) fn insert_patient(
         &mut self,
@@ -156,7 +142,7 @@ impl State {
 
     pub(super) fn insert_pseudonym(&mut self, bf: Index, target: String, psn: Index, data: Box<[u8]>) {
         self.by_psn.insert(psn, bf);
-        self.pseudonyms.insert((bf, target), SealedPseudonym { psn, data });
+        self.pseudonyms.insert((bf, target), SealedPseudonym { data });
     }
 
     /// Applies a line of a snapshot or journal; returns how many records it held.
@@ -209,17 +195,6 @@ impl State {
         Ok(1)
     }
 
-    /// Applies records just written, with room made first for the new
-    /// ledger entries (100,000 at a re-keying: growing the table step by
-    /// step rehashed it a dozen times).
-    pub(super) fn apply_all(&mut self, records: Vec<Record>, key: &StoreKey) {
-        let new = records.iter().filter(|r| matches!(r, Record::Ledger(_))).count();
-        self.ledger.reserve(new);
-        for r in records {
-            self.apply_record(r, key);
-        }
-    }
-
     /// Applies a record in plain text (just written, or read from a batch);
     /// what memory holds sealed is sealed here.
     pub(super) fn apply_record(&mut self, r: Record, key: &StoreKey) {
@@ -262,54 +237,6 @@ impl State {
                     },
                 );
             }
-        }
-    }
-
-    /// The state as snapshot lines: patients and pseudonyms with the sealed
-    /// bytes memory holds (nothing is re-sealed), the ledger in batches.
-    pub(super) fn lines<'a>(&'a self, key: &'a StoreKey) -> impl Iterator<Item = Line<'a>> + 'a {
-        let patients = self.patients.iter().map(|(id, p)| Line::Patient {
-            id,
-            bf: p.bf.as_ref(),
-            data: &p.data,
-            updated: p.updated,
-        });
-        let pseudonyms = self.pseudonyms.iter().map(|((bf, target), p)| Line::Pseudonym {
-            bf,
-            target,
-            psn: &p.psn,
-            data: &p.data,
-        });
-        let entries: Vec<&'a LedgerEntry> = self.ledger.values().collect();
-        let ledger = (0..entries.len()).step_by(BATCH_RECORDS).map(move |i| {
-            let chunk = &entries[i..entries.len().min(i + BATCH_RECORDS)];
-            Line::Batch(seal_batch(key, |w| chunk.iter().for_each(|e| w.push_ledger(e))))
-        });
-        let enrolments = self.enrolments.iter().map(|(id, e)| {
-            Line::Other(DiskRecord::Enrolment {
-                id: id.clone(),
-                bf: index_hex(&e.bf),
-                status: e.status,
-                detail: e.detail.clone(),
-                updated: e.updated,
-            })
-        });
-        patients
-            .chain(pseudonyms)
-            .chain(ledger)
-            .chain(enrolments)
-            .chain(self.last_poll.clone().map(|p| Line::Other(DiskRecord::Poll(p))))
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.patients.len() + self.pseudonyms.len() + self.ledger.len() + self.enrolments.len() + 1
-    }
-
-    pub(super) fn counts(&self) -> Counts {
-        Counts {
-            patients: self.patients.len(),
-            pseudonyms: self.pseudonyms.len(),
-            ledger: self.ledger.len(),
         }
     }
 

@@ -1,0 +1,470 @@
+//! How each record becomes a row and back. What names a person (local ids,
+//! IDAT, Bloom filters, pseudonyms, task contents, the dispatcher's text)
+//! is sealed with AES-256-GCM; what lookups need stands beside it as a keyed
+//! HMAC index; what queries need (statuses, kinds, times) stands in clear.
+//!
+//! Every seal takes the row's other columns as associated data, so a row is
+//! opened only with the very index values, status and times it was written
+//! with: an attacker without the key who swaps two patients' indexes, moves
+//! a sealed value to another row or edits a status makes that row fail to
+//! open (a damaged store), never a send for the wrong patient. After
+//! opening, the plaintext is checked against the index it was found by.
+
+use super::batch;
+use super::records::{EnrolmentStatus, Fields, LedgerEntry, PatientRecord, PatientSecret, PollRecord};
+use super::records::{PseudonymRecord, Reader, Record, decode_pseudonym, encode_pseudonym};
+use crate::crypto::{OpenError, StoreKey};
+use crate::types::{BloomFilter, LocalId};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A keyed HMAC index (128 bits).
+pub type Index = [u8; 16];
+
+/// An index no Bloom filter has (HMAC outputs of all ones: 2^-128): an
+/// enrolment's filter after a re-keying when it is no longer the patient's.
+pub const NO_FILTER: Index = [0xff; 16];
+
+pub fn id_index(key: &StoreKey, id: &LocalId) -> Index {
+    key.index_bytes("id", id.0.as_bytes())
+}
+
+pub fn bf_index(key: &StoreKey, bf: &BloomFilter) -> Index {
+    key.index_bytes("bf", bf.as_bytes())
+}
+
+pub fn psn_index(key: &StoreKey, value: &str) -> Index {
+    key.index_bytes("psn", value.as_bytes())
+}
+
+pub fn ledger_index(key: &StoreKey, ledger_key: &str) -> Index {
+    key.index_bytes("ledger", ledger_key.as_bytes())
+}
+
+/// Milliseconds since the epoch: what the time columns hold. (Every
+/// `DateTime` chrono can hold fits an i64 of milliseconds.)
+pub fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub fn from_ms(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+}
+
+/// The associated data of a seal: the table, then each column, length-
+/// prefixed so that no two rows' columns run into the same bytes.
+struct Aad(Vec<u8>);
+
+impl Aad {
+    fn new(table: &str) -> Aad {
+        let mut a = Aad(Vec::with_capacity(128));
+        a.bytes(table.as_bytes());
+        a
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> &mut Aad {
+        self.0.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        self.0.extend_from_slice(b);
+        self
+    }
+
+    fn opt(&mut self, b: Option<&[u8]>) -> &mut Aad {
+        match b {
+            Some(b) => {
+                self.0.push(1);
+                self.bytes(b)
+            }
+            None => {
+                self.0.push(0);
+                self
+            }
+        }
+    }
+
+    fn int(&mut self, i: i64) -> &mut Aad {
+        self.bytes(&i.to_le_bytes())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PatientRow {
+    pub id_index: Index,
+    pub bf_index: Option<Index>,
+    /// The local id, alone (listing ids opens no IDAT).
+    pub id_sealed: Vec<u8>,
+    /// IDAT and Bloom filter.
+    pub sealed: Vec<u8>,
+    pub updated: i64,
+}
+
+fn id_aad(table: &str, id_index: &Index) -> Vec<u8> {
+    Aad::new(table).bytes(id_index).0.clone()
+}
+
+fn patient_aad(id_index: &Index, bf_index: Option<&Index>, updated: i64) -> Vec<u8> {
+    Aad::new("patient")
+        .bytes(id_index)
+        .opt(bf_index.map(|b| &b[..]))
+        .int(updated)
+        .0
+        .clone()
+}
+
+pub fn seal_patient(key: &StoreKey, p: &PatientRecord) -> PatientRow {
+    let id_index = id_index(key, &p.local_id);
+    let bf_index = p.bloomfilter.as_ref().map(|bf| bf_index(key, bf));
+    let updated = ms(p.updated);
+    let plain = zeroize::Zeroizing::new(PatientSecret::encode_parts(&p.idat, p.bloomfilter.as_ref()));
+    PatientRow {
+        id_index,
+        bf_index,
+        id_sealed: key.seal_raw(&id_aad("local id", &id_index), p.local_id.0.as_bytes()),
+        sealed: key.seal_raw(&patient_aad(&id_index, bf_index.as_ref(), updated), &plain),
+        updated,
+    }
+}
+
+/// The local id of a patient row, checked against its index.
+pub fn open_local_id(key: &StoreKey, id_index: &Index, id_sealed: &[u8]) -> Result<LocalId, OpenError> {
+    let plain = key.open_raw("local id", &id_aad("local id", id_index), id_sealed)?;
+    let id = LocalId(String::from_utf8(plain.to_vec()).map_err(|_| OpenError::layout("local id"))?);
+    if self::id_index(key, &id) != *id_index {
+        return Err(OpenError::Mismatch { what: "local id" });
+    }
+    Ok(id)
+}
+
+pub fn open_patient(key: &StoreKey, row: &PatientRow) -> Result<PatientRecord, OpenError> {
+    let local_id = open_local_id(key, &row.id_index, &row.id_sealed)?;
+    let plain = key.open_raw(
+        "patient",
+        &patient_aad(&row.id_index, row.bf_index.as_ref(), row.updated),
+        &row.sealed,
+    )?;
+    let secret = PatientSecret::decode(&plain).ok_or(OpenError::layout("patient"))?;
+    if secret.bloomfilter.as_ref().map(|bf| bf_index(key, bf)) != row.bf_index {
+        return Err(OpenError::Mismatch { what: "patient" });
+    }
+    Ok(PatientRecord {
+        local_id,
+        idat: secret.idat,
+        bloomfilter: secret.bloomfilter,
+        updated: from_ms(row.updated).ok_or(OpenError::layout("patient"))?,
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct PseudonymRow {
+    pub bf_index: Index,
+    pub target: String,
+    pub psn_index: Index,
+    pub received: i64,
+    pub source: String,
+    pub sealed: Vec<u8>,
+}
+
+fn pseudonym_aad(bf: &Index, target: &str, psn: &Index, received: i64, source: &str) -> Vec<u8> {
+    Aad::new("pseudonym")
+        .bytes(bf)
+        .bytes(target.as_bytes())
+        .bytes(psn)
+        .int(received)
+        .bytes(source.as_bytes())
+        .0
+        .clone()
+}
+
+pub fn seal_pseudonym(key: &StoreKey, p: &PseudonymRecord) -> PseudonymRow {
+    let bf_index = bf_index(key, &p.bloomfilter);
+    let psn_index = psn_index(key, &p.pseudonym.value);
+    let received = ms(p.received);
+    let aad = pseudonym_aad(&bf_index, &p.target, &psn_index, received, &p.source);
+    PseudonymRow {
+        bf_index,
+        psn_index,
+        received,
+        sealed: key.seal_raw(&aad, &encode_pseudonym(p)),
+        target: p.target.clone(),
+        source: p.source.clone(),
+    }
+}
+
+pub fn open_pseudonym(key: &StoreKey, row: &PseudonymRow) -> Result<PseudonymRecord, OpenError> {
+    let aad = pseudonym_aad(&row.bf_index, &row.target, &row.psn_index, row.received, &row.source);
+    let plain = key.open_raw("pseudonym", &aad, &row.sealed)?;
+    let p = decode_pseudonym(&plain, &row.target).ok_or(OpenError::layout("pseudonym"))?;
+    if bf_index(key, &p.bloomfilter) != row.bf_index || psn_index(key, &p.pseudonym.value) != row.psn_index {
+        return Err(OpenError::Mismatch { what: "pseudonym" });
+    }
+    Ok(p)
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerRow {
+    pub key_index: Index,
+    pub kind: String,
+    pub status: String,
+    pub outcome: String,
+    pub expires: Option<i64>,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub updated: i64,
+    pub attempts: i64,
+    pub sealed: Vec<u8>,
+}
+
+impl LedgerRow {
+    fn aad(&self) -> Vec<u8> {
+        let mut a = Aad::new("ledger");
+        a.bytes(&self.key_index)
+            .bytes(self.kind.as_bytes())
+            .bytes(self.status.as_bytes())
+            .bytes(self.outcome.as_bytes())
+            .opt(self.expires.map(i64::to_le_bytes).as_ref().map(|b| &b[..]))
+            .int(self.first_seen)
+            .int(self.last_seen)
+            .int(self.updated)
+            .int(self.attempts);
+        a.0
+    }
+}
+
+/// A ledger entry: the whole entry sealed (in the binary form of `batch`),
+/// the columns `tasks`, `status` and retention query beside it.
+pub fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> LedgerRow {
+    let mut row = LedgerRow {
+        key_index: ledger_index(key, &e.key),
+        kind: e.kind.as_str().to_string(),
+        status: e.status.as_str().to_string(),
+        outcome: e.outcome.clone(),
+        expires: e.expires.map(ms),
+        first_seen: ms(e.first_seen),
+        last_seen: ms(e.last_seen),
+        updated: ms(e.updated),
+        attempts: i64::from(e.attempts),
+        sealed: Vec::new(),
+    };
+    let mut w = batch::BatchWriter::new();
+    w.push_ledger(e);
+    row.sealed = key.seal_raw(&row.aad(), &w.finish());
+    row
+}
+
+pub fn open_ledger(key: &StoreKey, row: &LedgerRow) -> Result<LedgerEntry, OpenError> {
+    let plain = key.open_raw("ledger entry", &row.aad(), &row.sealed)?;
+    let mut records = batch::decode(&plain).ok_or(OpenError::layout("ledger entry"))?;
+    let entry = match (records.pop(), records.is_empty()) {
+        (Some(Record::Ledger(e)), true) => e,
+        _ => return Err(OpenError::layout("ledger entry")),
+    };
+    if ledger_index(key, &entry.key) != row.key_index {
+        return Err(OpenError::Mismatch { what: "ledger entry" });
+    }
+    Ok(entry)
+}
+
+#[derive(Debug, Clone)]
+pub struct EnrolmentRow {
+    pub id_index: Index,
+    pub bf_index: Index,
+    pub status: String,
+    pub updated: i64,
+    pub sealed: Vec<u8>,
+}
+
+fn enrolment_aad(id: &Index, bf: &Index, status: &str, updated: i64) -> Vec<u8> {
+    Aad::new("enrolment")
+        .bytes(id)
+        .bytes(bf)
+        .bytes(status.as_bytes())
+        .int(updated)
+        .0
+        .clone()
+}
+
+/// An enrolment keeps the filter sent only as its index: all that is ever
+/// asked is whether a patient's filter is the one sent.
+pub struct Enrolment {
+    pub local_id: LocalId,
+    pub bf_index: Index,
+    pub status: EnrolmentStatus,
+    pub detail: Option<String>,
+    pub updated: DateTime<Utc>,
+}
+
+pub fn seal_enrolment(key: &StoreKey, e: &Enrolment) -> EnrolmentRow {
+    let id_index = id_index(key, &e.local_id);
+    let status = e.status.as_str().to_string();
+    let updated = ms(e.updated);
+    let mut plain = Fields::new(1);
+    plain.text(Some(&e.local_id.0));
+    plain.text(e.detail.as_deref());
+    EnrolmentRow {
+        sealed: key.seal_raw(
+            &enrolment_aad(&id_index, &e.bf_index, &status, updated),
+            &plain.into_bytes(),
+        ),
+        id_index,
+        bf_index: e.bf_index,
+        status,
+        updated,
+    }
+}
+
+pub fn open_enrolment(key: &StoreKey, row: &EnrolmentRow) -> Result<Enrolment, OpenError> {
+    let bad = OpenError::layout("enrolment");
+    let aad = enrolment_aad(&row.id_index, &row.bf_index, &row.status, row.updated);
+    let plain = key.open_raw("enrolment", &aad, &row.sealed)?;
+    let mut r = Reader::new(&plain, 1).ok_or(bad.clone())?;
+    let local_id = LocalId(r.text().flatten().ok_or(bad.clone())?);
+    let detail = r.text().ok_or(bad.clone())?;
+    if !r.is_done() {
+        return Err(bad);
+    }
+    if id_index(key, &local_id) != row.id_index {
+        return Err(OpenError::Mismatch { what: "enrolment" });
+    }
+    Ok(Enrolment {
+        local_id,
+        bf_index: row.bf_index,
+        status: enrolment_status(&row.status).ok_or(bad.clone())?,
+        detail,
+        updated: from_ms(row.updated).ok_or(bad)?,
+    })
+}
+
+pub fn enrolment_status(s: &str) -> Option<EnrolmentStatus> {
+    use EnrolmentStatus::*;
+    [Sending, Enrolled, Clearing, Error, Retry]
+        .into_iter()
+        .find(|e| e.as_str() == s)
+}
+
+/// A tombstone: the local id `forget` erased, sealed under its index.
+pub fn seal_tombstone(key: &StoreKey, id: &LocalId) -> (Index, Vec<u8>) {
+    let index = id_index(key, id);
+    (index, key.seal_raw(&id_aad("tombstone", &index), id.0.as_bytes()))
+}
+
+pub fn open_tombstone(key: &StoreKey, index: &Index, sealed: &[u8]) -> Result<LocalId, OpenError> {
+    let plain = key.open_raw("tombstone", &id_aad("tombstone", index), sealed)?;
+    let id = LocalId(String::from_utf8(plain.to_vec()).map_err(|_| OpenError::layout("tombstone"))?);
+    if id_index(key, &id) != *index {
+        return Err(OpenError::Mismatch { what: "tombstone" });
+    }
+    Ok(id)
+}
+
+pub fn seal_poll(key: &StoreKey, p: &PollRecord) -> Vec<u8> {
+    // Serialising our own plain data type cannot fail.
+    key.seal_raw(&Aad::new("poll").0, &serde_json::to_vec(p).unwrap_or_default())
+}
+
+pub fn open_poll(key: &StoreKey, sealed: &[u8]) -> Result<PollRecord, OpenError> {
+    let plain = key.open_raw("poll", &Aad::new("poll").0, sealed)?;
+    serde_json::from_slice(&plain).map_err(|_| OpenError::layout("poll"))
+}
+
+/// What every write seals last: the store's generation (one more per
+/// write) and the tombstones it holds. A write replayed from an older copy
+/// of the database cannot bring a tombstone back or take one away without
+/// the manifest saying otherwise, and a store rolled back to an older copy
+/// says so by its generation (checked against the audit log's head).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub generation: u64,
+    pub tombstones: u64,
+    /// SHA-256 of the sorted tombstone indexes, hex.
+    pub tombstone_digest: String,
+}
+
+pub fn tombstone_digest<'a>(indexes: impl Iterator<Item = &'a Index>) -> String {
+    let mut all: Vec<&Index> = indexes.collect();
+    all.sort();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for i in all {
+        ctx.update(i);
+    }
+    crate::privacy::hex(ctx.finish().as_ref())
+}
+
+fn manifest_aad(key_id: &str) -> Vec<u8> {
+    Aad::new("manifest").bytes(key_id.as_bytes()).0.clone()
+}
+
+pub fn seal_manifest(key: &StoreKey, m: &Manifest) -> Vec<u8> {
+    key.seal_raw(&manifest_aad(key.id()), &serde_json::to_vec(m).unwrap_or_default())
+}
+
+pub fn open_manifest(key: &StoreKey, sealed: &[u8]) -> Result<Manifest, OpenError> {
+    let plain = key.open_raw("manifest", &manifest_aad(key.id()), sealed)?;
+    serde_json::from_slice(&plain).map_err(|_| OpenError::layout("manifest"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fhir::idat::{Idat, IdatElement};
+    use crate::store::Status;
+
+    fn key(n: u8) -> StoreKey {
+        StoreKey::from_bytes(&[n; 32])
+    }
+
+    fn patient(id: &str, bf: u8) -> PatientRecord {
+        let mut idat = Idat::default();
+        idat.set(IdatElement::ALL[0], Some(format!("Name {id}")));
+        PatientRecord {
+            local_id: LocalId(id.into()),
+            idat,
+            bloomfilter: Some(BloomFilter::from_bytes(vec![bf; 64]).unwrap()),
+            updated: from_ms(1_700_000_000_123).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_patient_row_opens_as_written_and_only_with_its_own_columns() {
+        let k = key(1);
+        let (a, b) = (seal_patient(&k, &patient("a", 1)), seal_patient(&k, &patient("b", 2)));
+        assert_eq!(open_patient(&k, &a).unwrap(), patient("a", 1));
+        // Swapped indexes, a moved seal, another time, another key: refused.
+        let mut swapped = a.clone();
+        swapped.bf_index = b.bf_index;
+        assert!(open_patient(&k, &swapped).is_err());
+        let mut moved = a.clone();
+        moved.sealed = b.sealed.clone();
+        assert!(open_patient(&k, &moved).is_err());
+        let mut moved = a.clone();
+        moved.id_sealed = b.id_sealed.clone();
+        assert!(open_patient(&k, &moved).is_err());
+        let mut later = a.clone();
+        later.updated += 1;
+        assert!(open_patient(&k, &later).is_err());
+        assert!(open_patient(&key(2), &a).is_err());
+    }
+
+    #[test]
+    fn a_ledger_row_is_bound_to_its_status() {
+        let k = key(1);
+        let now = Utc::now();
+        let e = LedgerEntry {
+            key: "task:1".into(),
+            kind: crate::tasks::TaskKind::SendIdat,
+            display_id: "1".into(),
+            task: None,
+            status: Status::Resolved,
+            outcome: "sent".into(),
+            detail: Some("x".into()),
+            expires: None,
+            first_seen: now,
+            last_seen: now,
+            updated: now,
+            attempts: 1,
+        };
+        let row = seal_ledger(&k, &e);
+        assert_eq!(open_ledger(&k, &row).unwrap(), e);
+        let mut reopened = row.clone();
+        reopened.status = "pending".into();
+        assert!(open_ledger(&k, &reopened).is_err());
+    }
+}

@@ -82,7 +82,7 @@ pub const MIGRATIONS: &[&str] = &[
          sealed BLOB NOT NULL
      ) STRICT;
      CREATE TABLE tombstones (
-         id_index BLOB PRIMARY KEY,
+         tombstone_index BLOB PRIMARY KEY,
          sealed BLOB NOT NULL
      ) STRICT;
      CREATE TABLE polls (

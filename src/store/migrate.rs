@@ -131,7 +131,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
     let mut db = Db::open_file(&temp)?;
     let path = temp.clone();
     let forgotten: Vec<LocalId> = old.forgotten.iter().map(|id| LocalId(id.clone())).collect();
-    let indexes: Vec<rows::Index> = forgotten.iter().map(|id| rows::id_index(key, id)).collect();
+    let indexes: Vec<rows::Index> = forgotten.iter().map(|id| rows::tombstone_index(key, id)).collect();
     let manifest = Manifest {
         generation: 1,
         tombstones: forgotten.len() as u64,
@@ -190,7 +190,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
         for id in &forgotten {
             let (index, sealed) = rows::seal_tombstone(key, id);
             tx.execute(
-                "INSERT INTO tombstones (id_index, sealed) VALUES (?1, ?2)",
+                "INSERT INTO tombstones (tombstone_index, sealed) VALUES (?1, ?2)",
                 params![&index[..], sealed],
             )?;
         }

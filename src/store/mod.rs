@@ -203,11 +203,12 @@ fn tampered(path: &Path) -> impl Fn(OpenError) -> StoreError + '_ {
 
 impl Store {
     pub fn open(dir: &Path, mode: LockMode, key: StoreKey) -> Result<Store, StoreError> {
-        if mode == LockMode::Read && dir.join(db::FILE).exists() {
+        if mode == LockMode::Read && dir.join(db::FILE).exists() && !v1::present(dir) {
             let db = Db::reader(dir)?;
             return Store::load(dir, db, key, None);
         }
-        // (A reader of a store not yet created or migrated does that first.)
+        // (A reader of a store not yet created or migrated, or whose
+        // migration was interrupted, does that first, as a writer.)
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -664,7 +665,7 @@ impl Store {
     fn manifest_with(&self, ids: &BTreeSet<String>) -> Manifest {
         let indexes: Vec<Index> = ids
             .iter()
-            .map(|id| rows::id_index(&self.key, &LocalId(id.clone())))
+            .map(|id| rows::tombstone_index(&self.key, &LocalId(id.clone())))
             .collect();
         Manifest {
             generation: self.manifest.generation + 1,
@@ -683,7 +684,8 @@ impl Store {
         let mut ids = self.forgotten.clone();
         ids.insert(id.0.clone());
         let manifest = self.manifest_with(&ids);
-        let (index, sealed) = rows::seal_tombstone(&self.key, id);
+        let (tombstone, sealed) = rows::seal_tombstone(&self.key, id);
+        let index = rows::id_index(&self.key, id);
         let tx = self
             .db
             .connection_mut()
@@ -691,8 +693,8 @@ impl Store {
             .map_err(sql(&path, "start a write"))?;
         let erased = (|| {
             tx.execute(
-                "INSERT OR REPLACE INTO tombstones (id_index, sealed) VALUES (?1, ?2)",
-                params![&index[..], sealed],
+                "INSERT OR REPLACE INTO tombstones (tombstone_index, sealed) VALUES (?1, ?2)",
+                params![&tombstone[..], sealed],
             )?;
             let erased = tx.execute("DELETE FROM patients WHERE id_index = ?1", [&index[..]])? > 0;
             tx.execute("DELETE FROM enrolments WHERE id_index = ?1", [&index[..]])?;
@@ -762,8 +764,8 @@ impl Store {
             .map_err(sql(&path, "start a write"))?;
         (|| {
             tx.execute(
-                "DELETE FROM tombstones WHERE id_index = ?1",
-                [&rows::id_index(&self.key, id)[..]],
+                "DELETE FROM tombstones WHERE tombstone_index = ?1",
+                [&rows::tombstone_index(&self.key, id)[..]],
             )?;
             tx.execute(
                 "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
@@ -804,7 +806,7 @@ impl Store {
         let forgotten: Vec<LocalId> = self.forgotten.iter().map(|id| LocalId(id.clone())).collect();
         let mut manifest = self.manifest.clone();
         manifest.generation += 1;
-        let indexes: Vec<Index> = forgotten.iter().map(|id| rows::id_index(&new, id)).collect();
+        let indexes: Vec<Index> = forgotten.iter().map(|id| rows::tombstone_index(&new, id)).collect();
         manifest.tombstone_digest = rows::tombstone_digest(indexes.iter());
         let tx = self
             .db
@@ -846,7 +848,7 @@ impl Store {
             for id in &forgotten {
                 let (index, sealed) = rows::seal_tombstone(&new, id);
                 tx.execute(
-                    "INSERT INTO tombstones (id_index, sealed) VALUES (?1, ?2)",
+                    "INSERT INTO tombstones (tombstone_index, sealed) VALUES (?1, ?2)",
                     params![&index[..], sealed],
                 )?;
             }
@@ -961,7 +963,7 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
 
     let mut indexes = Vec::new();
     let mut stmt = tx
-        .prepare("SELECT id_index, sealed FROM tombstones")
+        .prepare("SELECT tombstone_index, sealed FROM tombstones")
         .map_err(sql(path, "read the tombstones"))?;
     let mut rs = stmt.query([]).map_err(sql(path, "read the tombstones"))?;
     while let Some(r) = rs.next().map_err(sql(path, "read the tombstones"))? {

@@ -29,6 +29,12 @@ pub fn id_index(key: &StoreKey, id: &LocalId) -> Index {
     key.index_bytes("id", id.0.as_bytes())
 }
 
+/// A tombstone's index: another domain than the patient's `id_index`, so
+/// that an erased patient's index is gone from the file with her row.
+pub fn tombstone_index(key: &StoreKey, id: &LocalId) -> Index {
+    key.index_bytes("tombstone", id.0.as_bytes())
+}
+
 pub fn bf_index(key: &StoreKey, bf: &BloomFilter) -> Index {
     key.index_bytes("bf", bf.as_bytes())
 }
@@ -342,14 +348,14 @@ pub fn enrolment_status(s: &str) -> Option<EnrolmentStatus> {
 
 /// A tombstone: the local id `forget` erased, sealed under its index.
 pub fn seal_tombstone(key: &StoreKey, id: &LocalId) -> (Index, Vec<u8>) {
-    let index = id_index(key, id);
+    let index = tombstone_index(key, id);
     (index, key.seal_raw(&id_aad("tombstone", &index), id.0.as_bytes()))
 }
 
 pub fn open_tombstone(key: &StoreKey, index: &Index, sealed: &[u8]) -> Result<LocalId, OpenError> {
     let plain = key.open_raw("tombstone", &id_aad("tombstone", index), sealed)?;
     let id = LocalId(String::from_utf8(plain.to_vec()).map_err(|_| OpenError::layout("tombstone"))?);
-    if id_index(key, &id) != *index {
+    if tombstone_index(key, &id) != *index {
         return Err(OpenError::Mismatch { what: "tombstone" });
     }
     Ok(id)

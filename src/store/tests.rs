@@ -1,1 +1,300 @@
+//! The store's own tests: state across opens, the lock, readers beside the
+//! writer, what the file holds in clear, re-keying, erasure, backup.
 
+use super::*;
+use crate::fhir::idat::Idat;
+use crate::types::Pseudonym;
+use chrono::Utc;
+
+fn key() -> StoreKey {
+    StoreKey::from_bytes(&[42; 32])
+}
+
+fn bf(tag: &[u8]) -> BloomFilter {
+    BloomFilter::from_bytes(tag.repeat(16)).unwrap()
+}
+
+fn patient(id: &str, tag: &[u8]) -> Record {
+    Record::Patient(PatientRecord {
+        local_id: LocalId(id.into()),
+        idat: Idat {
+            family: Some(format!("Familienname{id}")),
+            ..Idat::default()
+        },
+        bloomfilter: Some(bf(tag)),
+        updated: Utc::now(),
+    })
+}
+
+fn pseudonym(tag: &[u8], value: &str) -> Record {
+    Record::Pseudonym(PseudonymRecord {
+        bloomfilter: bf(tag),
+        target: "dic_x".into(),
+        pseudonym: Pseudonym {
+            system: None,
+            value: value.into(),
+        },
+        received: Utc::now(),
+        source: "sha256:1".into(),
+    })
+}
+
+fn entry(key: &str, status: Status) -> Record {
+    let now = Utc::now();
+    Record::Ledger(LedgerEntry {
+        key: key.into(),
+        kind: crate::tasks::TaskKind::SendIdat,
+        display_id: key.into(),
+        task: None,
+        status,
+        outcome: "seen".into(),
+        detail: Some("vom Dispatcher".into()),
+        expires: Some(now + chrono::Duration::days(1)),
+        first_seen: now,
+        last_seen: now,
+        updated: now,
+        attempts: 0,
+    })
+}
+
+/// Every byte of every file in `dir`.
+fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        out.extend(std::fs::read(e.unwrap().path()).unwrap());
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn what_is_written_is_there_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        s.write(vec![
+            patient("1", b"one"),
+            patient("2", b"two"),
+            pseudonym(b"one", "PSN-1"),
+            entry("task:a", Status::Pending),
+            Record::Progress(Progress {
+                key: "task:a".into(),
+                status: Status::Resolved,
+                outcome: "sent".into(),
+                detail: None,
+                last_seen: Utc::now(),
+                updated: Utc::now(),
+                attempts: 1,
+            }),
+            entry("task:b", Status::Pending),
+            Record::Purge { key: "task:b".into() },
+        ])
+        .unwrap();
+        assert_eq!(s.generation(), 1);
+    }
+    let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    assert_eq!(s.generation(), 1);
+    assert_eq!(s.patient_count().unwrap(), 2);
+    let found = s.patient_by_pseudonym("dic_x", "PSN-1").unwrap().unwrap();
+    assert_eq!(found.local_id, LocalId("1".into()));
+    assert_eq!(
+        s.patient_by_pseudonym("dic_y", "PSN-1").unwrap(),
+        None,
+        "another target"
+    );
+    assert_eq!(s.ledger("task:a").unwrap().status, Status::Resolved);
+    assert_eq!(s.ledger("task:a").unwrap().attempts, 1);
+    assert!(s.ledger("task:b").is_none(), "purged");
+    assert_eq!(s.without_pseudonym("dic_x").unwrap(), vec![LocalId("2".into())]);
+    assert_eq!(s.local_ids().unwrap().len(), 2);
+}
+
+#[test]
+fn a_second_writer_is_refused_with_the_holders_pid_and_a_reader_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    writer.put(patient("1", b"one")).unwrap();
+    match Store::open(dir.path(), LockMode::Try, key()) {
+        Err(StoreError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(writer::pid_of(dir.path()), Some(Some(std::process::id())));
+    // A reader sees the last committed write, takes no lock, writes nothing.
+    let mut reader = Store::open(dir.path(), LockMode::Read, key()).unwrap();
+    assert_eq!(reader.patient_count().unwrap(), 1);
+    assert!(matches!(
+        reader.put(patient("9", b"nine")),
+        Err(StoreError::ReadOnly { .. })
+    ));
+    writer.put(patient("2", b"two")).unwrap();
+    let later = Store::open(dir.path(), LockMode::Read, key()).unwrap();
+    assert_eq!(later.patient_count().unwrap(), 2);
+    drop(writer);
+    assert_eq!(writer::pid_of(dir.path()), None);
+}
+
+/// (A name for `super::writer` that reads as what it asks.)
+mod writer {
+    pub fn pid_of(dir: &std::path::Path) -> Option<Option<u32>> {
+        super::super::writer(dir)
+    }
+}
+
+#[test]
+fn nothing_that_names_a_person_is_in_the_files_in_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    s.write(vec![
+        patient("local-4711", b"filter-bytes"),
+        pseudonym(b"filter-bytes", "PSN-SECRET"),
+        entry("task:T-0815", Status::Pending),
+    ])
+    .unwrap();
+    s.put(Record::Poll(PollRecord {
+        at: Utc::now(),
+        ok: false,
+        tasks: 0,
+        detail: Some("Antwort-Text".into()),
+        last_ok: None,
+        failures: 1,
+    }))
+    .unwrap();
+    let files = all_bytes(dir.path());
+    for secret in [
+        &b"local-4711"[..],
+        b"Familienname",
+        b"filter-bytesfilter-bytes",
+        b"PSN-SECRET",
+        b"T-0815",
+        b"vom Dispatcher",
+        b"Antwort-Text",
+    ] {
+        assert!(!contains(&files, secret), "{}", String::from_utf8_lossy(secret));
+    }
+    drop(s);
+    match Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[7; 32])) {
+        Err(e @ StoreError::WrongKey { .. }) => assert_eq!(e.exit_code(), crate::exit::CONFIG),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn rekey_reencrypts_everything_and_keeps_which_filter_an_enrolment_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    s.write(vec![
+        patient("1", b"one"),
+        patient("2", b"two"),
+        pseudonym(b"one", "PSN-1"),
+        entry("task:a", Status::Pending),
+        Record::Enrolment(EnrolmentRecord {
+            local_id: LocalId("1".into()),
+            bloomfilter: bf(b"one"),
+            status: EnrolmentStatus::Clearing,
+            detail: None,
+            updated: Utc::now(),
+        }),
+        // Patient 2's enrolment sent a filter she no longer has.
+        Record::Enrolment(EnrolmentRecord {
+            local_id: LocalId("2".into()),
+            bloomfilter: bf(b"old"),
+            status: EnrolmentStatus::Error,
+            detail: Some("E1".into()),
+            updated: Utc::now(),
+        }),
+    ])
+    .unwrap();
+    s.forget(&LocalId("3".into())).unwrap();
+    let new = StoreKey::from_bytes(&[9; 32]);
+    let new_id = new.id().to_string();
+    s.rekey(new).unwrap();
+    assert_eq!(s.key_id(), new_id);
+    drop(s);
+    assert!(matches!(
+        Store::open(dir.path(), LockMode::Try, key()),
+        Err(StoreError::WrongKey { .. })
+    ));
+    let s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[9; 32])).unwrap();
+    assert_eq!(
+        s.patient_by_pseudonym("dic_x", "PSN-1").unwrap().unwrap().local_id.0,
+        "1"
+    );
+    assert_eq!(s.ledger("task:a").unwrap().status, Status::Pending);
+    assert!(s.is_forgotten(&LocalId("3".into())));
+    let e1 = s.enrolment(&LocalId("1".into()), Some(&bf(b"one"))).unwrap().unwrap();
+    assert_eq!((e1.status, e1.same_filter), (EnrolmentStatus::Clearing, true));
+    let e2 = s.enrolment(&LocalId("2".into()), Some(&bf(b"two"))).unwrap().unwrap();
+    assert_eq!(
+        (e2.status, e2.same_filter, e2.detail.as_deref()),
+        (EnrolmentStatus::Error, false, Some("E1"))
+    );
+}
+
+#[test]
+fn forget_leaves_no_copy_of_the_patient_in_the_database_or_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    s.write(vec![patient("1", b"one"), patient("2", b"two")]).unwrap();
+    // Her row as it is on disk: the sealed bytes and the index entries.
+    let (id_index, bf_index, id_sealed, sealed): (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) =
+        s.db.connection()
+            .query_row(
+                "SELECT id_index, bf_index, id_sealed, sealed FROM patients WHERE id_index = ?1",
+                [&rows::id_index(&key(), &LocalId("1".into()))[..]],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+    // Updated once more, so that older versions of her row are in the log too.
+    s.put(patient("1", b"one")).unwrap();
+    assert!(contains(&all_bytes(dir.path()), &sealed), "the test sees the row");
+    assert!(s.forget(&LocalId("1".into())).unwrap());
+    let files = all_bytes(dir.path());
+    for (what, bytes) in [
+        ("the sealed IDAT", &sealed),
+        ("the sealed local id", &id_sealed),
+        ("the local id index", &id_index),
+        ("the Bloom filter index", &bf_index),
+    ] {
+        assert!(!contains(&files, bytes), "{what} is still in a file");
+    }
+    assert_eq!(s.patient(&LocalId("1".into())).unwrap(), None);
+    assert!(s.patient(&LocalId("2".into())).unwrap().is_some());
+}
+
+#[test]
+fn a_backup_taken_beside_a_writer_opens_as_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let mut writer = Store::open(&store, LockMode::Try, key()).unwrap();
+    writer
+        .write(vec![
+            patient("1", b"one"),
+            pseudonym(b"one", "PSN-1"),
+            entry("task:a", Status::Pending),
+        ])
+        .unwrap();
+    let reader = Store::open(&store, LockMode::Read, key()).unwrap();
+    let dest = dir.path().join("backup");
+    let file = reader.backup(&dest).unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(reader.backup(&dest).is_err(), "never over an existing directory");
+    writer.put(patient("2", b"two")).unwrap();
+    drop((reader, writer));
+    let restored = Store::open(&dest, LockMode::Try, key()).unwrap();
+    assert_eq!(restored.patient_count().unwrap(), 1, "the copy is of its moment");
+    assert_eq!(
+        restored
+            .patient_by_pseudonym("dic_x", "PSN-1")
+            .unwrap()
+            .unwrap()
+            .local_id
+            .0,
+        "1"
+    );
+    assert_eq!(restored.ledger("task:a").unwrap().status, Status::Pending);
+}
+
+use std::os::unix::fs::PermissionsExt;

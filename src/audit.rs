@@ -139,6 +139,23 @@ pub struct Audit {
     /// Records the writer thread has handed to the kernel (written out of
     /// its buffer): they survive the process being killed.
     written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The two sides of the cross-check with the store (see `Links`).
+    links: Links,
+}
+
+/// What the audit log and the store tell each other, so that a copy of
+/// either restored alone (a backup, a rolled-back disk) is noticed: the
+/// store's generation as of the last durable sync goes into the saved head
+/// (`store=N`), and the last record number made durable goes into the
+/// store's sealed manifest at its next write. Both only lag behind what is
+/// on disk, never lead, so a crash between the two never looks like a
+/// rollback.
+#[derive(Clone, Default)]
+pub struct Links {
+    /// The store's generation, as the store last committed it (raised only).
+    pub store_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The number of the last record made durable (0: none numbered yet).
+    pub durable_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What failed on the writer thread: the operation and the error (kept as
@@ -175,6 +192,7 @@ struct Writer {
     /// The number of the last record written (`None`: continuing a log
     /// from before records were numbered; its records stay unnumbered).
     seq: Option<u64>,
+    links: Links,
 }
 
 /// The sidecar that remembers the chain's head across log rotation.
@@ -190,6 +208,9 @@ fn head_path(path: &Path) -> PathBuf {
 pub struct Head {
     pub hash: String,
     pub seq: Option<u64>,
+    /// The store's generation at that sync (heads saved before the store
+    /// kept one have none).
+    pub store_generation: Option<u64>,
 }
 
 impl Head {
@@ -209,9 +230,15 @@ pub fn saved_head(path: &Path) -> Option<Head> {
     let hash = words
         .next()
         .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    let seq = words.next().and_then(|n| n.parse().ok());
+    let store_generation = words
+        .next()
+        .and_then(|w| w.strip_prefix("store="))
+        .and_then(|n| n.parse().ok());
     Some(Head {
         hash: hash.to_string(),
-        seq: words.next().and_then(|n| n.parse().ok()),
+        seq,
+        store_generation,
     })
 }
 
@@ -230,6 +257,7 @@ fn last_record(path: &Path) -> Option<Head> {
         Some(Head {
             hash: v.get("hash")?.as_str()?.to_string(),
             seq: v.get("seq").and_then(serde_json::Value::as_u64),
+            store_generation: None,
         })
     })
 }
@@ -307,19 +335,29 @@ impl Audit {
             (None, None) => Head {
                 hash: GENESIS.to_string(),
                 seq: Some(0),
+                store_generation: None,
             },
         };
-        Audit::start(path, file, chain, last)
+        let links = Links::default();
+        if let Some(saved) = saved_head(path) {
+            use std::sync::atomic::Ordering;
+            links
+                .store_generation
+                .store(saved.store_generation.unwrap_or(0), Ordering::Release);
+            links.durable_seq.store(saved.seq.unwrap_or(0), Ordering::Release);
+        }
+        Audit::start(path, file, chain, last, links)
     }
 
     /// Starts the writer thread on an open file whose chain head is `last`.
-    fn start(path: &Path, file: File, chain: Chain, last: Head) -> Result<Audit, AuditError> {
+    fn start(path: &Path, file: File, chain: Chain, last: Head, links: Links) -> Result<Audit, AuditError> {
         let mut writer = Writer {
             path: path.to_path_buf(),
             file: std::io::BufWriter::with_capacity(64 * 1024, file),
             chain,
             last: last.hash,
             seq: last.seq,
+            links: links.clone(),
         };
         let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
         let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -379,7 +417,13 @@ impl Audit {
             failed,
             accepted: 0,
             written,
+            links,
         })
+    }
+
+    /// The links the store follows (`Store::link_audit`).
+    pub fn links(&self) -> Links {
+        self.links.clone()
     }
 
     /// Records taken by `write` so far (a record's number is this count
@@ -513,12 +557,19 @@ impl Writer {
     fn sync(&mut self) -> Result<(), (&'static str, std::io::Error)> {
         self.file.flush().map_err(|e| ("write", e))?;
         self.file.get_ref().sync_data().map_err(|e| ("sync", e))?;
+        use std::sync::atomic::Ordering;
+        let generation = self.links.store_generation.load(Ordering::Acquire);
         let head = match self.seq {
+            Some(n) if generation > 0 => format!("{} {n} store={generation}\n", self.last),
             Some(n) => format!("{} {n}\n", self.last),
             None => format!("{}\n", self.last),
         };
         crate::fsutil::write_atomic(&head_path(&self.path), head.as_bytes(), 0o600)
-            .map_err(|e| ("record the chain head", e))
+            .map_err(|e| ("record the chain head", e))?;
+        if let Some(n) = self.seq {
+            self.links.durable_seq.fetch_max(n, Ordering::AcqRel);
+        }
+        Ok(())
     }
 }
 
@@ -878,8 +929,9 @@ mod tests {
         let genesis = Head {
             hash: GENESIS.into(),
             seq: Some(0),
+            store_generation: None,
         };
-        let mut audit = Audit::start(Path::new("/dev/full"), full, Chain::Sha256, genesis).unwrap();
+        let mut audit = Audit::start(Path::new("/dev/full"), full, Chain::Sha256, genesis, Links::default()).unwrap();
         // More than the writer's buffer: its flush fails while records
         // are still being queued; a later write says so.
         let refused = (0..20_000).find_map(|n| audit.write(record(n)).err());

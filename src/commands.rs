@@ -24,17 +24,60 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
     let key = cfg.store_key()?;
     let mut store = Store::open(&cfg.store.path, mode, key)?;
     finish_migration(cfg, &mut store)?;
+    if mode != LockMode::Read {
+        check_restored(cfg, &mut store)?;
+    }
     Ok(store)
+}
+
+/// The audit log, linked with the store (`Store::link_audit`).
+fn open_audit(cfg: &Config, store: &mut Store) -> Result<Audit, AppError> {
+    let audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let links = audit.links();
+    store.link_audit(crate::store::AuditLinks {
+        store_generation: links.store_generation,
+        durable_seq: links.durable_seq,
+    });
+    Ok(audit)
+}
+
+/// A store or audit log restored alone (a backup, a rolled-back disk) is
+/// an older copy than the other: tasks done since would be done again, or
+/// records the trust centre has seen would be missing. A writer refuses it
+/// unless `--accept-restore` says it is meant; then that is audited.
+fn check_restored(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
+    let head = crate::audit::saved_head(&cfg.audit_path());
+    let (generation, seq) = (
+        head.as_ref().and_then(|h| h.store_generation),
+        head.as_ref().and_then(|h| h.seq),
+    );
+    let Some(divergence) = store.diverges_from(generation, seq) else {
+        return Ok(());
+    };
+    if !cfg.accept_restore {
+        return Err(AppError::Store(StoreError::Diverged {
+            path: cfg.store.path.clone(),
+            detail: divergence.to_string(),
+        }));
+    }
+    store.accept_restore(generation, seq)?;
+    let mut audit = open_audit(cfg, store)?;
+    let mut rec = AuditRecord::new("store", "restore_accepted", cfg.site.target.as_str());
+    rec.detail = Some(format!("{divergence}; taken as it is (--accept-restore)"));
+    audit.write(rec)?;
+    audit.sync()?;
+    log::warn!("{divergence}: taken as it is (--accept-restore), and audited");
+    Ok(())
 }
 
 /// A store just converted from the files of a release before the database
 /// (or converted by a run that ended before this): the migration goes into
 /// the audit log, and only then are the old files retired (`.v1`).
 fn finish_migration(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
-    let Some(report) = store.pending_migration() else {
+    let Some(report) = store.pending_migration().cloned() else {
         return Ok(());
     };
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut audit = open_audit(cfg, store)?;
     let mut rec = AuditRecord::new("store", "migrated", cfg.site.target.as_str());
     rec.detail = Some(format!("store files converted to the database: {}", report.describe()));
     audit.write(rec)?;
@@ -79,7 +122,7 @@ fn cycle_then(
     let started = std::time::Instant::now();
     let mut store = open_store(cfg, LockMode::Try)?;
     let mut last_purge = ops::read_heartbeat(store.dir()).and_then(|h| h.last_purge);
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut audit = open_audit(cfg, &mut store)?;
     let mut agent = Agent::new(cfg, client, &mut store, &mut audit);
     if let Some(s) = stop {
         agent = agent.with_shutdown(s.clone());
@@ -281,7 +324,9 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
             Err(
                 e @ AppError::Config(_)
                 | e @ AppError::Key(_)
-                | e @ AppError::Store(StoreError::WrongKey { .. } | StoreError::Newer { .. }),
+                | e @ AppError::Store(
+                    StoreError::WrongKey { .. } | StoreError::Newer { .. } | StoreError::Diverged { .. },
+                ),
             ) => {
                 // Nothing a later cycle could fix by itself.
                 return Err(e);
@@ -501,8 +546,8 @@ pub fn bloom(cfg: &Config, file: &Path) -> Result<u8, AppError> {
 fn dispatcher_job(cfg: &Config) -> Result<(Client, Shutdown, Store, Audit), AppError> {
     let client = Client::new(cfg)?;
     let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
-    let store = open_store(cfg, LockMode::Wait)?;
-    let audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut store = open_store(cfg, LockMode::Wait)?;
+    let audit = open_audit(cfg, &mut store)?;
     Ok((client, stop, store, audit))
 }
 
@@ -648,6 +693,17 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
     let report = match open_store(cfg, LockMode::Read) {
         Ok(store) => {
             let mut report = ops::status(&store, heartbeat.as_ref(), &rules);
+            let head = crate::audit::saved_head(&cfg.audit_path());
+            if let Some(d) = store.diverges_from(
+                head.as_ref().and_then(|h| h.store_generation),
+                head.as_ref().and_then(|h| h.seq),
+            ) {
+                report.health = report.health.max(ops::Health::Critical);
+                report.warnings.insert(
+                    0,
+                    format!("{d}: the agent refuses to run until it is resolved (--accept-restore)"),
+                );
+            }
             if let Some(pid) = crate::store::writer(&cfg.store.path) {
                 report.warnings.insert(
                     0,
@@ -728,7 +784,7 @@ fn export_lines(text: &str, path: &Path, since: Option<chrono::DateTime<Utc>>, o
 
 pub fn purge(cfg: &Config) -> Result<u8, AppError> {
     let mut store = open_store(cfg, LockMode::Wait)?;
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut audit = open_audit(cfg, &mut store)?;
     let n = purge_old(cfg, &mut store, &mut audit)?;
     println!("purged {n} finished ledger entr{}", if n == 1 { "y" } else { "ies" });
     Ok(exit::OK)
@@ -757,7 +813,7 @@ pub fn backup(cfg: &Config, dest: &Path) -> Result<u8, AppError> {
 /// takes the tombstone back.
 pub fn forget(cfg: &Config, local_id: &str, undo: bool) -> Result<u8, AppError> {
     let mut store = open_store(cfg, LockMode::Wait)?;
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    let mut audit = open_audit(cfg, &mut store)?;
     let id = crate::types::LocalId(local_id.to_string());
     if undo {
         let taken_back = store.unforget(&id)?;

@@ -23,6 +23,10 @@ struct Cli {
     /// Log level, overriding [log] level: error, warn, info, debug, trace
     #[arg(long, global = true)]
     log_level: Option<LogLevel>,
+    /// Take a store or audit log restored from a backup as it is, though
+    /// the other is newer (otherwise refused); audited
+    #[arg(long, global = true)]
+    accept_restore: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -247,7 +251,8 @@ fn main() -> ExitCode {
 
 fn load(cli: &Cli) -> Result<Config, AppError> {
     let path = config::resolve_path(cli.config.as_deref());
-    let cfg = Config::load(&path)?;
+    let mut cfg = Config::load(&path)?;
+    cfg.accept_restore = cli.accept_restore;
     let level = cli.log_level.unwrap_or(cfg.log.level);
     fttp_agent::logger::init(level.filter(), cfg.log.file.as_deref(), cfg.log.format).map_err(AppError::Other)?;
     for w in cfg.warnings.iter().chain(HARDENING_FAILED.get().into_iter().flatten()) {

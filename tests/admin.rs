@@ -247,6 +247,20 @@ fn status_sees_an_agent_that_stopped_polling_and_never_waits_for_a_cycle() {
     let took = asked.elapsed();
     assert!(took < std::time::Duration::from_secs(3), "status waited {took:?}");
     assert!(text(&out).contains("a cycle is running"), "{}", text(&out));
+    // Readers of the store do not wait for the cycle either: `tasks` and
+    // a backup answer from its last committed write.
+    let asked = std::time::Instant::now();
+    let out = site.run(&["tasks"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let backup = site.dir.path().join("backup-during-cycle");
+    let out = site.run(&["backup", backup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let took = asked.elapsed();
+    assert!(took < std::time::Duration::from_secs(2), "readers waited {took:?}");
+    assert!(
+        cycle.try_wait().unwrap().is_none(),
+        "the cycle was still running while they read"
+    );
     cycle.wait().unwrap();
 
     // A store that cannot be read is critical, and says why.

@@ -1,8 +1,9 @@
-//! An attacker who can write the audit files (and the store) but has no
-//! key (security review, issue 18): every edit below must be found by
-//! `audit verify`, and the agent must refuse to continue a chain that was
-//! cut short. (Store attacks, index swaps and replays, come with the
-//! SQLite store.)
+//! An attacker who can write the audit files and the store but has no key
+//! (security review, issue 18): every edit below must be found by `audit
+//! verify`, the agent must refuse to continue a chain that was cut short,
+//! and an edited store is a damaged store, never a send for the wrong
+//! patient. A store or audit log rolled back alone is refused unless the
+//! restore is declared (`--accept-restore`), and then audited.
 
 mod common;
 
@@ -314,4 +315,89 @@ fn a_tombstone_removed_without_the_key_is_found() {
     assert_eq!(code, 5, "{out}");
     assert!(out.contains("set of erased patients"), "{out}");
     assert!(site.sim.state().received("$providePatientData").is_empty());
+}
+
+/// A copy of the store's database or of the audit log (with its head), as
+/// a backup would hold it.
+fn snapshot(site: &Site, files: &[&str]) -> Vec<(PathBuf, Vec<u8>)> {
+    files
+        .iter()
+        .map(|f| {
+            let p = site.dir.path().join(f);
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect()
+}
+
+fn restore(copy: &[(PathBuf, Vec<u8>)]) {
+    for (p, bytes) in copy {
+        std::fs::write(p, bytes).unwrap();
+    }
+}
+
+fn cycle_with(site: &Site, extra: &[&str]) -> (Option<i32>, String) {
+    let out = site.run(&[extra, &["run", "--once"]].concat());
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn a_store_rolled_back_alone_is_refused_until_the_restore_is_declared() {
+    let site = Site::new("json");
+    site.import_patients();
+    assert_eq!(site.cycle().0, 0);
+    let old = snapshot(&site, &["store/store.sqlite3"]);
+    // Work done after the copy: a pseudonym stored, a task resolved.
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_LATER", None));
+    assert_eq!(site.cycle().0, 0);
+    restore(&old);
+    let polls = site.sim.state().received("$requestTasks").len();
+    let (code, out) = cycle_with(&site, &[]);
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("the store is older than its audit log"), "{out}");
+    assert!(out.contains("--accept-restore"), "{out}");
+    assert_eq!(site.sim.state().received("$requestTasks").len(), polls, "no poll");
+    let out = site.run(&["status"]);
+    assert_eq!(out.status.code(), Some(2), "critical");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the store is older than its audit log"));
+    // Declared: taken as it is, audited, and it stays accepted.
+    let (code, out) = cycle_with(&site, &["--accept-restore"]);
+    assert_eq!(code, Some(0), "{out}");
+    let accepted: Vec<_> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r["kind"] == "store" && r["outcome"] == "restore_accepted")
+        .collect();
+    assert_eq!(accepted.len(), 1);
+    assert!(
+        accepted[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("older than its audit log")
+    );
+    assert_eq!(site.cycle().0, 0);
+}
+
+#[test]
+fn an_audit_log_rolled_back_alone_is_refused_until_the_restore_is_declared() {
+    let site = Site::new("json");
+    site.import_patients();
+    assert_eq!(site.cycle().0, 0);
+    let old = snapshot(&site, &["audit.ndjson", "audit.ndjson.head"]);
+    for n in 0..2 {
+        site.sim
+            .add_task(sim::dic_psn_available(&bf(n + 1), TARGET, &format!("mii_L{n}"), None));
+        assert_eq!(site.cycle().0, 0);
+    }
+    restore(&old);
+    let (code, out) = cycle_with(&site, &[]);
+    assert_eq!(code, Some(5), "{out}");
+    assert!(out.contains("the audit log is older than the store"), "{out}");
+    let (code, out) = cycle_with(&site, &["--accept-restore"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(site.cycle().0, 0);
 }

@@ -84,6 +84,10 @@ pub struct Config {
     /// Problems worth a warning but not a refusal, logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// `--accept-restore`: a store or audit log that is an older copy than
+    /// the other is taken as it is (and that is audited) instead of refused.
+    #[serde(skip)]
+    pub accept_restore: bool,
     /// The file this was read from (for messages).
     #[serde(skip)]
     pub path: PathBuf,

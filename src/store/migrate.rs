@@ -136,6 +136,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
         generation: 1,
         tombstones: forgotten.len() as u64,
         tombstone_digest: rows::tombstone_digest(indexes.iter()),
+        audit_seq: 0,
     };
     let tx = db
         .connection_mut()

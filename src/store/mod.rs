@@ -90,6 +90,11 @@ pub enum StoreError {
          (the next run reads the store afresh from disk)"
     )]
     Poisoned { path: PathBuf },
+    #[error(
+        "store {path}: {detail}. Nothing was changed. If this copy is meant (a restore), run the command again \
+         with --accept-restore: it is then taken as it is, and that is audited"
+    )]
+    Diverged { path: PathBuf, detail: String },
     #[error("store {path} was opened for reading only; a write was refused (a bug)")]
     ReadOnly { path: PathBuf },
 }
@@ -183,6 +188,43 @@ pub struct Store {
     poisoned: bool,
     /// A migration from v1 done but not yet audited and finished.
     migration: Option<MigrationReport>,
+    /// What the store and the audit log tell each other (`link_audit`).
+    audit: Option<AuditLinks>,
+}
+
+/// The audit log's side of the cross-check against restored copies (see
+/// `audit::Links`): the store raises the first to its generation after
+/// each commit, and seals the second into its manifest with each write.
+#[derive(Clone)]
+pub struct AuditLinks {
+    pub store_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub durable_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How the store and its audit log disagree: one of them is an older copy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Divergence {
+    /// The audit log's head says the store was at a later generation.
+    StoreOlder { store: u64, audit_says: u64 },
+    /// The store saw audit records the log no longer has.
+    AuditOlder { audit: u64, store_saw: u64 },
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Divergence::StoreOlder { store, audit_says } => write!(
+                f,
+                "the store is older than its audit log (store generation {store}; the audit log's head was \
+                 saved with generation {audit_says}): a restored backup or a rolled-back copy of the store"
+            ),
+            Divergence::AuditOlder { audit, store_saw } => write!(
+                f,
+                "the audit log is older than the store (its head is record {audit}; the store saw record \
+                 {store_saw}): a restored or rolled-back copy of the audit log"
+            ),
+        }
+    }
 }
 
 fn sql<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
@@ -275,7 +317,81 @@ impl Store {
             manifest: held.manifest,
             poisoned: false,
             migration: None,
+            audit: None,
         })
+    }
+
+    /// Follows the audit log's links from now on (`AuditLinks`).
+    pub fn link_audit(&mut self, links: AuditLinks) {
+        links
+            .store_generation
+            .fetch_max(self.manifest.generation, std::sync::atomic::Ordering::AcqRel);
+        self.audit = Some(links);
+    }
+
+    /// Whether the store and the audit log whose saved head holds
+    /// `head_store_generation` and `head_seq` are copies of different moments.
+    pub fn diverges_from(&self, head_store_generation: Option<u64>, head_seq: Option<u64>) -> Option<Divergence> {
+        if let Some(g) = head_store_generation
+            && g > self.manifest.generation
+        {
+            return Some(Divergence::StoreOlder {
+                store: self.manifest.generation,
+                audit_says: g,
+            });
+        }
+        let audit = head_seq.unwrap_or(0);
+        (self.manifest.audit_seq > audit).then_some(Divergence::AuditOlder {
+            audit,
+            store_saw: self.manifest.audit_seq,
+        })
+    }
+
+    /// Takes a restored store or audit log as it is (after
+    /// `--accept-restore`): the generation moves past what the audit log
+    /// saw, and the audit position seen becomes the log's own.
+    pub fn accept_restore(
+        &mut self,
+        head_store_generation: Option<u64>,
+        head_seq: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.writable()?;
+        let path = self.path();
+        let mut manifest = self.manifest.clone();
+        manifest.generation = manifest.generation.max(head_store_generation.unwrap_or(0)) + 1;
+        manifest.audit_seq = head_seq.unwrap_or(0);
+        self.db
+            .connection()
+            .execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+                [rows::seal_manifest(&self.key, &manifest)],
+            )
+            .map_err(sql(&path, "accept the restored copy"))?;
+        self.committed(manifest);
+        Ok(())
+    }
+
+    /// The manifest of the next write: one generation more, and the audit
+    /// log's position as last made durable.
+    fn next_manifest(&self) -> Manifest {
+        let mut m = self.manifest.clone();
+        m.generation += 1;
+        if let Some(links) = &self.audit {
+            m.audit_seq = m
+                .audit_seq
+                .max(links.durable_seq.load(std::sync::atomic::Ordering::Acquire));
+        }
+        m
+    }
+
+    /// A write with `manifest` is on disk.
+    fn committed(&mut self, manifest: Manifest) {
+        if let Some(links) = &self.audit {
+            links
+                .store_generation
+                .fetch_max(manifest.generation, std::sync::atomic::Ordering::AcqRel);
+        }
+        self.manifest = manifest;
     }
 
     pub fn dir(&self) -> &Path {
@@ -333,8 +449,7 @@ impl Store {
         let path = self.path();
         let mut staged: HashMap<String, Option<LedgerEntry>> = HashMap::new();
         let mut poll = None;
-        let mut manifest = self.manifest.clone();
-        manifest.generation += 1;
+        let manifest = self.next_manifest();
         let tx = self
             .db
             .connection_mut()
@@ -354,7 +469,7 @@ impl Store {
             return Err(sql(&path, "commit a write")(e));
         }
         crate::crashpoint::hit("store:committed");
-        self.manifest = manifest;
+        self.committed(manifest);
         for (k, e) in staged {
             match e {
                 Some(e) => self.ledger.insert(k, e),
@@ -668,9 +783,9 @@ impl Store {
             .map(|id| rows::tombstone_index(&self.key, &LocalId(id.clone())))
             .collect();
         Manifest {
-            generation: self.manifest.generation + 1,
             tombstones: ids.len() as u64,
             tombstone_digest: rows::tombstone_digest(indexes.iter()),
+            ..self.next_manifest()
         }
     }
 
@@ -709,7 +824,7 @@ impl Store {
             self.poisoned = true;
             return Err(sql(&path, "commit the erasure")(e));
         }
-        self.manifest = manifest;
+        self.committed(manifest);
         self.forgotten = ids;
         self.checkpoint()?;
         if !v1::files(&self.dir).is_empty() || migrate::retired_files(&self.dir).next().is_some() {
@@ -774,7 +889,7 @@ impl Store {
             tx.commit()
         })()
         .map_err(sql(&path, "take back an erasure"))?;
-        self.manifest = manifest;
+        self.committed(manifest);
         self.forgotten = ids;
         Ok(true)
     }
@@ -804,8 +919,7 @@ impl Store {
             enrolments.push(rows::Enrolment { bf_index, ..e });
         }
         let forgotten: Vec<LocalId> = self.forgotten.iter().map(|id| LocalId(id.clone())).collect();
-        let mut manifest = self.manifest.clone();
-        manifest.generation += 1;
+        let mut manifest = self.next_manifest();
         let indexes: Vec<Index> = forgotten.iter().map(|id| rows::tombstone_index(&new, id)).collect();
         manifest.tombstone_digest = rows::tombstone_digest(indexes.iter());
         let tx = self
@@ -867,7 +981,7 @@ impl Store {
         })()
         .map_err(sql(&path, "re-key the store"))?;
         self.key = new;
-        self.manifest = manifest;
+        self.committed(manifest);
         // Old seals live on in freed pages and the WAL until overwritten.
         self.checkpoint()?;
         Ok(())
@@ -946,6 +1060,7 @@ impl Default for Held {
                 generation: 0,
                 tombstones: 0,
                 tombstone_digest: rows::tombstone_digest(std::iter::empty()),
+                audit_seq: 0,
             },
         }
     }

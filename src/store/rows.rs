@@ -382,6 +382,10 @@ pub struct Manifest {
     pub tombstones: u64,
     /// SHA-256 of the sorted tombstone indexes, hex.
     pub tombstone_digest: String,
+    /// The audit log's last durable record number when this was written
+    /// (0: not known).
+    #[serde(default)]
+    pub audit_seq: u64,
 }
 
 pub fn tombstone_digest<'a>(indexes: impl Iterator<Item = &'a Index>) -> String {

@@ -79,6 +79,15 @@ impl BatchWriter {
 
     /// A ledger entry (borrowed: a snapshot writes the whole ledger).
     pub(super) fn push_ledger(&mut self, e: &LedgerEntry) {
+        self.push_ledger_with(e, e.task.as_ref());
+    }
+
+    /// A ledger entry without its task (the database keeps the task apart).
+    pub(super) fn push_ledger_without_task(&mut self, e: &LedgerEntry) {
+        self.push_ledger_with(e, None);
+    }
+
+    fn push_ledger_with(&mut self, e: &LedgerEntry, task: Option<&Task>) {
         self.frame(LEDGER, |f| {
             f.text(Some(&e.key));
             f.text(Some(e.kind.as_str()));
@@ -91,7 +100,7 @@ impl BatchWriter {
             f.time(Some(e.last_seen));
             f.time(Some(e.updated));
             f.field(Some(&e.attempts.to_le_bytes()));
-            encode_task(f, e.task.as_ref());
+            encode_task(f, task);
         });
     }
 
@@ -173,6 +182,20 @@ fn encode_task(f: &mut Fields, task: Option<&Task>) {
             identifier(f, target);
         }
     }
+}
+
+/// A task alone, in the binary form of a ledger entry's task.
+pub(super) fn encode_task_alone(task: &Task) -> Vec<u8> {
+    let mut f = Fields::new(PAYLOAD);
+    encode_task(&mut f, Some(task));
+    f.into_bytes()
+}
+
+/// What `encode_task_alone` wrote; `None` on anything else.
+pub(super) fn decode_task(bytes: &[u8]) -> Option<Task> {
+    let mut r = Reader::new(bytes, PAYLOAD)?;
+    let task = read_task(&mut r)??;
+    r.is_done().then_some(task)
 }
 
 fn read_identifier(r: &mut Reader<'_>) -> Option<Identifier> {

@@ -62,7 +62,8 @@ pub const MIGRATIONS: &[&str] = &[
      ) STRICT;
      CREATE INDEX pseudonyms_by_value ON pseudonyms (psn_index, target);
      CREATE TABLE ledger (
-         key_index BLOB PRIMARY KEY,
+         id INTEGER PRIMARY KEY,
+         key_index BLOB NOT NULL UNIQUE,
          kind TEXT NOT NULL,
          status TEXT NOT NULL,
          outcome TEXT NOT NULL,
@@ -73,7 +74,10 @@ pub const MIGRATIONS: &[&str] = &[
          attempts INTEGER NOT NULL,
          sealed BLOB NOT NULL
      ) STRICT;
-     CREATE INDEX ledger_by_status ON ledger (status, updated);
+     CREATE TABLE ledger_tasks (
+         id INTEGER PRIMARY KEY REFERENCES ledger (id) ON DELETE CASCADE,
+         sealed BLOB NOT NULL
+     ) STRICT;
      CREATE TABLE enrolments (
          id_index BLOB PRIMARY KEY,
          bf_index BLOB NOT NULL,
@@ -139,9 +143,23 @@ impl Db {
             .map_err(err("set the busy timeout"))?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err("switch to WAL"))?;
-        for (pragma, value) in [("synchronous", "FULL"), ("foreign_keys", "ON"), ("secure_delete", "ON")] {
+        // (cache_size: 32 MiB, used only as pages are touched: a large
+        // import's random index inserts spilled the default 2 MiB.
+        // wal_autocheckpoint: 40 MiB of log between checkpoints instead of
+        // 4: a cycle rewrites the same ledger pages several times, and each
+        // checkpoint copied them again; it took a sixth of a large cycle.)
+        for (pragma, value) in [
+            ("synchronous", "FULL"),
+            ("foreign_keys", "ON"),
+            ("secure_delete", "ON"),
+            ("cache_size", "-32768"),
+            ("wal_autocheckpoint", "10000"),
+        ] {
             conn.pragma_update(None, pragma, value).map_err(err("set a pragma"))?;
         }
+        // Every statement of a write stays prepared (the default 16 were
+        // evicted and prepared again within one cycle).
+        conn.set_prepared_statement_cache_capacity(64);
         let mut db = Db { path, conn };
         db.migrate(migrations)?;
         Ok(db)

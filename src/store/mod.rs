@@ -929,7 +929,8 @@ impl Store {
             .map_err(sql(&path, "start a write"))?;
         (|| {
             tx.execute_batch(
-                "DELETE FROM patients; DELETE FROM pseudonyms; DELETE FROM ledger; DELETE FROM enrolments; \
+                "DELETE FROM patients; DELETE FROM pseudonyms; DELETE FROM ledger_tasks; DELETE FROM ledger; \
+                 DELETE FROM enrolments; \
                  DELETE FROM tombstones; DELETE FROM polls;",
             )?;
             let mut ignored = (HashMap::new(), None);
@@ -1100,14 +1101,16 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
 
     let mut stmt = tx
         .prepare(
-            "SELECT key_index, kind, status, outcome, expires, first_seen, last_seen, updated, attempts, sealed \
-             FROM ledger",
+            "SELECT l.key_index, l.kind, l.status, l.outcome, l.expires, l.first_seen, l.last_seen, l.updated, \
+             l.attempts, l.sealed, t.sealed FROM ledger l LEFT JOIN ledger_tasks t ON t.id = l.id",
         )
         .map_err(sql(path, "read the ledger"))?;
-    let rows = stmt.query_map([], ledger_row).map_err(sql(path, "read the ledger"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((ledger_row(r)?, r.get::<_, Option<Vec<u8>>>(10)?)))
+        .map_err(sql(path, "read the ledger"))?;
     for row in rows {
-        let row = row.map_err(sql(path, "read the ledger"))?;
-        let e = rows::open_ledger(key, &row).map_err(&bad)?;
+        let (row, task) = row.map_err(sql(path, "read the ledger"))?;
+        let e = rows::open_ledger(key, &row, task.as_deref()).map_err(&bad)?;
         held.ledger.insert(e.key.clone(), e);
     }
     drop(stmt);
@@ -1182,19 +1185,58 @@ fn enrolment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::EnrolmentRow> 
     })
 }
 
+/// A ledger entry, new or replacing the one with its key, with its task.
 fn put_ledger(tx: &Transaction<'_>, key: &StoreKey, e: &LedgerEntry) -> rusqlite::Result<()> {
     let row = rows::seal_ledger(key, e);
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO ledger (key_index, kind, status, outcome, expires, first_seen, last_seen, updated, \
+             attempts, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             ON CONFLICT (key_index) DO UPDATE SET kind = excluded.kind, status = excluded.status, \
+             outcome = excluded.outcome, expires = excluded.expires, first_seen = excluded.first_seen, \
+             last_seen = excluded.last_seen, updated = excluded.updated, attempts = excluded.attempts, \
+             sealed = excluded.sealed RETURNING id",
+        )?
+        .query_row(
+            params![
+                &row.key_index[..],
+                row.kind,
+                row.status,
+                row.outcome,
+                row.expires,
+                row.first_seen,
+                row.last_seen,
+                row.updated,
+                row.attempts,
+                row.sealed
+            ],
+            |r| r.get(0),
+        )?;
+    match &e.task {
+        Some(task) => {
+            tx.prepare_cached("INSERT OR REPLACE INTO ledger_tasks (id, sealed) VALUES (?1, ?2)")?
+                .execute(params![id, rows::seal_task(key, &row.key_index, task)])?;
+        }
+        None => {
+            tx.prepare_cached("DELETE FROM ledger_tasks WHERE id = ?1")?
+                .execute([id])?;
+        }
+    }
+    Ok(())
+}
+
+/// A new state of an entry already written: the small row only (its task
+/// does not change).
+fn update_ledger(tx: &Transaction<'_>, key: &StoreKey, e: &LedgerEntry) -> rusqlite::Result<()> {
+    let row = rows::seal_ledger(key, e);
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO ledger (key_index, kind, status, outcome, expires, first_seen, last_seen, updated, \
-         attempts, sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "UPDATE ledger SET status = ?2, outcome = ?3, last_seen = ?4, updated = ?5, attempts = ?6, sealed = ?7 \
+         WHERE key_index = ?1",
     )?
     .execute(params![
         &row.key_index[..],
-        row.kind,
         row.status,
         row.outcome,
-        row.expires,
-        row.first_seen,
         row.last_seen,
         row.updated,
         row.attempts,
@@ -1270,7 +1312,7 @@ fn put(
             };
             if let Some(mut e) = current {
                 p.apply_to(&mut e);
-                put_ledger(tx, key, &e)?;
+                update_ledger(tx, key, &e)?;
                 staged.insert(e.key.clone(), Some(e));
             }
         }

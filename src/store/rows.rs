@@ -235,8 +235,12 @@ impl LedgerRow {
     }
 }
 
-/// A ledger entry: the whole entry sealed (in the binary form of `batch`),
-/// the columns `tasks`, `status` and retention query beside it.
+/// A ledger entry: the entry without its task sealed in the row, the
+/// columns `tasks`, `status` and retention query beside it; the task (the
+/// bulk: a Bloom filter) sealed once, in `ledger_tasks`, bound to the
+/// entry's key. A progress rewrites only the small row: rows written in
+/// arrival order share pages, so a batch's marks touch a few pages, not one
+/// per task.
 pub fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> LedgerRow {
     let mut row = LedgerRow {
         key_index: ledger_index(key, &e.key),
@@ -251,20 +255,33 @@ pub fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> LedgerRow {
         sealed: Vec::new(),
     };
     let mut w = batch::BatchWriter::new();
-    w.push_ledger(e);
+    w.push_ledger_without_task(e);
     row.sealed = key.seal_raw(&row.aad(), &w.finish());
     row
 }
 
-pub fn open_ledger(key: &StoreKey, row: &LedgerRow) -> Result<LedgerEntry, OpenError> {
+fn task_aad(key_index: &Index) -> Vec<u8> {
+    Aad::new("ledger task").bytes(key_index).0.clone()
+}
+
+/// The task of a ledger entry, sealed under the entry's key index.
+pub fn seal_task(key: &StoreKey, key_index: &Index, task: &crate::tasks::Task) -> Vec<u8> {
+    key.seal_raw(&task_aad(key_index), &batch::encode_task_alone(task))
+}
+
+pub fn open_ledger(key: &StoreKey, row: &LedgerRow, task: Option<&[u8]>) -> Result<LedgerEntry, OpenError> {
     let plain = key.open_raw("ledger entry", &row.aad(), &row.sealed)?;
     let mut records = batch::decode(&plain).ok_or(OpenError::layout("ledger entry"))?;
-    let entry = match (records.pop(), records.is_empty()) {
+    let mut entry = match (records.pop(), records.is_empty()) {
         (Some(Record::Ledger(e)), true) => e,
         _ => return Err(OpenError::layout("ledger entry")),
     };
     if ledger_index(key, &entry.key) != row.key_index {
         return Err(OpenError::Mismatch { what: "ledger entry" });
+    }
+    if let Some(sealed) = task {
+        let plain = key.open_raw("ledger task", &task_aad(&row.key_index), sealed)?;
+        entry.task = Some(batch::decode_task(&plain).ok_or(OpenError::layout("ledger task"))?);
     }
     Ok(entry)
 }
@@ -472,9 +489,9 @@ mod tests {
             attempts: 1,
         };
         let row = seal_ledger(&k, &e);
-        assert_eq!(open_ledger(&k, &row).unwrap(), e);
+        assert_eq!(open_ledger(&k, &row, None).unwrap(), e);
         let mut reopened = row.clone();
         reopened.status = "pending".into();
-        assert!(open_ledger(&k, &reopened).is_err());
+        assert!(open_ledger(&k, &reopened, None).is_err());
     }
 }

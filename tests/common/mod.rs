@@ -155,7 +155,15 @@ impl Site {
         let text =
             std::fs::read_to_string(&self.config).unwrap() + &format!("\n[schedule]\ninterval = \"{interval}\"\n");
         std::fs::write(&self.config, text).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        let log = self.dir.path().join("agent.log");
+        let logged = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("daemon started")
+                .count()
+        };
+        let before = logged();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
             .arg("--config")
             .arg(&self.config)
             .arg("run")
@@ -163,7 +171,17 @@ impl Site {
             .env_remove("FTTP_AGENT_CONFIG")
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap()
+            .unwrap();
+        // Returned once it is up (its signal handlers installed): a SIGTERM
+        // sent before then would end it as the default action does.
+        let start = std::time::Instant::now();
+        while logged() == before && start.elapsed() < std::time::Duration::from_secs(10) {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child
     }
 
     pub fn cycle(&self) -> (i32, String) {

@@ -523,3 +523,20 @@ fn a_forgotten_patient_is_not_brought_back_by_the_next_import_nor_enrolled() {
         text(&out)
     );
 }
+
+#[test]
+fn an_old_config_with_compact_after_gets_a_warning_not_an_error() {
+    let site = Site::with("xml", Default::default(), "compact_after = 1");
+    assert!(
+        std::fs::read_to_string(&site.config)
+            .unwrap()
+            .contains("compact_after = 1")
+    );
+    let out = site.run(&["check", "--offline"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("[store] compact_after is no longer used"),
+        "{}",
+        text(&out)
+    );
+}

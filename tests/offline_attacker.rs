@@ -167,6 +167,17 @@ fn a_record_with_a_field_twice_is_a_break() {
     assert!(out.contains(":2: a field appears twice in this record"), "{out}");
 }
 
+/// A `send_idat` for patient 1's given name, by her Bloom filter.
+fn ask_for_patient_1(site: &Site, task_id: &str) {
+    site.sim.add_task(sim::send_idat(
+        task_id,
+        Utc::now() + Duration::days(1),
+        None,
+        Some(&bf(1)),
+        &[IdatElement::Given],
+    ));
+}
+
 /// The store's database, opened as an attacker without the key would:
 /// plain SQL on the file.
 fn database(site: &Site) -> rusqlite::Connection {
@@ -196,13 +207,7 @@ fn swapped_index_values_are_a_damaged_store_never_a_send() {
     site.import_patients();
     swap(&database(&site), "patients", "bf_index");
     // A send_idat for patient 1's filter: the index now leads to another.
-    site.sim.add_task(sim::send_idat(
-        "swap",
-        Utc::now() + Duration::days(1),
-        None,
-        Some(&bf(1)),
-        &[IdatElement::Given],
-    ));
+    ask_for_patient_1(&site, "swap");
     let (code, out) = site.cycle();
     assert_eq!(code, 5, "{out}");
     assert!(out.contains("a patient record fails authentication"), "{out}");
@@ -273,13 +278,7 @@ fn an_old_write_replayed_after_forget_does_not_bring_the_patient_back() {
             rusqlite::params_from_iter(old),
         )
         .unwrap();
-    site.sim.add_task(sim::send_idat(
-        "replayed",
-        Utc::now() + Duration::days(1),
-        None,
-        Some(&bf(1)),
-        &[IdatElement::Given],
-    ));
+    ask_for_patient_1(&site, "replayed");
     let (code, out) = site.cycle();
     assert!(
         site.sim.state().received("$providePatientData").is_empty(),
@@ -304,13 +303,7 @@ fn a_tombstone_removed_without_the_key_is_found() {
     )
     .unwrap();
     drop(db);
-    site.sim.add_task(sim::send_idat(
-        "undone",
-        Utc::now() + Duration::days(1),
-        None,
-        Some(&bf(1)),
-        &[IdatElement::Given],
-    ));
+    ask_for_patient_1(&site, "undone");
     let (code, out) = site.cycle();
     assert_eq!(code, 5, "{out}");
     assert!(out.contains("set of erased patients"), "{out}");

@@ -614,41 +614,41 @@ impl Store {
     /// Every pseudonym, decrypted (for tests, exports and re-keying).
     pub fn all_pseudonyms(&self) -> Result<Vec<PseudonymRecord>, StoreError> {
         let path = self.path();
-        let mut stmt = self
-            .db
-            .connection()
-            .prepare("SELECT bf_index, target, psn_index, received, source, sealed FROM pseudonyms")
-            .map_err(sql(&path, "read the pseudonyms"))?;
-        let rows = stmt
-            .query_map([], pseudonym_row)
-            .map_err(sql(&path, "read the pseudonyms"))?;
         let mut out = Vec::new();
-        for row in rows {
-            let row = row.map_err(sql(&path, "read the pseudonyms"))?;
-            out.push(rows::open_pseudonym(&self.key, &row).map_err(tampered(&path))?);
-        }
+        for_each_row(
+            self.db.connection(),
+            &path,
+            "read the pseudonyms",
+            "SELECT bf_index, target, psn_index, received, source, sealed FROM pseudonyms",
+            [],
+            pseudonym_row,
+            |row| {
+                out.push(rows::open_pseudonym(&self.key, &row).map_err(tampered(&path))?);
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
     /// Every patient, decrypted (for tests, exports and re-keying).
     pub fn all_patients(&self) -> Result<Vec<PatientRecord>, StoreError> {
         let path = self.path();
-        let mut stmt = self
-            .db
-            .connection()
-            .prepare("SELECT id_index, bf_index, id_sealed, sealed, updated FROM patients")
-            .map_err(sql(&path, "read the patients"))?;
-        let rows = stmt
-            .query_map([], patient_row)
-            .map_err(sql(&path, "read the patients"))?;
         let mut out = Vec::new();
-        for row in rows {
-            let row = row.map_err(sql(&path, "read the patients"))?;
-            let p = rows::open_patient(&self.key, &row).map_err(tampered(&path))?;
-            if !self.is_forgotten(&p.local_id) {
-                out.push(p);
-            }
-        }
+        for_each_row(
+            self.db.connection(),
+            &path,
+            "read the patients",
+            "SELECT id_index, bf_index, id_sealed, sealed, updated FROM patients",
+            [],
+            patient_row,
+            |row| {
+                let p = rows::open_patient(&self.key, &row).map_err(tampered(&path))?;
+                if !self.is_forgotten(&p.local_id) {
+                    out.push(p);
+                }
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
@@ -675,28 +675,24 @@ impl Store {
 
     /// Local ids of the patients a query selects (`id_index, id_sealed`),
     /// sorted; their IDAT stays sealed.
-    fn ids(&self, query: &str, param: Option<&str>) -> Result<Vec<LocalId>, StoreError> {
+    fn ids(&self, query: &str, params: impl rusqlite::Params) -> Result<Vec<LocalId>, StoreError> {
         let path = self.path();
-        let mut stmt = self
-            .db
-            .connection()
-            .prepare(query)
-            .map_err(sql(&path, "list patients"))?;
-        let map = |r: &rusqlite::Row<'_>| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?));
-        let rows = match param {
-            Some(p) => stmt.query_map([p], map),
-            None => stmt.query_map([], map),
-        }
-        .map_err(sql(&path, "list patients"))?;
         let mut out = Vec::new();
-        for row in rows {
-            let (index, sealed) = row.map_err(sql(&path, "list patients"))?;
-            let index = index_of(Some(&index)).map_err(tampered(&path))?;
-            let id = rows::open_local_id(&self.key, &index, &sealed).map_err(tampered(&path))?;
-            if !self.is_forgotten(&id) {
-                out.push(id);
-            }
-        }
+        for_each_row(
+            self.db.connection(),
+            &path,
+            "list patients",
+            query,
+            params,
+            |r| Ok((blob_index(r, 0)?, r.get::<_, Vec<u8>>(1)?)),
+            |(index, sealed)| {
+                let id = rows::open_local_id(&self.key, &index, &sealed).map_err(tampered(&path))?;
+                if !self.is_forgotten(&id) {
+                    out.push(id);
+                }
+                Ok(())
+            },
+        )?;
         out.sort();
         Ok(out)
     }
@@ -706,18 +702,18 @@ impl Store {
         self.ids(
             "SELECT id_index, id_sealed FROM patients p WHERE bf_index IS NOT NULL AND NOT EXISTS \
              (SELECT 1 FROM pseudonyms q WHERE q.bf_index = p.bf_index AND q.target = ?1)",
-            Some(target),
+            [target],
         )
     }
 
     /// Patients without a Bloom filter.
     pub fn without_bloomfilter(&self) -> Result<Vec<LocalId>, StoreError> {
-        self.ids("SELECT id_index, id_sealed FROM patients WHERE bf_index IS NULL", None)
+        self.ids("SELECT id_index, id_sealed FROM patients WHERE bf_index IS NULL", [])
     }
 
     /// Every patient.
     pub fn local_ids(&self) -> Result<Vec<LocalId>, StoreError> {
-        self.ids("SELECT id_index, id_sealed FROM patients", None)
+        self.ids("SELECT id_index, id_sealed FROM patients", [])
     }
 
     /// A patient's enrolment, compared with `current`, their filter now.
@@ -744,21 +740,21 @@ impl Store {
 
     pub fn enrolment_counts(&self) -> Result<BTreeMap<EnrolmentStatus, usize>, StoreError> {
         let path = self.path();
-        let mut stmt = self
-            .db
-            .connection()
-            .prepare("SELECT status, count(*) FROM enrolments GROUP BY status")
-            .map_err(sql(&path, "count enrolments"))?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(sql(&path, "count enrolments"))?;
         let mut counts = BTreeMap::new();
-        for row in rows {
-            let (status, n) = row.map_err(sql(&path, "count enrolments"))?;
-            let status = rows::enrolment_status(&status)
-                .ok_or_else(|| tampered(&path)(OpenError::layout("enrolment status")))?;
-            counts.insert(status, usize::try_from(n).unwrap_or(0));
-        }
+        for_each_row(
+            self.db.connection(),
+            &path,
+            "count enrolments",
+            "SELECT status, count(*) FROM enrolments GROUP BY status",
+            [],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            |(status, n)| {
+                let status = rows::enrolment_status(&status)
+                    .ok_or_else(|| tampered(&path)(OpenError::layout("enrolment status")))?;
+                counts.insert(status, usize::try_from(n).unwrap_or(0));
+                Ok(())
+            },
+        )?;
         Ok(counts)
     }
 
@@ -1078,19 +1074,20 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
     held.manifest = rows::open_manifest(key, &manifest).map_err(&bad)?;
 
     let mut indexes = Vec::new();
-    let mut stmt = tx
-        .prepare("SELECT tombstone_index, sealed FROM tombstones")
-        .map_err(sql(path, "read the tombstones"))?;
-    let mut rs = stmt.query([]).map_err(sql(path, "read the tombstones"))?;
-    while let Some(r) = rs.next().map_err(sql(path, "read the tombstones"))? {
-        let index = index_of(r.get_ref(0).ok().and_then(|v| v.as_blob().ok())).map_err(&bad)?;
-        let sealed: Vec<u8> = r.get(1).map_err(sql(path, "read the tombstones"))?;
-        let id = rows::open_tombstone(key, &index, &sealed).map_err(&bad)?;
-        held.forgotten.insert(id.0);
-        indexes.push(index);
-    }
-    drop(rs);
-    drop(stmt);
+    for_each_row(
+        tx,
+        path,
+        "read the tombstones",
+        "SELECT tombstone_index, sealed FROM tombstones",
+        [],
+        |r| Ok((blob_index(r, 0)?, r.get::<_, Vec<u8>>(1)?)),
+        |(index, sealed)| {
+            let id = rows::open_tombstone(key, &index, &sealed).map_err(&bad)?;
+            held.forgotten.insert(id.0);
+            indexes.push(index);
+            Ok(())
+        },
+    )?;
     if indexes.len() as u64 != held.manifest.tombstones
         || rows::tombstone_digest(indexes.iter()) != held.manifest.tombstone_digest
     {
@@ -1099,21 +1096,20 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
         }));
     }
 
-    let mut stmt = tx
-        .prepare(
-            "SELECT l.key_index, l.kind, l.status, l.outcome, l.expires, l.first_seen, l.last_seen, l.updated, \
-             l.attempts, l.sealed, t.sealed FROM ledger l LEFT JOIN ledger_tasks t ON t.id = l.id",
-        )
-        .map_err(sql(path, "read the ledger"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((ledger_row(r)?, r.get::<_, Option<Vec<u8>>>(10)?)))
-        .map_err(sql(path, "read the ledger"))?;
-    for row in rows {
-        let (row, task) = row.map_err(sql(path, "read the ledger"))?;
-        let e = rows::open_ledger(key, &row, task.as_deref()).map_err(&bad)?;
-        held.ledger.insert(e.key.clone(), e);
-    }
-    drop(stmt);
+    for_each_row(
+        tx,
+        path,
+        "read the ledger",
+        "SELECT l.key_index, l.kind, l.status, l.outcome, l.expires, l.first_seen, l.last_seen, l.updated, \
+         l.attempts, l.sealed, t.sealed FROM ledger l LEFT JOIN ledger_tasks t ON t.id = l.id",
+        [],
+        |r| Ok((ledger_row(r)?, r.get::<_, Option<Vec<u8>>>(10)?)),
+        |(row, task)| {
+            let e = rows::open_ledger(key, &row, task.as_deref()).map_err(&bad)?;
+            held.ledger.insert(e.key.clone(), e);
+            Ok(())
+        },
+    )?;
     let poll: Option<Vec<u8>> = tx
         .query_row("SELECT sealed FROM polls WHERE id = 1", [], |r| r.get(0))
         .optional()
@@ -1122,9 +1118,23 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
     Ok(held)
 }
 
-/// A 16-byte index read from a row.
-fn index_of(v: Option<&[u8]>) -> Result<Index, OpenError> {
-    v.and_then(|b| b.try_into().ok()).ok_or(OpenError::layout("index"))
+/// Runs `query` and hands each row, as `map` reads it, to `each` (rows
+/// are streamed: the ledger of a re-keying is 100,000 of them).
+fn for_each_row<T>(
+    conn: &rusqlite::Connection,
+    path: &Path,
+    what: &'static str,
+    query: &str,
+    params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    mut each: impl FnMut(T) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(query).map_err(sql(path, what))?;
+    let rows = stmt.query_map(params, map).map_err(sql(path, what))?;
+    for row in rows {
+        each(row.map_err(sql(path, what))?)?;
+    }
+    Ok(())
 }
 
 fn blob_index(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Index> {

@@ -62,7 +62,7 @@ fn check_restored(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
     }
     store.accept_restore(generation, seq)?;
     let mut audit = open_audit(cfg, store)?;
-    let mut rec = AuditRecord::new("store", "restore_accepted", cfg.site.target.as_str());
+    let mut rec = AuditRecord::new("store", "restore_accepted", cfg.study().target.as_str());
     rec.detail = Some(format!("{divergence}; taken as it is (--accept-restore)"));
     audit.write(rec)?;
     audit.sync()?;
@@ -78,7 +78,7 @@ fn finish_migration(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
         return Ok(());
     };
     let mut audit = open_audit(cfg, store)?;
-    let mut rec = AuditRecord::new("store", "migrated", cfg.site.target.as_str());
+    let mut rec = AuditRecord::new("store", "migrated", cfg.study().target.as_str());
     rec.detail = Some(format!("store files converted to the database: {}", report.describe()));
     audit.write(rec)?;
     audit.sync()?;
@@ -167,7 +167,7 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
     let n = keys.len();
     if n > 0 {
         store.write(keys.into_iter().map(|key| Record::Purge { key }).collect())?;
-        let mut rec = AuditRecord::new("purge", "purged", cfg.site.target.as_str());
+        let mut rec = AuditRecord::new("purge", "purged", cfg.study().target.as_str());
         rec.tasks = Some(n);
         rec.detail = Some(format!(
             "finished ledger entries older than {}",
@@ -399,7 +399,7 @@ pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {
     }
     let client = Client::new(cfg)?;
     // $requestTasks does not change state on the dispatcher (affectsState: false).
-    match client.request_tasks(cfg.site.study.as_str(), cfg.site.target.as_str()) {
+    match client.request_tasks(cfg.study().name.as_str(), cfg.study().target.as_str()) {
         Ok(tasks) => {
             println!(
                 "dispatcher: reachable, API key accepted, {} task(s) waiting",
@@ -796,7 +796,7 @@ pub fn backup(cfg: &Config, dest: &Path) -> Result<u8, AppError> {
     let file = store.backup(dest)?;
     drop(store);
     let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
-    let mut rec = AuditRecord::new("store", "backed_up", cfg.site.target.as_str());
+    let mut rec = AuditRecord::new("store", "backed_up", cfg.study().target.as_str());
     rec.detail = Some(format!("a copy of the store was written to {}", dest.display()));
     audit.write(rec)?;
     audit.sync()?;
@@ -820,7 +820,7 @@ pub fn forget(cfg: &Config, local_id: &str, undo: bool) -> Result<u8, AppError> 
         let mut rec = AuditRecord::new(
             "forget",
             if taken_back { "undone" } else { "not_forgotten" },
-            cfg.site.target.as_str(),
+            cfg.study().target.as_str(),
         );
         rec.patient = Some(id.fingerprint());
         audit.write(rec)?;
@@ -839,7 +839,7 @@ pub fn forget(cfg: &Config, local_id: &str, undo: bool) -> Result<u8, AppError> 
     let mut rec = AuditRecord::new(
         "forget",
         if erased { "erased" } else { "not_found" },
-        cfg.site.target.as_str(),
+        cfg.study().target.as_str(),
     );
     rec.patient = Some(id.fingerprint());
     audit.write(rec)?;

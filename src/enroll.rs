@@ -106,7 +106,7 @@ pub fn enroll(
     if let Some(encoder) = encoder {
         compute_missing(store, encoder, &mut report)?;
     }
-    let target = cfg.site.target.as_str();
+    let target = cfg.study().target.as_str();
     let mut todo: Vec<(LocalId, BloomFilter)> = Vec::new();
     for id in store.without_pseudonym(target)? {
         if opts.limit.is_some_and(|n| todo.len() >= n) {
@@ -168,7 +168,7 @@ fn enroll_batch(
     batch: &[(LocalId, BloomFilter)],
     report: &mut EnrollReport,
 ) -> Result<Result<(), ClientError>, EnrollError> {
-    let target = cfg.site.target.as_str();
+    let target = cfg.study().target.as_str();
     let now = Utc::now();
     let record = |id: &LocalId, bf: &BloomFilter, status, detail| {
         Record::Enrolment(EnrolmentRecord {
@@ -188,7 +188,7 @@ fn enroll_batch(
     )?;
     crate::crashpoint::hit("enroll:sending");
     let refs: Vec<&BloomFilter> = batch.iter().map(|(_, bf)| bf).collect();
-    let answer = match client.request_psn_from_bf(cfg.site.study.as_str(), target, &refs, None) {
+    let answer = match client.request_psn_from_bf(cfg.study().name.as_str(), target, &refs, None) {
         Ok(a) => a,
         Err(e) => {
             for (id, bf) in batch {
@@ -333,7 +333,7 @@ pub fn update_bf(
         .as_ref()
         .and_then(|b| b.version.clone())
         .ok_or(EnrollError::NoVersion)?;
-    let target = cfg.site.target.as_str();
+    let target = cfg.study().target.as_str();
     let mut report = UpdateReport::default();
     let mut sent = 0usize;
     // Filters that changed locally only, written a thousand at a time (a
@@ -392,7 +392,7 @@ pub fn update_bf(
         let mut rec = AuditRecord::new("update_bf", "updated", target);
         rec.patient = Some(id.fingerprint());
         rec.bloomfilter = Some(new.fingerprint());
-        match client.update_bf(cfg.site.study.as_str(), &new, target, &psn.pseudonym.value, &version) {
+        match client.update_bf(cfg.study().name.as_str(), &new, target, &psn.pseudonym.value, &version) {
             Ok(()) => {
                 crate::crashpoint::hit("update_bf:answered");
                 // The audit record first: what the store holds is audited.

@@ -269,11 +269,11 @@ impl<'a> Agent<'a> {
     }
 
     fn target(&self) -> &str {
-        self.cfg.site.target.as_str()
+        self.cfg.study().target.as_str()
     }
 
     pub fn run_cycle(mut self) -> Result<CycleReport, AgentError> {
-        let study = self.cfg.site.study.as_str().to_string();
+        let study = self.cfg.study().name.as_str().to_string();
         let target = self.target().to_string();
         log::info!("polling $requestTasks for study {study}, target {target}");
         let mut clock = Instant::now();

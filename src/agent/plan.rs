@@ -14,8 +14,8 @@ pub struct Plan {
 /// Polls and says what a cycle would do with each task and why, sending
 /// nothing and writing nothing (no store, no ledger, no audit record).
 pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, Vec<Plan>), AgentError> {
-    let study = cfg.site.study.as_str();
-    let target = cfg.site.target.as_str();
+    let study = cfg.study().name.as_str();
+    let target = cfg.study().target.as_str();
     let parsed = client.request_tasks(study, target).map_err(AgentError::Poll)?;
     let received = parsed.len();
     let now = Utc::now();
@@ -105,7 +105,7 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                     bloomfilter,
                     elements,
                     ..
-                } => match store.find_patient(cfg.site.target.as_str(), pseudonym.as_ref(), bloomfilter.as_ref())? {
+                } => match store.find_patient(cfg.study().target.as_str(), pseudonym.as_ref(), bloomfilter.as_ref())? {
                     Some(p) if elements.iter().all(|e| p.idat.get(*e).is_none()) => (
                         "wait".to_string(),
                         format!(

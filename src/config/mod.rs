@@ -71,7 +71,16 @@ impl fmt::Debug for Secret {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub dispatcher: Dispatcher,
-    pub site: Site,
+    /// One study, the form before `[[study]]` (still valid).
+    #[serde(default)]
+    pub site: Option<Site>,
+    /// The studies this site takes part in, `[[study]]` each.
+    #[serde(default, rename = "study")]
+    pub study_entries: Vec<StudyEntry>,
+    /// The studies, from `[site]` or `[[study]]`, in the order written
+    /// (never empty once loaded).
+    #[serde(skip)]
+    pub studies: Vec<Study>,
     #[serde(default)]
     pub schedule: Schedule,
     pub store: Store,
@@ -219,6 +228,32 @@ pub struct Site {
     pub study: NonEmpty,
     /// This site's target domain (e.g. `dic_muenster`).
     pub target: NonEmpty,
+}
+
+/// A `[[study]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyEntry {
+    /// The study as the fTTP knows it (the `study` parameter).
+    pub name: NonEmpty,
+    /// This site's target domain in that study.
+    pub target: NonEmpty,
+    /// This study's API key (else `[dispatcher]`'s).
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// Another dispatcher for this study (else `[dispatcher] url`).
+    #[serde(default)]
+    pub url: Option<BaseUrl>,
+}
+
+/// A study this site takes part in, resolved: its own API key and URL, if
+/// any, are folded into the configuration `Config::for_study` gives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Study {
+    pub name: String,
+    pub target: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +408,61 @@ fn default_retry_delay() -> HumanDuration {
 fn default_max_response_bytes() -> u64 {
     60 * 1024 * 1024
 }
+/// The studies of a configuration: `[site]`, or the `[[study]]` list, never
+/// both and never none; names unique and plain (they name rows of the
+/// store and ledger keys).
+fn studies(cfg: &Config, text: &str, path: &Path) -> Result<Vec<Study>, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let line_of = |header: &str| {
+        text.lines()
+            .position(|l| l.trim_start().starts_with(header))
+            .map_or(0, |i| i + 1)
+    };
+    let list: Vec<Study> = match (&cfg.site, cfg.study_entries.is_empty()) {
+        (Some(_), false) => {
+            return Err(invalid(format!(
+                "both [site] (line {}) and [[study]] (line {}) name studies: keep one form ([[study]] for \
+                 several studies)",
+                line_of("[site]"),
+                line_of("[[study]]")
+            )));
+        }
+        (Some(site), true) => vec![Study {
+            name: site.study.as_str().to_string(),
+            target: site.target.as_str().to_string(),
+        }],
+        (None, true) => {
+            return Err(invalid(
+                "no study configured: add [[study]] with name and target (or [site] study and target)".into(),
+            ));
+        }
+        (None, false) => cfg
+            .study_entries
+            .iter()
+            .map(|e| Study {
+                name: e.name.as_str().to_string(),
+                target: e.target.as_str().to_string(),
+            })
+            .collect(),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &list {
+        if !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            return Err(invalid(format!(
+                "study name '{}' may hold only letters, digits, '.', '_' and '-'",
+                crate::privacy::escape_controls(&s.name)
+            )));
+        }
+        if !seen.insert(s.name.as_str()) {
+            return Err(invalid(format!("study '{}' is configured twice", s.name)));
+        }
+    }
+    Ok(list)
+}
+
 fn default_warn_before() -> HumanDuration {
     HumanDuration(Duration::from_secs(24 * 3600))
 }
@@ -449,9 +539,46 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Parse {
             path: path.to_path_buf(),
             message: describe_toml_error(text, &e),
+        })?;
+        cfg.studies = studies(&cfg, text, path)?;
+        Ok(cfg)
+    }
+
+    /// The study of a configuration that has one (`for_study`'s, or a
+    /// site's only one); of several, the first.
+    pub fn study(&self) -> &Study {
+        // (`parse` refuses a configuration without a study.)
+        &self.studies[0]
+    }
+
+    /// The configuration as one study sees it: that study alone, with its
+    /// own API key and dispatcher URL where it has them.
+    pub fn for_study(&self, name: &str) -> Option<Config> {
+        let study = self.studies.iter().find(|s| s.name == name)?.clone();
+        let mut cfg = self.clone();
+        if let Some(entry) = self.study_entries.iter().find(|e| e.name.as_str() == name) {
+            if let Some(url) = &entry.url {
+                cfg.dispatcher.url = url.clone();
+            }
+            if let Some(key) = &entry.api_key {
+                cfg.dispatcher.api_key = Some(key.clone());
+            }
+        }
+        cfg.studies = vec![study];
+        Some(cfg)
+    }
+
+    /// The study named `name`, or a usage message listing the configured ones.
+    pub fn find_study(&self, name: &str) -> Result<&Study, String> {
+        self.studies.iter().find(|s| s.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.studies.iter().map(|s| s.name.as_str()).collect();
+            format!(
+                "no study named '{name}' is configured (configured: {})",
+                names.join(", ")
+            )
         })
     }
 
@@ -521,6 +648,30 @@ impl Config {
         if let Some(file) = &self.dispatcher.api_key_file {
             let key = crate::secret_file::read_private(file, "the API key file")?;
             self.dispatcher.api_key = Some(Secret::new(key.trim()));
+        }
+        for entry in &mut self.study_entries {
+            let name = entry.name.as_str().to_string();
+            if entry.api_key.is_some() && entry.api_key_file.is_some() {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!("[[study]] {name}: set either api_key or api_key_file, not both"),
+                });
+            }
+            if let Some(file) = &entry.api_key_file {
+                let key = crate::secret_file::read_private(file, "a study's API key file")?;
+                entry.api_key = Some(Secret::new(key.trim()));
+            }
+            if entry.url.as_ref().is_some_and(|u| {
+                u.0.starts_with("http://") && !self.dispatcher.allow_insecure_http && !is_loopback_url(&u.0)
+            }) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "[[study]] {name}: url uses plain http:// to a host that is not loopback: IDAT would \
+                         cross the network unencrypted. Use https://"
+                    ),
+                });
+            }
         }
         if self.dispatcher.api_key.as_ref().is_none_or(|k| k.expose().is_empty()) {
             return Err(ConfigError::Invalid {
@@ -710,8 +861,14 @@ impl Config {
                 }
                 .into(),
             ),
-            ("site.study".into(), self.site.study.0.clone()),
-            ("site.target".into(), self.site.target.0.clone()),
+            (
+                "studies".into(),
+                self.studies
+                    .iter()
+                    .map(|s| format!("{} (target {})", s.name, s.target))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
             ("schedule.interval".into(), fmt_dur(&self.schedule.interval)),
             ("schedule.warn_before".into(), fmt_dur(&self.schedule.warn_before)),
             (

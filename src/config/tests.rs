@@ -183,3 +183,69 @@ fn an_unknown_key_gets_a_did_you_mean() {
         "{e}"
     );
 }
+
+const TWO_STUDIES: &str = r#"
+[dispatcher]
+url = "https://fttp.example.org/ttp-fhir/fhir/dispatcher/"
+api_key = "k"
+
+[[study]]
+name = "napkon"
+target = "dic_example"
+api_key = "napkon-key"
+url = "https://other.example.org/dispatcher"
+
+[[study]]
+name = "mii"
+target = "dic_example"
+
+[store]
+path = "store"
+key_file = "store.key"
+"#;
+
+#[test]
+fn studies_come_from_site_or_from_the_study_list_in_the_order_written() {
+    let one = Config::parse(GOOD, Path::new("x.toml")).unwrap();
+    assert_eq!(one.studies.len(), 1);
+    assert_eq!(
+        (one.study().name.as_str(), one.study().target.as_str()),
+        ("mii", "dic_test")
+    );
+    let two = Config::parse(TWO_STUDIES, Path::new("x.toml")).unwrap();
+    let names: Vec<&str> = two.studies.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["napkon", "mii"]);
+    // A study's own key and URL, else the dispatcher's.
+    let napkon = two.for_study("napkon").unwrap();
+    assert_eq!(napkon.dispatcher.api_key.as_ref().unwrap().expose(), "napkon-key");
+    assert_eq!(napkon.dispatcher.url.0, "https://other.example.org/dispatcher");
+    assert_eq!(napkon.studies.len(), 1);
+    let mii = two.for_study("mii").unwrap();
+    assert_eq!(mii.dispatcher.api_key.as_ref().unwrap().expose(), "k");
+    assert!(mii.dispatcher.url.0.starts_with("https://fttp.example.org"));
+    assert!(two.for_study("gecco").is_none());
+    assert_eq!(
+        two.find_study("gecco").unwrap_err(),
+        "no study named 'gecco' is configured (configured: napkon, mii)"
+    );
+}
+
+#[test]
+fn both_forms_no_study_a_name_twice_or_an_odd_name_are_errors() {
+    let both = format!("{TWO_STUDIES}\n[site]\nstudy = \"mii\"\ntarget = \"t\"\n");
+    let e = Config::parse(&both, Path::new("x.toml")).unwrap_err().to_string();
+    let site_line = both.lines().position(|l| l == "[site]").unwrap() + 1;
+    assert!(
+        e.contains(&format!("[site] (line {site_line})")) && e.contains("[[study]] (line 6)"),
+        "{e}"
+    );
+    let none = GOOD.replace("[site]\nstudy = \"mii\"\ntarget = \"dic_test\"\n", "");
+    let e = Config::parse(&none, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(e.contains("no study configured"), "{e}");
+    let twice = TWO_STUDIES.replace("name = \"napkon\"", "name = \"mii\"");
+    let e = Config::parse(&twice, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(e.contains("study 'mii' is configured twice"), "{e}");
+    let odd = TWO_STUDIES.replace("name = \"napkon\"", "name = \"na/pkon\"");
+    let e = Config::parse(&odd, Path::new("x.toml")).unwrap_err().to_string();
+    assert!(e.contains("may hold only letters"), "{e}");
+}

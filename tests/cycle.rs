@@ -603,7 +603,7 @@ fn the_example_config_is_valid() {
     .unwrap();
     let cfg = fttp_agent::config::Config::load(&path).unwrap();
     assert_eq!(cfg.api_key(), "k");
-    assert_eq!(cfg.site.target.as_str(), "dic_example");
+    assert_eq!(cfg.study().target.as_str(), "dic_example");
     assert_eq!(cfg.schedule.interval.0, std::time::Duration::from_secs(6 * 3600));
     // Its [bloomfilter] section builds, and normalises as it says.
     let encoder = cfg.bloom_encoder().unwrap().unwrap();

@@ -337,7 +337,7 @@ fn store_child(dir: &Path, n: u32) {
     for i in 0..10_000u32 {
         let id = (i.wrapping_mul(7919)) % (n / 10);
         if store
-            .patient_by_pseudonym(TARGET, &format!("mii_{id:08}"))
+            .patient_by_pseudonym(STUDY, &format!("mii_{id:08}"))
             .unwrap()
             .is_some()
         {
@@ -381,6 +381,7 @@ fn store_section(n: u32, import_rows: u32) {
         let mut batch = Vec::new();
         for i in 0..n / 10 {
             batch.push(Record::Pseudonym(PseudonymRecord {
+                study: STUDY.into(),
                 bloomfilter: sample_bloomfilter(i),
                 target: TARGET.into(),
                 pseudonym: Pseudonym {

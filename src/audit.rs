@@ -34,6 +34,10 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
     pub outcome: String,
+    /// The study the record belongs to (absent in records from before
+    /// several studies, and in site-wide ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub study: Option<String>,
     pub target: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
@@ -80,6 +84,12 @@ impl AuditRecord {
             target: target.to_string(),
             ..Default::default()
         }
+    }
+
+    /// The record, for `study`.
+    pub fn in_study(mut self, study: &str) -> Self {
+        self.study = Some(study.to_string());
+        self
     }
 }
 

@@ -1,7 +1,7 @@
 //! What each subcommand does. Every function returns an exit code or an
 //! error; only `main` turns them into a process exit.
 
-use crate::agent::{Agent, CycleReport};
+use crate::agent::{Agent, CycleReport, StudyClient};
 use crate::audit::{Audit, AuditRecord};
 use crate::client::Client;
 use crate::config::Config;
@@ -24,6 +24,21 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
     let key = cfg.store_key()?;
     let mut store = Store::open(&cfg.store.path, mode, key)?;
     finish_migration(cfg, &mut store)?;
+    if store.needs_study() {
+        // A store from before several studies: its pseudonyms, enrolments
+        // and tasks are the configured study's (the first, if several).
+        let study = cfg.study().name.clone();
+        if store.adopt_legacy(&study)? {
+            let mut audit = open_audit(cfg, &mut store)?;
+            let mut rec = AuditRecord::new("store", "study_assigned", cfg.study().target.as_str()).in_study(&study);
+            rec.detail = Some(format!(
+                "the store's pseudonyms, enrolments and tasks from before several studies belong to study {study}"
+            ));
+            audit.write(rec)?;
+            audit.sync()?;
+            log::info!("the store's rows from before several studies now belong to study {study}");
+        }
+    }
     if mode != LockMode::Read {
         check_restored(cfg, &mut store)?;
     }
@@ -107,15 +122,15 @@ pub fn check_owner(cfg: &Config) -> Result<(), AppError> {
 /// each day then runs the retention purge on the same open store (the
 /// heartbeat remembers the last, so a timer's `run --once` purges too).
 /// Then the metrics file (if configured) and the heartbeat are written.
-pub fn cycle(cfg: &Config, client: &Client, stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
-    cycle_then(cfg, client, stop, drop)
+pub fn cycle(cfg: &Config, clients: &[StudyClient], stop: Option<&Shutdown>) -> Result<CycleReport, AppError> {
+    cycle_then(cfg, clients, stop, drop)
 }
 
 /// `cycle`, then `close` takes the store (everything in it is durable by
 /// then): dropping it, or leaving its memory to the OS.
 fn cycle_then(
     cfg: &Config,
-    client: &Client,
+    clients: &[StudyClient],
     stop: Option<&Shutdown>,
     close: fn(Store),
 ) -> Result<CycleReport, AppError> {
@@ -123,7 +138,7 @@ fn cycle_then(
     let mut store = open_store(cfg, LockMode::Try)?;
     let mut last_purge = ops::read_heartbeat(store.dir()).and_then(|h| h.last_purge);
     let mut audit = open_audit(cfg, &mut store)?;
-    let mut agent = Agent::new(cfg, client, &mut store, &mut audit);
+    let mut agent = Agent::new(cfg, clients, &mut store, &mut audit);
     if let Some(s) = stop {
         agent = agent.with_shutdown(s.clone());
     }
@@ -218,30 +233,56 @@ fn report_exit(report: &CycleReport) -> u8 {
             String::new()
         }
     );
-    if open > 0 {
+    let mut code = if open > 0 {
         log::warn!("{open} task(s) remain open for the next cycle");
         exit::TASKS_OPEN
     } else {
         exit::OK
+    };
+    for (study, error, exit) in &report.failed_polls {
+        log::error!("study {study}: its poll failed ({error}); the other studies were worked on");
+        code = exit::worst(code, *exit);
+    }
+    code
+}
+
+/// The configuration with only `study` (`--study`), or all studies.
+pub fn selected(cfg: &Config, study: Option<&str>) -> Result<Config, AppError> {
+    match study {
+        None => Ok(cfg.clone()),
+        Some(name) => {
+            cfg.find_study(name).map_err(AppError::Usage)?;
+            cfg.for_study(name)
+                .ok_or_else(|| AppError::Usage(format!("no study named '{name}'")))
+        }
     }
 }
 
-pub fn run_once(cfg: &Config, dry_run: bool) -> Result<u8, AppError> {
-    let client = Client::new(cfg)?;
+pub fn run_once(cfg: &Config, dry_run: bool, study: Option<&str>) -> Result<u8, AppError> {
+    let cfg = &selected(cfg, study)?;
+    let clients = StudyClient::for_all(cfg)?;
     if dry_run {
         let store = open_store(cfg, LockMode::Try)?;
-        let (received, plans) = crate::agent::dry_run(cfg, &client, &store)?;
-        println!("dry run: {received} task(s) received; nothing will be sent or recorded");
-        println!("{:<18} {:<22} {:<24} why", "KIND", "TASK", "WOULD");
-        for p in &plans {
-            println!("{:<18} {:<22} {:<24} {}", p.kind.as_str(), p.task, p.action, p.why);
+        for sc in &clients {
+            let Some(one) = cfg.for_study(&sc.study.name) else {
+                continue;
+            };
+            let (received, plans) = crate::agent::dry_run(&one, &sc.client, &store)?;
+            println!(
+                "dry run, study {}: {received} task(s) received; nothing will be sent or recorded",
+                sc.study.name
+            );
+            println!("{:<18} {:<22} {:<24} why", "KIND", "TASK", "WOULD");
+            for p in &plans {
+                println!("{:<18} {:<22} {:<24} {}", p.kind.as_str(), p.task, p.action, p.why);
+            }
         }
         return Ok(exit::OK);
     }
     // The process ends after this cycle: its ledger and report are left to
     // the OS, as freeing 100,000 ledger entries and task outcomes one by one
     // took about half a second. (Every write is durable before this point.)
-    let report = cycle_then(cfg, &client, None, Store::close_and_exit_soon)?;
+    let report = cycle_then(cfg, &clients, None, Store::close_and_exit_soon)?;
     let code = report_exit(&report);
     std::mem::forget(report);
     Ok(code)
@@ -309,14 +350,14 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
     if let Err(e) = crate::logger::reopen_on_sighup() {
         log::warn!("cannot install the SIGHUP handler (log files will not reopen): {e}");
     }
-    let client = Client::new(cfg)?;
+    let clients = StudyClient::for_all(cfg)?;
     let interval = cfg.schedule.interval.0;
     log::info!(
         "daemon started; polling every {}",
         crate::config::format_duration(interval)
     );
     while !shutdown.requested() {
-        match cycle(cfg, &client, Some(&shutdown)) {
+        match cycle(cfg, &clients, Some(&shutdown)) {
             Ok(report) => {
                 report_exit(&report);
             }
@@ -397,25 +438,35 @@ pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {
             e.encoder().bits()
         );
     }
-    let client = Client::new(cfg)?;
-    // $requestTasks does not change state on the dispatcher (affectsState: false).
-    match client.request_tasks(cfg.study().name.as_str(), cfg.study().target.as_str()) {
-        Ok(tasks) => {
-            println!(
-                "dispatcher: reachable, API key accepted, {} task(s) waiting",
+    // Each study with its own key and dispatcher. $requestTasks does not
+    // change state on the dispatcher (affectsState: false).
+    let mut code = exit::OK;
+    let clients = StudyClient::for_all(cfg)?;
+    let several = clients.len() > 1;
+    for sc in clients {
+        let (study, target) = (sc.study.name.as_str(), sc.study.target.as_str());
+        let label = if several {
+            format!(", study {study}")
+        } else {
+            String::new()
+        };
+        match sc.client.request_tasks(study, target) {
+            Ok(tasks) => println!(
+                "dispatcher{label}: reachable, API key accepted, {} task(s) waiting",
                 tasks.len()
-            );
-            Ok(exit::OK)
-        }
-        Err(e) => {
-            println!("dispatcher: FAILED: {e}");
-            Ok(if e.is_auth() || e.is_unreachable() {
-                exit::DISPATCHER
-            } else {
-                exit::CONFIG
-            })
+            ),
+            Err(e) => {
+                println!("dispatcher{label}: FAILED: {e}");
+                let this = if e.is_auth() || e.is_unreachable() {
+                    exit::DISPATCHER
+                } else {
+                    exit::CONFIG
+                };
+                code = exit::worst(code, this);
+            }
         }
     }
+    Ok(code)
 }
 
 /// `check --offline`: keys, store, audit log and permissions, without
@@ -541,14 +592,25 @@ pub fn bloom(cfg: &Config, file: &Path) -> Result<u8, AppError> {
     Ok(if errors.is_empty() { exit::OK } else { exit::TASKS_OPEN })
 }
 
-/// What `enroll` and `update-bf` work with: the dispatcher, signals, the
-/// store (waiting for a running cycle, like `import`) and the audit log.
-fn dispatcher_job(cfg: &Config) -> Result<(Client, Shutdown, Store, Audit), AppError> {
-    let client = Client::new(cfg)?;
+/// One study's configuration (its key and URL folded in) and client.
+type StudyJob = (Config, Client);
+
+/// What `enroll` and `update-bf` work with: each selected study's
+/// configuration and client, signals, the store (waiting for a running
+/// cycle, like `import`) and the audit log.
+fn dispatcher_job(cfg: &Config, study: Option<&str>) -> Result<(Vec<StudyJob>, Shutdown, Store, Audit), AppError> {
+    let chosen = selected(cfg, study)?;
+    let mut jobs = Vec::new();
+    for s in &chosen.studies {
+        if let Some(one) = chosen.for_study(&s.name) {
+            let client = Client::new(&one)?;
+            jobs.push((one, client));
+        }
+    }
     let stop = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
     let mut store = open_store(cfg, LockMode::Wait)?;
     let audit = open_audit(cfg, &mut store)?;
-    Ok((client, stop, store, audit))
+    Ok((jobs, stop, store, audit))
 }
 
 /// The exit code of a run that stopped early, after saying why.
@@ -565,77 +627,103 @@ fn stopped_exit(what: &str, stopped: &crate::enroll::Stopped) -> u8 {
     }
 }
 
-/// `enroll`: sends the filters of patients without a pseudonym.
-pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool) -> Result<u8, AppError> {
-    let encoder = cfg.bloom_encoder()?;
-    let (client, stop, mut store, mut audit) = dispatcher_job(cfg)?;
-    let opts = crate::enroll::EnrollOptions { limit, retry_errors };
-    let r = crate::enroll::enroll(
-        cfg,
-        &client,
-        &mut store,
-        &mut audit,
-        encoder.as_ref(),
-        &opts,
-        Some(&stop),
-    )?;
-    for (id, reason) in &r.no_filter {
-        eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
-    }
-    if r.computed > 0 {
-        println!("computed {} Bloom filter(s) from IDAT", r.computed);
-    }
-    println!(
-        "enroll: {} sent: {} enrolled, {} in clearing (pseudonym follows as a task), {} refused with an error, \
-         {} busy (sent again by the next run), {} not answered",
-        r.sent, r.enrolled, r.clearing, r.errors, r.retry, r.failed
-    );
-    if r.waiting + r.earlier_errors + r.changed > 0 {
-        println!(
-            "left alone: {} in clearing from earlier runs, {} refused earlier (--retry-errors sends them again), \
-             {} enrolled earlier with a filter they no longer have (see update-bf)",
-            r.waiting, r.earlier_errors, r.changed
-        );
-    }
-    if let Some(stopped) = &r.stopped {
-        return Ok(stopped_exit("enroll", stopped));
-    }
-    Ok(if r.errors + r.retry + r.failed == 0 && r.no_filter.is_empty() {
-        exit::OK
+/// How a per-study command names the study in its summary: not at all
+/// with one study.
+fn study_label(jobs: &[StudyJob], one: &Config) -> String {
+    if jobs.len() > 1 {
+        format!(" (study {})", one.study().name)
     } else {
-        exit::TASKS_OPEN
-    })
+        String::new()
+    }
 }
 
-/// `update-bf`: sends `$updateBf` for patients whose filter changed.
-pub fn update_bf(cfg: &Config, limit: Option<usize>) -> Result<u8, AppError> {
+/// `enroll`: sends the filters of patients without a pseudonym, in each
+/// selected study in turn.
+pub fn enroll(cfg: &Config, limit: Option<usize>, retry_errors: bool, study: Option<&str>) -> Result<u8, AppError> {
+    let encoder = cfg.bloom_encoder()?;
+    let (jobs, stop, mut store, mut audit) = dispatcher_job(cfg, study)?;
+    let opts = crate::enroll::EnrollOptions { limit, retry_errors };
+    let mut code = exit::OK;
+    for (one, client) in &jobs {
+        let label = study_label(&jobs, one);
+        let r = crate::enroll::enroll(
+            one,
+            client,
+            &mut store,
+            &mut audit,
+            encoder.as_ref(),
+            &opts,
+            Some(&stop),
+        )?;
+        for (id, reason) in &r.no_filter {
+            eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
+        }
+        if r.computed > 0 {
+            println!("computed {} Bloom filter(s) from IDAT", r.computed);
+        }
+        println!(
+            "enroll{label}: {} sent: {} enrolled, {} in clearing (pseudonym follows as a task), {} refused with an \
+             error, {} busy (sent again by the next run), {} not answered",
+            r.sent, r.enrolled, r.clearing, r.errors, r.retry, r.failed
+        );
+        if r.waiting + r.earlier_errors + r.changed > 0 {
+            println!(
+                "left alone: {} in clearing from earlier runs, {} refused earlier (--retry-errors sends them \
+                 again), {} enrolled earlier with a filter they no longer have (see update-bf)",
+                r.waiting, r.earlier_errors, r.changed
+            );
+        }
+        if let Some(stopped) = &r.stopped {
+            code = exit::worst(code, stopped_exit("enroll", stopped));
+            if matches!(stopped, crate::enroll::Stopped::Signal) {
+                break;
+            }
+            continue;
+        }
+        if r.errors + r.retry + r.failed > 0 || !r.no_filter.is_empty() {
+            code = exit::worst(code, exit::TASKS_OPEN);
+        }
+    }
+    Ok(code)
+}
+
+/// `update-bf`: sends `$updateBf` for patients whose filter changed, in
+/// each selected study in turn.
+pub fn update_bf(cfg: &Config, limit: Option<usize>, study: Option<&str>) -> Result<u8, AppError> {
     let encoder = need_encoder(cfg)?;
-    let (client, stop, mut store, mut audit) = dispatcher_job(cfg)?;
-    let r = crate::enroll::update_bf(cfg, &client, &mut store, &mut audit, &encoder, limit, Some(&stop))?;
-    for (id, reason) in &r.no_filter {
-        eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
+    let (jobs, stop, mut store, mut audit) = dispatcher_job(cfg, study)?;
+    let mut code = exit::OK;
+    for (one, client) in &jobs {
+        let label = study_label(&jobs, one);
+        let r = crate::enroll::update_bf(one, client, &mut store, &mut audit, &encoder, limit, Some(&stop))?;
+        for (id, reason) in &r.no_filter {
+            eprintln!("patient {}: no Bloom filter: {reason}", id.fingerprint());
+        }
+        for (fp, reason) in &r.refused {
+            eprintln!("patient {fp}: $updateBf refused: {reason}");
+        }
+        println!(
+            "update-bf{label}: {} updated at the fTTP, {} changed locally only (never sent), {} unchanged, \
+             {} waiting for a pseudonym, {} refused, {} not answered",
+            r.updated,
+            r.local,
+            r.unchanged,
+            r.waiting,
+            r.refused.len(),
+            r.failed
+        );
+        if let Some(stopped) = &r.stopped {
+            code = exit::worst(code, stopped_exit("update-bf", stopped));
+            if matches!(stopped, crate::enroll::Stopped::Signal) {
+                break;
+            }
+            continue;
+        }
+        if !r.refused.is_empty() || r.failed > 0 || !r.no_filter.is_empty() {
+            code = exit::worst(code, exit::TASKS_OPEN);
+        }
     }
-    for (fp, reason) in &r.refused {
-        eprintln!("patient {fp}: $updateBf refused: {reason}");
-    }
-    println!(
-        "update-bf: {} updated at the fTTP, {} changed locally only (never sent), {} unchanged, \
-         {} waiting for a pseudonym, {} refused, {} not answered",
-        r.updated,
-        r.local,
-        r.unchanged,
-        r.waiting,
-        r.refused.len(),
-        r.failed
-    );
-    if let Some(stopped) = &r.stopped {
-        return Ok(stopped_exit("update-bf", stopped));
-    }
-    Ok(if r.refused.is_empty() && r.failed == 0 && r.no_filter.is_empty() {
-        exit::OK
-    } else {
-        exit::TASKS_OPEN
-    })
+    Ok(code)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -650,15 +738,20 @@ pub fn tasks(
     status: Option<Status>,
     kind: Option<TaskKind>,
     since: Option<&str>,
+    study: Option<&str>,
     format: TasksFormat,
 ) -> Result<u8, AppError> {
     let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
+    if let Some(name) = study {
+        cfg.find_study(name).map_err(AppError::Usage)?;
+    }
     let store = open_store(cfg, LockMode::Read)?;
     let mut entries: Vec<_> = store
         .ledger_entries()
         .filter(|e| status.is_none_or(|s| e.status == s))
         .filter(|e| kind.is_none_or(|k| e.kind == k))
         .filter(|e| since.is_none_or(|t| e.updated >= t))
+        .filter(|e| study.is_none_or(|s| e.study() == s))
         .collect();
     entries.sort_by_key(|e| (e.first_seen, e.key.clone()));
     match format {
@@ -909,8 +1002,8 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
         print_import(&csv, &report);
     }
     println!("running one cycle against the simulator ({})", format.mime());
-    let client = Client::new(&cfg)?;
-    let report = cycle(&cfg, &client, None)?;
+    let clients = StudyClient::for_all(&cfg)?;
+    let report = cycle(&cfg, &clients, None)?;
     print!("{}", demo::summary(&report));
 
     let st = sim.state();

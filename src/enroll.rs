@@ -106,9 +106,9 @@ pub fn enroll(
     if let Some(encoder) = encoder {
         compute_missing(store, encoder, &mut report)?;
     }
-    let target = cfg.study().target.as_str();
+    let study = cfg.study().name.as_str();
     let mut todo: Vec<(LocalId, BloomFilter)> = Vec::new();
-    for id in store.without_pseudonym(target)? {
+    for id in store.without_pseudonym(study)? {
         if opts.limit.is_some_and(|n| todo.len() >= n) {
             break;
         }
@@ -119,7 +119,7 @@ pub fn enroll(
         let Some(bf) = store.patient(&id)?.and_then(|p| p.bloomfilter) else {
             continue;
         };
-        match store.enrolment(&id, Some(&bf))? {
+        match store.enrolment(&id, study, Some(&bf))? {
             None => {}
             Some(e) if !e.same_filter => {
                 report.changed += 1;
@@ -168,11 +168,12 @@ fn enroll_batch(
     batch: &[(LocalId, BloomFilter)],
     report: &mut EnrollReport,
 ) -> Result<Result<(), ClientError>, EnrollError> {
-    let target = cfg.study().target.as_str();
+    let (study, target) = (cfg.study().name.as_str(), cfg.study().target.as_str());
     let now = Utc::now();
     let record = |id: &LocalId, bf: &BloomFilter, status, detail| {
         Record::Enrolment(EnrolmentRecord {
             local_id: id.clone(),
+            study: study.to_string(),
             bloomfilter: bf.clone(),
             status,
             detail,
@@ -188,11 +189,11 @@ fn enroll_batch(
     )?;
     crate::crashpoint::hit("enroll:sending");
     let refs: Vec<&BloomFilter> = batch.iter().map(|(_, bf)| bf).collect();
-    let answer = match client.request_psn_from_bf(cfg.study().name.as_str(), target, &refs, None) {
+    let answer = match client.request_psn_from_bf(study, target, &refs, None) {
         Ok(a) => a,
         Err(e) => {
             for (id, bf) in batch {
-                let mut rec = AuditRecord::new("enroll", "failed", target);
+                let mut rec = AuditRecord::new("enroll", "failed", target).in_study(study);
                 rec.patient = Some(id.fingerprint());
                 rec.bloomfilter = Some(bf.fingerprint());
                 rec.detail = Some(e.to_string());
@@ -214,6 +215,7 @@ fn enroll_batch(
         } else if let Some(psn) = answers.pseudonyms.remove(bf) {
             records.push(Record::Pseudonym(PseudonymRecord {
                 bloomfilter: bf.clone(),
+                study: study.to_string(),
                 target: target.to_string(),
                 pseudonym: psn,
                 received: now,
@@ -232,7 +234,7 @@ fn enroll_batch(
             EnrolmentStatus::Retry => report.retry += 1,
             _ => report.errors += 1,
         }
-        let mut rec = AuditRecord::new("enroll", outcome, target);
+        let mut rec = AuditRecord::new("enroll", outcome, target).in_study(study);
         rec.patient = Some(id.fingerprint());
         rec.bloomfilter = Some(bf.fingerprint());
         rec.detail = detail.clone();
@@ -333,7 +335,7 @@ pub fn update_bf(
         .as_ref()
         .and_then(|b| b.version.clone())
         .ok_or(EnrollError::NoVersion)?;
-    let target = cfg.study().target.as_str();
+    let (study, target) = (cfg.study().name.as_str(), cfg.study().target.as_str());
     let mut report = UpdateReport::default();
     let mut sent = 0usize;
     // Filters that changed locally only, written a thousand at a time (a
@@ -373,9 +375,9 @@ pub fn update_bf(
                 ..p.clone()
             })
         };
-        let Some(psn) = store.pseudonym(&old, target)? else {
+        let Some(psn) = store.pseudonym(&old, study)? else {
             if store
-                .enrolment(&id, Some(&old))?
+                .enrolment(&id, study, Some(&old))?
                 .is_some_and(|e| e.status != EnrolmentStatus::Error)
             {
                 report.waiting += 1;
@@ -389,10 +391,10 @@ pub fn update_bf(
             continue;
         };
         sent += 1;
-        let mut rec = AuditRecord::new("update_bf", "updated", target);
+        let mut rec = AuditRecord::new("update_bf", "updated", target).in_study(study);
         rec.patient = Some(id.fingerprint());
         rec.bloomfilter = Some(new.fingerprint());
-        match client.update_bf(cfg.study().name.as_str(), &new, target, &psn.pseudonym.value, &version) {
+        match client.update_bf(study, &new, target, &psn.pseudonym.value, &version) {
             Ok(()) => {
                 crate::crashpoint::hit("update_bf:answered");
                 // The audit record first: what the store holds is audited.

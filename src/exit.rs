@@ -18,6 +18,22 @@ pub const IO: u8 = 5;
 /// Another agent holds the store lock (EX_TEMPFAIL).
 pub const LOCKED: u8 = 75;
 
+/// Of two results (several studies in one run), the one to report: a
+/// broken file before a configuration problem before a broken protocol
+/// before an unreachable dispatcher before open tasks before success.
+pub fn worst(a: u8, b: u8) -> u8 {
+    let rank = |c: u8| match c {
+        OK => 0,
+        TASKS_OPEN => 1,
+        DISPATCHER => 2,
+        PROTOCOL => 3,
+        CONFIG => 4,
+        IO => 5,
+        _ => 6,
+    };
+    if rank(b) > rank(a) { b } else { a }
+}
+
 /// The exit code for a dispatcher that refused or did not answer.
 pub fn for_dispatcher(e: &crate::client::ClientError) -> u8 {
     match e {

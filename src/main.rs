@@ -42,6 +42,9 @@ enum Command {
         /// why, sending nothing and changing nothing
         #[arg(long, requires = "once")]
         dry_run: bool,
+        /// With --once: poll and work on this study only (default: all)
+        #[arg(long, requires = "once")]
+        study: Option<String>,
     },
     /// Health for people and monitoring: last and next poll, open tasks and
     /// time left, warnings (exit 0 ok, 1 warning, 2 critical)
@@ -91,6 +94,9 @@ enum Command {
         /// Send again the filters an earlier run saw refused with an error.
         #[arg(long)]
         retry_errors: bool,
+        /// Enrol in this study only (default: each configured study in turn)
+        #[arg(long)]
+        study: Option<String>,
     },
     /// Recompute every patient's Bloom filter with the current [bloomfilter]
     /// and send $updateBf for those that changed and have a pseudonym.
@@ -98,6 +104,9 @@ enum Command {
         /// Send at most this many updates in this run.
         #[arg(long)]
         limit: Option<usize>,
+        /// Update in this study only (default: each configured study in turn)
+        #[arg(long)]
+        study: Option<String>,
     },
     /// Show the task ledger
     Tasks {
@@ -113,6 +122,9 @@ enum Command {
         /// table (terminal), json (one object per line) or fhir (a FHIR R4 Bundle of Task)
         #[arg(long, value_enum, default_value = "table")]
         format: TasksFormatArg,
+        /// Only this study's tasks
+        #[arg(long)]
+        study: Option<String>,
     },
     /// Work with the audit log
     Audit {
@@ -263,7 +275,11 @@ fn load(cli: &Cli) -> Result<Config, AppError> {
 
 fn dispatch(cli: Cli) -> Result<u8, AppError> {
     match &cli.command {
-        Command::Run { once: true, dry_run } => commands::run_once(&load(&cli)?, *dry_run),
+        Command::Run {
+            once: true,
+            dry_run,
+            study,
+        } => commands::run_once(&load(&cli)?, *dry_run, study.as_deref()),
         Command::Run { once: false, .. } => commands::run_daemon(&load(&cli)?),
         Command::Status { format, all } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json), *all),
         Command::Purge => commands::purge(&load(&cli)?),
@@ -272,20 +288,25 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
         Command::Check { offline } => commands::check(&load(&cli)?, *offline),
         Command::Import { file } => commands::import(&load(&cli)?, file),
         Command::Bloom { file } => commands::bloom(&load(&cli)?, file),
-        Command::Enroll { limit, retry_errors } => commands::enroll(&load(&cli)?, *limit, *retry_errors),
-        Command::UpdateBf { limit } => commands::update_bf(&load(&cli)?, *limit),
+        Command::Enroll {
+            limit,
+            retry_errors,
+            study,
+        } => commands::enroll(&load(&cli)?, *limit, *retry_errors, study.as_deref()),
+        Command::UpdateBf { limit, study } => commands::update_bf(&load(&cli)?, *limit, study.as_deref()),
         Command::Tasks {
             status,
             kind,
             since,
             format,
+            study,
         } => {
             let format = match format {
                 TasksFormatArg::Table => commands::TasksFormat::Table,
                 TasksFormatArg::Json => commands::TasksFormat::Json,
                 TasksFormatArg::Fhir => commands::TasksFormat::Fhir,
             };
-            commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), format)
+            commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), study.as_deref(), format)
         }
         Command::Keygen { path } => commands::keygen(path),
         Command::Audit {

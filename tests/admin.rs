@@ -312,7 +312,7 @@ fn run_once_purges_once_a_day_without_extra_units() {
     // The first cycle of the day purged (nothing old yet); the next ones
     // of the same day do not.
     site.cycle();
-    assert!(site.store().ledger("task:old").is_some(), "purged twice in one day");
+    assert!(site.store().ledger("mii/task:old").is_some(), "purged twice in one day");
     let purges = site.audit().iter().filter(|r| r["kind"] == "purge").count();
     assert_eq!(purges, 0);
     // A day later (as the heartbeat tells), the next cycle purges.
@@ -321,7 +321,7 @@ fn run_once_purges_once_a_day_without_extra_units() {
     hb["last_purge"] = (chrono::Utc::now() - chrono::Duration::hours(25)).to_rfc3339().into();
     std::fs::write(&hb_path, hb.to_string()).unwrap();
     site.cycle();
-    assert!(site.store().ledger("task:old").is_none(), "not purged");
+    assert!(site.store().ledger("mii/task:old").is_none(), "not purged");
     assert!(site.audit().iter().any(|r| r["kind"] == "purge" && r["tasks"] == 1));
 }
 

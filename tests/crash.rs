@@ -160,10 +160,10 @@ fn a_crash_at_any_point_loses_nothing() {
 fn a_resend_of_a_delivered_task_counts_as_done() {
     let site = scenario();
     assert_eq!(run_crashing_at(&site, "send:after").signal(), Some(9));
-    assert_eq!(site.store().ledger("task:send-a").unwrap().status, Status::InFlight);
+    assert_eq!(site.store().ledger("mii/task:send-a").unwrap().status, Status::InFlight);
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    let e = site.store().ledger("task:send-a").unwrap().clone();
+    let e = site.store().ledger("mii/task:send-a").unwrap().clone();
     assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "delivered"));
     assert!(e.detail.unwrap().contains("interrupted earlier attempt"));
     // The dispatcher got it once for real, and a resend it refused as unknown.

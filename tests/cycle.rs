@@ -75,17 +75,17 @@ fn every_task_kind_resolves_in_xml_and_in_json() {
 
         let store = site.store();
         assert_eq!(
-            store.pseudonym(&bfv(1), TARGET).unwrap().unwrap().pseudonym.value,
+            store.pseudonym(&bfv(1), STUDY).unwrap().unwrap().pseudonym.value,
             "mii_PSN1"
         );
         assert_eq!(
-            store.pseudonym(&bfv(3), TARGET).unwrap().unwrap().pseudonym.value,
+            store.pseudonym(&bfv(3), STUDY).unwrap().unwrap().pseudonym.value,
             issued.value.unwrap()
         );
         // The system is stored as given, whatever it is.
         assert_eq!(
             store
-                .pseudonym(&bfv(3), TARGET)
+                .pseudonym(&bfv(3), STUDY)
                 .unwrap()
                 .unwrap()
                 .pseudonym
@@ -180,7 +180,7 @@ fn expired_tasks_are_not_acted_on_and_soonest_expiry_goes_first() {
     assert_eq!(order, vec!["soon", "late"]);
     drop(st);
     let store = site.store();
-    assert_eq!(store.ledger("task:gone").unwrap().status, Status::Expired);
+    assert_eq!(store.ledger("mii/task:gone").unwrap().status, Status::Expired);
 }
 
 #[test]
@@ -283,7 +283,7 @@ fn a_500_is_reported_and_the_next_cycle_recovers() {
     assert!(out.contains("HTTP 500") && out.contains("database down"), "{out}");
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().ledger("task:t500").unwrap().outcome, "sent");
+    assert_eq!(site.store().ledger("mii/task:t500").unwrap().outcome, "sent");
 }
 
 #[test]
@@ -303,7 +303,7 @@ fn a_failed_send_stays_open_and_is_retried_from_the_ledger() {
     let (code, out) = site.cycle();
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("HTTP 503") && out.contains("[redacted]"), "{out}");
-    assert_eq!(site.store().ledger("task:retry").unwrap().status, Status::Failed);
+    assert_eq!(site.store().ledger("mii/task:retry").unwrap().status, Status::Failed);
     // Even if the dispatcher no longer lists it, the ledger has it.
     site.sim.state().tasks.clear();
     site.sim.add_task(sim::send_idat(
@@ -315,7 +315,7 @@ fn a_failed_send_stays_open_and_is_retried_from_the_ledger() {
     ));
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().ledger("task:retry").unwrap().status, Status::Resolved);
+    assert_eq!(site.store().ledger("mii/task:retry").unwrap().status, Status::Resolved);
     site.assert_no_leaks();
 }
 
@@ -333,12 +333,7 @@ fn an_unknown_patient_stays_pending_until_imported() {
     );
     // The pseudonym is kept even so.
     assert_eq!(
-        site.store()
-            .pseudonym(&bfv(1), TARGET)
-            .unwrap()
-            .unwrap()
-            .pseudonym
-            .value,
+        site.store().pseudonym(&bfv(1), STUDY).unwrap().unwrap().pseudonym.value,
         "mii_LATE"
     );
     site.import_patients();

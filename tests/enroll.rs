@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Site, TARGET, bf};
+use common::{STUDY, Site, TARGET, bf};
 use fttp_agent::store::EnrolmentStatus;
 use fttp_agent::types::{BloomFilter, LocalId};
 use std::os::unix::process::ExitStatusExt;
@@ -240,14 +240,14 @@ fn enrolment(site: &Site, id: &str) -> Option<(EnrolmentStatus, bool)> {
     let id = LocalId(id.into());
     let bf = store.patient(&id).unwrap().and_then(|p| p.bloomfilter);
     store
-        .enrolment(&id, bf.as_ref())
+        .enrolment(&id, STUDY, bf.as_ref())
         .unwrap()
         .map(|e| (e.status, e.same_filter))
 }
 
 fn pseudonym_of(site: &Site, id: &str) -> Option<String> {
     let bf = patient_bf(site, id)?;
-    site.store().pseudonym(&bf, TARGET).unwrap().map(|p| p.pseudonym.value)
+    site.store().pseudonym(&bf, STUDY).unwrap().map(|p| p.pseudonym.value)
 }
 
 #[test]

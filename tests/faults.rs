@@ -160,7 +160,7 @@ fn retries_never_run_past_the_tasks_expiry() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(out.contains("not retrying: the task would expire first"), "{out}");
     assert_eq!(s.sim.state().received("$providePatientData").len(), 1);
-    assert_eq!(s.store().ledger("task:short-lived").unwrap().status, Status::Failed);
+    assert_eq!(s.store().ledger("mii/task:short-lived").unwrap().status, Status::Failed);
 }
 
 #[test]
@@ -170,10 +170,10 @@ fn a_reset_during_a_send_leaves_it_in_flight_and_the_next_cycle_delivers_it() {
     s.sim.push(PROVIDE, FaultKind::ResetMidBody);
     let (code, out) = s.cycle();
     assert_eq!(code, 1, "{out}");
-    assert_eq!(s.store().ledger("task:flaky").unwrap().status, Status::InFlight);
+    assert_eq!(s.store().ledger("mii/task:flaky").unwrap().status, Status::InFlight);
     let (code, out) = s.cycle();
     assert_eq!(code, 0, "{out}");
-    let e = s.store().ledger("task:flaky").unwrap().clone();
+    let e = s.store().ledger("mii/task:flaky").unwrap().clone();
     assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "sent"));
 }
 
@@ -321,13 +321,13 @@ fn a_full_disk_fails_the_write_keeps_the_previous_store_and_exits_nonzero() {
     );
     // The store still opens, with everything from before.
     let store = s.store();
-    assert_eq!(store.ledger("task:before").unwrap().status, Status::Resolved);
+    assert_eq!(store.ledger("mii/task:before").unwrap().status, Status::Resolved);
     assert_eq!(store.patient_count().unwrap(), 3);
     drop(store);
     // With space again, the task is done.
     let (code, out) = s.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(s.store().ledger("task:after").unwrap().status, Status::Resolved);
+    assert_eq!(s.store().ledger("mii/task:after").unwrap().status, Status::Resolved);
 }
 
 #[test]
@@ -363,7 +363,7 @@ fn a_damaged_store_is_refused_by_name_and_left_for_recovery() {
     std::fs::copy(backup.join("store.sqlite3"), &file).unwrap();
     let (code, out) = s.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(s.store().ledger("task:x").unwrap().status, Status::Resolved);
+    assert_eq!(s.store().ledger("mii/task:x").unwrap().status, Status::Resolved);
 }
 
 #[test]
@@ -390,7 +390,7 @@ fn a_store_directory_that_cannot_be_written_is_a_clear_error_and_loses_nothing()
     std::fs::write(&s.config, config).unwrap();
     let (code, out) = s.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(s.store().ledger("task:ro").unwrap().status, Status::Resolved);
+    assert_eq!(s.store().ledger("mii/task:ro").unwrap().status, Status::Resolved);
 }
 
 #[test]
@@ -459,16 +459,16 @@ fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
     assert!(stopped_in < Duration::from_secs(10));
     let store = s.store();
     assert_eq!(
-        store.ledger("task:a").unwrap().status,
+        store.ledger("mii/task:a").unwrap().status,
         Status::Resolved,
         "the task in hand is finished"
     );
     assert_eq!(
-        store.ledger("task:b").unwrap().status,
+        store.ledger("mii/task:b").unwrap().status,
         Status::Pending,
         "the rest waits"
     );
-    assert_eq!(store.ledger("task:c").unwrap().status, Status::Pending);
+    assert_eq!(store.ledger("mii/task:c").unwrap().status, Status::Pending);
 }
 
 #[test]
@@ -554,7 +554,7 @@ fn sigterm_during_a_retry_wait_stops_promptly() {
     let sent = || !s.sim.state().received("$providePatientData").is_empty();
     let stopped_in = sigterm_the_daemon(&s, sent, Duration::from_millis(300));
     assert!(stopped_in < Duration::from_secs(3), "{stopped_in:?}");
-    let e = s.store().ledger("task:waiting").unwrap().clone();
+    let e = s.store().ledger("mii/task:waiting").unwrap().clone();
     assert_eq!(
         (e.status, e.outcome.as_str()),
         (Status::Failed, "failed"),

@@ -131,7 +131,25 @@ fn text(out: &Output) -> String {
 fn assert_migrated(f: &Fixture) {
     let out = f.run(&["tasks", "--format", "json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), expected("expected-tasks.ndjson"));
+    // The same tasks, now keyed in the configured study (the store was
+    // written before several studies: its tasks are that study's).
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected("expected-tasks.ndjson").replace("{\"key\":\"", "{\"key\":\"mii/")
+    );
+    let key = StoreKey::load(&f.site.join("store.key")).unwrap();
+    let store = Store::open(&f.site.join("store"), LockMode::Read, key).unwrap();
+    assert!(!store.needs_study());
+    let studies: Vec<String> = store.all_pseudonyms().unwrap().into_iter().map(|p| p.study).collect();
+    assert_eq!(studies, ["mii", "mii", "mii"]);
+    assert_eq!(store.last_polls().keys().collect::<Vec<_>>(), ["mii"]);
+    drop(store);
+    let assigned = f
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["kind"] == "store" && r["outcome"] == "study_assigned")
+        .count();
+    assert_eq!(assigned, 1, "the study is assigned once, audited");
     assert_eq!(f.contents(), expected("expected-store.txt"));
     assert_eq!(
         f.store_files(),

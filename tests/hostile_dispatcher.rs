@@ -102,12 +102,12 @@ fn a_redirected_send_is_a_failure_and_nothing_reaches_the_other_host() {
         );
         assert!(!out.contains("/steal"), "only the Location's host is named: {out}");
         assert!(elsewhere.requests().is_empty(), "HTTP {status} was followed");
-        let entry = site.store().ledger("task:r1").unwrap().clone();
+        let entry = site.store().ledger("mii/task:r1").unwrap().clone();
         assert_eq!(entry.status, Status::Failed, "HTTP {status}: not recorded as sent");
         // Nothing was lost: the next cycle sends it.
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{out}");
-        let entry = site.store().ledger("task:r1").unwrap().clone();
+        let entry = site.store().ledger("mii/task:r1").unwrap().clone();
         assert_eq!((entry.status, entry.outcome.as_str()), (Status::Resolved, "sent"));
         assert_eq!(site.sim.state().received("$providePatientData").len(), 2);
     }
@@ -332,7 +332,7 @@ fn a_2xx_carrying_an_error_outcome_is_not_a_delivery() {
         out.contains("answered 2xx but refused: error/processing: patient not stored"),
         "{out}"
     );
-    let e = site.store().ledger("task:o1").unwrap().clone();
+    let e = site.store().ledger("mii/task:o1").unwrap().clone();
     assert_eq!((e.status, e.outcome.as_str()), (Status::Closed, "dispatcher_error"));
     // An informational outcome is a success.
     queue_send(&site, "o2");
@@ -347,7 +347,7 @@ fn a_2xx_carrying_an_error_outcome_is_not_a_delivery() {
     );
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().ledger("task:o2").unwrap().status, Status::Resolved);
+    assert_eq!(site.store().ledger("mii/task:o2").unwrap().status, Status::Resolved);
 }
 
 #[test]

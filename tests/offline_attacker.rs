@@ -285,7 +285,10 @@ fn an_old_write_replayed_after_forget_does_not_bring_the_patient_back() {
         "the erased patient's IDAT was sent: {out}"
     );
     assert_eq!(code, 1, "{out}");
-    assert_eq!(site.store().ledger("task:replayed").unwrap().outcome, "unknown_patient");
+    assert_eq!(
+        site.store().ledger("mii/task:replayed").unwrap().outcome,
+        "unknown_patient"
+    );
 }
 
 #[test]

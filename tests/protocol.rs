@@ -186,7 +186,7 @@ fn a_send_that_timed_out_and_then_meets_a_404_was_delivered() {
         );
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{format}: {out}");
-        let e = site.store().ledger("task:late").unwrap().clone();
+        let e = site.store().ledger("mii/task:late").unwrap().clone();
         assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "delivered"));
         let statuses: Vec<u16> = site
             .sim
@@ -215,7 +215,7 @@ fn a_send_refused_as_invalid_is_not_resent_until_the_data_change() {
         );
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{out}");
-        let e = site.store().ledger("task:bad").unwrap().clone();
+        let e = site.store().ledger("mii/task:bad").unwrap().clone();
         assert_eq!((e.status, e.outcome.as_str()), (Status::Closed, "dispatcher_error"));
         assert_eq!(site.cycle().0, 0);
         assert_eq!(sends(&site), 1, "{format}: not resent unchanged");
@@ -228,7 +228,7 @@ fn a_send_refused_as_invalid_is_not_resent_until_the_data_change() {
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{out}");
         assert_eq!(sends(&site), 2, "{format}");
-        let e = site.store().ledger("task:bad").unwrap().clone();
+        let e = site.store().ledger("mii/task:bad").unwrap().clone();
         assert_eq!((e.status, e.outcome.as_str()), (Status::Resolved, "sent"));
         assert!(site.audit_outcomes("send_idat").contains(&"reopened".to_string()));
     }
@@ -250,7 +250,7 @@ fn a_new_optional_part_in_a_known_task_is_ignored() {
         site.sim.add_task(task);
         let (code, out) = site.cycle();
         assert_eq!(code, 0, "{format}: {out}");
-        assert_eq!(site.store().ledger("task:newer").unwrap().outcome, "sent");
+        assert_eq!(site.store().ledger("mii/task:newer").unwrap().outcome, "sent");
         assert_eq!(sends(&site), 1);
     }
 }
@@ -265,7 +265,7 @@ fn a_send_for_which_nothing_requested_is_on_file_sends_nothing() {
         let (code, out) = site.cycle();
         assert_eq!(code, 1, "{out}");
         assert!(out.contains("none of the 2 requested element(s) is on file"), "{out}");
-        let e = site.store().ledger("task:empty").unwrap().clone();
+        let e = site.store().ledger("mii/task:empty").unwrap().clone();
         assert_eq!((e.status, e.outcome.as_str()), (Status::Pending, "unknown_patient"));
         assert_eq!(sends(&site), 0, "{format}: no empty Patient sent");
     }

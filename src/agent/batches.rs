@@ -102,27 +102,31 @@ impl Agent<'_> {
     /// module's comment). Returns false if a stop was requested before all
     /// were sent: the batches not sent are left as they were.
     pub(super) fn repeat_requests(&mut self, batches: Vec<Batch>, meter: &mut Meter) -> Result<bool, AgentError> {
-        let client = self.client;
+        let studies: &[StudyClient] = self.studies;
         let quiet = self.report.received > QUIET_ABOVE;
         let stop = self.stop.clone();
         std::thread::scope(|scope| {
             let (to_net, net_in) = mpsc::channel::<Job>();
             let (answer_out, answers) = mpsc::channel::<(Job, Sent)>();
             scope.spawn(move || {
-                let mut down: Option<String> = None;
+                // (Per study: one study's dispatcher down leaves the others.)
+                let mut down: BTreeMap<String, String> = BTreeMap::new();
                 for job in net_in {
+                    let client = studies.iter().find(|s| s.study.name == job.batch.study);
                     let sent = if stop.as_ref().is_some_and(Shutdown::requested) {
                         Sent::Halted
-                    } else if let Some(reason) = &down {
+                    } else if let Some(reason) = down.get(&job.batch.study) {
                         Sent::Down(reason.clone())
-                    } else {
-                        let result = send(client, &job, quiet);
+                    } else if let Some(sc) = client {
+                        let result = send(&sc.client, &job, quiet);
                         if let Err(err) = &result
                             && (err.is_unreachable() || err.is_auth())
                         {
-                            down = Some(skipped_after(err));
+                            down.insert(job.batch.study.clone(), skipped_after(err));
                         }
                         Sent::Answer(result)
+                    } else {
+                        Sent::Down(format!("study {} is not configured", job.batch.study))
                     };
                     if answer_out.send((job, sent)).is_err() {
                         break;
@@ -137,7 +141,7 @@ impl Agent<'_> {
                         return Ok(false);
                     }
                     meter.tick(batch.entries.len());
-                    if let Some(reason) = me.network_down.clone() {
+                    if let Some(reason) = me.network_down.get(&batch.study).cloned() {
                         for e in batch.entries {
                             me.finish(e, "not_attempted", Some(reason.clone()), None)?;
                         }
@@ -189,9 +193,9 @@ impl Agent<'_> {
         match sent {
             Sent::Answer(result) => {
                 if let Err(err) = &result {
-                    self.note_network(err);
+                    self.note_network(&batch.study, err);
                 }
-                self.record_answer(&batch.target, batch.entries, result)
+                self.record_answer(&batch.study, batch.entries, result)
             }
             Sent::Halted => {
                 for e in unmark(batch.entries, prior) {
@@ -211,10 +215,13 @@ impl Agent<'_> {
     /// Records the outcome of each task of an answered batch.
     fn record_answer(
         &mut self,
-        target: &str,
+        study: &str,
         flights: Vec<LedgerEntry>,
         result: Result<PsnAnswers, ClientError>,
     ) -> Result<(), AgentError> {
+        let Some(sc) = self.studies.iter().find(|s| s.study.name == study) else {
+            return Ok(());
+        };
         let answers = match result {
             Ok(a) => a,
             Err(err) => {
@@ -246,7 +253,7 @@ impl Agent<'_> {
                 self.finish(e, outcome, Some(format!("whole batch refused: {code}")), None)?;
             } else if let Some(psn) = psns.remove(&bloomfilter) {
                 let fp = self
-                    .save_pseudonym(&bloomfilter, target, psn, &e.key)?
+                    .save_pseudonym(&bloomfilter, &sc.study, psn, &e.key)?
                     .map(|id| id.fingerprint());
                 let detail = fp
                     .is_none()

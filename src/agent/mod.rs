@@ -12,6 +12,7 @@ use crate::crashpoint;
 use crate::fhir::idat::IdatElement;
 use crate::ops::ts;
 use crate::shutdown::Shutdown;
+use crate::store::records::ledger_key;
 use crate::store::{
     EnrolmentRecord, EnrolmentStatus, LedgerEntry, PollRecord, Progress, PseudonymRecord, Record, Status, Store,
     StoreError,
@@ -77,6 +78,9 @@ pub struct CycleReport {
     /// Open tasks not tried this cycle: they wait out the backoff after a
     /// transient error.
     pub deferred: usize,
+    /// Studies whose poll failed while others' went on: the study, what
+    /// failed, and its exit code.
+    pub failed_polls: Vec<(String, String, u8)>,
 }
 
 impl CycleReport {
@@ -109,15 +113,41 @@ impl CycleReport {
     }
 }
 
+/// A study this agent serves, with the client for its dispatcher (its own
+/// URL and API key, where it has them).
+pub struct StudyClient {
+    pub study: crate::config::Study,
+    pub client: Client,
+}
+
+impl StudyClient {
+    /// One for each configured study, in the order written.
+    pub fn for_all(cfg: &Config) -> Result<Vec<StudyClient>, crate::client::ClientSetupError> {
+        let mut out = Vec::with_capacity(cfg.studies.len());
+        for study in &cfg.studies {
+            if let Some(own) = cfg.for_study(&study.name) {
+                out.push(StudyClient {
+                    study: study.clone(),
+                    client: Client::new(&own)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 pub struct Agent<'a> {
     cfg: &'a Config,
-    client: &'a Client,
+    studies: &'a [StudyClient],
     store: &'a mut Store,
     audit: &'a mut Audit,
     report: CycleReport,
-    /// Set after a failure that will fail every further call this cycle
-    /// (unreachable, credentials refused): remaining network tasks wait.
-    network_down: Option<String>,
+    /// Per study, set after a failure that will fail every further call
+    /// to its dispatcher this cycle (unreachable, credentials refused): its
+    /// remaining network tasks wait; other studies go on.
+    network_down: BTreeMap<String, String>,
+    /// Polls that failed this cycle, by study, in the order polled.
+    poll_errors: Vec<(String, ClientError)>,
     /// Checked between tasks: a daemon asked to stop finishes the task in
     /// hand and leaves the rest open for the next run.
     stop: Option<Shutdown>,
@@ -218,14 +248,15 @@ impl Work {
 }
 
 impl<'a> Agent<'a> {
-    pub fn new(cfg: &'a Config, client: &'a Client, store: &'a mut Store, audit: &'a mut Audit) -> Self {
+    pub fn new(cfg: &'a Config, studies: &'a [StudyClient], store: &'a mut Store, audit: &'a mut Audit) -> Self {
         Agent {
             cfg,
-            client,
+            studies,
             store,
             audit,
             report: CycleReport::default(),
-            network_down: None,
+            network_down: BTreeMap::new(),
+            poll_errors: Vec::new(),
             stop: None,
             pending: Vec::new(),
         }
@@ -268,90 +299,125 @@ impl<'a> Agent<'a> {
         self
     }
 
-    fn target(&self) -> &str {
-        self.cfg.study().target.as_str()
+    /// The configured study (and its client) a ledger entry belongs to.
+    fn study_of(&self, e: &LedgerEntry) -> Option<&'a StudyClient> {
+        let studies: &'a [StudyClient] = self.studies;
+        studies.iter().find(|s| s.study.name == e.study())
     }
 
+    /// Polls every study, in the order configured, then works on the open
+    /// tasks of all of them, soonest expiry first. A study whose poll fails
+    /// is reported and audited; the others go on, and its open tasks from
+    /// earlier polls are still worked on.
     pub fn run_cycle(mut self) -> Result<CycleReport, AgentError> {
-        let study = self.cfg.study().name.as_str().to_string();
-        let target = self.target().to_string();
-        log::info!("polling $requestTasks for study {study}, target {target}");
         let mut clock = Instant::now();
         let mut lap = |phases: &mut Vec<_>, name: &'static str| {
             phases.push((name, clock.elapsed()));
             clock = Instant::now();
         };
+        let studies: &'a [StudyClient] = self.studies;
+        for sc in studies {
+            self.poll(sc)?;
+        }
+        lap(&mut self.report.phases, "poll");
+        crashpoint::hit("ledger:merged");
+        lap(&mut self.report.phases, "ledger");
+        self.work()?;
+        lap(&mut self.report.phases, "tasks");
+        self.audit.sync()?;
+        lap(&mut self.report.phases, "end");
+        crashpoint::hit("cycle:end");
+        if self.poll_errors.len() == studies.len()
+            && let Some((_, e)) = self.poll_errors.pop()
+        {
+            // (Every poll failed: the cycle failed, as with one study.)
+            return Err(AgentError::Poll(e));
+        }
+        self.report.failed_polls = self
+            .poll_errors
+            .iter()
+            .map(|(study, e)| (study.clone(), e.to_string(), crate::exit::for_dispatcher(e)))
+            .collect();
+        Ok(self.report)
+    }
+
+    /// One study's `$requestTasks`, audited, its tasks merged into the
+    /// ledger and its poll recorded.
+    fn poll(&mut self, sc: &StudyClient) -> Result<(), AgentError> {
+        let (study, target) = (sc.study.name.as_str(), sc.study.target.as_str());
+        log::info!("polling $requestTasks for study {study}, target {target}");
         crashpoint::hit("poll:before");
-        let parsed = match self.client.request_tasks(&study, &target) {
+        let prev = self.store.last_polls().get(study).cloned();
+        let parsed = match sc.client.request_tasks(study, target) {
             Ok(a) => a,
             Err(e) => {
                 let detail = e.to_string();
-                let prev = self.store.last_poll();
                 let record = PollRecord {
+                    study: study.to_string(),
                     at: Utc::now(),
                     ok: false,
                     tasks: 0,
                     detail: Some(detail.clone()),
-                    last_ok: prev.and_then(|p| p.last_ok),
-                    failures: prev.map_or(0, |p| p.failures) + 1,
+                    last_ok: prev.as_ref().and_then(|p| p.last_ok),
+                    failures: prev.as_ref().map_or(0, |p| p.failures) + 1,
                 };
                 // (Audited first, as every record the store takes.)
                 // An unreadable answer is the gateway's fault, not the
                 // network's: its own outcome, for the operators to see.
                 let outcome = if e.is_protocol() { "protocol_error" } else { "failed" };
                 if e.is_protocol() {
-                    log::error!("the dispatcher's answer to $requestTasks is not readable FHIR: tell its operators");
+                    log::error!(
+                        "the dispatcher's answer to $requestTasks for study {study} is not readable FHIR: tell its \
+                         operators"
+                    );
+                } else {
+                    log::error!("polling study {study} failed: {e}");
                 }
-                let mut rec = AuditRecord::new("poll", outcome, &target);
+                let mut rec = AuditRecord::new("poll", outcome, target).in_study(study);
                 rec.detail = Some(detail);
                 self.audit.write(rec)?;
                 self.audit.sync()?;
                 self.store.put(Record::Poll(record))?;
-                return Err(AgentError::Poll(e));
+                self.note_network(study, &e);
+                self.poll_errors.push((study.to_string(), e));
+                return Ok(());
             }
         };
         crashpoint::hit("poll:after");
-        self.report.received = parsed.len();
-        let mut rec = AuditRecord::new("poll", "ok", &target);
+        self.report.received += parsed.len();
+        let mut rec = AuditRecord::new("poll", "ok", target).in_study(study);
         rec.tasks = Some(parsed.len());
         self.audit.write(rec)?;
-        log::info!("received {} task(s)", parsed.len());
-        lap(&mut self.report.phases, "poll");
-
-        self.merge(parsed)?;
-        crashpoint::hit("ledger:merged");
-        lap(&mut self.report.phases, "ledger");
-        self.work()?;
-        lap(&mut self.report.phases, "tasks");
-
+        log::info!("received {} task(s) for study {study}", parsed.len());
+        let received = parsed.len();
+        self.merge(study, parsed)?;
         let now = Utc::now();
-        self.store.put(Record::Poll(PollRecord {
+        self.buffer(Record::Poll(PollRecord {
+            study: study.to_string(),
             at: now,
             ok: true,
-            tasks: self.report.received,
+            tasks: received,
             detail: None,
             last_ok: Some(now),
             failures: 0,
         }))?;
-        self.audit.sync()?;
-        lap(&mut self.report.phases, "end");
-        crashpoint::hit("cycle:end");
-        Ok(self.report)
+        Ok(())
     }
 
     /// Records newly seen tasks in the ledger; reports repeats of finished ones.
-    fn merge(&mut self, parsed: Vec<Result<Task, Rejected>>) -> Result<(), AgentError> {
+    fn merge(&mut self, study: &str, parsed: Vec<Result<Task, Rejected>>) -> Result<(), AgentError> {
         let now = Utc::now();
         let mut batch: Vec<Record> = Vec::new();
         let mut seen_now: std::collections::HashSet<String> = Default::default();
         for item in parsed {
             let (key, entry) = match item {
                 Ok(task) => {
-                    let key = task.key();
+                    let own = task.key();
+                    let key = ledger_key(study, &own);
                     let entry = LedgerEntry {
                         key: key.clone(),
                         kind: task.kind(),
-                        display_id: task.display_id_of(&key),
+                        display_id: task.display_id_of(&own),
                         expires: task.expires(),
                         task: Some(task),
                         status: Status::Pending,
@@ -366,8 +432,9 @@ impl<'a> Agent<'a> {
                 }
                 Err(rej) => {
                     let kind = rej.name.parse().unwrap_or(TaskKind::Unknown);
+                    let key = ledger_key(study, &rej.key);
                     let entry = LedgerEntry {
-                        key: rej.key.clone(),
+                        key: key.clone(),
                         kind,
                         display_id: rej.key.chars().take(19).collect(),
                         task: None,
@@ -380,7 +447,7 @@ impl<'a> Agent<'a> {
                         updated: now,
                         attempts: 0,
                     };
-                    (rej.key, entry)
+                    (key, entry)
                 }
             };
             if !seen_now.insert(key.clone()) {
@@ -443,7 +510,18 @@ impl<'a> Agent<'a> {
         open.sort_by(|a, b| {
             (a.expires.is_none(), a.expires, a.first_seen).cmp(&(b.expires.is_none(), b.expires, b.first_seen))
         });
-        let open: Vec<LedgerEntry> = open.into_iter().cloned().collect();
+        // (Tasks of a study no longer configured wait, untouched, until it
+        // is configured again or retention purges them.)
+        let configured: Vec<&str> = self.studies.iter().map(|s| s.study.name.as_str()).collect();
+        let unconfigured = open.iter().filter(|e| !configured.contains(&e.study())).count();
+        if unconfigured > 0 {
+            log::warn!("{unconfigured} open task(s) belong to a study that is not configured; left as they are");
+        }
+        let open: Vec<LedgerEntry> = open
+            .into_iter()
+            .filter(|e| configured.contains(&e.study()))
+            .cloned()
+            .collect();
         let now = Utc::now();
         let mut items: Vec<Work> = Vec::new();
         // repeat_requests by (study, target): a handful of groups at most.
@@ -466,14 +544,13 @@ impl<'a> Agent<'a> {
                 self.report.deferred += 1;
                 continue;
             }
-            let Some(Task::RepeatRequest { study, target, .. }) = &e.task else {
+            let Some(Task::RepeatRequest { target, .. }) = &e.task else {
                 items.push(Work::One(Box::new(e)));
                 continue;
             };
-            let (study, target) = (
-                study.value.as_deref().unwrap_or_default(),
-                target.value.as_deref().unwrap_or_default(),
-            );
+            // (Batches never mix studies: grouped by the study polled.)
+            let (study, target) = (e.study().to_string(), target.value.clone().unwrap_or_default());
+            let (study, target) = (study.as_str(), target.as_str());
             let i = match groups.iter().position(|((s, t), _)| s == study && t == target) {
                 Some(i) => i,
                 None => {
@@ -508,17 +585,18 @@ impl<'a> Agent<'a> {
             match item {
                 Work::One(e) => {
                     progress.tick(1);
+                    let Some(sc) = self.study_of(&e) else { continue };
                     match e.task.clone() {
                         Some(Task::DicPsnAvailable {
                             bloomfilter, pseudonym, ..
-                        }) => self.dic_psn_available(*e, bloomfilter, pseudonym)?,
+                        }) => self.dic_psn_available(sc, *e, bloomfilter, pseudonym)?,
                         Some(Task::SendIdat {
                             pseudonym,
                             bloomfilter,
                             elements,
                             task_id,
                             ..
-                        }) => self.send_idat(*e, &task_id, pseudonym, bloomfilter, &elements)?,
+                        }) => self.send_idat(sc, *e, &task_id, pseudonym, bloomfilter, &elements)?,
                         _ => {}
                     }
                 }
@@ -552,14 +630,19 @@ impl<'a> Agent<'a> {
         };
         let patient = self
             .store
-            .find_patient(self.target(), pseudonym.as_ref(), bloomfilter.as_ref())?;
+            .find_patient(e.study(), pseudonym.as_ref(), bloomfilter.as_ref())?;
         Ok(patient.is_some_and(|p| p.updated > e.updated))
     }
 
-    fn dic_psn_available(&mut self, e: LedgerEntry, bf: BloomFilter, psn: Pseudonym) -> Result<(), AgentError> {
-        let target = self.target().to_string();
+    fn dic_psn_available(
+        &mut self,
+        sc: &StudyClient,
+        e: LedgerEntry,
+        bf: BloomFilter,
+        psn: Pseudonym,
+    ) -> Result<(), AgentError> {
         let patient = self
-            .save_pseudonym(&bf, &target, psn, &e.key)?
+            .save_pseudonym(&bf, &sc.study, psn, &e.key)?
             .map(|id| id.fingerprint());
         let mut done = e;
         match patient {
@@ -587,17 +670,18 @@ impl<'a> Agent<'a> {
     fn save_pseudonym(
         &mut self,
         bf: &BloomFilter,
-        target: &str,
+        study: &crate::config::Study,
         psn: Pseudonym,
         source: &str,
     ) -> Result<Option<LocalId>, AgentError> {
-        let (patient, known) = self.store.patient_and_pseudonym(bf, target)?;
+        let (patient, known) = self.store.patient_and_pseudonym(bf, &study.name)?;
         if known.is_some_and(|p| p.pseudonym == psn) {
             return Ok(patient);
         }
         self.buffer(Record::Pseudonym(PseudonymRecord {
             bloomfilter: bf.clone(),
-            target: target.to_string(),
+            study: study.name.clone(),
+            target: study.target.clone(),
             pseudonym: psn,
             received: Utc::now(),
             source: source.to_string(),
@@ -606,11 +690,12 @@ impl<'a> Agent<'a> {
         if let Some(id) = &patient
             && self
                 .store
-                .enrolment(id, Some(bf))?
+                .enrolment(id, &study.name, Some(bf))?
                 .is_some_and(|e| e.same_filter && e.status == EnrolmentStatus::Clearing)
         {
             self.buffer(Record::Enrolment(EnrolmentRecord {
                 local_id: id.clone(),
+                study: study.name.clone(),
                 bloomfilter: bf.clone(),
                 status: EnrolmentStatus::Enrolled,
                 detail: Some("after clearing".into()),
@@ -622,6 +707,7 @@ impl<'a> Agent<'a> {
 
     fn send_idat(
         &mut self,
+        sc: &StudyClient,
         e: LedgerEntry,
         task_id: &crate::types::TaskId,
         pseudonym: Option<Pseudonym>,
@@ -630,7 +716,7 @@ impl<'a> Agent<'a> {
     ) -> Result<(), AgentError> {
         let Some(patient) = self
             .store
-            .find_patient(self.target(), pseudonym.as_ref(), bloomfilter.as_ref())?
+            .find_patient(&sc.study.name, pseudonym.as_ref(), bloomfilter.as_ref())?
         else {
             let mut done = e;
             done.status = Status::Pending;
@@ -642,7 +728,7 @@ impl<'a> Agent<'a> {
             );
         };
         let fp = patient.local_id.fingerprint();
-        if let Some(reason) = self.network_down.clone() {
+        if let Some(reason) = self.network_down.get(&sc.study.name).cloned() {
             return self.finish(e, "not_attempted", Some(reason), Some(fp));
         }
         let resend = e.status == Status::InFlight;
@@ -673,9 +759,9 @@ impl<'a> Agent<'a> {
         self.flush()?;
         let deadline = deadline(flight.expires);
         crashpoint::hit("send:before");
-        let result = self
+        let result = sc
             .client
-            .provide_patient_data(task_id, self.target(), resource, &secrets, deadline);
+            .provide_patient_data(task_id, &sc.study.target, resource, &secrets, deadline);
         crashpoint::hit("send:after");
         let mut done = flight;
         match result {
@@ -701,7 +787,7 @@ impl<'a> Agent<'a> {
                 self.finish(done, "dispatcher_error", Some(err.to_string()), Some(fp))
             }
             Err(err) => {
-                self.note_network(&err);
+                self.note_network(&sc.study.name, &err);
                 // A transport failure may have happened after the dispatcher
                 // got the request: its fate is unknown, so it stays in flight.
                 done.status = if err.is_unreachable() {
@@ -725,9 +811,9 @@ impl<'a> Agent<'a> {
         self.commit(done, "delivered", rec)
     }
 
-    fn note_network(&mut self, err: &ClientError) {
+    fn note_network(&mut self, study: &str, err: &ClientError) {
         if err.is_unreachable() || err.is_auth() {
-            self.network_down = Some(skipped_after(err));
+            self.network_down.insert(study.to_string(), skipped_after(err));
         }
     }
 
@@ -738,7 +824,11 @@ impl<'a> Agent<'a> {
         detail: Option<String>,
         patient: Option<String>,
     ) -> AuditRecord {
-        let mut rec = AuditRecord::new(e.kind.as_str(), outcome, self.target());
+        let target = self.study_of(e).map_or("", |s| s.study.target.as_str());
+        let mut rec = AuditRecord::new(e.kind.as_str(), outcome, target);
+        if !e.study().is_empty() {
+            rec.study = Some(e.study().to_string());
+        }
         rec.task = Some(e.display_id.clone());
         rec.status = Some(e.status.as_str().to_string());
         rec.expires = e.expires.map(ts);

@@ -31,7 +31,7 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                 why: format!("{}: {}", rej.name, rej.reason),
             }),
             Ok(t) => {
-                let key = t.key();
+                let key = ledger_key(study, &t.key());
                 if !seen.insert(key.clone()) {
                     plans.push(Plan {
                         kind: t.kind(),
@@ -53,7 +53,10 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
             }
         }
     }
-    for e in store.ledger_entries().filter(|e| !e.status.is_terminal()) {
+    for e in store
+        .ledger_entries()
+        .filter(|e| !e.status.is_terminal() && e.study() == study)
+    {
         // The cycle's own rules for open tasks: given up, or waiting out a
         // backoff, they are not sent.
         let waits = if let Some(why) = super::give_up(&cfg.dispatcher, e, now) {
@@ -105,7 +108,7 @@ pub fn dry_run(cfg: &Config, client: &Client, store: &Store) -> Result<(usize, V
                     bloomfilter,
                     elements,
                     ..
-                } => match store.find_patient(cfg.study().target.as_str(), pseudonym.as_ref(), bloomfilter.as_ref())? {
+                } => match store.find_patient(study, pseudonym.as_ref(), bloomfilter.as_ref())? {
                     Some(p) if elements.iter().all(|e| p.idat.get(*e).is_none()) => (
                         "wait".to_string(),
                         format!(

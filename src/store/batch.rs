@@ -438,6 +438,7 @@ mod tests {
             attempts: 0,
         }));
         records.push(Record::Pseudonym(PseudonymRecord {
+            study: String::new(),
             bloomfilter: bf(5, 64),
             target: "dic_müenster".into(),
             pseudonym: Pseudonym {
@@ -463,6 +464,7 @@ mod tests {
             updated: Utc::now(),
         }));
         records.push(Record::Poll(PollRecord {
+            study: "mii".into(),
             at: Utc::now(),
             ok: false,
             tasks: 3,
@@ -475,6 +477,7 @@ mod tests {
             local_id: LocalId("p-1".into()),
         });
         records.push(Record::Enrolment(EnrolmentRecord {
+            study: "mii".into(),
             local_id: LocalId("p-2".into()),
             bloomfilter: bf(7, 64),
             status: EnrolmentStatus::Clearing,
@@ -685,6 +688,7 @@ mod tests {
                 )
                     .prop_map(|(bloomfilter, target, system, value, received, source)| {
                         Record::Pseudonym(PseudonymRecord {
+                            study: String::new(),
                             bloomfilter,
                             target,
                             pseudonym: Pseudonym { system, value },

@@ -93,6 +93,44 @@ pub const MIGRATIONS: &[&str] = &[
          id INTEGER PRIMARY KEY CHECK (id = 1),
          sealed BLOB NOT NULL
      ) STRICT;",
+    // 2: several studies. Pseudonyms, enrolments and polls are kept per
+    // study; rows from before carry the study "" (and seals without it)
+    // until `Store::adopt_legacy` gives them the configured study.
+    "CREATE TABLE pseudonyms_2 (
+         bf_index BLOB NOT NULL,
+         study TEXT NOT NULL,
+         target TEXT NOT NULL,
+         psn_index BLOB NOT NULL,
+         received INTEGER NOT NULL,
+         source TEXT NOT NULL,
+         sealed BLOB NOT NULL,
+         PRIMARY KEY (bf_index, study)
+     ) STRICT;
+     INSERT INTO pseudonyms_2 SELECT bf_index, '', target, psn_index, received, source, sealed FROM pseudonyms;
+     DROP TABLE pseudonyms;
+     ALTER TABLE pseudonyms_2 RENAME TO pseudonyms;
+     CREATE INDEX pseudonyms_by_value ON pseudonyms (psn_index, study);
+     CREATE TABLE enrolments_2 (
+         id_index BLOB NOT NULL,
+         study TEXT NOT NULL,
+         bf_index BLOB NOT NULL,
+         status TEXT NOT NULL,
+         updated INTEGER NOT NULL,
+         sealed BLOB NOT NULL,
+         PRIMARY KEY (id_index, study)
+     ) STRICT;
+     INSERT INTO enrolments_2 SELECT id_index, '', bf_index, status, updated, sealed FROM enrolments;
+     DROP TABLE enrolments;
+     ALTER TABLE enrolments_2 RENAME TO enrolments;
+     CREATE TABLE polls_2 (
+         study TEXT PRIMARY KEY,
+         sealed BLOB NOT NULL
+     ) STRICT;
+     INSERT INTO polls_2 SELECT '', sealed FROM polls;
+     DROP TABLE polls;
+     ALTER TABLE polls_2 RENAME TO polls;
+     INSERT INTO meta (key, value) SELECT 'needs_study', 1 WHERE EXISTS (SELECT 1 FROM pseudonyms)
+         OR EXISTS (SELECT 1 FROM enrolments) OR EXISTS (SELECT 1 FROM polls) OR EXISTS (SELECT 1 FROM ledger);",
 ];
 
 /// The schema version this binary writes.

@@ -144,14 +144,15 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
         .map_err(sql(&path, "start the migration"))?;
     (|| {
         tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('key_id', ?1), ('manifest', ?2), ('migrated_from_v1', ?3)",
+            "INSERT INTO meta (key, value) VALUES ('key_id', ?1), ('manifest', ?2), ('migrated_from_v1', ?3), \
+             ('needs_study', 1)",
             params![
                 key.id(),
                 rows::seal_manifest(key, &manifest),
                 serde_json::to_string(&report).unwrap_or_default()
             ],
         )?;
-        let (mut staged, mut poll) = (HashMap::new(), None);
+        let (mut staged, mut poll) = (HashMap::new(), Vec::new());
         for p in &patients {
             put(
                 &tx,
@@ -180,6 +181,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
                 key,
                 &rows::Enrolment {
                     local_id: e.local_id.clone(),
+                    study: String::new(),
                     bf_index: e.bf_index,
                     status: e.status,
                     detail: e.detail.clone(),

@@ -180,7 +180,8 @@ pub struct Store {
     db: Db,
     key: StoreKey,
     ledger: HashMap<String, LedgerEntry>,
-    last_poll: Option<PollRecord>,
+    /// The last poll of each study.
+    polls: BTreeMap<String, PollRecord>,
     /// Local ids erased by `forget` (their tombstones).
     forgotten: BTreeSet<String>,
     manifest: Manifest,
@@ -188,6 +189,8 @@ pub struct Store {
     poisoned: bool,
     /// A migration from v1 done but not yet audited and finished.
     migration: Option<MigrationReport>,
+    /// Rows from before several studies wait for `adopt_legacy`.
+    needs_study: bool,
     /// What the store and the audit log tell each other (`link_audit`).
     audit: Option<AuditLinks>,
 }
@@ -247,7 +250,9 @@ impl Store {
     pub fn open(dir: &Path, mode: LockMode, key: StoreKey) -> Result<Store, StoreError> {
         if mode == LockMode::Read && dir.join(db::FILE).exists() && !v1::present(dir) {
             let db = Db::reader(dir)?;
-            return Store::load(dir, db, key, None);
+            if db.version()? == db::current_version() && !legacy_rows(&db)? {
+                return Store::load(dir, db, key, None);
+            }
         }
         // (A reader of a store not yet created or migrated, or whose
         // migration was interrupted, does that first, as a writer.)
@@ -306,19 +311,137 @@ impl Store {
             Some(_) => read_state(&tx, &key, &path)?,
         };
         tx.commit().map_err(sql(&path, "finish reading"))?;
+        let needs_study = legacy_rows(&db)?;
         Ok(Store {
             dir: dir.to_path_buf(),
             lock,
             db,
             key,
             ledger: held.ledger,
-            last_poll: held.last_poll,
+            polls: held.polls,
             forgotten: held.forgotten,
             manifest: held.manifest,
             poisoned: false,
             migration: None,
+            needs_study,
             audit: None,
         })
+    }
+
+    /// Whether rows from before several studies wait for `adopt_legacy`.
+    pub fn needs_study(&self) -> bool {
+        self.needs_study
+    }
+
+    /// Gives the pseudonyms, enrolments, polls and ledger entries of a store
+    /// from before several studies to `study` (the configured one, or the
+    /// first configured): sealed again with their study, ledger keys
+    /// qualified by it, in one transaction. False if there was nothing to do.
+    pub fn adopt_legacy(&mut self, study: &str) -> Result<bool, StoreError> {
+        if !self.needs_study {
+            return Ok(false);
+        }
+        self.writable()?;
+        let path = self.path();
+        let pseudonyms: Vec<PseudonymRecord> = self
+            .all_pseudonyms()?
+            .into_iter()
+            .filter(|p| p.study.is_empty())
+            .map(|p| PseudonymRecord {
+                study: study.to_string(),
+                ..p
+            })
+            .collect();
+        let enrolments: Vec<rows::Enrolment> = self
+            .all_enrolments()?
+            .into_iter()
+            .filter(|e| e.study.is_empty())
+            .map(|e| rows::Enrolment {
+                study: study.to_string(),
+                ..e
+            })
+            .collect();
+        let polls: Vec<PollRecord> = self
+            .polls
+            .get("")
+            .map(|p| PollRecord {
+                study: study.to_string(),
+                ..p.clone()
+            })
+            .into_iter()
+            .collect();
+        let ledger: Vec<(String, LedgerEntry)> = self
+            .ledger
+            .values()
+            .filter(|e| !e.key.contains('/'))
+            .map(|e| {
+                let moved = LedgerEntry {
+                    key: records::ledger_key(study, &e.key),
+                    ..e.clone()
+                };
+                (e.key.clone(), moved)
+            })
+            .collect();
+        let manifest = self.next_manifest();
+        let tx = self
+            .db
+            .connection_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(&path, "start a write"))?;
+        (|| {
+            tx.execute_batch(
+                "DELETE FROM pseudonyms WHERE study = ''; DELETE FROM enrolments WHERE study = ''; \
+                 DELETE FROM polls WHERE study = ''; DELETE FROM meta WHERE key = 'needs_study';",
+            )?;
+            let (mut staged, mut poll) = (HashMap::new(), Vec::new());
+            for p in pseudonyms {
+                put(
+                    &tx,
+                    &self.key,
+                    &Record::Pseudonym(p),
+                    &HashMap::new(),
+                    &mut staged,
+                    &mut poll,
+                )?;
+            }
+            for e in &enrolments {
+                put_enrolment(&tx, &rows::seal_enrolment(&self.key, e))?;
+            }
+            for p in &polls {
+                put(
+                    &tx,
+                    &self.key,
+                    &Record::Poll(p.clone()),
+                    &HashMap::new(),
+                    &mut staged,
+                    &mut poll,
+                )?;
+            }
+            for (old, e) in &ledger {
+                tx.execute(
+                    "DELETE FROM ledger WHERE key_index = ?1",
+                    [&rows::ledger_index(&self.key, old)[..]],
+                )?;
+                put_ledger(&tx, &self.key, e)?;
+            }
+            tx.execute(
+                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+                [rows::seal_manifest(&self.key, &manifest)],
+            )?;
+            tx.commit()
+        })()
+        .map_err(sql(&path, "give the store's rows their study"))?;
+        self.committed(manifest);
+        for (old, e) in ledger {
+            self.ledger.remove(&old);
+            self.ledger.insert(e.key.clone(), e);
+        }
+        self.polls.remove("");
+        for p in polls {
+            self.polls.insert(p.study.clone(), p);
+        }
+        self.needs_study = false;
+        Ok(true)
     }
 
     /// Follows the audit log's links from now on (`AuditLinks`).
@@ -448,7 +571,7 @@ impl Store {
         }
         let path = self.path();
         let mut staged: HashMap<String, Option<LedgerEntry>> = HashMap::new();
-        let mut poll = None;
+        let mut poll = Vec::new();
         let manifest = self.next_manifest();
         let tx = self
             .db
@@ -476,8 +599,8 @@ impl Store {
                 None => self.ledger.remove(&k),
             };
         }
-        if poll.is_some() {
-            self.last_poll = poll;
+        for p in poll {
+            self.polls.insert(p.study.clone(), p);
         }
         Ok(())
     }
@@ -545,24 +668,25 @@ impl Store {
         &self,
         clause: &str,
         index: &Index,
-        target: &str,
+        study: &str,
     ) -> Result<Option<rows::PseudonymRow>, StoreError> {
         let path = self.path();
         self.db
             .connection()
             .prepare_cached(&format!(
-                "SELECT bf_index, target, psn_index, received, source, sealed FROM pseudonyms \
-                 WHERE {clause} AND target = ?2 LIMIT 1"
+                "SELECT bf_index, study, target, psn_index, received, source, sealed FROM pseudonyms \
+                 WHERE {clause} AND study = ?2 LIMIT 1"
             ))
-            .and_then(|mut s| s.query_row(params![&index[..], target], pseudonym_row).optional())
+            .and_then(|mut s| s.query_row(params![&index[..], study], pseudonym_row).optional())
             .map_err(sql(&path, "read a pseudonym"))
     }
 
-    /// The patient whose pseudonym in `target` is `value`. The sealed
+    /// The patient whose pseudonym in `study` is `value` (a pseudonym of
+    /// another study never leads to her). The sealed
     /// pseudonym found must hold `value`, and the patient it leads to the
     /// filter it was issued for, or the store was altered.
-    pub fn patient_by_pseudonym(&self, target: &str, value: &str) -> Result<Option<PatientRecord>, StoreError> {
-        let Some(row) = self.pseudonym_row("psn_index = ?1", &rows::psn_index(&self.key, value), target)? else {
+    pub fn patient_by_pseudonym(&self, study: &str, value: &str) -> Result<Option<PatientRecord>, StoreError> {
+        let Some(row) = self.pseudonym_row("psn_index = ?1", &rows::psn_index(&self.key, value), study)? else {
             return Ok(None);
         };
         let p = rows::open_pseudonym(&self.key, &row).map_err(tampered(&self.path()))?;
@@ -572,15 +696,16 @@ impl Store {
         self.patient_by_bloomfilter(&p.bloomfilter)
     }
 
-    /// The patient a task names: by pseudonym, else by Bloom filter.
+    /// The patient a task of `study` names: by pseudonym (of that study),
+    /// else by Bloom filter.
     pub fn find_patient(
         &self,
-        target: &str,
+        study: &str,
         pseudonym: Option<&crate::types::Pseudonym>,
         bloomfilter: Option<&BloomFilter>,
     ) -> Result<Option<PatientRecord>, StoreError> {
         if let Some(p) = pseudonym
-            && let Some(found) = self.patient_by_pseudonym(target, &p.value)?
+            && let Some(found) = self.patient_by_pseudonym(study, &p.value)?
         {
             return Ok(Some(found));
         }
@@ -590,8 +715,9 @@ impl Store {
         }
     }
 
-    pub fn pseudonym(&self, bf: &BloomFilter, target: &str) -> Result<Option<PseudonymRecord>, StoreError> {
-        let Some(row) = self.pseudonym_row("bf_index = ?1", &rows::bf_index(&self.key, bf), target)? else {
+    /// The pseudonym issued in `study` for this Bloom filter.
+    pub fn pseudonym(&self, bf: &BloomFilter, study: &str) -> Result<Option<PseudonymRecord>, StoreError> {
+        let Some(row) = self.pseudonym_row("bf_index = ?1", &rows::bf_index(&self.key, bf), study)? else {
             return Ok(None);
         };
         let p = rows::open_pseudonym(&self.key, &row).map_err(tampered(&self.path()))?;
@@ -602,13 +728,13 @@ impl Store {
     }
 
     /// The local patient with this Bloom filter and the pseudonym stored
-    /// for it and `target`.
+    /// for it in `study`.
     pub fn patient_and_pseudonym(
         &self,
         bf: &BloomFilter,
-        target: &str,
+        study: &str,
     ) -> Result<(Option<LocalId>, Option<PseudonymRecord>), StoreError> {
-        Ok((self.local_id_by_bloomfilter(bf)?, self.pseudonym(bf, target)?))
+        Ok((self.local_id_by_bloomfilter(bf)?, self.pseudonym(bf, study)?))
     }
 
     /// Every pseudonym, decrypted (for tests, exports and re-keying).
@@ -619,7 +745,7 @@ impl Store {
             self.db.connection(),
             &path,
             "read the pseudonyms",
-            "SELECT bf_index, target, psn_index, received, source, sealed FROM pseudonyms",
+            "SELECT bf_index, study, target, psn_index, received, source, sealed FROM pseudonyms",
             [],
             pseudonym_row,
             |row| {
@@ -697,12 +823,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Patients with a Bloom filter but no pseudonym for `target`.
-    pub fn without_pseudonym(&self, target: &str) -> Result<Vec<LocalId>, StoreError> {
+    /// Patients with a Bloom filter but no pseudonym in `study`.
+    pub fn without_pseudonym(&self, study: &str) -> Result<Vec<LocalId>, StoreError> {
         self.ids(
             "SELECT id_index, id_sealed FROM patients p WHERE bf_index IS NOT NULL AND NOT EXISTS \
-             (SELECT 1 FROM pseudonyms q WHERE q.bf_index = p.bf_index AND q.target = ?1)",
-            [target],
+             (SELECT 1 FROM pseudonyms q WHERE q.bf_index = p.bf_index AND q.study = ?1)",
+            [study],
         )
     }
 
@@ -716,20 +842,17 @@ impl Store {
         self.ids("SELECT id_index, id_sealed FROM patients", [])
     }
 
-    /// A patient's enrolment, compared with `current`, their filter now.
-    pub fn enrolment(&self, id: &LocalId, current: Option<&BloomFilter>) -> Result<Option<EnrolmentState>, StoreError> {
-        let path = self.path();
-        let row = self
-            .db
-            .connection()
-            .prepare_cached("SELECT id_index, bf_index, status, updated, sealed FROM enrolments WHERE id_index = ?1")
-            .and_then(|mut s| {
-                s.query_row([&rows::id_index(&self.key, id)[..]], enrolment_row)
-                    .optional()
-            })
-            .map_err(sql(&path, "read an enrolment"))?;
-        let Some(row) = row else { return Ok(None) };
-        let e = rows::open_enrolment(&self.key, &row).map_err(tampered(&path))?;
+    /// A patient's enrolment in `study`, compared with `current`, their
+    /// filter now.
+    pub fn enrolment(
+        &self,
+        id: &LocalId,
+        study: &str,
+        current: Option<&BloomFilter>,
+    ) -> Result<Option<EnrolmentState>, StoreError> {
+        let Some(e) = self.enrolment_record(id, study)? else {
+            return Ok(None);
+        };
         Ok(Some(EnrolmentState {
             status: e.status,
             detail: e.detail,
@@ -898,9 +1021,10 @@ impl Store {
         let path = self.path();
         let patients = self.all_patients()?;
         let pseudonyms = self.all_pseudonyms()?;
+        let by_id: HashMap<&str, &PatientRecord> = patients.iter().map(|p| (p.local_id.0.as_str(), p)).collect();
         let mut enrolments = Vec::new();
-        for p in &patients {
-            let Some(e) = self.enrolment_record(&p.local_id)? else {
+        for e in self.all_enrolments()? {
+            let Some(p) = by_id.get(e.local_id.0.as_str()) else {
                 continue;
             };
             // Only the index of the filter sent is kept, which cannot be
@@ -929,7 +1053,7 @@ impl Store {
                  DELETE FROM enrolments; \
                  DELETE FROM tombstones; DELETE FROM polls;",
             )?;
-            let mut ignored = (HashMap::new(), None);
+            let mut ignored = (HashMap::new(), Vec::new());
             for p in patients {
                 put(
                     &tx,
@@ -963,10 +1087,10 @@ impl Store {
                     params![&index[..], sealed],
                 )?;
             }
-            if let Some(p) = &self.last_poll {
+            for p in self.polls.values() {
                 tx.execute(
-                    "INSERT INTO polls (id, sealed) VALUES (1, ?1)",
-                    [rows::seal_poll(&new, p)],
+                    "INSERT INTO polls (study, sealed) VALUES (?1, ?2)",
+                    params![p.study, rows::seal_poll(&new, p)],
                 )?;
             }
             tx.execute("UPDATE meta SET value = ?1 WHERE key = 'key_id'", [new.id()])?;
@@ -984,14 +1108,35 @@ impl Store {
         Ok(())
     }
 
-    fn enrolment_record(&self, id: &LocalId) -> Result<Option<rows::Enrolment>, StoreError> {
+    fn all_enrolments(&self) -> Result<Vec<rows::Enrolment>, StoreError> {
+        let path = self.path();
+        let mut out = Vec::new();
+        for_each_row(
+            self.db.connection(),
+            &path,
+            "read the enrolments",
+            "SELECT id_index, study, bf_index, status, updated, sealed FROM enrolments",
+            [],
+            enrolment_row,
+            |row| {
+                out.push(rows::open_enrolment(&self.key, &row).map_err(tampered(&path))?);
+                Ok(())
+            },
+        )?;
+        Ok(out)
+    }
+
+    fn enrolment_record(&self, id: &LocalId, study: &str) -> Result<Option<rows::Enrolment>, StoreError> {
         let path = self.path();
         let row = self
             .db
             .connection()
-            .prepare_cached("SELECT id_index, bf_index, status, updated, sealed FROM enrolments WHERE id_index = ?1")
+            .prepare_cached(
+                "SELECT id_index, study, bf_index, status, updated, sealed FROM enrolments \
+                 WHERE id_index = ?1 AND study = ?2",
+            )
             .and_then(|mut s| {
-                s.query_row([&rows::id_index(&self.key, id)[..]], enrolment_row)
+                s.query_row(params![&rows::id_index(&self.key, id)[..], study], enrolment_row)
                     .optional()
             })
             .map_err(sql(&path, "read an enrolment"))?;
@@ -1034,15 +1179,25 @@ impl Store {
         self.ledger.values()
     }
 
+    /// The last poll of the study that fares worst: the most failures in a
+    /// row, then the oldest success (what `status` must warn about).
     pub fn last_poll(&self) -> Option<&PollRecord> {
-        self.last_poll.as_ref()
+        self.polls
+            .values()
+            .max_by_key(|p| (p.failures, std::cmp::Reverse(p.last_ok)))
+    }
+
+    /// The last poll of each study.
+    pub fn last_polls(&self) -> &BTreeMap<String, PollRecord> {
+        &self.polls
     }
 }
 
 /// What a store holds in memory, read in the transaction of `Store::load`.
 struct Held {
     ledger: HashMap<String, LedgerEntry>,
-    last_poll: Option<PollRecord>,
+    /// The last poll of each study.
+    polls: BTreeMap<String, PollRecord>,
     forgotten: BTreeSet<String>,
     manifest: Manifest,
 }
@@ -1051,7 +1206,7 @@ impl Default for Held {
     fn default() -> Held {
         Held {
             ledger: HashMap::new(),
-            last_poll: None,
+            polls: BTreeMap::new(),
             forgotten: BTreeSet::new(),
             manifest: Manifest {
                 generation: 0,
@@ -1110,12 +1265,30 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
             Ok(())
         },
     )?;
-    let poll: Option<Vec<u8>> = tx
-        .query_row("SELECT sealed FROM polls WHERE id = 1", [], |r| r.get(0))
-        .optional()
-        .map_err(sql(path, "read the last poll"))?;
-    held.last_poll = poll.map(|p| rows::open_poll(key, &p)).transpose().map_err(&bad)?;
+    for_each_row(
+        tx,
+        path,
+        "read the last polls",
+        "SELECT study, sealed FROM polls",
+        [],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)),
+        |(study, sealed)| {
+            let p = rows::open_poll(key, &study, &sealed).map_err(&bad)?;
+            held.polls.insert(study, p);
+            Ok(())
+        },
+    )?;
     Ok(held)
+}
+
+/// Whether the database holds rows from before several studies.
+fn legacy_rows(db: &Db) -> Result<bool, StoreError> {
+    db.connection()
+        .query_row("SELECT count(*) FROM meta WHERE key = 'needs_study'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|n| n > 0)
+        .map_err(sql(db.path(), "read the store's meta data"))
 }
 
 /// Runs `query` and hands each row, as `map` reads it, to `each` (rows
@@ -1162,11 +1335,12 @@ fn patient_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::PatientRow> {
 fn pseudonym_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::PseudonymRow> {
     Ok(rows::PseudonymRow {
         bf_index: blob_index(r, 0)?,
-        target: r.get(1)?,
-        psn_index: blob_index(r, 2)?,
-        received: r.get(3)?,
-        source: r.get(4)?,
-        sealed: r.get(5)?,
+        study: r.get(1)?,
+        target: r.get(2)?,
+        psn_index: blob_index(r, 3)?,
+        received: r.get(4)?,
+        source: r.get(5)?,
+        sealed: r.get(6)?,
     })
 }
 
@@ -1188,10 +1362,11 @@ fn ledger_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::LedgerRow> {
 fn enrolment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<rows::EnrolmentRow> {
     Ok(rows::EnrolmentRow {
         id_index: blob_index(r, 0)?,
-        bf_index: blob_index(r, 1)?,
-        status: r.get(2)?,
-        updated: r.get(3)?,
-        sealed: r.get(4)?,
+        study: r.get(1)?,
+        bf_index: blob_index(r, 2)?,
+        status: r.get(3)?,
+        updated: r.get(4)?,
+        sealed: r.get(5)?,
     })
 }
 
@@ -1257,10 +1432,12 @@ fn update_ledger(tx: &Transaction<'_>, key: &StoreKey, e: &LedgerEntry) -> rusql
 
 fn put_enrolment(tx: &Transaction<'_>, row: &rows::EnrolmentRow) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT OR REPLACE INTO enrolments (id_index, bf_index, status, updated, sealed) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR REPLACE INTO enrolments (id_index, study, bf_index, status, updated, sealed) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         &row.id_index[..],
+        row.study,
         &row.bf_index[..],
         row.status,
         row.updated,
@@ -1277,7 +1454,7 @@ fn put(
     record: &Record,
     ledger: &HashMap<String, LedgerEntry>,
     staged: &mut HashMap<String, Option<LedgerEntry>>,
-    poll: &mut Option<PollRecord>,
+    poll: &mut Vec<PollRecord>,
 ) -> rusqlite::Result<()> {
     match record {
         Record::Patient(p) => {
@@ -1299,11 +1476,12 @@ fn put(
         Record::Pseudonym(p) => {
             let row = rows::seal_pseudonym(key, p);
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO pseudonyms (bf_index, target, psn_index, received, source, sealed) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO pseudonyms (bf_index, study, target, psn_index, received, source, sealed) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 &row.bf_index[..],
+                row.study,
                 row.target,
                 &row.psn_index[..],
                 row.received,
@@ -1327,9 +1505,9 @@ fn put(
             }
         }
         Record::Poll(p) => {
-            tx.prepare_cached("INSERT OR REPLACE INTO polls (id, sealed) VALUES (1, ?1)")?
-                .execute([rows::seal_poll(key, p)])?;
-            *poll = Some(p.clone());
+            tx.prepare_cached("INSERT OR REPLACE INTO polls (study, sealed) VALUES (?1, ?2)")?
+                .execute(params![p.study, rows::seal_poll(key, p)])?;
+            poll.push(p.clone());
         }
         Record::Purge { key: k } => {
             tx.prepare_cached("DELETE FROM ledger WHERE key_index = ?1")?
@@ -1348,6 +1526,7 @@ fn put(
                 key,
                 &rows::Enrolment {
                     local_id: e.local_id.clone(),
+                    study: e.study.clone(),
                     bf_index: rows::bf_index(key, &e.bloomfilter),
                     status: e.status,
                     detail: e.detail.clone(),

@@ -22,6 +22,10 @@ pub struct PatientRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PseudonymRecord {
     pub bloomfilter: BloomFilter,
+    /// The study it was issued in ("" in a store from before several
+    /// studies, until `Store::adopt_legacy` gives it the configured one).
+    #[serde(default)]
+    pub study: String,
     pub target: String,
     pub pseudonym: Pseudonym,
     pub received: DateTime<Utc>,
@@ -109,6 +113,9 @@ pub struct LedgerEntry {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PollRecord {
+    /// The study polled.
+    #[serde(default)]
+    pub study: String,
     pub at: DateTime<Utc>,
     pub ok: bool,
     pub tasks: usize,
@@ -179,6 +186,9 @@ impl EnrolmentStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EnrolmentRecord {
     pub local_id: LocalId,
+    /// The study the patient was enrolled in.
+    #[serde(default)]
+    pub study: String,
     pub bloomfilter: BloomFilter,
     pub status: EnrolmentStatus,
     /// The error code, for `Error`.
@@ -219,6 +229,20 @@ impl Progress {
         e.last_seen = self.last_seen;
         e.updated = self.updated;
         e.attempts = self.attempts;
+    }
+}
+
+/// The ledger key of a task in a study: the study, a slash, the task's own
+/// key (study names hold no slash). Keys written before several studies
+/// have no study part until `Store::adopt_legacy`.
+pub fn ledger_key(study: &str, task_key: &str) -> String {
+    format!("{study}/{task_key}")
+}
+
+impl LedgerEntry {
+    /// The study the task came from.
+    pub fn study(&self) -> &str {
+        self.key.split_once('/').map_or("", |(study, _)| study)
     }
 }
 
@@ -406,6 +430,7 @@ pub(crate) fn decode_pseudonym(bytes: &[u8], target: &str) -> Option<PseudonymRe
     let source = r.text()??;
     Some(PseudonymRecord {
         bloomfilter,
+        study: String::new(),
         target: target.to_string(),
         pseudonym: Pseudonym { system, value },
         received,
@@ -446,6 +471,7 @@ mod tests {
     fn the_binary_pseudonym_round_trips() {
         for system in [None, Some("https://ths-greifswald.de/gpas".to_string())] {
             let p = PseudonymRecord {
+                study: String::new(),
                 bloomfilter: BloomFilter::from_bytes(vec![9; 125]).unwrap(),
                 target: "dic_müenster".into(),
                 pseudonym: Pseudonym {

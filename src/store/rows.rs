@@ -90,6 +90,16 @@ impl Aad {
     fn int(&mut self, i: i64) -> &mut Aad {
         self.bytes(&i.to_le_bytes())
     }
+
+    /// The study a row belongs to; rows written before several studies
+    /// (study "") were sealed without it and open so.
+    fn study(&mut self, study: &str) -> &mut Aad {
+        if study.is_empty() {
+            self
+        } else {
+            self.bytes(study.as_bytes())
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +172,7 @@ pub fn open_patient(key: &StoreKey, row: &PatientRow) -> Result<PatientRecord, O
 #[derive(Debug, Clone)]
 pub struct PseudonymRow {
     pub bf_index: Index,
+    pub study: String,
     pub target: String,
     pub psn_index: Index,
     pub received: i64,
@@ -169,13 +180,14 @@ pub struct PseudonymRow {
     pub sealed: Vec<u8>,
 }
 
-fn pseudonym_aad(bf: &Index, target: &str, psn: &Index, received: i64, source: &str) -> Vec<u8> {
+fn pseudonym_aad(row: &PseudonymRow) -> Vec<u8> {
     Aad::new("pseudonym")
-        .bytes(bf)
-        .bytes(target.as_bytes())
-        .bytes(psn)
-        .int(received)
-        .bytes(source.as_bytes())
+        .bytes(&row.bf_index)
+        .bytes(row.target.as_bytes())
+        .bytes(&row.psn_index)
+        .int(row.received)
+        .bytes(row.source.as_bytes())
+        .study(&row.study)
         .0
         .clone()
 }
@@ -183,22 +195,23 @@ fn pseudonym_aad(bf: &Index, target: &str, psn: &Index, received: i64, source: &
 pub fn seal_pseudonym(key: &StoreKey, p: &PseudonymRecord) -> PseudonymRow {
     let bf_index = bf_index(key, &p.bloomfilter);
     let psn_index = psn_index(key, &p.pseudonym.value);
-    let received = ms(p.received);
-    let aad = pseudonym_aad(&bf_index, &p.target, &psn_index, received, &p.source);
-    PseudonymRow {
+    let mut row = PseudonymRow {
         bf_index,
         psn_index,
-        received,
-        sealed: key.seal_raw(&aad, &encode_pseudonym(p)),
+        received: ms(p.received),
+        sealed: Vec::new(),
+        study: p.study.clone(),
         target: p.target.clone(),
         source: p.source.clone(),
-    }
+    };
+    row.sealed = key.seal_raw(&pseudonym_aad(&row), &encode_pseudonym(p));
+    row
 }
 
 pub fn open_pseudonym(key: &StoreKey, row: &PseudonymRow) -> Result<PseudonymRecord, OpenError> {
-    let aad = pseudonym_aad(&row.bf_index, &row.target, &row.psn_index, row.received, &row.source);
-    let plain = key.open_raw("pseudonym", &aad, &row.sealed)?;
-    let p = decode_pseudonym(&plain, &row.target).ok_or(OpenError::layout("pseudonym"))?;
+    let plain = key.open_raw("pseudonym", &pseudonym_aad(row), &row.sealed)?;
+    let mut p = decode_pseudonym(&plain, &row.target).ok_or(OpenError::layout("pseudonym"))?;
+    p.study.clone_from(&row.study);
     if bf_index(key, &p.bloomfilter) != row.bf_index || psn_index(key, &p.pseudonym.value) != row.psn_index {
         return Err(OpenError::Mismatch { what: "pseudonym" });
     }
@@ -289,18 +302,20 @@ pub fn open_ledger(key: &StoreKey, row: &LedgerRow, task: Option<&[u8]>) -> Resu
 #[derive(Debug, Clone)]
 pub struct EnrolmentRow {
     pub id_index: Index,
+    pub study: String,
     pub bf_index: Index,
     pub status: String,
     pub updated: i64,
     pub sealed: Vec<u8>,
 }
 
-fn enrolment_aad(id: &Index, bf: &Index, status: &str, updated: i64) -> Vec<u8> {
+fn enrolment_aad(id: &Index, bf: &Index, status: &str, updated: i64, study: &str) -> Vec<u8> {
     Aad::new("enrolment")
         .bytes(id)
         .bytes(bf)
         .bytes(status.as_bytes())
         .int(updated)
+        .study(study)
         .0
         .clone()
 }
@@ -309,6 +324,7 @@ fn enrolment_aad(id: &Index, bf: &Index, status: &str, updated: i64) -> Vec<u8> 
 /// asked is whether a patient's filter is the one sent.
 pub struct Enrolment {
     pub local_id: LocalId,
+    pub study: String,
     pub bf_index: Index,
     pub status: EnrolmentStatus,
     pub detail: Option<String>,
@@ -324,10 +340,11 @@ pub fn seal_enrolment(key: &StoreKey, e: &Enrolment) -> EnrolmentRow {
     plain.text(e.detail.as_deref());
     EnrolmentRow {
         sealed: key.seal_raw(
-            &enrolment_aad(&id_index, &e.bf_index, &status, updated),
+            &enrolment_aad(&id_index, &e.bf_index, &status, updated, &e.study),
             &plain.into_bytes(),
         ),
         id_index,
+        study: e.study.clone(),
         bf_index: e.bf_index,
         status,
         updated,
@@ -336,7 +353,7 @@ pub fn seal_enrolment(key: &StoreKey, e: &Enrolment) -> EnrolmentRow {
 
 pub fn open_enrolment(key: &StoreKey, row: &EnrolmentRow) -> Result<Enrolment, OpenError> {
     let bad = OpenError::layout("enrolment");
-    let aad = enrolment_aad(&row.id_index, &row.bf_index, &row.status, row.updated);
+    let aad = enrolment_aad(&row.id_index, &row.bf_index, &row.status, row.updated, &row.study);
     let plain = key.open_raw("enrolment", &aad, &row.sealed)?;
     let mut r = Reader::new(&plain, 1).ok_or(bad.clone())?;
     let local_id = LocalId(r.text().flatten().ok_or(bad.clone())?);
@@ -349,6 +366,7 @@ pub fn open_enrolment(key: &StoreKey, row: &EnrolmentRow) -> Result<Enrolment, O
     }
     Ok(Enrolment {
         local_id,
+        study: row.study.clone(),
         bf_index: row.bf_index,
         status: enrolment_status(&row.status).ok_or(bad.clone())?,
         detail,
@@ -378,14 +396,20 @@ pub fn open_tombstone(key: &StoreKey, index: &Index, sealed: &[u8]) -> Result<Lo
     Ok(id)
 }
 
+/// The last poll of a study, sealed (the row is keyed by the study).
 pub fn seal_poll(key: &StoreKey, p: &PollRecord) -> Vec<u8> {
     // Serialising our own plain data type cannot fail.
-    key.seal_raw(&Aad::new("poll").0, &serde_json::to_vec(p).unwrap_or_default())
+    key.seal_raw(
+        &Aad::new("poll").study(&p.study).0,
+        &serde_json::to_vec(p).unwrap_or_default(),
+    )
 }
 
-pub fn open_poll(key: &StoreKey, sealed: &[u8]) -> Result<PollRecord, OpenError> {
-    let plain = key.open_raw("poll", &Aad::new("poll").0, sealed)?;
-    serde_json::from_slice(&plain).map_err(|_| OpenError::layout("poll"))
+pub fn open_poll(key: &StoreKey, study: &str, sealed: &[u8]) -> Result<PollRecord, OpenError> {
+    let plain = key.open_raw("poll", &Aad::new("poll").study(study).0, sealed)?;
+    let mut p: PollRecord = serde_json::from_slice(&plain).map_err(|_| OpenError::layout("poll"))?;
+    p.study = study.to_string();
+    Ok(p)
 }
 
 /// What every write seals last: the store's generation (one more per

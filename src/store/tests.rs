@@ -29,6 +29,7 @@ fn patient(id: &str, tag: &[u8]) -> Record {
 fn pseudonym(tag: &[u8], value: &str) -> Record {
     Record::Pseudonym(PseudonymRecord {
         bloomfilter: bf(tag),
+        study: "mii".into(),
         target: "dic_x".into(),
         pseudonym: Pseudonym {
             system: None,
@@ -98,17 +99,17 @@ fn what_is_written_is_there_after_reopening() {
     let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
     assert_eq!(s.generation(), 1);
     assert_eq!(s.patient_count().unwrap(), 2);
-    let found = s.patient_by_pseudonym("dic_x", "PSN-1").unwrap().unwrap();
+    let found = s.patient_by_pseudonym("mii", "PSN-1").unwrap().unwrap();
     assert_eq!(found.local_id, LocalId("1".into()));
     assert_eq!(
-        s.patient_by_pseudonym("dic_y", "PSN-1").unwrap(),
+        s.patient_by_pseudonym("other", "PSN-1").unwrap(),
         None,
         "another target"
     );
     assert_eq!(s.ledger("task:a").unwrap().status, Status::Resolved);
     assert_eq!(s.ledger("task:a").unwrap().attempts, 1);
     assert!(s.ledger("task:b").is_none(), "purged");
-    assert_eq!(s.without_pseudonym("dic_x").unwrap(), vec![LocalId("2".into())]);
+    assert_eq!(s.without_pseudonym("mii").unwrap(), vec![LocalId("2".into())]);
     assert_eq!(s.local_ids().unwrap().len(), 2);
 }
 
@@ -154,6 +155,7 @@ fn nothing_that_names_a_person_is_in_the_files_in_clear() {
     ])
     .unwrap();
     s.put(Record::Poll(PollRecord {
+        study: "mii".into(),
         at: Utc::now(),
         ok: false,
         tasks: 0,
@@ -191,6 +193,7 @@ fn rekey_reencrypts_everything_and_keeps_which_filter_an_enrolment_sent() {
         pseudonym(b"one", "PSN-1"),
         entry("task:a", Status::Pending),
         Record::Enrolment(EnrolmentRecord {
+            study: "mii".into(),
             local_id: LocalId("1".into()),
             bloomfilter: bf(b"one"),
             status: EnrolmentStatus::Clearing,
@@ -199,6 +202,7 @@ fn rekey_reencrypts_everything_and_keeps_which_filter_an_enrolment_sent() {
         }),
         // Patient 2's enrolment sent a filter she no longer has.
         Record::Enrolment(EnrolmentRecord {
+            study: "mii".into(),
             local_id: LocalId("2".into()),
             bloomfilter: bf(b"old"),
             status: EnrolmentStatus::Error,
@@ -218,15 +222,18 @@ fn rekey_reencrypts_everything_and_keeps_which_filter_an_enrolment_sent() {
         Err(StoreError::WrongKey { .. })
     ));
     let s = Store::open(dir.path(), LockMode::Try, StoreKey::from_bytes(&[9; 32])).unwrap();
-    assert_eq!(
-        s.patient_by_pseudonym("dic_x", "PSN-1").unwrap().unwrap().local_id.0,
-        "1"
-    );
+    assert_eq!(s.patient_by_pseudonym("mii", "PSN-1").unwrap().unwrap().local_id.0, "1");
     assert_eq!(s.ledger("task:a").unwrap().status, Status::Pending);
     assert!(s.is_forgotten(&LocalId("3".into())));
-    let e1 = s.enrolment(&LocalId("1".into()), Some(&bf(b"one"))).unwrap().unwrap();
+    let e1 = s
+        .enrolment(&LocalId("1".into()), "mii", Some(&bf(b"one")))
+        .unwrap()
+        .unwrap();
     assert_eq!((e1.status, e1.same_filter), (EnrolmentStatus::Clearing, true));
-    let e2 = s.enrolment(&LocalId("2".into()), Some(&bf(b"two"))).unwrap().unwrap();
+    let e2 = s
+        .enrolment(&LocalId("2".into()), "mii", Some(&bf(b"two")))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (e2.status, e2.same_filter, e2.detail.as_deref()),
         (EnrolmentStatus::Error, false, Some("E1"))
@@ -287,7 +294,7 @@ fn a_backup_taken_beside_a_writer_opens_as_a_store() {
     assert_eq!(restored.patient_count().unwrap(), 1, "the copy is of its moment");
     assert_eq!(
         restored
-            .patient_by_pseudonym("dic_x", "PSN-1")
+            .patient_by_pseudonym("mii", "PSN-1")
             .unwrap()
             .unwrap()
             .local_id

@@ -786,6 +786,8 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
     let report = match open_store(cfg, LockMode::Read) {
         Ok(store) => {
             let mut report = ops::status(&store, heartbeat.as_ref(), &rules);
+            let names: Vec<&str> = cfg.studies.iter().map(|s| s.name.as_str()).collect();
+            report.studies = ops::study_status(&store, &names);
             let head = crate::audit::saved_head(&cfg.audit_path());
             if let Some(d) = store.diverges_from(
                 head.as_ref().and_then(|h| h.store_generation),

@@ -368,6 +368,44 @@ pub struct StatusReport {
     pub open_tasks: usize,
     pub pending: Vec<PendingTask>,
     pub warnings: Vec<String>,
+    /// Each study's last poll and open tasks (the figures above are the
+    /// worst study's poll and all studies' tasks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub studies: Vec<StudyStatus>,
+}
+
+/// One study in `status`.
+#[derive(Debug, Serialize)]
+pub struct StudyStatus {
+    pub study: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_poll: Option<String>,
+    pub last_poll_ok: bool,
+    pub failed_polls_in_a_row: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_successful_poll: Option<String>,
+    pub open_tasks: usize,
+}
+
+/// Each study's line of `status`: its last poll and its open tasks.
+pub fn study_status(store: &Store, studies: &[&str]) -> Vec<StudyStatus> {
+    studies
+        .iter()
+        .map(|name| {
+            let poll = store.last_polls().get(*name);
+            StudyStatus {
+                study: name.to_string(),
+                last_poll: poll.map(|p| ts(p.at)),
+                last_poll_ok: poll.is_some_and(|p| p.ok),
+                failed_polls_in_a_row: poll.map_or(0, |p| p.failures),
+                last_successful_poll: poll.and_then(|p| p.last_ok).map(ts),
+                open_tasks: store
+                    .ledger_entries()
+                    .filter(|e| !e.status.is_terminal() && e.study() == *name)
+                    .count(),
+            }
+        })
+        .collect()
 }
 
 pub struct StatusRules {
@@ -494,6 +532,7 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
         enrolments,
         open_tasks,
         pending,
+        studies: Vec::new(),
         warnings,
     }
 }
@@ -554,6 +593,17 @@ pub fn status_text(r: &StatusReport) -> String {
             "unknown (not a daemon: a systemd timer or cron decides; `systemctl list-timers fttp-agent.timer`)"
         )
     ));
+    if r.studies.len() > 1 {
+        s.push_str("studies:\n");
+        for st in &r.studies {
+            let poll = match (&st.last_poll, st.last_poll_ok) {
+                (None, _) => "never polled".to_string(),
+                (Some(t), true) => format!("last poll {t} ok"),
+                (Some(t), false) => format!("last poll {t} failed, {} in a row", st.failed_polls_in_a_row),
+            };
+            s.push_str(&format!("  {:<18} {poll}; {} open task(s)\n", st.study, st.open_tasks));
+        }
+    }
     s.push_str("tasks by outcome:\n");
     for (k, v) in &r.outcomes {
         s.push_str(&format!("  {k:<18} {v}\n"));

@@ -214,6 +214,19 @@ fn one_studys_key_refused_leaves_the_others_working() {
         .find(|r| r["kind"] == "poll" && r["study"] == "napkon")
         .unwrap();
     assert_eq!(audited["outcome"], "failed");
+    // `status` shows each study's poll.
+    let out = site.run(&["status", "--format", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let studies = json["studies"].as_array().unwrap();
+    assert_eq!(studies.len(), 2);
+    assert_eq!(studies[0]["study"], "mii");
+    assert_eq!(studies[0]["last_poll_ok"], true);
+    assert_eq!(studies[1]["study"], "napkon");
+    assert_eq!(studies[1]["last_poll_ok"], false);
+    assert_eq!(json["last_poll_ok"], false, "the worst study's poll");
+    let out = site.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("napkon") && text.contains("failed, 1 in a row"), "{text}");
     // `check` reports each study.
     let out = site.run(&["check"]);
     let text = String::from_utf8_lossy(&out.stdout);

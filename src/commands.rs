@@ -157,7 +157,17 @@ fn cycle_then(
 /// Metrics and heartbeat; their failure is logged, never fatal.
 fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, last_purge: Option<chrono::DateTime<Utc>>) {
     if let Some(path) = &cfg.log.metrics
-        && let Err(e) = crate::fsutil::write_atomic(path, ops::metrics(store, seconds, ok).as_bytes(), 0o644)
+        && let Err(e) = crate::fsutil::write_atomic(
+            path,
+            ops::metrics(
+                store,
+                &cfg.studies.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+                seconds,
+                ok,
+            )
+            .as_bytes(),
+            0o644,
+        )
     {
         log::warn!("cannot write metrics to {}: {e}", path.display());
     }

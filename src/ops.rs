@@ -640,26 +640,36 @@ pub fn status_text(r: &StatusReport) -> String {
 // ------------------------------------------------------------ metrics
 
 /// Prometheus text exposition for node_exporter's textfile collector.
-pub fn metrics(store: &Store, cycle_seconds: f64, cycle_ok: bool) -> String {
-    let mut by: BTreeMap<(TaskKind, Status, String), usize> = BTreeMap::new();
+pub fn metrics(store: &Store, studies: &[&str], cycle_seconds: f64, cycle_ok: bool) -> String {
+    let mut by: BTreeMap<(String, TaskKind, Status, String), usize> = BTreeMap::new();
+    let mut open: BTreeMap<String, usize> = BTreeMap::new();
     for e in store.ledger_entries() {
-        *by.entry((e.kind, e.status, e.outcome.clone())).or_insert(0) += 1;
+        *by.entry((e.study().to_string(), e.kind, e.status, e.outcome.clone()))
+            .or_insert(0) += 1;
+        if !e.status.is_terminal() {
+            *open.entry(e.study().to_string()).or_insert(0) += 1;
+        }
     }
+    // (Study names are plain: letters, digits, '.', '_', '-'.)
     let mut s = String::new();
-    s.push_str("# HELP fttp_agent_tasks Tasks in the ledger by kind, status and outcome.\n");
+    s.push_str("# HELP fttp_agent_tasks Tasks in the ledger by study, kind, status and outcome.\n");
     s.push_str("# TYPE fttp_agent_tasks gauge\n");
-    for ((k, st, o), n) in &by {
+    for ((study, k, st, o), n) in &by {
         s.push_str(&format!(
-            "fttp_agent_tasks{{kind=\"{}\",status=\"{}\",outcome=\"{}\"}} {n}\n",
+            "fttp_agent_tasks{{study=\"{study}\",kind=\"{}\",status=\"{}\",outcome=\"{}\"}} {n}\n",
             k.as_str(),
             st.as_str(),
             o.replace(['"', '\\', '\n'], "_")
         ));
     }
-    let open: Vec<&LedgerEntry> = store.ledger_entries().filter(|e| !e.status.is_terminal()).collect();
-    s.push_str("# HELP fttp_agent_pending_tasks Tasks not yet resolved, expired or rejected.\n");
+    s.push_str("# HELP fttp_agent_pending_tasks Tasks not yet resolved, expired or rejected, by study.\n");
     s.push_str("# TYPE fttp_agent_pending_tasks gauge\n");
-    s.push_str(&format!("fttp_agent_pending_tasks {}\n", open.len()));
+    for study in studies {
+        s.push_str(&format!(
+            "fttp_agent_pending_tasks{{study=\"{study}\"}} {}\n",
+            open.get(*study).copied().unwrap_or(0)
+        ));
+    }
     // Always written, so that an alert on it never sees an absent series:
     // +Inf when no open task has an expiry (Prometheus reads it; `< 3600`
     // is then false, as it should be).
@@ -674,13 +684,22 @@ pub fn metrics(store: &Store, cycle_seconds: f64, cycle_ok: bool) -> String {
         )),
         None => s.push_str("fttp_agent_seconds_until_soonest_expiry +Inf\n"),
     }
-    if let Some(t) = store.last_poll().and_then(|p| p.last_ok) {
-        s.push_str("# HELP fttp_agent_last_successful_poll_timestamp_seconds Unix time of the last successful poll.\n");
+    let polled: Vec<(&String, DateTime<Utc>)> = store
+        .last_polls()
+        .iter()
+        .filter_map(|(study, p)| Some((study, p.last_ok?)))
+        .collect();
+    if !polled.is_empty() {
+        s.push_str(
+            "# HELP fttp_agent_last_successful_poll_timestamp_seconds Unix time of the last successful poll, by study.\n",
+        );
         s.push_str("# TYPE fttp_agent_last_successful_poll_timestamp_seconds gauge\n");
-        s.push_str(&format!(
-            "fttp_agent_last_successful_poll_timestamp_seconds {}\n",
-            t.timestamp()
-        ));
+        for (study, t) in polled {
+            s.push_str(&format!(
+                "fttp_agent_last_successful_poll_timestamp_seconds{{study=\"{study}\"}} {}\n",
+                t.timestamp()
+            ));
+        }
     }
     s.push_str("# HELP fttp_agent_cycle_duration_seconds Duration of the last cycle.\n");
     s.push_str("# TYPE fttp_agent_cycle_duration_seconds gauge\n");

@@ -394,11 +394,13 @@ fn metrics_are_written_for_the_textfile_collector() {
     assert_eq!(site.cycle().0, 1);
     let text = std::fs::read_to_string(site.dir.path().join("fttp_agent.prom")).unwrap();
     assert!(
-        text.contains("fttp_agent_tasks{kind=\"send_idat\",status=\"resolved\",outcome=\"sent\"} 1"),
+        text.contains("fttp_agent_tasks{study=\"mii\",kind=\"send_idat\",status=\"resolved\",outcome=\"sent\"} 1"),
         "{text}"
     );
-    assert!(text.contains("fttp_agent_tasks{kind=\"send_idat\",status=\"pending\",outcome=\"unknown_patient\"} 1"));
-    assert!(text.contains("fttp_agent_pending_tasks 1\n"));
+    assert!(text.contains(
+        "fttp_agent_tasks{study=\"mii\",kind=\"send_idat\",status=\"pending\",outcome=\"unknown_patient\"} 1"
+    ));
+    assert!(text.contains("fttp_agent_pending_tasks{study=\"mii\"} 1\n"));
     let secs: i64 = text
         .lines()
         .find_map(|l| l.strip_prefix("fttp_agent_seconds_until_soonest_expiry "))
@@ -408,7 +410,7 @@ fn metrics_are_written_for_the_textfile_collector() {
     assert!((5 * 3600 - 120..=5 * 3600).contains(&secs), "{secs}");
     let last: i64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("fttp_agent_last_successful_poll_timestamp_seconds "))
+        .find_map(|l| l.strip_prefix("fttp_agent_last_successful_poll_timestamp_seconds{study=\"mii\"} "))
         .unwrap()
         .parse()
         .unwrap();

@@ -192,6 +192,12 @@ fn one_studys_key_refused_leaves_the_others_working() {
     let napkon = other_sim();
     // Napkon's dispatcher does not know this key.
     with_studies(&site, &[("napkon", "dic_napkon", &napkon, "wrong-key")]);
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        text.replace("[log]\n", "[log]\nmetrics = \"metrics.prom\"\n"),
+    )
+    .unwrap();
     site.sim
         .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_OK", None));
     napkon.add_task(sim::dic_psn_available(&bf(1), "dic_napkon", "napkon_NO", None));
@@ -214,6 +220,21 @@ fn one_studys_key_refused_leaves_the_others_working() {
         .find(|r| r["kind"] == "poll" && r["study"] == "napkon")
         .unwrap();
     assert_eq!(audited["outcome"], "failed");
+    // The metrics carry the study.
+    let metrics = std::fs::read_to_string(site.dir.path().join("metrics.prom")).unwrap();
+    assert!(
+        metrics.contains("fttp_agent_pending_tasks{study=\"napkon\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fttp_agent_last_successful_poll_timestamp_seconds{study=\"mii\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("fttp_agent_last_successful_poll_timestamp_seconds{study=\"napkon\"}"));
+    assert!(
+        metrics.contains("fttp_agent_tasks{study=\"mii\",kind=\"dic_psn_available\""),
+        "{metrics}"
+    );
     // `status` shows each study's poll.
     let out = site.run(&["status", "--format", "json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

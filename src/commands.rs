@@ -1026,7 +1026,10 @@ pub fn demo(format: Format, dir: Option<&Path>) -> Result<u8, AppError> {
                 let codes: Vec<&str> = Idat::from_patient(p).present().iter().map(|e| e.code()).collect();
                 format!(" (Patient with exactly: {})", codes.join(", "))
             }
-            None => String::new(),
+            None => match r.parameters.as_ref().and_then(|p| p.first_string("study")) {
+                Some(study) => format!(" (study {study})"),
+                None => String::new(),
+            },
         };
         println!("  {:<28} HTTP {}{what}", r.operation, r.status);
     }

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub const STUDY: &str = "mii";
 pub const TARGET: &str = "dic_demo";
 pub const API_KEY: &str = "demo-api-key";
+/// The demo's second study, with its own tasks at the same simulator.
+pub const SECOND_STUDY: &str = "napkon";
 
 /// A deterministic, fictional 64-byte "Bloom filter" for sample patient `n`.
 pub fn sample_bloomfilter(n: u32) -> BloomFilter {
@@ -86,6 +88,15 @@ pub fn load_sample_tasks(sim: &Simulator) {
     let mut malformed = sim::send_idat("demo-task-0003", now + Duration::days(1), None, Some(&bf(4)), &[]);
     malformed.part.retain(|p| p.name != "taskId");
     sim.add_task(malformed);
+    // The second study: the same patient 1 gets its own pseudonym there.
+    sim.add_study_task(
+        SECOND_STUDY,
+        sim::dic_psn_available(&bf(1), TARGET, "napkon_DEMO0001", None),
+    );
+    sim.add_study_task(
+        SECOND_STUDY,
+        sim::repeat_request(SECOND_STUDY, &bf(2), TARGET, Some(now + Duration::days(2))),
+    );
 }
 
 pub fn start_simulator() -> std::io::Result<Simulator> {
@@ -105,7 +116,8 @@ pub fn write_config(dir: &Path, url: &str, format: Format) -> std::io::Result<Pa
         "# Written by `fttp-agent demo`.\n\
          [dispatcher]\nurl = \"{url}\"\napi_key = \"{API_KEY}\"\nformat = \"{fmt}\"\ntimeout = \"10s\"\n\
          max_attempts = 2\nretry_delay = \"200ms\"\n\n\
-         [site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n\
+         [[study]]\nname = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n\
+         [[study]]\nname = \"{SECOND_STUDY}\"\ntarget = \"{TARGET}\"\n\n\
          [store]\npath = \"store\"\nkey_file = \"store.key\"\n\n\
          [log]\naudit = \"audit.ndjson\"\n"
     );

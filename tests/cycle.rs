@@ -561,7 +561,9 @@ fn demo_runs_the_whole_job_on_the_embedded_default() {
             "expired          1",
             "rejected         1",
             "sent             1",
-            "stored           3",
+            "stored           5",
+            "$requestTasks                HTTP 200 (study mii)",
+            "$requestTasks                HTTP 200 (study napkon)",
         ] {
             assert!(text.contains(outcome), "{format}: {text}");
         }
@@ -570,7 +572,9 @@ fn demo_runs_the_whole_job_on_the_embedded_default() {
             "{text}"
         );
         let audit = std::fs::read_to_string(dir.path().join("audit.ndjson")).unwrap();
-        assert_eq!(audit.lines().count(), 7);
+        // A poll and its tasks for each of the two studies.
+        assert_eq!(audit.lines().count(), 10);
+        assert_eq!(audit.matches("\"study\":\"napkon\"").count(), 3, "{audit}");
     }
 }
 

@@ -130,6 +130,9 @@ pub struct SimState {
     done: std::collections::HashSet<String, Fx>,
     /// taskIds of the send_idat tasks handed out by the last poll.
     handed_out: std::collections::HashSet<String>,
+    /// Queues of studies with their own tasks (`add_study_task`); every
+    /// other study is handed `tasks`.
+    studies: std::collections::BTreeMap<String, Vec<Parameter>>,
     pub received: Vec<Received>,
     /// Bloom filters (base64) the fTTP already knows, with their pseudonym.
     pub registry: HashMap<String, Identifier, Fx>,
@@ -169,7 +172,11 @@ impl SimState {
     fn settle(&mut self) {
         if !self.done.is_empty() {
             let done = std::mem::take(&mut self.done);
-            self.tasks.retain(|t| identity(t).is_none_or(|id| !done.contains(&id)));
+            let keep = |t: &Parameter| identity(t).is_none_or(|id| !done.contains(&id));
+            self.tasks.retain(keep);
+            for queue in self.studies.values_mut() {
+                queue.retain(keep);
+            }
         }
     }
 
@@ -230,6 +237,13 @@ impl Simulator {
         let mut st = self.state();
         st.settle();
         st.tasks.push(task);
+    }
+
+    /// Queues a task for `study` alone: its polls get its own queue.
+    pub fn add_study_task(&self, study: &str, task: Parameter) {
+        let mut st = self.state();
+        st.settle();
+        st.studies.entry(study.to_string()).or_default().push(task);
     }
 
     pub fn push_fault(&self, operation: Option<&str>, status: u16, diagnostics: &str) {
@@ -635,17 +649,28 @@ fn request_tasks(st: &mut SimState, p: &Parameters, format: Format, options: &Si
     // (dic_psn_available) has no "done" call, so it is handed out on every
     // poll until it expires and the agent recognises the repeats.
     st.settle();
+    // (send_idat tasks of every queue stay answerable.)
     st.handed_out = st
         .tasks
         .iter()
+        .chain(st.studies.values().flatten())
         .filter(|t| t.name == "send_idat")
         .filter_map(|t| task_id_of(t).map(str::to_string))
         .collect();
     // Written from the queue itself: a copy of 100,000 tasks to write
     // from cost the simulator more than writing them.
-    let queue = Parameters::new(std::mem::take(&mut st.tasks));
+    let own = st.studies.contains_key(study);
+    let tasks = match st.studies.get_mut(study) {
+        Some(q) => std::mem::take(q),
+        None => std::mem::take(&mut st.tasks),
+    };
+    let queue = Parameters::new(tasks);
     let body = queue.write(format);
-    st.tasks = queue.parameter;
+    if own {
+        st.studies.insert(study.to_string(), queue.parameter);
+    } else {
+        st.tasks = queue.parameter;
+    }
     (200, Answer::Written(body))
 }
 

@@ -160,7 +160,7 @@ impl Db {
         Db::open_with(path, MIGRATIONS)
     }
 
-    fn open_with(path: &Path, migrations: &[&str]) -> Result<Db, DbError> {
+    pub(super) fn open_with(path: &Path, migrations: &[&str]) -> Result<Db, DbError> {
         let path = path.to_path_buf();
         let err = |what: &'static str| {
             let path = path.clone();

@@ -268,7 +268,7 @@ impl Store {
         // A wrong key or a newer schema is refused by a reader, before a
         // writer could change a byte (closing a writer checkpoints the WAL).
         if dir.join(db::FILE).exists() {
-            Store::load(dir, Db::reader(dir)?, key.clone(), None)?;
+            check_key(&Db::reader(dir)?, &key)?;
         }
         let db = Db::open(dir)?;
         let mut store = Store::load(dir, db, key, Some(lock))?;
@@ -1279,6 +1279,24 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
         },
     )?;
     Ok(held)
+}
+
+/// Refuses a database written under another key (its meta data are the
+/// same in every schema version).
+fn check_key(db: &Db, key: &StoreKey) -> Result<(), StoreError> {
+    let stored: Option<String> = db
+        .connection()
+        .query_row("SELECT value FROM meta WHERE key = 'key_id'", [], |r| r.get(0))
+        .optional()
+        .map_err(sql(db.path(), "read the store key's id"))?;
+    match stored {
+        Some(stored) if stored != key.id() => Err(StoreError::WrongKey {
+            path: db.path().to_path_buf(),
+            stored,
+            given: key.id().to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Whether the database holds rows from before several studies.

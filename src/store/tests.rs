@@ -305,3 +305,86 @@ fn a_backup_taken_beside_a_writer_opens_as_a_store() {
 }
 
 use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn a_one_study_database_is_migrated_and_its_rows_given_to_the_configured_study() {
+    // A store at schema version 1 (before several studies), with a
+    // pseudonym, an enrolment, a poll and a task, as that version wrote them.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = db::Db::open_with(&dir.path().join(db::FILE), &db::MIGRATIONS[..1]).unwrap();
+        let k = key();
+        let c = db.connection();
+        let manifest = Manifest {
+            generation: 1,
+            tombstones: 0,
+            tombstone_digest: rows::tombstone_digest(std::iter::empty()),
+            audit_seq: 0,
+        };
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES ('key_id', ?1), ('manifest', ?2)",
+            params![k.id(), rows::seal_manifest(&k, &manifest)],
+        )
+        .unwrap();
+        let Record::Pseudonym(mut p) = pseudonym(b"one", "PSN-OLD") else {
+            unreachable!()
+        };
+        p.study = String::new();
+        let row = rows::seal_pseudonym(&k, &p);
+        c.execute(
+            "INSERT INTO pseudonyms (bf_index, target, psn_index, sealed, received, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![&row.bf_index[..], row.target, &row.psn_index[..], row.sealed, row.received, row.source],
+        )
+        .unwrap();
+        let Record::Ledger(e) = entry("task:old", Status::Pending) else {
+            unreachable!()
+        };
+        let l = rows::seal_ledger(&k, &e);
+        c.execute(
+            "INSERT INTO ledger (key_index, kind, status, outcome, expires, first_seen, last_seen, updated, attempts, \
+             sealed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                &l.key_index[..],
+                l.kind,
+                l.status,
+                l.outcome,
+                l.expires,
+                l.first_seen,
+                l.last_seen,
+                l.updated,
+                l.attempts,
+                l.sealed
+            ],
+        )
+        .unwrap();
+        let poll = PollRecord {
+            study: String::new(),
+            at: Utc::now(),
+            ok: true,
+            tasks: 1,
+            detail: None,
+            last_ok: Some(Utc::now()),
+            failures: 0,
+        };
+        c.execute(
+            "INSERT INTO polls (id, sealed) VALUES (1, ?1)",
+            [rows::seal_poll(&k, &poll)],
+        )
+        .unwrap();
+    }
+    let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    assert!(s.needs_study(), "schema 2 marks the rows as the study's to be");
+    assert!(s.adopt_legacy("mii").unwrap());
+    assert!(!s.adopt_legacy("mii").unwrap(), "once");
+    drop(s);
+    let s = Store::open(dir.path(), LockMode::Read, key()).unwrap();
+    assert!(!s.needs_study());
+    assert_eq!(
+        s.pseudonym(&bf(b"one"), "mii").unwrap().unwrap().pseudonym.value,
+        "PSN-OLD"
+    );
+    assert!(s.pseudonym(&bf(b"one"), "").unwrap().is_none());
+    assert_eq!(s.ledger("mii/task:old").unwrap().status, Status::Pending);
+    assert!(s.ledger("task:old").is_none());
+    assert!(s.last_polls()["mii"].ok);
+}

@@ -304,3 +304,42 @@ fn a_crash_mid_cycle_with_two_studies_loses_nothing_and_answers_nothing_twice() 
         }
     }
 }
+
+#[test]
+fn enroll_enrols_each_patient_in_each_study_with_its_own_pseudonym() {
+    let site = Site::new("xml");
+    site.import_patients();
+    let napkon = other_sim();
+    with_studies(&site, &[("napkon", "dic_napkon", &napkon, OTHER_KEY)]);
+    let out = site.run(&["enroll"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("enroll (study mii): 3 sent: 3 enrolled"), "{text}");
+    assert!(text.contains("enroll (study napkon): 3 sent: 3 enrolled"), "{text}");
+    for (sim, study) in [(&site.sim, STUDY), (&napkon, "napkon")] {
+        let st = sim.state();
+        let sent = st.received("$requestPsnFromBfWorkflow");
+        assert!(!sent.is_empty());
+        for r in sent {
+            assert_eq!(r.parameters.as_ref().unwrap().first_string("study"), Some(study));
+        }
+    }
+    let store = site.store();
+    let mii = store.pseudonym(&bfv(1), STUDY).unwrap().unwrap().pseudonym.value;
+    let other = store.pseudonym(&bfv(1), "napkon").unwrap().unwrap().pseudonym.value;
+    assert!(mii.starts_with("mii_") && other.starts_with("napkon_"), "{mii} {other}");
+    drop(store);
+    // A second run has nothing left to enrol in either study; --study
+    // narrows it to one, and an unknown one is a usage error.
+    let out = site.run(&["enroll", "--study", "napkon"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("enroll: 0 sent"), "{text}");
+    let out = site.run(&["enroll", "--study", "gecco"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -342,7 +342,6 @@ impl Store {
             return Ok(false);
         }
         self.writable()?;
-        let path = self.path();
         let pseudonyms: Vec<PseudonymRecord> = self
             .all_pseudonyms()?
             .into_iter()
@@ -383,55 +382,31 @@ impl Store {
             })
             .collect();
         let manifest = self.next_manifest();
-        let tx = self
-            .db
-            .connection_mut()
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql(&path, "start a write"))?;
-        (|| {
+        self.transact("give the store's rows their study", manifest, |tx, key| {
             tx.execute_batch(
                 "DELETE FROM pseudonyms WHERE study = ''; DELETE FROM enrolments WHERE study = ''; \
                  DELETE FROM polls WHERE study = ''; DELETE FROM meta WHERE key = 'needs_study';",
             )?;
             let (mut staged, mut poll) = (HashMap::new(), Vec::new());
+            let none = HashMap::new();
             for p in pseudonyms {
-                put(
-                    &tx,
-                    &self.key,
-                    &Record::Pseudonym(p),
-                    &HashMap::new(),
-                    &mut staged,
-                    &mut poll,
-                )?;
+                put(tx, key, &Record::Pseudonym(p), &none, &mut staged, &mut poll)?;
             }
             for e in &enrolments {
-                put_enrolment(&tx, &rows::seal_enrolment(&self.key, e))?;
+                put_enrolment(tx, &rows::seal_enrolment(key, e))?;
             }
             for p in &polls {
-                put(
-                    &tx,
-                    &self.key,
-                    &Record::Poll(p.clone()),
-                    &HashMap::new(),
-                    &mut staged,
-                    &mut poll,
-                )?;
+                put(tx, key, &Record::Poll(p.clone()), &none, &mut staged, &mut poll)?;
             }
             for (old, e) in &ledger {
                 tx.execute(
                     "DELETE FROM ledger WHERE key_index = ?1",
-                    [&rows::ledger_index(&self.key, old)[..]],
+                    [&rows::ledger_index(key, old)[..]],
                 )?;
-                put_ledger(&tx, &self.key, e)?;
+                put_ledger(tx, key, e)?;
             }
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
-                [rows::seal_manifest(&self.key, &manifest)],
-            )?;
-            tx.commit()
-        })()
-        .map_err(sql(&path, "give the store's rows their study"))?;
-        self.committed(manifest);
+            Ok(())
+        })?;
         for (old, e) in ledger {
             self.ledger.remove(&old);
             self.ledger.insert(e.key.clone(), e);
@@ -505,6 +480,39 @@ impl Store {
                 .max(links.durable_seq.load(std::sync::atomic::Ordering::Acquire));
         }
         m
+    }
+
+    /// One write transaction beside `write`'s: `body` with the store key,
+    /// then `manifest` sealed, then the commit (a failed commit ends this
+    /// handle's writes); memory follows only a commit.
+    fn transact<T>(
+        &mut self,
+        what: &'static str,
+        manifest: Manifest,
+        body: impl FnOnce(&Transaction<'_>, &StoreKey) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.writable()?;
+        let path = self.path();
+        let tx = self
+            .db
+            .connection_mut()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql(&path, "start a write"))?;
+        let out = body(&tx, &self.key)
+            .and_then(|out| {
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
+                    [rows::seal_manifest(&self.key, &manifest)],
+                )?;
+                Ok(out)
+            })
+            .map_err(sql(&path, what))?;
+        if let Err(e) = tx.commit() {
+            self.poisoned = true;
+            return Err(sql(&path, what)(e));
+        }
+        self.committed(manifest);
+        Ok(out)
     }
 
     /// A write with `manifest` is on disk.
@@ -914,36 +922,20 @@ impl Store {
     /// after the commit empties the WAL of every copy of them.
     pub fn forget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
         self.writable()?;
-        let path = self.path();
         let mut ids = self.forgotten.clone();
         ids.insert(id.0.clone());
         let manifest = self.manifest_with(&ids);
         let (tombstone, sealed) = rows::seal_tombstone(&self.key, id);
         let index = rows::id_index(&self.key, id);
-        let tx = self
-            .db
-            .connection_mut()
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql(&path, "start a write"))?;
-        let erased = (|| {
+        let erased = self.transact("erase a patient", manifest, |tx, _| {
             tx.execute(
                 "INSERT OR REPLACE INTO tombstones (tombstone_index, sealed) VALUES (?1, ?2)",
                 params![&tombstone[..], sealed],
             )?;
             let erased = tx.execute("DELETE FROM patients WHERE id_index = ?1", [&index[..]])? > 0;
             tx.execute("DELETE FROM enrolments WHERE id_index = ?1", [&index[..]])?;
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
-                [rows::seal_manifest(&self.key, &manifest)],
-            )?;
             Ok(erased)
-        })()
-        .map_err(sql(&path, "erase a patient"))?;
-        if let Err(e) = tx.commit() {
-            self.poisoned = true;
-            return Err(sql(&path, "commit the erasure")(e));
-        }
-        self.committed(manifest);
+        })?;
         self.forgotten = ids;
         self.checkpoint()?;
         if !v1::files(&self.dir).is_empty() || migrate::retired_files(&self.dir).next().is_some() {
@@ -987,28 +979,16 @@ impl Store {
         if !self.forgotten.contains(id.0.as_str()) {
             return Ok(false);
         }
-        let path = self.path();
         let mut ids = self.forgotten.clone();
         ids.remove(id.0.as_str());
         let manifest = self.manifest_with(&ids);
-        let tx = self
-            .db
-            .connection_mut()
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql(&path, "start a write"))?;
-        (|| {
+        self.transact("take back an erasure", manifest, |tx, key| {
             tx.execute(
                 "DELETE FROM tombstones WHERE tombstone_index = ?1",
-                [&rows::tombstone_index(&self.key, id)[..]],
-            )?;
-            tx.execute(
-                "UPDATE meta SET value = ?1 WHERE key = 'manifest'",
-                [rows::seal_manifest(&self.key, &manifest)],
-            )?;
-            tx.commit()
-        })()
-        .map_err(sql(&path, "take back an erasure"))?;
-        self.committed(manifest);
+                [&rows::tombstone_index(key, id)[..]],
+            )
+            .map(drop)
+        })?;
         self.forgotten = ids;
         Ok(true)
     }

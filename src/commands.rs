@@ -895,6 +895,175 @@ pub fn purge(cfg: &Config) -> Result<u8, AppError> {
     Ok(exit::OK)
 }
 
+pub enum PseudonymFormat {
+    Csv,
+    Ndjson,
+    Fhir,
+}
+
+/// What `pseudonyms` exports.
+pub struct PseudonymFilter<'a> {
+    pub study: Option<&'a str>,
+    pub local_id: Option<&'a str>,
+    pub since: Option<&'a str>,
+    pub unmatched: bool,
+}
+
+/// One exported row.
+#[derive(serde::Serialize)]
+struct PseudonymRow {
+    /// The local patient; for `--unmatched`, absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    local_id: Option<String>,
+    /// For `--unmatched`: the fingerprint of the Bloom filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bloomfilter: Option<String>,
+    study: String,
+    target: String,
+    pseudonym_system: String,
+    pseudonym: String,
+    received_at: String,
+    source: String,
+}
+
+/// `pseudonyms`: the pseudonyms received, by local patient, for the
+/// site's data pipeline; audited with the count and the filters used.
+pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymFormat) -> Result<u8, AppError> {
+    let since = filter
+        .since
+        .map(ops::parse_since)
+        .transpose()
+        .map_err(AppError::Usage)?;
+    if let Some(name) = filter.study {
+        cfg.find_study(name).map_err(AppError::Usage)?;
+    }
+    let store = open_store(cfg, LockMode::Read)?;
+    let mut rows = Vec::new();
+    for (p, id) in store.pseudonyms_with_patients()? {
+        if filter.study.is_some_and(|s| p.study != s)
+            || since.is_some_and(|t| p.received < t)
+            || filter.unmatched == id.is_some()
+            || filter
+                .local_id
+                .is_some_and(|want| id.as_ref().is_none_or(|id| id.0 != want))
+        {
+            continue;
+        }
+        // What delivered it: the ledger entry's kind (by its key, in the
+        // study or as written before several studies), or `enroll`.
+        let source = if p.source == "enroll" {
+            "enroll".to_string()
+        } else {
+            store
+                .ledger(&p.source)
+                .or_else(|| store.ledger(&crate::store::records::ledger_key(&p.study, &p.source)))
+                .map_or("unknown".to_string(), |e| e.kind.as_str().to_string())
+        };
+        rows.push(PseudonymRow {
+            bloomfilter: id.is_none().then(|| p.bloomfilter.fingerprint()),
+            local_id: id.map(|id| id.0),
+            study: p.study,
+            target: p.target,
+            pseudonym_system: p.pseudonym.system.unwrap_or_default(),
+            pseudonym: p.pseudonym.value,
+            received_at: ops::ts(p.received),
+            source,
+        });
+    }
+    rows.sort_by(|a, b| (&a.local_id, &a.bloomfilter, &a.study).cmp(&(&b.local_id, &b.bloomfilter, &b.study)));
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let written = match format {
+        PseudonymFormat::Csv => {
+            let mut w = csv::Writer::from_writer(&mut out);
+            let first = if filter.unmatched { "bloomfilter" } else { "local_id" };
+            let header = [
+                first,
+                "study",
+                "target",
+                "pseudonym_system",
+                "pseudonym",
+                "received_at",
+                "source",
+            ];
+            let mut result = w.write_record(header);
+            for r in &rows {
+                let first = r.local_id.as_deref().or(r.bloomfilter.as_deref()).unwrap_or_default();
+                result = result.and_then(|()| {
+                    w.write_record([
+                        first,
+                        &r.study,
+                        &r.target,
+                        &r.pseudonym_system,
+                        &r.pseudonym,
+                        &r.received_at,
+                        &r.source,
+                    ])
+                });
+            }
+            result
+                .and_then(|()| w.flush().map_err(csv::Error::from))
+                .map_err(|e| e.to_string())
+        }
+        PseudonymFormat::Ndjson => rows
+            .iter()
+            .try_for_each(|r| writeln!(out, "{}", serde_json::to_string(r).unwrap_or_default()))
+            .map_err(|e| e.to_string()),
+        PseudonymFormat::Fhir => {
+            use crate::fhir::{Identifier, Parameter, Parameters};
+            let params = Parameters::new(
+                rows.iter()
+                    .map(|r| {
+                        let original = r.local_id.as_deref().or(r.bloomfilter.as_deref()).unwrap_or_default();
+                        let system = (!r.pseudonym_system.is_empty()).then_some(r.pseudonym_system.as_str());
+                        Parameter::with_parts(
+                            "pseudonym",
+                            vec![
+                                Parameter::identifier("original", Identifier::new(None, original)),
+                                Parameter::identifier("target", Identifier::new(None, &r.study)),
+                                Parameter::identifier("pseudonym", Identifier::new(system, &r.pseudonym)),
+                            ],
+                        )
+                    })
+                    .collect(),
+            );
+            writeln!(out, "{}", params.write(Format::Json)).map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = written {
+        return Err(AppError::Other(format!("cannot write the export: {e}")));
+    }
+    drop(out);
+    let mut store = store;
+    let mut audit = open_audit(cfg, &mut store)?;
+    let mut rec = AuditRecord::new("export", "pseudonyms", cfg.study().target.as_str());
+    let mut used = Vec::new();
+    if let Some(s) = filter.study {
+        used.push(format!("study {s}"));
+    }
+    if filter.local_id.is_some() {
+        used.push("one local id".to_string());
+    }
+    if let Some(t) = since {
+        used.push(format!("since {}", ops::ts(t)));
+    }
+    if filter.unmatched {
+        used.push("unmatched".to_string());
+    }
+    rec.detail = Some(format!(
+        "{} row(s) exported; filters: {}",
+        rows.len(),
+        if used.is_empty() {
+            "none".to_string()
+        } else {
+            used.join(", ")
+        }
+    ));
+    audit.write(rec)?;
+    audit.sync()?;
+    Ok(exit::OK)
+}
+
 /// An online copy of the store (see `Store::backup`), audited.
 pub fn backup(cfg: &Config, dest: &Path) -> Result<u8, AppError> {
     let store = open_store(cfg, LockMode::Read)?;

@@ -108,6 +108,25 @@ enum Command {
         #[arg(long)]
         study: Option<String>,
     },
+    /// Export the pseudonyms received, by local patient, for the site's
+    /// data pipeline (CSV, NDJSON, or FHIR Parameters as gPAS $pseudonymize answers)
+    Pseudonyms {
+        /// Only this study's
+        #[arg(long)]
+        study: Option<String>,
+        /// Only this local patient's
+        #[arg(long)]
+        local_id: Option<String>,
+        /// Only those received since T: RFC 3339 time, YYYY-MM-DD, or a duration back (24h, 7d)
+        #[arg(long)]
+        since: Option<String>,
+        /// csv, ndjson or fhir
+        #[arg(long, value_enum, default_value = "csv")]
+        format: PseudonymFormatArg,
+        /// Pseudonyms whose Bloom filter matches no local patient (named by the filter's fingerprint)
+        #[arg(long)]
+        unmatched: bool,
+    },
     /// Show the task ledger
     Tasks {
         /// pending, in_flight, resolved, failed, expired or rejected
@@ -196,6 +215,13 @@ enum AuditCommand {
         #[arg(long)]
         since: Option<String>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PseudonymFormatArg {
+    Csv,
+    Ndjson,
+    Fhir,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -307,6 +333,26 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
                 TasksFormatArg::Fhir => commands::TasksFormat::Fhir,
             };
             commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), study.as_deref(), format)
+        }
+        Command::Pseudonyms {
+            study,
+            local_id,
+            since,
+            format,
+            unmatched,
+        } => {
+            let format = match format {
+                PseudonymFormatArg::Csv => commands::PseudonymFormat::Csv,
+                PseudonymFormatArg::Ndjson => commands::PseudonymFormat::Ndjson,
+                PseudonymFormatArg::Fhir => commands::PseudonymFormat::Fhir,
+            };
+            let filter = commands::PseudonymFilter {
+                study: study.as_deref(),
+                local_id: local_id.as_deref(),
+                since: since.as_deref(),
+                unmatched: *unmatched,
+            };
+            commands::pseudonyms(&load(&cli)?, &filter, format)
         }
         Command::Keygen { path } => commands::keygen(path),
         Command::Audit {

@@ -764,6 +764,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Every pseudonym with the local patient its Bloom filter names, if
+    /// any (the export: `pseudonyms`).
+    pub fn pseudonyms_with_patients(&self) -> Result<Vec<(PseudonymRecord, Option<LocalId>)>, StoreError> {
+        self.all_pseudonyms()?
+            .into_iter()
+            .map(|p| {
+                let id = self.local_id_by_bloomfilter(&p.bloomfilter)?;
+                Ok((p, id))
+            })
+            .collect()
+    }
+
     /// Every patient, decrypted (for tests, exports and re-keying).
     pub fn all_patients(&self) -> Result<Vec<PatientRecord>, StoreError> {
         let path = self.path();

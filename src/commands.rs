@@ -1034,8 +1034,7 @@ pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymF
         return Err(AppError::Other(format!("cannot write the export: {e}")));
     }
     drop(out);
-    let mut store = store;
-    let mut audit = open_audit(cfg, &mut store)?;
+    drop(store);
     let mut rec = AuditRecord::new("export", "pseudonyms", cfg.study().target.as_str());
     let mut used = Vec::new();
     if let Some(s) = filter.study {
@@ -1059,9 +1058,20 @@ pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymF
             used.join(", ")
         }
     ));
+    audit_after_reading(cfg, rec)?;
+    Ok(exit::OK)
+}
+
+/// The audit record of a command that read the store without its lock
+/// (`backup`, `pseudonyms`). The audit log has one writer at a time, the
+/// holder of the store lock: two processes appending would fork its chain.
+/// So the record waits for a running cycle to end; what was read did not.
+fn audit_after_reading(cfg: &Config, rec: AuditRecord) -> Result<(), AppError> {
+    let mut store = open_store(cfg, LockMode::Wait)?;
+    let mut audit = open_audit(cfg, &mut store)?;
     audit.write(rec)?;
     audit.sync()?;
-    Ok(exit::OK)
+    Ok(())
 }
 
 /// An online copy of the store (see `Store::backup`), audited.
@@ -1069,16 +1079,14 @@ pub fn backup(cfg: &Config, dest: &Path) -> Result<u8, AppError> {
     let store = open_store(cfg, LockMode::Read)?;
     let file = store.backup(dest)?;
     drop(store);
-    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
-    let mut rec = AuditRecord::new("store", "backed_up", cfg.study().target.as_str());
-    rec.detail = Some(format!("a copy of the store was written to {}", dest.display()));
-    audit.write(rec)?;
-    audit.sync()?;
     println!(
         "store copied to {} ({} bytes); the store key is not in it: keep a copy of [store] key_file apart",
         file.display(),
         std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0)
     );
+    let mut rec = AuditRecord::new("store", "backed_up", cfg.study().target.as_str());
+    rec.detail = Some(format!("a copy of the store was written to {}", dest.display()));
+    audit_after_reading(cfg, rec)?;
     Ok(exit::OK)
 }
 

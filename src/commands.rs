@@ -361,6 +361,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
         log::warn!("cannot install the SIGHUP handler (log files will not reopen): {e}");
     }
     let clients = StudyClient::for_all(cfg)?;
+    let service = start_service(cfg)?;
     let interval = cfg.schedule.interval.0;
     log::info!(
         "daemon started; polling every {}",
@@ -402,7 +403,89 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
         }
     }
     log::info!("shutting down");
+    if let Some(service) = service {
+        service.stop();
+    }
     Ok(exit::OK)
+}
+
+/// `serve`: the local gPAS service alone, until SIGTERM/SIGINT.
+pub fn serve(cfg: &Config) -> Result<u8, AppError> {
+    let shutdown = Shutdown::install().map_err(|e| AppError::Other(format!("cannot install signal handlers: {e}")))?;
+    let Some(service) = start_service(cfg)? else {
+        return Err(AppError::Usage(format!(
+            "{} has no [serve] section: nothing to serve (config.example.toml shows one)",
+            cfg.path.display()
+        )));
+    };
+    while shutdown.sleep(Duration::from_secs(3600)) {}
+    log::info!("local service stopping");
+    service.stop();
+    Ok(exit::OK)
+}
+
+/// The local service of `[serve]`, started (`None` without the section).
+/// The store is opened once first: a wrong key ends here, not per request.
+fn start_service(cfg: &Config) -> Result<Option<crate::serve::Server>, AppError> {
+    use crate::serve::{Basic, ServeError, Server, Settings, StudyName};
+    use std::sync::Arc;
+    let Some(s) = &cfg.serve else { return Ok(None) };
+    drop(open_store(cfg, LockMode::Read)?);
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::serve::tls::server_config(cert, key, s.client_ca.as_deref()).map_err(ServeError::Tls)?)
+        }
+        _ => None,
+    };
+    let basic = match (&s.basic_user, &s.basic_password) {
+        (Some(user), Some(password)) => Some(Basic::new(user, password.expose()).map_err(ServeError::Tls)?),
+        _ => None,
+    };
+    let settings = Settings {
+        listen: s.addr().map_err(AppError::Usage)?,
+        base_path: s.base_path.clone(),
+        tls,
+        client_cert: s.client_ca.is_some(),
+        basic,
+        allow_depseudonymize: s.allow_depseudonymize,
+        max_values: s.max_originals,
+        max_body: s.max_body_bytes,
+        threads: s.threads,
+        studies: cfg
+            .studies
+            .iter()
+            .map(|st| StudyName {
+                name: st.name.clone(),
+                target: st.target.clone(),
+            })
+            .collect(),
+    };
+    let reader = cfg.clone();
+    let open = Arc::new(move || {
+        let key = reader.store_key().map_err(|e| e.to_string())?;
+        Store::open_lookups(&reader.store.path, key).map_err(|e| e.to_string())
+    });
+    let writer = cfg.clone();
+    let sink = Arc::new(move |records: &[AuditRecord]| audit_batch(&writer, records).map_err(|e| e.to_string()));
+    let server = Server::start(settings, open, sink)?;
+    log::info!("local service listening on {}", server.url());
+    Ok(Some(server))
+}
+
+/// Appends records to the audit log as the holder of the store lock
+/// (taken for that alone: see `Store::audit_turn`).
+fn audit_batch(cfg: &Config, records: &[AuditRecord]) -> Result<(), AppError> {
+    let turn = Store::audit_turn(&cfg.store.path, &cfg.store_key()?)?;
+    let mut audit = Audit::open(&cfg.audit_path(), cfg.audit_chain()?)?;
+    audit
+        .links()
+        .store_generation
+        .fetch_max(turn.generation, std::sync::atomic::Ordering::AcqRel);
+    for rec in records {
+        audit.write(rec.clone())?;
+    }
+    audit.sync()?;
+    Ok(())
 }
 
 /// The interval with up to ±10% jitter (`jitter` in [0, 1)), so that many

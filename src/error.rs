@@ -26,6 +26,8 @@ pub enum AppError {
     Key(#[from] crate::crypto::KeyError),
     #[error(transparent)]
     ClientSetup(#[from] crate::client::ClientSetupError),
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
     #[error("{0}")]
     Usage(String),
     /// Another process is using what this command needs (EX_TEMPFAIL).
@@ -46,6 +48,7 @@ impl AppError {
             AppError::Import(e) => e.exit_code(),
             AppError::Agent(e) => e.exit_code(),
             AppError::Enroll(e) => e.exit_code(),
+            AppError::Serve(e) => e.exit_code(),
             AppError::Busy(_) => exit::LOCKED,
             AppError::Other(_) => exit::IO,
         }

@@ -34,6 +34,7 @@ pub mod privacy;
 pub mod progress;
 pub mod retry;
 pub mod secret_file;
+pub mod serve;
 pub mod shutdown;
 pub mod sim;
 pub mod store;

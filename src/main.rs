@@ -127,6 +127,9 @@ enum Command {
         #[arg(long)]
         unmatched: bool,
     },
+    /// Answer the gPAS operations ($pseudonymize, ...) from the store, as
+    /// configured in [serve], until SIGTERM (`run` serves too when [serve] is set)
+    Serve,
     /// Show the task ledger
     Tasks {
         /// pending, in_flight, resolved, failed, expired or rejected
@@ -334,6 +337,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             };
             commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), study.as_deref(), format)
         }
+        Command::Serve => commands::serve(&load(&cli)?),
         Command::Pseudonyms {
             study,
             local_id,

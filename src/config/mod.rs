@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod bloom;
+mod serve;
 mod values;
 pub use bloom::*;
+pub use serve::Serve;
 pub use values::*;
 
 pub const ENV_CONFIG: &str = "FTTP_AGENT_CONFIG";
@@ -90,6 +92,9 @@ pub struct Config {
     /// `update-bf`). Unset: filters come precomputed with the import.
     #[serde(default)]
     pub bloomfilter: Option<BloomFilterConfig>,
+    /// The local gPAS-compatible service. Unset: none (`serve` refuses).
+    #[serde(default)]
+    pub serve: Option<Serve>,
     /// Problems worth a warning but not a refusal, logged once logging is up.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -624,6 +629,11 @@ impl Config {
         if let Some(b) = self.bloomfilter.as_mut() {
             fix(&mut b.seeds_file);
         }
+        if let Some(s) = self.serve.as_mut() {
+            for p in s.paths_mut().into_iter().flatten() {
+                fix(p);
+            }
+        }
     }
 
     fn apply_env(&mut self) {
@@ -753,6 +763,12 @@ impl Config {
                 path: path.to_path_buf(),
                 message: "[schedule] interval must be between 1s and 31d (tasks expire within days)".into(),
             });
+        }
+        if let Some(serve) = self.serve.as_mut() {
+            serve.validate().map_err(|message| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })?;
         }
         Ok(())
     }
@@ -948,6 +964,10 @@ impl Config {
                     ),
                 ]);
             }
+        }
+        match &self.serve {
+            None => out.push(("serve".into(), "unset (no local service)".into())),
+            Some(s) => out.extend(s.describe()),
         }
         out
     }

@@ -58,7 +58,10 @@ pub fn is_primitive(ty: &str) -> bool {
 
 /// Resource types this agent reads or writes with full fidelity.
 pub fn is_resource_type(ty: &str) -> bool {
-    matches!(ty, "Parameters" | "Patient" | "OperationOutcome" | "Bundle" | "Task")
+    matches!(
+        ty,
+        "Parameters" | "Patient" | "OperationOutcome" | "Bundle" | "Task" | "CapabilityStatement"
+    )
 }
 
 const PARAMETERS: &[Def] = &[
@@ -381,6 +384,85 @@ const TASK_PARAMETER: &[Def] = &[
     one("value[x]", "*"),
 ];
 
+/// What the local service tells clients it offers (`GET metadata`).
+const CAPABILITY_STATEMENT: &[Def] = &[
+    one("id", "id"),
+    one("meta", "Meta"),
+    one("implicitRules", "uri"),
+    one("language", "code"),
+    one("text", "Narrative"),
+    many("contained", RESOURCE),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("url", "uri"),
+    one("version", "string"),
+    one("name", "string"),
+    one("title", "string"),
+    one("status", "code"),
+    one("experimental", "boolean"),
+    one("date", "dateTime"),
+    one("publisher", "string"),
+    many("contact", UNKNOWN),
+    one("description", "markdown"),
+    many("useContext", UNKNOWN),
+    many("jurisdiction", "CodeableConcept"),
+    one("purpose", "markdown"),
+    one("copyright", "markdown"),
+    one("kind", "code"),
+    many("instantiates", "canonical"),
+    many("imports", "canonical"),
+    one("software", "CapabilityStatementSoftware"),
+    one("implementation", "CapabilityStatementImplementation"),
+    one("fhirVersion", "code"),
+    many("format", "code"),
+    many("patchFormat", "code"),
+    many("implementationGuide", "canonical"),
+    many("rest", "CapabilityStatementRest"),
+    many("messaging", UNKNOWN),
+    many("document", UNKNOWN),
+];
+
+const CAPABILITY_STATEMENT_SOFTWARE: &[Def] = &[
+    one("id", "string"),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("name", "string"),
+    one("version", "string"),
+    one("releaseDate", "dateTime"),
+];
+
+const CAPABILITY_STATEMENT_IMPLEMENTATION: &[Def] = &[
+    one("id", "string"),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("description", "string"),
+    one("url", "url"),
+    one("custodian", "Reference"),
+];
+
+const CAPABILITY_STATEMENT_REST: &[Def] = &[
+    one("id", "string"),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("mode", "code"),
+    one("documentation", "markdown"),
+    one("security", UNKNOWN),
+    many("resource", UNKNOWN),
+    many("interaction", UNKNOWN),
+    many("searchParam", UNKNOWN),
+    many("operation", "CapabilityStatementRestOperation"),
+    many("compartment", "canonical"),
+];
+
+const CAPABILITY_STATEMENT_REST_OPERATION: &[Def] = &[
+    one("id", "string"),
+    many("extension", "Extension"),
+    many("modifierExtension", "Extension"),
+    one("name", "string"),
+    one("definition", "canonical"),
+    one("documentation", "markdown"),
+];
+
 /// A bare element: what a primitive may contain besides its value.
 const ELEMENT: &[Def] = &[one("id", "string"), many("extension", "Extension")];
 
@@ -396,6 +478,11 @@ pub fn defs(ty: &str) -> Option<&'static [Def]> {
         "PatientCommunication" => PATIENT_COMMUNICATION,
         "OperationOutcome" => OPERATION_OUTCOME,
         "OperationOutcomeIssue" => OPERATION_OUTCOME_ISSUE,
+        "CapabilityStatement" => CAPABILITY_STATEMENT,
+        "CapabilityStatementSoftware" => CAPABILITY_STATEMENT_SOFTWARE,
+        "CapabilityStatementImplementation" => CAPABILITY_STATEMENT_IMPLEMENTATION,
+        "CapabilityStatementRest" => CAPABILITY_STATEMENT_REST,
+        "CapabilityStatementRestOperation" => CAPABILITY_STATEMENT_REST_OPERATION,
         "Bundle" => BUNDLE,
         "BundleLink" => BUNDLE_LINK,
         "BundleEntry" => BUNDLE_ENTRY,

@@ -278,10 +278,33 @@ impl Store {
         Ok(store)
     }
 
+    /// A reader for lookups by local id or pseudonym alone (the local
+    /// service): like `open` with `LockMode::Read`, without reading the
+    /// task ledger into memory, which such a reader never consults.
+    pub fn open_lookups(dir: &Path, key: StoreKey) -> Result<Store, StoreError> {
+        if dir.join(db::FILE).exists() && !v1::present(dir) {
+            let db = Db::reader(dir)?;
+            if db.version()? == db::current_version() && !legacy_rows(&db)? {
+                return Store::load_with(dir, db, key, None, false);
+            }
+        }
+        Store::open(dir, LockMode::Read, key)
+    }
+
+    fn load(dir: &Path, db: Db, key: StoreKey, lock: Option<File>) -> Result<Store, StoreError> {
+        Store::load_with(dir, db, key, lock, true)
+    }
+
     /// Reads what is held in memory, in one read transaction (a reader sees
     /// one committed write, never part of one). A new database gets its key
     /// and first manifest here.
-    fn load(dir: &Path, mut db: Db, key: StoreKey, lock: Option<File>) -> Result<Store, StoreError> {
+    fn load_with(
+        dir: &Path,
+        mut db: Db,
+        key: StoreKey,
+        lock: Option<File>,
+        with_ledger: bool,
+    ) -> Result<Store, StoreError> {
         let path = db.path().to_path_buf();
         let tx = db.connection_mut().transaction().map_err(sql(&path, "start reading"))?;
         let stored: Option<String> = tx
@@ -308,7 +331,7 @@ impl Store {
                     given: key.id().to_string(),
                 });
             }
-            Some(_) => read_state(&tx, &key, &path)?,
+            Some(_) => read_state(&tx, &key, &path, with_ledger)?,
         };
         tx.commit().map_err(sql(&path, "finish reading"))?;
         let needs_study = legacy_rows(&db)?;
@@ -1210,7 +1233,7 @@ impl Default for Held {
     }
 }
 
-fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held, StoreError> {
+fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path, with_ledger: bool) -> Result<Held, StoreError> {
     let mut held = Held::default();
     let bad = tampered(path);
     let manifest: Option<Vec<u8>> = tx
@@ -1243,6 +1266,9 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path) -> Result<Held,
         }));
     }
 
+    if !with_ledger {
+        return Ok(held);
+    }
     for_each_row(
         tx,
         path,
@@ -1547,6 +1573,37 @@ fn put(
         }
     }
     Ok(())
+}
+
+/// The store lock, taken to append to the audit log alone (the log has
+/// one writer at a time, the lock's holder), with the store's generation
+/// for the log's saved head. Cheaper than opening the store as a writer:
+/// nothing but the manifest is read.
+pub struct AuditTurn {
+    _lock: File,
+    pub generation: u64,
+}
+
+impl Store {
+    /// Waits for the store lock (a running cycle ends first).
+    pub fn audit_turn(dir: &Path, key: &StoreKey) -> Result<AuditTurn, StoreError> {
+        let lock = acquire_lock(dir, LockMode::Wait)?;
+        let db = Db::reader(dir)?;
+        let path = db.path().to_path_buf();
+        let sealed: Option<Vec<u8>> = db
+            .connection()
+            .query_row("SELECT value FROM meta WHERE key = 'manifest'", [], |r| r.get(0))
+            .optional()
+            .map_err(sql(&path, "read the manifest"))?;
+        let generation = match sealed {
+            Some(m) => rows::open_manifest(key, &m).map_err(tampered(&path))?.generation,
+            None => 0,
+        };
+        Ok(AuditTurn {
+            _lock: lock,
+            generation,
+        })
+    }
 }
 
 /// Whether an agent holds the store's write lock now (`Some`, with its pid

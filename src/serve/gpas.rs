@@ -317,7 +317,7 @@ mod tests {
             refused(&p(
                 r#"{"name":"target","valueString":"mii"},{"name":"SECRET","valueString":"x"}"#
             ))
-            .contains("does not define")
+            .contains("not one this operation defines")
         );
         assert!(refused(&p(r#"{"name":"target","valueString":"mii"},{"name":"target","valueString":"SECRET"},{"name":"original","valueString":"x"}"#)).contains("more than one"));
         let four = p(

@@ -11,6 +11,9 @@
 //!    normalisation of `config.example.toml`.
 //! 5. Peak memory of one poll (`run --once --dry-run`) for a real 100k-task
 //!    answer and for hostile answers, next to the answer's size.
+//! 6. The local gPAS service (`serve`, release binary) on a 1M-patient
+//!    store: latency of `$pseudonymize` with 1,000 originals, and requests
+//!    per second from several clients.
 
 use chrono::{Duration, Utc};
 use fttp_agent::crypto::StoreKey;
@@ -444,6 +447,136 @@ fn store_section(n: u32, import_rows: u32) {
     println!("cycle of 1,000 tasks on this store: {wall:.2} s, peak RSS {rss:.0} MB (exit {code})");
 }
 
+/// Starts the release binary's `serve` on `config` and returns it with
+/// its base URL (read from its log on stderr).
+fn start_service(config: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some((_, url)) = line.split_once("local service listening on ") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+    (child, url)
+}
+
+fn serve_section(n: u32, seconds: u64) {
+    println!("\n## 6. Local gPAS service on a store with {n} patients\n");
+    let dir = bench_dir("serve");
+    StoreKey::generate(&dir.join("store.key")).unwrap();
+    let with_psn = n / 10;
+    {
+        let key = StoreKey::load(&dir.join("store.key")).unwrap();
+        let mut store = Store::open(&dir.join("store"), LockMode::Try, key).unwrap();
+        let csv = dir.join("patients.csv");
+        patients_csv(&csv, 0..n);
+        fttp_agent::import::import_file(&mut store, &csv, None).unwrap();
+        let mut batch = Vec::new();
+        for i in 0..with_psn {
+            batch.push(Record::Pseudonym(PseudonymRecord {
+                study: STUDY.into(),
+                bloomfilter: sample_bloomfilter(i),
+                target: TARGET.into(),
+                pseudonym: Pseudonym {
+                    system: Some(sim::GPAS.into()),
+                    value: format!("mii_{i:08}"),
+                },
+                received: Utc::now(),
+                source: "bench".into(),
+            }));
+            if batch.len() == 10_000 {
+                store.write(std::mem::take(&mut batch)).unwrap();
+            }
+        }
+        store.write(batch).unwrap();
+    }
+    let config = write_config(&dir, "http://127.0.0.1:9", 100);
+    std::fs::write(dir.join("serve.pw"), "bench-password").unwrap();
+    let mut perms = std::fs::metadata(dir.join("serve.pw")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    std::fs::set_permissions(dir.join("serve.pw"), perms).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "\n[serve]\nlisten = \"127.0.0.1:0\"\nbasic_user = \"bench\"\nbasic_password_file = \"serve.pw\"\n";
+    std::fs::write(&config, text).unwrap();
+    let (mut child, url) = start_service(&config);
+    let auth = {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("bench:bench-password")
+        )
+    };
+    let body = |ids: &mut dyn Iterator<Item = u32>| {
+        let mut p = vec![Parameter::string("target", STUDY)];
+        p.extend(ids.map(|i| Parameter::string("original", &format!("p{i}"))));
+        Parameters::new(p).to_json()
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let post = |agent: &ureq::Agent, body: &str| {
+        let mut resp = agent
+            .post(&format!("{url}/$pseudonymize"))
+            .header("Content-Type", "application/fhir+json")
+            .header("Authorization", &auth)
+            .send(body)
+            .unwrap();
+        resp.body_mut().read_to_string().unwrap()
+    };
+    // Latency: 1,000 originals a request, all known, spread over the store.
+    let mut times = Vec::new();
+    for r in 0..30u32 {
+        let b = body(&mut (0..1_000u32).map(|i| (i * 7919 + r * 104_729) % with_psn));
+        let start = Instant::now();
+        let answer = post(&agent, &b);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(answer.matches("\"name\":\"pseudonym\",\"part\"").count(), 1_000);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "$pseudonymize, 1,000 originals (all found): median {:.1} ms, 95th percentile {:.1} ms, max {:.1} ms (30 requests)",
+        times[times.len() / 2],
+        times[times.len() * 95 / 100],
+        times[times.len() - 1]
+    );
+    // Throughput: clients on keep-alive connections, one original each.
+    for (clients, per_request) in [(4u32, 1u32), (4, 10)] {
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let until = Instant::now() + std::time::Duration::from_secs(seconds);
+        std::thread::scope(|scope| {
+            for c in 0..clients {
+                let (done, body, post) = (&done, &body, &post);
+                scope.spawn(move || {
+                    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+                    let mut k = c;
+                    while Instant::now() < until {
+                        k = k.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                        let b = body(&mut (0..per_request).map(|j| (k + j) % n));
+                        post(&agent, &b);
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let total = done.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "{clients} clients, {per_request} original(s) a request: {:.0} requests/s",
+            total as f64 / seconds as f64
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Invented IDAT with the characters real names bring: umlauts, titles,
 /// hyphens, lower case.
 fn sample_idat(n: u32) -> fttp_agent::fhir::idat::Idat {
@@ -628,7 +761,7 @@ fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // BENCH_ONLY=parse|cycle|memory|store|bloom runs one section.
+    // BENCH_ONLY=parse|cycle|memory|store|bloom|serve runs one section.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only == s;
     if run("parse") {
@@ -651,6 +784,9 @@ fn main() {
     }
     if run("bloom") {
         bloom_section(if quick { 50_000 } else { 200_000 });
+    }
+    if run("serve") {
+        serve_section(if quick { 100_000 } else { 1_000_000 }, if quick { 2 } else { 5 });
     }
     if run("store") {
         if quick {

@@ -618,6 +618,33 @@ fn the_example_config_is_valid() {
     assert_eq!(fields, ["JUERGENMASS", "MUELLER", "19200105", "f"]);
     assert_eq!(encoder.encoder().bits(), 1000);
     assert!(encoder.encode(&idat).is_ok());
+    // Its [serve] section, uncommented, is valid too.
+    assert!(cfg.serve.is_none());
+    let password = dir.path().join("serve.password");
+    common::write_private(&password, "pw\n");
+    let serve: String = example
+        .lines()
+        .skip_while(|l| *l != "# [serve]")
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.strip_prefix("# "))
+        .filter(|l| l.starts_with('[') || l.contains(" = "))
+        // (Certificates are tested in tests/serve.rs.)
+        .filter(|l| !l.starts_with("tls_") && !l.starts_with("client_ca"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(serve.contains("basic_user"), "{serve}");
+    let with_serve = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\n[bloomfilter]", &format!("\n{serve}\n[bloomfilter]"))
+        .replace("/etc/fttp-agent/serve.password", password.to_str().unwrap());
+    std::fs::write(&path, with_serve).unwrap();
+    let cfg = fttp_agent::config::Config::load(&path).unwrap();
+    let serve = cfg.serve.unwrap();
+    assert_eq!(
+        (serve.listen.as_str(), serve.base_path.as_str()),
+        ("127.0.0.1:8686", "/ttp-fhir/fhir/gpas")
+    );
+    assert_eq!((serve.max_originals, serve.threads), (10_000, 8));
 }
 
 #[test]

@@ -509,6 +509,14 @@ pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {
     for (k, v) in cfg.describe() {
         println!("  {k:<30} {v}");
     }
+    if let Some(serve) = &cfg.serve
+        && let (Some(cert), Some(key)) = (&serve.tls_cert, &serve.tls_key)
+    {
+        // (The rest of [serve] was checked with the configuration.)
+        crate::serve::tls::server_config(cert, key, serve.client_ca.as_deref())
+            .map_err(crate::serve::ServeError::Tls)?;
+        println!("local service TLS: ok (certificate and key load)");
+    }
     if offline {
         return check_offline(cfg);
     }

@@ -490,6 +490,11 @@ fn tls_with_client_certificates_names_the_client_and_refuses_others() {
         &site,
         "tls_cert = \"serve.crt\"\ntls_key = \"serve.key\"\nclient_ca = \"clients.pem\"",
     );
+    let out = site.run(&["check", "--offline"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("local service TLS: ok"),
+        "{out:?}"
+    );
     let service = start(&site, &["serve"]);
     assert!(service.url.starts_with("https://127.0.0.1:"), "{}", service.url);
     let url = format!("{}/$pseudonymize", service.url.replace("127.0.0.1", "localhost"));
@@ -691,6 +696,22 @@ fn a_service_reachable_from_other_hosts_needs_tls_and_any_service_needs_authenti
     let out = site.run(&["serve"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs authentication"));
+    // A certificate that does not load: `check` and `serve` say which.
+    std::fs::write(site.dir.path().join("serve.crt"), "not a certificate").unwrap();
+    write_private(site.dir.path().join("serve.key"), "not a key");
+    std::fs::write(
+        &site.config,
+        format!(
+            "{original}\n[serve]\nlisten = \"127.0.0.1:0\"\ntls_cert = \"serve.crt\"\ntls_key = \"serve.key\"\n{}\n",
+            basic_section()
+        ),
+    )
+    .unwrap();
+    for cmd in [&["check", "--offline"][..], &["serve"][..]] {
+        let out = site.run(cmd);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("tls_cert"), "{out:?}");
+    }
     // Without [serve], `serve` says what is missing.
     std::fs::write(&site.config, &original).unwrap();
     let out = site.run(&["serve"]);

@@ -175,6 +175,7 @@ fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, last_purge: 
         pid: std::process::id(),
         cycle_end: Utc::now(),
         cycle_ok: Some(ok),
+        cycle_seconds: Some(seconds),
         last_success: store.last_poll().and_then(|p| p.last_ok),
         next_poll: None,
         soonest_expiry: ops::soonest_open_expiry(store),
@@ -269,6 +270,7 @@ pub fn selected(cfg: &Config, study: Option<&str>) -> Result<Config, AppError> {
 }
 
 pub fn run_once(cfg: &Config, dry_run: bool, study: Option<&str>) -> Result<u8, AppError> {
+    let full = cfg;
     let cfg = &selected(cfg, study)?;
     let clients = StudyClient::for_all(cfg)?;
     if dry_run {
@@ -294,6 +296,7 @@ pub fn run_once(cfg: &Config, dry_run: bool, study: Option<&str>) -> Result<u8, 
     // took about half a second. (Every write is durable before this point.)
     let report = cycle_then(cfg, &clients, None, Store::close_and_exit_soon)?;
     let code = report_exit(&report);
+    write_report_file(full);
     std::mem::forget(report);
     Ok(code)
 }
@@ -398,6 +401,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
                 log::warn!("cannot write the heartbeat: {e}");
             }
         }
+        write_report_file(cfg);
         if !shutdown.sleep(next) {
             break;
         }
@@ -459,6 +463,9 @@ fn start_service(cfg: &Config) -> Result<Option<crate::serve::Server>, AppError>
                 target: st.target.clone(),
             })
             .collect(),
+        views: Some(Arc::new(ConfigViews(cfg.clone()))),
+        status_page: s.status_page,
+        health_public: s.health_public,
     };
     let reader = cfg.clone();
     let open = Arc::new(move || {
@@ -470,6 +477,32 @@ fn start_service(cfg: &Config) -> Result<Option<crate::serve::Server>, AppError>
     let server = Server::start(settings, open, sink)?;
     log::info!("local service listening on {}", server.url());
     Ok(Some(server))
+}
+
+/// The operators' views of the local service, from this configuration.
+struct ConfigViews(Config);
+
+impl crate::serve::Views for ConfigViews {
+    fn page(&self) -> String {
+        status_page(&self.0)
+    }
+
+    fn health(&self) -> ops::Health {
+        status_report(&self.0, false).map_or(ops::Health::Critical, |r| r.health)
+    }
+
+    fn metrics(&self) -> Result<String, String> {
+        let cfg = &self.0;
+        let store = open_store(cfg, LockMode::Read).map_err(|e| e.to_string())?;
+        let heartbeat = ops::read_heartbeat(&cfg.store.path);
+        let names: Vec<&str> = cfg.studies.iter().map(|s| s.name.as_str()).collect();
+        Ok(ops::metrics(
+            &store,
+            &names,
+            heartbeat.as_ref().and_then(|h| h.cycle_seconds).unwrap_or(0.0),
+            heartbeat.as_ref().and_then(|h| h.cycle_ok).unwrap_or(false),
+        ))
+    }
 }
 
 /// Appends records to the audit log as the holder of the store lock
@@ -872,47 +905,55 @@ pub fn tasks(
 
 /// Health for people and for monitoring (Nagios/Icinga, systemd):
 /// exit 0 ok, 1 warning, 2 critical.
-pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
+/// What `status` reports on an open store (also the page's and `/health`'s).
+fn status_of(cfg: &Config, store: &Store, heartbeat: Option<&ops::Heartbeat>, all: bool) -> ops::StatusReport {
     let rules = ops::StatusRules {
         stale_after: cfg.schedule.stale_after(),
         list_at_most: (!all).then_some(20),
         warn_before: cfg.schedule.warn_before.0,
         critical_failed_polls: cfg.schedule.critical_failed_polls,
     };
+    let mut report = ops::status(store, heartbeat, &rules);
+    let names: Vec<&str> = cfg.studies.iter().map(|s| s.name.as_str()).collect();
+    report.studies = ops::study_status(store, &names);
+    let head = crate::audit::saved_head(&cfg.audit_path());
+    if let Some(d) = store.diverges_from(
+        head.as_ref().and_then(|h| h.store_generation),
+        head.as_ref().and_then(|h| h.seq),
+    ) {
+        report.health = report.health.max(ops::Health::Critical);
+        report.warnings.insert(
+            0,
+            format!("{d}: the agent refuses to run until it is resolved (--accept-restore)"),
+        );
+    }
+    if let Some(pid) = crate::store::writer(&cfg.store.path) {
+        report.warnings.insert(
+            0,
+            format!(
+                "a cycle is running{}: figures as of its last committed write",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+        );
+    }
+    report
+}
+
+/// The status report, or the critical message of a store that cannot be
+/// read. Never waits for a running cycle (monitoring wants an answer within
+/// seconds): a reader sees its last committed write.
+fn status_report(cfg: &Config, all: bool) -> Result<ops::StatusReport, String> {
     let heartbeat = ops::read_heartbeat(&cfg.store.path);
-    // Never wait for a running cycle (monitoring wants an answer within
-    // seconds), and a store that cannot be read is critical, said so.
-    // (A reader: never waits for a running cycle, and sees its last
-    // committed write.)
-    let report = match open_store(cfg, LockMode::Read) {
-        Ok(store) => {
-            let mut report = ops::status(&store, heartbeat.as_ref(), &rules);
-            let names: Vec<&str> = cfg.studies.iter().map(|s| s.name.as_str()).collect();
-            report.studies = ops::study_status(&store, &names);
-            let head = crate::audit::saved_head(&cfg.audit_path());
-            if let Some(d) = store.diverges_from(
-                head.as_ref().and_then(|h| h.store_generation),
-                head.as_ref().and_then(|h| h.seq),
-            ) {
-                report.health = report.health.max(ops::Health::Critical);
-                report.warnings.insert(
-                    0,
-                    format!("{d}: the agent refuses to run until it is resolved (--accept-restore)"),
-                );
-            }
-            if let Some(pid) = crate::store::writer(&cfg.store.path) {
-                report.warnings.insert(
-                    0,
-                    format!(
-                        "a cycle is running{}: figures as of its last committed write",
-                        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-                    ),
-                );
-            }
-            report
-        }
-        Err(e) => {
-            let message = format!("CRITICAL: cannot read the store: {e}");
+    match open_store(cfg, LockMode::Read) {
+        Ok(store) => Ok(status_of(cfg, &store, heartbeat.as_ref(), all)),
+        Err(e) => Err(format!("CRITICAL: cannot read the store: {e}")),
+    }
+}
+
+pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
+    let report = match status_report(cfg, all) {
+        Ok(report) => report,
+        Err(message) => {
             if json {
                 println!("{}", serde_json::json!({"health": "critical", "warnings": [message]}));
             } else {
@@ -927,6 +968,60 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
         print!("{}", ops::status_text(&report));
     }
     Ok(report.health.exit_code())
+}
+
+/// The status page (`report --html`, `GET /`): gathered from a reader of
+/// the store, the status report and the audit log.
+pub fn status_page(cfg: &Config) -> String {
+    let heartbeat = ops::read_heartbeat(&cfg.store.path);
+    let opened = open_store(cfg, LockMode::Read).map_err(|e| e.to_string());
+    let report = opened
+        .as_ref()
+        .ok()
+        .map(|store| status_of(cfg, store, heartbeat.as_ref(), true));
+    let (files, compressed) = crate::audit::rotated_files(&cfg.audit_path());
+    let chain = cfg
+        .log
+        .audit_hmac_key_file
+        .as_ref()
+        .map(|_| cfg.audit_chain())
+        .transpose();
+    let studies: Vec<(String, String)> = cfg.studies.iter().map(|s| (s.name.clone(), s.target.clone())).collect();
+    let (chain, chain_error) = match chain {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let mut page = crate::page::gather(&crate::page::Sources {
+        store: opened.as_ref().map_err(Clone::clone),
+        studies: &studies,
+        report: report.as_ref(),
+        heartbeat: heartbeat.as_ref(),
+        store_dir: &cfg.store.path,
+        audit_files: files.into_iter().filter(|f| f.exists()).collect(),
+        audit_partial: !compressed.is_empty(),
+        audit_chain: chain.as_ref(),
+    });
+    if let Some(e) = chain_error {
+        page.audit.intact = false;
+        page.audit.verdict = format!("not checked: the audit key cannot be read ({e})");
+    }
+    crate::page::render(&page)
+}
+
+/// `report --html FILE`: the status page, written atomically.
+pub fn report_html(cfg: &Config, file: &Path) -> Result<u8, AppError> {
+    crate::fsutil::write_atomic(file, status_page(cfg).as_bytes(), 0o640)
+        .map_err(|e| AppError::Other(format!("cannot write the report {}: {e}", file.display())))?;
+    Ok(exit::OK)
+}
+
+/// The page of `[log] report`, after a cycle; a failure is logged.
+fn write_report_file(cfg: &Config) {
+    if let Some(path) = &cfg.log.report
+        && let Err(e) = report_html(cfg, path)
+    {
+        log::warn!("{e}");
+    }
 }
 
 /// The audit records as NDJSON (one record per line), from `since` on.

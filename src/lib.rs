@@ -30,6 +30,7 @@ pub mod logger;
 pub mod net;
 pub mod ops;
 pub mod owner;
+pub mod page;
 pub mod privacy;
 pub mod progress;
 pub mod retry;

@@ -130,6 +130,12 @@ enum Command {
     /// Answer the gPAS operations ($pseudonymize, ...) from the store, as
     /// configured in [serve], until SIGTERM (`run` serves too when [serve] is set)
     Serve,
+    /// Write the status page (one self-contained HTML file) atomically
+    Report {
+        /// Where to write it
+        #[arg(long, value_name = "FILE")]
+        html: PathBuf,
+    },
     /// Show the task ledger
     Tasks {
         /// pending, in_flight, resolved, failed, expired or rejected
@@ -338,6 +344,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), study.as_deref(), format)
         }
         Command::Serve => commands::serve(&load(&cli)?),
+        Command::Report { html } => commands::report_html(&load(&cli)?, html),
         Command::Pseudonyms {
             study,
             local_id,

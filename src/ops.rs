@@ -284,6 +284,9 @@ pub struct Heartbeat {
     /// recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle_ok: Option<bool>,
+    /// How long that cycle took (for `/metrics` between cycles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycle_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success: Option<DateTime<Utc>>,
     /// When the daemon will poll next (absent for `run --once`).

@@ -6,37 +6,10 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::{KEY, STUDY, Site, TARGET, bf};
+use common::{KEY, OTHER_KEY, STUDY, Site, TARGET, bf, other_sim, with_studies};
 use fttp_agent::fhir::idat::IdatElement;
-use fttp_agent::sim::{self, SimOptions, Simulator};
+use fttp_agent::sim;
 use fttp_agent::types::BloomFilter;
-
-const OTHER_KEY: &str = "napkon-key-2b7c";
-
-/// Another study's dispatcher.
-fn other_sim() -> Simulator {
-    Simulator::start(SimOptions {
-        api_key: OTHER_KEY.into(),
-        ..SimOptions::default()
-    })
-    .unwrap()
-}
-
-/// The site's config rewritten to `[[study]]` form: `mii` at the site's
-/// simulator, and each `(name, target, simulator, key)` after it.
-fn with_studies(site: &Site, others: &[(&str, &str, &Simulator, &str)]) {
-    let text = std::fs::read_to_string(&site.config).unwrap();
-    let mut studies = format!("[[study]]\nname = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n");
-    for (name, target, sim, key) in others {
-        studies.push_str(&format!(
-            "[[study]]\nname = \"{name}\"\ntarget = \"{target}\"\nurl = \"{}\"\napi_key = \"{key}\"\n\n",
-            sim.url()
-        ));
-    }
-    let site_section = format!("[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n");
-    assert!(text.contains(&site_section));
-    std::fs::write(&site.config, text.replace(&site_section, &studies)).unwrap();
-}
 
 fn bfv(n: u32) -> BloomFilter {
     BloomFilter::from_base64(&bf(n)).unwrap()

@@ -348,6 +348,10 @@ pub struct Log {
     /// forge it. Unset: a plain SHA-256 chain (detects edits, not forgery).
     #[serde(default)]
     pub audit_hmac_key_file: Option<PathBuf>,
+    /// The status page (HTML), written after every cycle (as `report
+    /// --html` writes it). Unset: none.
+    #[serde(default)]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -624,6 +628,9 @@ impl Config {
             fix(p);
         }
         if let Some(p) = self.log.metrics.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.log.report.as_mut() {
             fix(p);
         }
         if let Some(b) = self.bloomfilter.as_mut() {
@@ -923,6 +930,13 @@ impl Config {
                     .audit_hmac_key_file
                     .as_ref()
                     .map_or("unset (SHA-256 chain)".into(), |p| p.display().to_string()),
+            ),
+            (
+                "log.report".into(),
+                self.log
+                    .report
+                    .as_ref()
+                    .map_or("unset".into(), |p| p.display().to_string()),
             ),
         ];
         match &self.bloomfilter {

@@ -49,6 +49,17 @@ pub struct Serve {
     /// connections wait in a queue, and beyond that get 503.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// `GET /` shows the status page (same authentication).
+    #[serde(default = "yes")]
+    pub status_page: bool,
+    /// `GET /health` answers without authentication (load balancers,
+    /// container health checks); it tells only ok, warning or critical.
+    #[serde(default)]
+    pub health_public: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_listen() -> String {
@@ -167,6 +178,8 @@ impl Serve {
             ("serve.max_originals".into(), self.max_originals.to_string()),
             ("serve.max_body_bytes".into(), self.max_body_bytes.to_string()),
             ("serve.threads".into(), self.threads.to_string()),
+            ("serve.status_page".into(), self.status_page.to_string()),
+            ("serve.health_public".into(), self.health_public.to_string()),
         ]
     }
 }

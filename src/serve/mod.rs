@@ -96,6 +96,18 @@ impl Basic {
     }
 }
 
+/// The operators' views the service shows besides the gPAS operations:
+/// the status page (`GET /`), `/health` and `/metrics`, each computed
+/// from the live state when asked.
+pub trait Views: Send + Sync {
+    /// The status page's HTML (see `page`).
+    fn page(&self) -> String;
+    /// The health `status` decides.
+    fn health(&self) -> crate::ops::Health;
+    /// The Prometheus text the metrics file holds.
+    fn metrics(&self) -> Result<String, String>;
+}
+
 /// What the service is told at start (from `[serve]` and the studies).
 pub struct Settings {
     pub listen: SocketAddr,
@@ -110,6 +122,11 @@ pub struct Settings {
     pub max_body: usize,
     pub threads: usize,
     pub studies: Vec<StudyName>,
+    pub views: Option<Arc<dyn Views>>,
+    /// `GET /` shows the status page.
+    pub status_page: bool,
+    /// `GET /health` answers without authentication.
+    pub health_public: bool,
 }
 
 impl Settings {
@@ -361,6 +378,9 @@ impl Ctx<'_> {
     fn handle(mut self, req: &Request) -> Response {
         let format = response_format(req);
         let settings = &self.shared.settings;
+        if let Some(response) = self.view(req) {
+            return response;
+        }
         let Some(rest) = req
             .path
             .strip_prefix(&settings.base_path)
@@ -467,6 +487,68 @@ impl Ctx<'_> {
         );
         let answer = gpas::answer(&call, &found);
         Response::new(200, format.mime(), answer.write(format)).with_header("Cache-Control", "no-store")
+    }
+
+    /// `/`, `/health` and `/metrics`, where configured (`None`: not one of
+    /// them). Authenticated like the operations, except a public `/health`.
+    fn view(&self, req: &Request) -> Option<Response> {
+        let settings = &self.shared.settings;
+        let views = settings.views.as_ref()?;
+        let public = match req.path.as_str() {
+            "/health" => settings.health_public,
+            "/metrics" => false,
+            "/" if settings.status_page => false,
+            _ => return None,
+        };
+        if !public && let Err(why) = self.authenticate(req) {
+            self.shared.auth_failures.note(self.peer, why);
+            return Some(
+                Response::new(401, "text/plain; charset=utf-8", "authentication required\n")
+                    .with_header("WWW-Authenticate", "Basic realm=\"fttp-agent\", charset=\"UTF-8\""),
+            );
+        }
+        if req.method != "GET" {
+            return Some(Response::new(405, "text/plain; charset=utf-8", "use GET\n").with_header("Allow", "GET"));
+        }
+        let response = match req.path.as_str() {
+            "/health" => {
+                let health = views.health();
+                let word = match health {
+                    crate::ops::Health::Ok => "ok",
+                    crate::ops::Health::Warning => "warning",
+                    crate::ops::Health::Critical => "critical",
+                };
+                let status = if health == crate::ops::Health::Critical {
+                    503
+                } else {
+                    200
+                };
+                Response::new(
+                    status,
+                    "application/json",
+                    format!(
+                        "{{\"health\":\"{word}\",\"version\":\"{}\"}}\n",
+                        env!("CARGO_PKG_VERSION")
+                    ),
+                )
+            }
+            "/metrics" => match views.metrics() {
+                Ok(text) => Response::new(200, "text/plain; version=0.0.4; charset=utf-8", text),
+                Err(e) => {
+                    log::error!("local service: metrics: {e}");
+                    Response::new(
+                        503,
+                        "text/plain; charset=utf-8",
+                        "the store cannot be read; see the agent's log\n",
+                    )
+                }
+            },
+            _ => Response::new(200, "text/html; charset=utf-8", views.page())
+                .with_header("Content-Security-Policy", crate::page::content_security_policy())
+                .with_header("X-Content-Type-Options", "nosniff")
+                .with_header("Referrer-Policy", "no-referrer"),
+        };
+        Some(response.with_header("Cache-Control", "no-store"))
     }
 
     /// The client's identity: its Basic user and/or certificate subject,

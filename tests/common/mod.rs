@@ -294,3 +294,30 @@ pub fn lines(p: &std::path::Path) -> Vec<String> {
 pub fn write_lines(p: &std::path::Path, l: &[String]) {
     std::fs::write(p, l.join("\n") + "\n").unwrap();
 }
+
+pub const OTHER_KEY: &str = "napkon-key-2b7c";
+
+/// Another study's dispatcher.
+pub fn other_sim() -> Simulator {
+    Simulator::start(SimOptions {
+        api_key: OTHER_KEY.into(),
+        ..SimOptions::default()
+    })
+    .unwrap()
+}
+
+/// The site's config rewritten to `[[study]]` form: `mii` at the site's
+/// simulator, and each `(name, target, simulator, key)` after it.
+pub fn with_studies(site: &Site, others: &[(&str, &str, &Simulator, &str)]) {
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let mut studies = format!("[[study]]\nname = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n");
+    for (name, target, sim, key) in others {
+        studies.push_str(&format!(
+            "[[study]]\nname = \"{name}\"\ntarget = \"{target}\"\nurl = \"{}\"\napi_key = \"{key}\"\n\n",
+            sim.url()
+        ));
+    }
+    let site_section = format!("[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n");
+    assert!(text.contains(&site_section));
+    std::fs::write(&site.config, text.replace(&site_section, &studies)).unwrap();
+}

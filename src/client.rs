@@ -181,6 +181,9 @@ pub struct Client {
     /// Every credential of the configuration in every form (built once:
     /// each call starts from a copy and adds what it sends).
     redactor: Redactor,
+    /// How many requests this dispatcher gets at once (told of every
+    /// answer: busy or not).
+    pace: std::sync::Arc<crate::pace::Pace>,
 }
 
 impl Client {
@@ -215,7 +218,13 @@ impl Client {
                 base_delay: d.retry_delay.0,
                 max_delay: RetryPolicy::MAX_DELAY,
             },
+            pace: std::sync::Arc::new(crate::pace::Pace::new(d.max_in_flight.0)),
         })
+    }
+
+    /// The dispatcher's pace (see `pace`).
+    pub fn pace(&self) -> &crate::pace::Pace {
+        &self.pace
     }
 
     fn redactor(&self) -> Redactor {
@@ -366,6 +375,26 @@ impl Client {
     }
 
     fn exchange(&self, op: Operation, body: &str, redactor: &Redactor) -> Result<(Format, Vec<u8>), ClientError> {
+        let result = self.exchange_refreshing(op, body, redactor);
+        match &result {
+            Err(ClientError::Status {
+                status: 429 | 503,
+                retry_after,
+                ..
+            }) => self.pace.busy(*retry_after),
+            Err(ClientError::Timeout { .. }) => self.pace.busy(None),
+            Err(e) if e.is_unreachable() => {}
+            _ => self.pace.success(),
+        }
+        result
+    }
+
+    fn exchange_refreshing(
+        &self,
+        op: Operation,
+        body: &str,
+        redactor: &Redactor,
+    ) -> Result<(Format, Vec<u8>), ClientError> {
         match self.exchange_once(op, body, redactor) {
             // A refused bearer token may just have been revoked or expired
             // early: fetch a fresh one, once.

@@ -30,6 +30,7 @@ pub mod logger;
 pub mod net;
 pub mod ops;
 pub mod owner;
+pub mod pace;
 pub mod page;
 pub mod privacy;
 pub mod progress;

@@ -199,6 +199,9 @@ enum Command {
         /// This site's target domain in that study
         #[arg(long, default_value = fttp_agent::demo::TARGET)]
         target: String,
+        /// Delay every answer by this much (e.g. 20ms): a gateway a WAN away
+        #[arg(long, value_parser = fttp_agent::config::parse_duration)]
+        latency: Option<std::time::Duration>,
     },
 }
 
@@ -390,6 +393,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             clearing_every,
             study,
             target,
+            latency,
         } => {
             fttp_agent::logger::init(cli.log_level.unwrap_or_default().filter(), None, Default::default())
                 .map_err(AppError::Other)?;
@@ -399,6 +403,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
                 accept_body_key: true,
                 port: *port,
                 study_target: Some((study.clone(), target.clone())),
+                latency: latency.unwrap_or_default(),
                 ..SimOptions::default()
             };
             commands::sim(options, !empty, *clearing_every)

@@ -124,6 +124,10 @@ pub fn agent(d: &Dispatcher, url: &str) -> Result<ureq::Agent, NetSetupError> {
         // 303 would turn a POST into a bodiless GET whose 2xx looks like
         // success: a 3xx is a failed call instead (`ClientError::Redirected`).
         .max_redirects(0)
+        // Kept-alive connections for every request in flight: one TLS
+        // handshake per connection, not per request.
+        .max_idle_connections_per_host(d.max_in_flight.0.max(3))
+        .max_idle_connections(64)
         .user_agent(concat!("fttp-agent/", env!("CARGO_PKG_VERSION")))
         .tls_config(tls.build());
     if url.starts_with("http://") && crate::config::is_loopback_url(url) {

@@ -18,9 +18,14 @@ use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
-fn scenario() -> Site {
+/// The scenario with `max_in_flight` requests at once.
+fn scenario_with(max_in_flight: usize) -> Site {
     // Small batches and early compaction, so one cycle passes every point.
-    let site = Site::with("json", SimOptions::default(), "batch_size = 1\ncompact_after = 3");
+    let site = Site::with(
+        "json",
+        SimOptions::default(),
+        &format!("batch_size = 1\ncompact_after = 3\nmax_in_flight = {max_in_flight}"),
+    );
     site.import_patients();
     let later = Utc::now() + Duration::days(1);
     site.sim
@@ -91,9 +96,10 @@ fn pseudonyms(site: &Site) -> BTreeMap<String, String> {
 #[test]
 fn a_crash_at_any_point_loses_nothing() {
     let mut crashes = 0;
-    for point in POINTS {
+    // One request at a time, and four at once (the default).
+    for (point, max) in POINTS.iter().flat_map(|p| [(p, 1), (p, 4)]) {
         for n in [1, 2] {
-            let site = scenario();
+            let site = scenario_with(max);
             let status = run_crashing_at(&site, &format!("{point}:{n}"));
             let killed = status.signal() == Some(9);
             if n == 1 {
@@ -158,7 +164,8 @@ fn a_crash_at_any_point_loses_nothing() {
 
 #[test]
 fn a_resend_of_a_delivered_task_counts_as_done() {
-    let site = scenario();
+    // (One request at a time: send-a is the one out when it is killed.)
+    let site = scenario_with(1);
     assert_eq!(run_crashing_at(&site, "send:after").signal(), Some(9));
     assert_eq!(site.store().ledger("mii/task:send-a").unwrap().status, Status::InFlight);
     let (code, out) = site.cycle();
@@ -178,28 +185,46 @@ fn a_resend_of_a_delivered_task_counts_as_done() {
 }
 
 #[test]
-fn a_crash_leaves_at_most_three_batches_in_flight() {
-    // The agent marks batches in flight up to three ahead of their answers
-    // (src/agent/batches.rs), and a request leaves only once its marks are
-    // on disk. The first request is slow, so the agent marks as far ahead
-    // as it may; it is killed as that answer arrives: three batches of one
-    // filter are in flight, the rest as they were, and the next run sends
-    // them all.
-    let site = Site::with("json", SimOptions::default(), "batch_size = 1");
-    site.queue_repeat_requests(1..=8);
-    site.sim.push(
-        Some("$requestPsnFromBfWorkflow"),
-        sim::FaultKind::Delay(std::time::Duration::from_millis(500)),
-    );
-    assert_eq!(run_crashing_at(&site, "batch:after").signal(), Some(9));
-    assert_eq!(site.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
-    let store = site.store();
-    let count = |status| store.ledger_entries().filter(|e| e.status == status).count();
-    assert_eq!((count(Status::InFlight), count(Status::Pending)), (3, 5));
-    drop(store);
-    let (code, out) = site.cycle();
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(pseudonyms(&site).len(), 8);
+fn a_crash_leaves_at_most_max_in_flight_and_two_batches_in_flight() {
+    // The agent marks requests in flight up to two beyond those being sent
+    // (src/agent/flights.rs), and a request leaves only once its marks are
+    // on disk. Every answer is slow, so the agent marks as far ahead as it
+    // may; it is killed as the first answer arrives: at most max_in_flight
+    // + 2 batches of one filter are in flight (exactly three with one at a
+    // time, as before concurrency), none recorded, the rest as they were,
+    // and the next run sends them all.
+    for max in [1usize, 4] {
+        let site = Site::with(
+            "json",
+            SimOptions::default(),
+            &format!("batch_size = 1\nmax_in_flight = {max}"),
+        );
+        site.queue_repeat_requests(1..=12);
+        for _ in 0..12 {
+            site.sim.push(
+                Some("$requestPsnFromBfWorkflow"),
+                sim::FaultKind::Delay(std::time::Duration::from_millis(300)),
+            );
+        }
+        assert_eq!(run_crashing_at(&site, "batch:after").signal(), Some(9));
+        let sent = site.sim.state().received("$requestPsnFromBfWorkflow").len();
+        assert!((1..=max).contains(&sent), "max {max}: {sent} sent");
+        let store = site.store();
+        let count = |status| store.ledger_entries().filter(|e| e.status == status).count();
+        let in_flight = count(Status::InFlight);
+        assert_eq!(in_flight + count(Status::Pending), 12, "max {max}");
+        assert!(
+            in_flight >= sent && in_flight <= max + 2,
+            "max {max}: {in_flight} in flight"
+        );
+        if max == 1 {
+            assert_eq!(in_flight, 3);
+        }
+        drop(store);
+        let (code, out) = site.cycle();
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(pseudonyms(&site).len(), 12);
+    }
 }
 
 #[test]

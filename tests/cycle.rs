@@ -68,9 +68,10 @@ fn every_task_kind_resolves_in_xml_and_in_json() {
         assert_eq!(p.first_string("study"), Some(STUDY));
         assert_eq!(p.get("bloomfilter").count(), 1);
         let issued = st.registry.get(&bf(3)).unwrap().clone();
-        // Keep-alive: the cycle's three requests share one connection.
+        // Keep-alive: the poll's connection is reused; the send and the
+        // batch may go at once (max_in_flight), on two connections at most.
         assert_eq!(st.received.len(), 3);
-        assert_eq!(st.connections, 1, "{format}");
+        assert!(st.connections <= 2, "{format}: {} connections", st.connections);
         drop(st);
 
         let store = site.store();
@@ -132,7 +133,13 @@ fn every_task_kind_resolves_in_xml_and_in_json() {
 
 #[test]
 fn expired_tasks_are_not_acted_on_and_soonest_expiry_goes_first() {
-    let site = Site::new("xml");
+    let site = Site::with(
+        "xml",
+        SimOptions::default(),
+        // (One at a time, the order of arrival is the order of starts; with
+        // several: tests/pace.rs.)
+        "max_in_flight = 1",
+    );
     site.import_patients();
     let now = Utc::now();
     site.sim.add_task(sim::send_idat(
@@ -700,7 +707,11 @@ fn each_batch_is_recorded_while_the_next_request_is_out_even_when_that_one_fails
     // out; the second request fails for good (the connection drops on
     // every retry), so the third, already marked, is not attempted.
     for size in [1u32, 16] {
-        let site = Site::with("xml", SimOptions::default(), &format!("batch_size = {size}"));
+        let site = Site::with(
+            "xml",
+            SimOptions::default(),
+            &format!("batch_size = {size}\nmax_in_flight = 1"),
+        );
         site.queue_repeat_requests(1..=3 * size);
         let psn = Some("$requestPsnFromBfWorkflow");
         site.sim.push(psn, sim::FaultKind::Delay(std::time::Duration::ZERO));

@@ -449,7 +449,8 @@ fn import_while_the_daemon_runs_is_safe() {
 
 #[test]
 fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
-    let s = site("");
+    // (One request at a time; the same with several: the next test.)
+    let s = site("max_in_flight = 1");
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
         queue_send(&s, id, Days::hours(10 + i as i64));
         s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
@@ -472,10 +473,33 @@ fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
 }
 
 #[test]
+fn sigterm_during_a_burst_finishes_the_requests_out_and_leaves_the_rest_open() {
+    // Six sends, four at once (the default): the stop comes while the
+    // first four are out; they are finished, the other two wait.
+    let s = site("");
+    for (i, id) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+        queue_send(&s, id, Days::hours(10 + i as i64));
+        s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
+    }
+    sigterm_the_daemon(&s, || polls(&s) >= 1, Duration::from_millis(700));
+    assert_eq!(s.sim.state().received("$providePatientData").len(), 4);
+    let store = s.store();
+    let status = |id: &str| store.ledger(&format!("mii/task:{id}")).unwrap().status;
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(status(id), Status::Resolved, "{id} was out: finished");
+    }
+    for id in ["e", "f"] {
+        assert_eq!(status(id), Status::Pending, "{id} waits");
+        assert_eq!(store.ledger(&format!("mii/task:{id}")).unwrap().attempts, 0);
+    }
+}
+
+#[test]
 fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
-    // One filter a batch: while the first request is out, the second batch
-    // is marked in flight; the stop comes before it is sent.
-    let s = site("batch_size = 1");
+    // One filter a batch, one request at a time: while the first request
+    // is out, the second batch is marked in flight; the stop comes before
+    // it is sent.
+    let s = site("batch_size = 1\nmax_in_flight = 1");
     s.queue_repeat_requests(1..=3);
     for _ in 1..=3 {
         s.sim.push(

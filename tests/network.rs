@@ -263,6 +263,11 @@ fn oauth2_password_grant() {
 #[test]
 fn a_refused_token_is_refreshed_once() {
     let site = oauth_site(None, "client-secret-91", 3600);
+    // One request at a time: the second send leaves after the revocation.
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("[dispatcher.auth]", "max_in_flight = 1\n\n[dispatcher.auth]");
+    std::fs::write(&site.config, text).unwrap();
     let later = Utc::now() + Duration::days(1);
     site.sim
         .add_task(sim::send_idat("r1", later, None, Some(&bf(1)), &[IdatElement::Given]));

@@ -34,7 +34,8 @@ fn append(site: &Site, section: &str, line: &str) {
 
 /// A ledger with one entry in every status.
 fn every_status() -> Site {
-    let site = Site::new("xml");
+    // (One request at a time: the faults below meet the sends in order.)
+    let site = Site::with("xml", fttp_agent::sim::SimOptions::default(), "max_in_flight = 1");
     site.import_patients();
     let later = Utc::now() + Duration::days(2);
     site.sim.add_task(sim::send_idat(

@@ -1,25 +1,30 @@
-//! `repeat_request`s in batches (one request for many Bloom filters), run
-//! as a pipeline of two threads so that the bookkeeping and the network
-//! overlap instead of taking turns:
+//! The requests of a cycle's tasks, up to `[dispatcher] max_in_flight` at
+//! once: `send_idat` (one `$providePatientData` each) and batches of
+//! `repeat_request`s (one `$requestPsnFromBfWorkflow` for many filters).
 //!
-//! - this thread marks each batch in flight (committed to the store with
-//!   the outcomes recorded since: on disk when the write returns), then
-//!   clears it to go, and records the answers as they come back;
-//! - a network thread sends the cleared batches in order, one at a time,
-//!   and reads each answer.
+//! - This thread takes the tasks in expiry order, prepares each request,
+//!   marks its tasks in flight (committed to the store with the outcomes
+//!   recorded since: on disk when the write returns), hands it to the
+//!   network threads, and records the answers as they come back, each
+//!   outcome in the audit log before the store.
+//! - `max_in_flight` network threads send what they are handed, in the
+//!   order handed, and read the answers.
 //!
-//! A request never leaves before its in-flight marks are on disk. At most
-//! `AHEAD` batches are marked and not yet recorded, so a crash leaves at
-//! most that many in flight; they are sent again on the next run, like
-//! any task in flight (a repeated `repeat_request` is harmless).
+//! A request never leaves before its in-flight marks are on disk; a
+//! request is handed over only while fewer than the dispatcher's pace
+//! allows are out (`pace`: halved on 429/503/timeouts, held back by a
+//! `Retry-After`), and never more than `max_in_flight` in all. A crash
+//! leaves at most that many requests' tasks in flight; they are sent again
+//! on the next run, like any task in flight (at-least-once: the dispatcher
+//! answers a consumed send_idat with 404/409/410, and a repeated
+//! `repeat_request` is harmless).
 
 use super::*;
+use crate::client::Delivery;
+use crate::fhir::Resource;
 use crate::progress::Progress as Meter;
-use std::sync::mpsc;
-
-/// Batches marked in flight whose answers are not yet recorded: enough
-/// that the network thread always finds the next batch cleared to go.
-const AHEAD: usize = 3;
+use crate::types::TaskId;
+use std::sync::{Mutex, mpsc};
 
 /// A batch of `repeat_request`s for one study and target, sent together.
 pub(super) struct Batch {
@@ -28,23 +33,101 @@ pub(super) struct Batch {
     pub(super) entries: Vec<LedgerEntry>,
 }
 
-/// A batch marked in flight, on its way through the pipeline.
-struct Job {
-    batch: Batch,
-    /// Each entry's status before it was marked, for a batch that is not
-    /// sent after all.
-    prior: Vec<Status>,
+/// One `$providePatientData`, prepared: the task (marked in flight) and
+/// the Patient with exactly the elements requested that are on file.
+pub(super) struct SendJob {
+    study: String,
+    entry: LedgerEntry,
+    task_id: TaskId,
+    /// Taken by the network thread.
+    patient: Option<Resource>,
+    /// The IDAT values sent: an error echoing them is redacted.
+    secrets: Vec<String>,
+    missing: Vec<IdatElement>,
+    /// The local patient's fingerprint.
+    fp: String,
+    /// It was in flight already (an earlier attempt may have arrived).
+    resend: bool,
 }
 
-/// What became of a job.
-enum Sent {
-    /// Sent; the answer, read on the network thread.
-    Answer(Result<PsnAnswers, ClientError>),
+/// A request on its way, with its tasks' status from before the mark
+/// (for one that is not sent after all).
+enum Flight {
+    Batch { batch: Batch, prior: Vec<Status> },
+    Send { job: Box<SendJob>, prior: Vec<Status> },
+}
+
+/// A flight handed to the network threads with its turn to start.
+struct Handed {
+    flight: Flight,
+    turn: u64,
+}
+
+impl Flight {
+    fn study(&self) -> &str {
+        match self {
+            Flight::Batch { batch, .. } => &batch.study,
+            Flight::Send { job, .. } => &job.study,
+        }
+    }
+
+    fn entries_mut(&mut self) -> (&mut [LedgerEntry], &mut Vec<Status>) {
+        match self {
+            Flight::Batch { batch, prior } => (&mut batch.entries, prior),
+            Flight::Send { job, prior } => (std::slice::from_mut(&mut job.entry), prior),
+        }
+    }
+
+    /// Marks its tasks in flight (in memory).
+    fn mark(&mut self) {
+        let (entries, prior) = self.entries_mut();
+        *prior = mark_in_flight(entries);
+    }
+
+    fn entries(&self) -> &[LedgerEntry] {
+        match self {
+            Flight::Batch { batch, .. } => &batch.entries,
+            Flight::Send { job, .. } => std::slice::from_ref(&job.entry),
+        }
+    }
+
+    /// Sends it and reads the answer (on a network thread).
+    fn send(&mut self, client: &Client, target: &str, quiet: bool) -> Answer {
+        match self {
+            Flight::Batch { batch, .. } => Answer::Psn(send_batch(client, batch, quiet)),
+            Flight::Send { job, .. } => {
+                let deadline = deadline(job.entry.expires);
+                let secrets: Vec<&str> = job.secrets.iter().map(String::as_str).collect();
+                let patient = job.patient.take().unwrap_or_else(|| Resource::new("Patient"));
+                crashpoint::hit("send:before");
+                let result = client.provide_patient_data(&job.task_id, target, patient, &secrets, deadline);
+                crashpoint::hit("send:after");
+                Answer::Delivery(result)
+            }
+        }
+    }
+}
+
+/// What became of a flight.
+enum Answer {
+    /// A batch sent; its answer.
+    Psn(Result<PsnAnswers, ClientError>),
+    /// A send_idat sent; its answer.
+    Delivery(Result<Delivery, ClientError>),
     /// Not sent: a stop was requested meanwhile.
     Halted,
-    /// Not sent: an earlier batch found the dispatcher unreachable (or the
-    /// key refused); the reason.
+    /// Not sent: an earlier request found the dispatcher unreachable (or
+    /// the key refused); the reason.
     Down(String),
+}
+
+impl Answer {
+    fn error(&self) -> Option<&ClientError> {
+        match self {
+            Answer::Psn(Err(e)) | Answer::Delivery(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Marks entries in flight (in memory); returns each one's status from before.
@@ -59,13 +142,12 @@ pub(super) fn mark_in_flight(entries: &mut [LedgerEntry]) -> Vec<Status> {
     prior
 }
 
-/// Undoes in-flight marks for a batch that was not sent after all.
-fn unmark(mut entries: Vec<LedgerEntry>, prior: Vec<Status>) -> Vec<LedgerEntry> {
+/// Undoes in-flight marks for a request that was not sent after all.
+fn unmark(entries: &mut [LedgerEntry], prior: &[Status]) {
     for (e, status) in entries.iter_mut().zip(prior) {
-        e.status = status;
+        e.status = *status;
         e.attempts = e.attempts.saturating_sub(1);
     }
-    entries
 }
 
 /// Why a network task is left for later after `err`.
@@ -73,9 +155,9 @@ pub(super) fn skipped_after(err: &ClientError) -> String {
     format!("skipped after an earlier failure this cycle: {err}")
 }
 
-/// Sends one job's Bloom filters and reads the answer (network thread).
-fn send(client: &Client, job: &Job, quiet: bool) -> Result<PsnAnswers, ClientError> {
-    let Batch { study, target, entries } = &job.batch;
+/// Sends one batch's Bloom filters and reads the answer (network thread).
+fn send_batch(client: &Client, batch: &Batch, quiet: bool) -> Result<PsnAnswers, ClientError> {
+    let Batch { study, target, entries } = batch;
     let bfs: Vec<&BloomFilter> = entries
         .iter()
         .filter_map(|e| match &e.task {
@@ -97,86 +179,341 @@ fn send(client: &Client, job: &Job, quiet: bool) -> Result<PsnAnswers, ClientErr
     result
 }
 
+/// Requests handed over beyond those being sent: their marks are on disk
+/// and they start as soon as the pace allows, so the network never waits
+/// for this thread's bookkeeping (with `max_in_flight = 1`, three out at
+/// most: the pipeline of the releases before concurrency).
+const AHEAD: usize = 2;
+
+/// The network threads' side: what they are handed, and what they hand back.
+struct Lines<'s> {
+    to_net: mpsc::Sender<Handed>,
+    answers: mpsc::Receiver<(Flight, Answer)>,
+    /// Requests out (handed over, answer not yet recorded), by study.
+    out: BTreeMap<String, usize>,
+    /// At most this many out in all.
+    max: usize,
+    _scope: std::marker::PhantomData<&'s ()>,
+}
+
+impl Lines<'_> {
+    fn total(&self) -> usize {
+        self.out.values().sum()
+    }
+}
+
 impl Agent<'_> {
-    /// Sends the batches in order and records each one's outcomes (see the
-    /// module's comment). Returns false if a stop was requested before all
-    /// were sent: the batches not sent are left as they were.
-    pub(super) fn repeat_requests(&mut self, batches: Vec<Batch>, meter: &mut Meter) -> Result<bool, AgentError> {
+    /// Works on the cycle's items in order (see the module's comment):
+    /// local tasks at once, requests through the network threads. Returns
+    /// false if a stop was requested: what was not sent is left as it was.
+    pub(super) fn fly(&mut self, items: Vec<Work>, meter: &mut Meter) -> Result<bool, AgentError> {
         let studies: &[StudyClient] = self.studies;
         let quiet = self.report.received > QUIET_ABOVE;
         let stop = self.stop.clone();
+        let threads = studies.iter().map(|s| s.client.pace().max()).max().unwrap_or(1);
+        // (Per study: one study's dispatcher down leaves the others.)
+        let down: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+        let (to_net, net_in) = mpsc::channel::<Handed>();
+        let net_in = Mutex::new(net_in);
+        let (answer_out, answers) = mpsc::channel::<(Flight, Answer)>();
         std::thread::scope(|scope| {
-            let (to_net, net_in) = mpsc::channel::<Job>();
-            let (answer_out, answers) = mpsc::channel::<(Job, Sent)>();
-            scope.spawn(move || {
-                // (Per study: one study's dispatcher down leaves the others.)
-                let mut down: BTreeMap<String, String> = BTreeMap::new();
-                for job in net_in {
-                    let client = studies.iter().find(|s| s.study.name == job.batch.study);
-                    let sent = if stop.as_ref().is_some_and(Shutdown::requested) {
-                        Sent::Halted
-                    } else if let Some(reason) = down.get(&job.batch.study) {
-                        Sent::Down(reason.clone())
-                    } else if let Some(sc) = client {
-                        let result = send(&sc.client, &job, quiet);
-                        if let Err(err) = &result
-                            && (err.is_unreachable() || err.is_auth())
-                        {
-                            down.insert(job.batch.study.clone(), skipped_after(err));
+            for _ in 0..threads {
+                let (net_in, answer_out, down, stop) = (&net_in, answer_out.clone(), &down, stop.clone());
+                scope.spawn(move || {
+                    loop {
+                        let next = crate::lock(net_in).recv();
+                        let Ok(Handed { mut flight, turn }) = next else { break };
+                        let study = flight.study().to_string();
+                        let stopping = || stop.as_ref().is_some_and(Shutdown::requested);
+                        let answer = match studies.iter().find(|s| s.study.name == study) {
+                            // (Handed over only for a configured study.)
+                            None => Answer::Down(format!("study {study} is not configured")),
+                            Some(sc) => {
+                                let pace = sc.client.pace();
+                                // In turn, as the pace allows; checked again
+                                // once started: the dispatcher may have gone
+                                // down or a stop come while this one waited.
+                                let known = crate::lock(down).get(&study).cloned();
+                                let go = pace.start(turn, known.is_none(), stopping);
+                                let known = known.or_else(|| crate::lock(down).get(&study).cloned());
+                                let answer = match (go, known) {
+                                    (false, Some(reason)) => Answer::Down(reason),
+                                    (false, None) => Answer::Halted,
+                                    (true, Some(reason)) => Answer::Down(reason),
+                                    (true, None) => flight.send(&sc.client, &sc.study.target, quiet),
+                                };
+                                if go {
+                                    pace.finished();
+                                }
+                                if let Some(err) = answer.error()
+                                    && (err.is_unreachable() || err.is_auth())
+                                {
+                                    crate::lock(down).insert(study, skipped_after(err));
+                                }
+                                answer
+                            }
+                        };
+                        if answer_out.send((flight, answer)).is_err() {
+                            break;
                         }
-                        Sent::Answer(result)
-                    } else {
-                        Sent::Down(format!("study {} is not configured", job.batch.study))
-                    };
-                    if answer_out.send((job, sent)).is_err() {
-                        break;
                     }
-                }
-            });
-            // Jobs marked whose answers are not yet recorded.
-            let mut out = 0usize;
-            let feed = |me: &mut Self, out: &mut usize| -> Result<bool, AgentError> {
-                'feed: for mut batch in batches {
-                    if me.stop.as_ref().is_some_and(Shutdown::requested) {
-                        return Ok(false);
-                    }
-                    meter.tick(batch.entries.len());
-                    if let Some(reason) = me.network_down.get(&batch.study).cloned() {
-                        for e in batch.entries {
-                            me.finish(e, "not_attempted", Some(reason.clone()), None)?;
-                        }
-                        continue;
-                    }
-                    while *out >= AHEAD {
-                        // (A thread gone has panicked: the scope passes it on.)
-                        let Ok((job, sent)) = answers.recv() else { break 'feed };
-                        *out -= 1;
-                        me.record(job, sent)?;
-                    }
-                    // The marks are on disk before the batch may leave.
-                    let prior = mark_in_flight(&mut batch.entries);
-                    let records = me.with_pending(&batch.entries)?;
-                    me.store.write(records)?;
-                    if to_net.send(Job { batch, prior }).is_err() {
-                        break;
-                    }
-                    *out += 1;
-                    while let Ok((job, sent)) = answers.try_recv() {
-                        *out -= 1;
-                        me.record(job, sent)?;
-                    }
-                }
-                Ok(true)
-            };
-            let fed = feed(self, &mut out);
-            drop(to_net);
-            let finished = fed?;
-            for _ in 0..out {
-                let Ok((job, sent)) = answers.recv() else { break };
-                self.record(job, sent)?;
+                });
             }
-            Ok(finished)
+            drop(answer_out);
+            let mut lines = Lines {
+                to_net,
+                answers,
+                out: BTreeMap::new(),
+                max: threads + AHEAD,
+                _scope: std::marker::PhantomData,
+            };
+            let fed = self.feed(items, meter, &mut lines);
+            let Lines {
+                to_net, answers, out, ..
+            } = lines;
+            drop(to_net);
+            // Whatever is out is recorded, also after a failure above (as
+            // far as the store and audit log let it be).
+            for _ in 0..out.values().sum::<usize>() {
+                let Ok((flight, answer)) = answers.recv() else { break };
+                self.record_flight(flight, answer)?;
+            }
+            fed
         })
+    }
+
+    fn feed(&mut self, items: Vec<Work>, meter: &mut Meter, lines: &mut Lines<'_>) -> Result<bool, AgentError> {
+        for item in items {
+            if self.stop.as_ref().is_some_and(Shutdown::requested) {
+                return Ok(false);
+            }
+            let flight = match item {
+                Work::One(e) => {
+                    meter.tick(1);
+                    let Some(sc) = self.study_of(&e) else { continue };
+                    match e.task.clone() {
+                        Some(Task::DicPsnAvailable {
+                            bloomfilter, pseudonym, ..
+                        }) => {
+                            self.dic_psn_available(sc, *e, bloomfilter, pseudonym)?;
+                            None
+                        }
+                        Some(Task::SendIdat {
+                            pseudonym,
+                            bloomfilter,
+                            elements,
+                            task_id,
+                            ..
+                        }) => self
+                            .prepare_send(sc, *e, task_id, pseudonym, bloomfilter, &elements)?
+                            .map(|job| Flight::Send {
+                                job: Box::new(job),
+                                prior: Vec::new(),
+                            }),
+                        _ => None,
+                    }
+                }
+                Work::Batch(batch) => {
+                    meter.tick(batch.entries.len());
+                    match self.network_down.get(&batch.study).cloned() {
+                        Some(reason) => {
+                            for e in batch.entries {
+                                self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+                            }
+                            None
+                        }
+                        None => Some(Flight::Batch {
+                            batch,
+                            prior: Vec::new(),
+                        }),
+                    }
+                }
+            };
+            if let Some(mut flight) = flight {
+                self.wait_for_room(lines)?;
+                // The marks are on disk before the request may leave.
+                flight.mark();
+                let records = self.with_pending(flight.entries())?;
+                self.store.write(records)?;
+                let study = flight.study().to_string();
+                let turn = self.study_of_name(&study).map_or(0, |sc| sc.client.pace().take_turn());
+                if lines.to_net.send(Handed { flight, turn }).is_err() {
+                    break;
+                }
+                *lines.out.entry(study).or_insert(0) += 1;
+            }
+            while let Ok((flight, answer)) = lines.answers.try_recv() {
+                self.took(lines, &flight);
+                self.record_flight(flight, answer)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Counts an answered flight off.
+    fn took(&self, lines: &mut Lines<'_>, flight: &Flight) {
+        if let Some(n) = lines.out.get_mut(flight.study()) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Waits (recording answers meanwhile) while as many requests are out
+    /// as may be: `max_in_flight` being sent and `AHEAD` more waiting.
+    fn wait_for_room(&mut self, lines: &mut Lines<'_>) -> Result<(), AgentError> {
+        while lines.total() >= lines.max {
+            // (Network threads gone: the scope passes their panic on.)
+            let Ok((flight, answer)) = lines.answers.recv() else {
+                return Ok(());
+            };
+            self.took(lines, &flight);
+            self.record_flight(flight, answer)?;
+        }
+        Ok(())
+    }
+
+    fn study_of_name(&self, name: &str) -> Option<&StudyClient> {
+        self.studies.iter().find(|s| s.study.name == name)
+    }
+
+    /// Prepares a send_idat's request, or records why there is none: the
+    /// patient is not known, none of the elements is on file, or the
+    /// study's dispatcher is down this cycle.
+    fn prepare_send(
+        &mut self,
+        sc: &StudyClient,
+        e: LedgerEntry,
+        task_id: TaskId,
+        pseudonym: Option<Pseudonym>,
+        bloomfilter: Option<BloomFilter>,
+        elements: &[IdatElement],
+    ) -> Result<Option<SendJob>, AgentError> {
+        let Some(patient) = self
+            .store
+            .find_patient(&sc.study.name, pseudonym.as_ref(), bloomfilter.as_ref())?
+        else {
+            let mut done = e;
+            done.status = Status::Pending;
+            self.finish(
+                done,
+                "unknown_patient",
+                Some("no local patient has this pseudonym or Bloom filter".into()),
+                None,
+            )?;
+            return Ok(None);
+        };
+        let fp = patient.local_id.fingerprint();
+        if let Some(reason) = self.network_down.get(&sc.study.name).cloned() {
+            self.finish(e, "not_attempted", Some(reason), Some(fp))?;
+            return Ok(None);
+        }
+        let resend = e.status == Status::InFlight;
+        let (resource, missing) = patient.idat.to_patient(elements);
+        if missing.len() == elements.len() {
+            // An empty Patient tells the fTTP nothing and would end the
+            // task: it waits for the data instead, as for an unknown patient.
+            let mut done = e;
+            done.status = Status::Pending;
+            log::warn!(
+                "[send_idat {}] none of the {} requested element(s) is on file for patient {fp}: import them",
+                done.display_id,
+                elements.len()
+            );
+            self.finish(
+                done,
+                "unknown_patient",
+                Some(format!("none of the {} requested element(s) on file", elements.len())),
+                Some(fp),
+            )?;
+            return Ok(None);
+        }
+        Ok(Some(SendJob {
+            study: sc.study.name.clone(),
+            secrets: patient.idat.values().map(str::to_string).collect(),
+            entry: e,
+            task_id,
+            patient: Some(resource),
+            missing,
+            fp,
+            resend,
+        }))
+    }
+
+    /// Records what became of a flight.
+    fn record_flight(&mut self, flight: Flight, answer: Answer) -> Result<(), AgentError> {
+        if let Some(err) = answer.error() {
+            self.note_network(flight.study(), err);
+        }
+        match (flight, answer) {
+            (Flight::Batch { batch, .. }, Answer::Psn(result)) => {
+                self.record_answer(&batch.study, batch.entries, result)
+            }
+            (Flight::Send { job, .. }, Answer::Delivery(result)) => self.record_send(*job, result),
+            (mut flight, Answer::Halted) => {
+                let (entries, prior) = flight.entries_mut();
+                unmark(entries, prior);
+                for e in flight.entries() {
+                    self.buffer(Record::Progress(Progress::of(e)))?;
+                }
+                Ok(())
+            }
+            (mut flight, Answer::Down(reason)) => {
+                let (entries, prior) = flight.entries_mut();
+                unmark(entries, prior);
+                let (entries, fp) = match flight {
+                    Flight::Batch { batch, .. } => (batch.entries, None),
+                    Flight::Send { job, .. } => (vec![job.entry], Some(job.fp)),
+                };
+                for e in entries {
+                    self.finish(e, "not_attempted", Some(reason.clone()), fp.clone())?;
+                }
+                Ok(())
+            }
+            // (A batch is answered as a batch, a send as a send.)
+            (_, Answer::Psn(_) | Answer::Delivery(_)) => Ok(()),
+        }
+    }
+
+    /// Records the answer to a send_idat.
+    fn record_send(&mut self, job: SendJob, result: Result<Delivery, ClientError>) -> Result<(), AgentError> {
+        let SendJob {
+            entry: mut done,
+            missing,
+            fp,
+            resend,
+            ..
+        } = job;
+        match result {
+            Ok(Delivery::Accepted) => {
+                done.status = Status::Resolved;
+                let detail =
+                    (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
+                let mut rec = self.record_for(&done, "sent", detail, Some(fp));
+                rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
+                self.commit(done, "sent", rec)
+            }
+            Ok(Delivery::ByEarlierAttempt) => self.delivered(done, &missing, fp),
+            Err(err) if resend && err.task_unknown() => self.delivered(done, &missing, fp),
+            Err(err) if err.is_final_refusal() => {
+                // Sent unchanged, it would be refused again every cycle:
+                // closed, reopened only if the patient's IDAT changes.
+                done.status = Status::Closed;
+                log::warn!(
+                    "[send_idat {}] refused for good: {err}; sent again only if the patient's data change",
+                    done.display_id
+                );
+                self.finish(done, "dispatcher_error", Some(err.to_string()), Some(fp))
+            }
+            Err(err) => {
+                // A transport failure may have happened after the dispatcher
+                // got the request: its fate is unknown, so it stays in flight.
+                done.status = if err.is_unreachable() {
+                    Status::InFlight
+                } else {
+                    Status::Failed
+                };
+                self.finish(done, "failed", Some(err.to_string()), Some(fp))
+            }
+        }
     }
 
     /// The outcomes waiting to be written whose audit records are out,
@@ -185,31 +522,6 @@ impl Agent<'_> {
         let mut records = self.audited()?;
         records.extend(entries.iter().map(|e| Record::Progress(Progress::of(e))));
         Ok(records)
-    }
-
-    /// Records what became of a job.
-    fn record(&mut self, job: Job, sent: Sent) -> Result<(), AgentError> {
-        let Job { batch, prior } = job;
-        match sent {
-            Sent::Answer(result) => {
-                if let Err(err) = &result {
-                    self.note_network(&batch.study, err);
-                }
-                self.record_answer(&batch.study, batch.entries, result)
-            }
-            Sent::Halted => {
-                for e in unmark(batch.entries, prior) {
-                    self.buffer(Record::Progress(Progress::of(&e)))?;
-                }
-                Ok(())
-            }
-            Sent::Down(reason) => {
-                for e in unmark(batch.entries, prior) {
-                    self.finish(e, "not_attempted", Some(reason.clone()), None)?;
-                }
-                Ok(())
-            }
-        }
     }
 
     /// Records the outcome of each task of an answered batch.

@@ -23,9 +23,9 @@ use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-mod batches;
+mod flights;
 mod plan;
-use batches::{Batch, skipped_after};
+use flights::{Batch, skipped_after};
 pub use plan::{Plan, dry_run};
 
 #[derive(Debug, thiserror::Error)]
@@ -576,42 +576,8 @@ impl<'a> Agent<'a> {
         // (Counted in tasks, as it is ticked.)
         let total = items.iter().map(Work::len).sum();
         let mut progress = crate::progress::Progress::new("tasks", Some(total));
-        let mut items = items.into_iter().peekable();
-        while let Some(item) = items.next() {
-            if self.stop.as_ref().is_some_and(Shutdown::requested) {
-                log::info!("stop requested: leaving the remaining tasks for the next run");
-                break;
-            }
-            match item {
-                Work::One(e) => {
-                    progress.tick(1);
-                    let Some(sc) = self.study_of(&e) else { continue };
-                    match e.task.clone() {
-                        Some(Task::DicPsnAvailable {
-                            bloomfilter, pseudonym, ..
-                        }) => self.dic_psn_available(sc, *e, bloomfilter, pseudonym)?,
-                        Some(Task::SendIdat {
-                            pseudonym,
-                            bloomfilter,
-                            elements,
-                            task_id,
-                            ..
-                        }) => self.send_idat(sc, *e, &task_id, pseudonym, bloomfilter, &elements)?,
-                        _ => {}
-                    }
-                }
-                Work::Batch(first) => {
-                    // Consecutive batches go through one pipeline.
-                    let mut run = vec![first];
-                    while let Some(Work::Batch(b)) = items.next_if(|w| matches!(w, Work::Batch(_))) {
-                        run.push(b);
-                    }
-                    if !self.repeat_requests(run, &mut progress)? {
-                        log::info!("stop requested: leaving the remaining tasks for the next run");
-                        break;
-                    }
-                }
-            }
+        if !self.fly(items, &mut progress)? {
+            log::info!("stop requested: leaving the remaining tasks for the next run");
         }
         progress.finish();
         self.flush()
@@ -703,101 +669,6 @@ impl<'a> Agent<'a> {
             }))?;
         }
         Ok(patient)
-    }
-
-    fn send_idat(
-        &mut self,
-        sc: &StudyClient,
-        e: LedgerEntry,
-        task_id: &crate::types::TaskId,
-        pseudonym: Option<Pseudonym>,
-        bloomfilter: Option<BloomFilter>,
-        elements: &[IdatElement],
-    ) -> Result<(), AgentError> {
-        let Some(patient) = self
-            .store
-            .find_patient(&sc.study.name, pseudonym.as_ref(), bloomfilter.as_ref())?
-        else {
-            let mut done = e;
-            done.status = Status::Pending;
-            return self.finish(
-                done,
-                "unknown_patient",
-                Some("no local patient has this pseudonym or Bloom filter".into()),
-                None,
-            );
-        };
-        let fp = patient.local_id.fingerprint();
-        if let Some(reason) = self.network_down.get(&sc.study.name).cloned() {
-            return self.finish(e, "not_attempted", Some(reason), Some(fp));
-        }
-        let resend = e.status == Status::InFlight;
-        let (resource, missing) = patient.idat.to_patient(elements);
-        if missing.len() == elements.len() {
-            // An empty Patient tells the fTTP nothing and would end the
-            // task: it waits for the data instead, as for an unknown patient.
-            let mut done = e;
-            done.status = Status::Pending;
-            log::warn!(
-                "[send_idat {}] none of the {} requested element(s) is on file for patient {fp}: import them",
-                done.display_id,
-                elements.len()
-            );
-            return self.finish(
-                done,
-                "unknown_patient",
-                Some(format!("none of the {} requested element(s) on file", elements.len())),
-                Some(fp),
-            );
-        }
-        let secrets: Vec<&str> = patient.idat.values().collect();
-        // Recorded before sending: after a crash the task is sent again
-        // (at-least-once) rather than forgotten.
-        let mut flight = e.clone();
-        batches::mark_in_flight(std::slice::from_mut(&mut flight));
-        self.buffer(Record::Progress(Progress::of(&flight)))?;
-        self.flush()?;
-        let deadline = deadline(flight.expires);
-        crashpoint::hit("send:before");
-        let result = sc
-            .client
-            .provide_patient_data(task_id, &sc.study.target, resource, &secrets, deadline);
-        crashpoint::hit("send:after");
-        let mut done = flight;
-        match result {
-            Ok(crate::client::Delivery::Accepted) => {
-                done.status = Status::Resolved;
-                let detail =
-                    (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
-                let mut rec = self.record_for(&done, "sent", detail, Some(fp));
-                rec.elements = elements.iter().map(|e| e.code().to_string()).collect();
-                rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
-                self.commit(done, "sent", rec)
-            }
-            Ok(crate::client::Delivery::ByEarlierAttempt) => self.delivered(done, &missing, fp),
-            Err(err) if resend && err.task_unknown() => self.delivered(done, &missing, fp),
-            Err(err) if err.is_final_refusal() => {
-                // Sent unchanged, it would be refused again every cycle:
-                // closed, reopened only if the patient's IDAT changes.
-                done.status = Status::Closed;
-                log::warn!(
-                    "[send_idat {}] refused for good: {err}; sent again only if the patient's data change",
-                    done.display_id
-                );
-                self.finish(done, "dispatcher_error", Some(err.to_string()), Some(fp))
-            }
-            Err(err) => {
-                self.note_network(&sc.study.name, &err);
-                // A transport failure may have happened after the dispatcher
-                // got the request: its fate is unknown, so it stays in flight.
-                done.status = if err.is_unreachable() {
-                    Status::InFlight
-                } else {
-                    Status::Failed
-                };
-                self.finish(done, "failed", Some(err.to_string()), Some(fp))
-            }
-        }
     }
 
     /// At-least-once: an earlier attempt got no answer (a crash, timeout or

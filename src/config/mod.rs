@@ -151,6 +151,11 @@ pub struct Dispatcher {
     /// Most Bloom filters sent in one `$requestPsnFromBfWorkflow` call.
     #[serde(default = "default_batch_size")]
     pub batch_size: BatchSize,
+    /// Requests in flight at once (send_idat, repeat_request batches,
+    /// enroll and update-bf): fewer when the dispatcher says it is busy
+    /// (429/503, timeouts), growing back after successes.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: InFlight,
     /// Attempts per call for transient failures (connection errors,
     /// timeouts, 408, 429, 5xx), never past the task's expiry.
     #[serde(default = "default_max_attempts")]
@@ -397,6 +402,10 @@ fn default_api_key_header() -> HeaderName {
 fn default_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_max_in_flight() -> InFlight {
+    InFlight(4)
+}
+
 fn default_batch_size() -> BatchSize {
     BatchSize(100)
 }
@@ -837,6 +846,7 @@ impl Config {
             ("dispatcher.format".into(), format!("{:?}", d.format).to_lowercase()),
             ("dispatcher.timeout".into(), fmt_dur(&d.timeout)),
             ("dispatcher.batch_size".into(), d.batch_size.0.to_string()),
+            ("dispatcher.max_in_flight".into(), d.max_in_flight.0.to_string()),
             ("dispatcher.max_attempts".into(), d.max_attempts.0.to_string()),
             ("dispatcher.retry_delay".into(), fmt_dur(&d.retry_delay)),
             ("dispatcher.max_task_attempts".into(), d.max_task_attempts.0.to_string()),

@@ -156,6 +156,15 @@ impl<'de> Deserialize<'de> for BatchSize {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight(pub usize);
+
+impl<'de> Deserialize<'de> for InFlight {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        in_range(d, "max_in_flight", 1..=16).map(|n| InFlight(n as usize))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempts(pub u32);
 
 impl<'de> Deserialize<'de> for Attempts {

@@ -86,7 +86,17 @@ pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOpt
             .headers
             .iter()
             .any(|(k, v)| k.eq_ignore_ascii_case("Connection") && v.eq_ignore_ascii_case("close"));
-        match super::handle(state, options, &req) {
+        {
+            let mut st = crate::lock(state);
+            st.in_flight += 1;
+            st.max_in_flight = st.max_in_flight.max(st.in_flight);
+        }
+        if !options.latency.is_zero() {
+            std::thread::sleep(options.latency);
+        }
+        let action = super::handle(state, options, &req);
+        crate::lock(state).in_flight -= 1;
+        match action {
             Action::Respond {
                 status,
                 content_type,

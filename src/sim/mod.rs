@@ -36,6 +36,9 @@ pub struct SimOptions {
     /// Require a bearer token from the simulator's token endpoint
     /// (`/token`, Keycloak-style form POST).
     pub oauth: Option<SimOAuth>,
+    /// Added to every answer: a gateway a WAN away (measurements at
+    /// realistic latency on loopback).
+    pub latency: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +60,7 @@ impl Default for SimOptions {
             basic: None,
             oauth: None,
             study_target: None,
+            latency: std::time::Duration::ZERO,
         }
     }
 }
@@ -162,6 +166,9 @@ pub struct SimState {
     pub tokens: Vec<String>,
     /// TCP connections accepted (keep-alive reuse shows as fewer connections than requests).
     pub connections: usize,
+    /// Requests being answered now, and the most there were at once.
+    pub in_flight: usize,
+    pub max_in_flight: usize,
     /// Token requests answered (granted or not).
     pub token_requests: usize,
     next_psn: u32,

@@ -6,7 +6,7 @@ mod common;
 use chrono::{Duration, Utc};
 use common::{Site, TARGET, bf, lines, secrets, verify, verify_with, write_lines};
 use fttp_agent::fhir::idat::{Idat, IdatElement};
-use fttp_agent::sim::{self, FaultKind};
+use fttp_agent::sim::{self, FaultKind, SimOptions};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -318,7 +318,10 @@ fn a_readable_config_with_an_inline_api_key_is_warned_about() {
 
 #[test]
 fn no_secret_reaches_any_byte_written_outside_the_store_even_at_trace_level() {
-    let site = Site::new("json");
+    // One request at a time, so that the echo below answers the request
+    // that sent what it echoes (as a gateway's would; with several at once
+    // the simulator's queued fault could meet another patient's request).
+    let site = Site::with("json", SimOptions::default(), "max_in_flight = 1");
     site.import_patients();
     let later = Utc::now() + Duration::days(1);
     let every: Vec<IdatElement> = IdatElement::ALL.to_vec();

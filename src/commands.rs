@@ -149,13 +149,28 @@ fn cycle_then(
             Err(e) => log::warn!("retention purge skipped: {e}"),
         }
     }
-    after_cycle(cfg, &store, started.elapsed().as_secs_f64(), result.is_ok(), last_purge);
+    let pace = result.as_ref().ok().map(|r| r.pace);
+    after_cycle(
+        cfg,
+        &store,
+        started.elapsed().as_secs_f64(),
+        result.is_ok(),
+        last_purge,
+        pace,
+    );
     close(store);
     Ok(result?)
 }
 
 /// Metrics and heartbeat; their failure is logged, never fatal.
-fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, last_purge: Option<chrono::DateTime<Utc>>) {
+fn after_cycle(
+    cfg: &Config,
+    store: &Store,
+    seconds: f64,
+    ok: bool,
+    last_purge: Option<chrono::DateTime<Utc>>,
+    pace: Option<crate::pace::PaceReport>,
+) {
     if let Some(path) = &cfg.log.metrics
         && let Err(e) = crate::fsutil::write_atomic(
             path,
@@ -164,6 +179,7 @@ fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, last_purge: 
                 &cfg.studies.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
                 seconds,
                 ok,
+                pace,
             )
             .as_bytes(),
             0o644,
@@ -176,6 +192,7 @@ fn after_cycle(cfg: &Config, store: &Store, seconds: f64, ok: bool, last_purge: 
         cycle_end: Utc::now(),
         cycle_ok: Some(ok),
         cycle_seconds: Some(seconds),
+        pace,
         last_success: store.last_poll().and_then(|p| p.last_ok),
         next_poll: None,
         soonest_expiry: ops::soonest_open_expiry(store),
@@ -221,6 +238,13 @@ fn report_exit(report: &CycleReport) -> u8 {
         } else {
             log::warn!("{line}");
         }
+    }
+    if report.pace.busy > 0 {
+        log::warn!(
+            "the dispatcher was busy {} time(s) this cycle (429, 503 or timeouts): down to {} request(s) in flight",
+            report.pace.busy,
+            report.pace.lowest
+        );
     }
     let counts: Vec<String> = report.counts().iter().map(|(k, v)| format!("{k}={v}")).collect();
     // Where a slow cycle spent its time; a quick one just says how long.
@@ -501,6 +525,7 @@ impl crate::serve::Views for ConfigViews {
             &names,
             heartbeat.as_ref().and_then(|h| h.cycle_seconds).unwrap_or(0.0),
             heartbeat.as_ref().and_then(|h| h.cycle_ok).unwrap_or(false),
+            heartbeat.as_ref().and_then(|h| h.pace),
         ))
     }
 }

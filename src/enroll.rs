@@ -10,6 +10,7 @@ use crate::audit::{Audit, AuditError, AuditRecord};
 use crate::bloom::RecordEncoder;
 use crate::client::{Client, ClientError};
 use crate::config::Config;
+use crate::pace::Step;
 use crate::retry::Retryable;
 use crate::shutdown::Shutdown;
 use crate::store::{EnrolmentRecord, EnrolmentStatus, PatientRecord, PseudonymRecord, Record, Store, StoreError};
@@ -142,68 +143,108 @@ pub fn enroll(
         todo.push((id, bf));
     }
     let batch_size = cfg.dispatcher.batch_size.0.max(1);
-    let mut progress = crate::progress::Progress::new("patients", Some(todo.len()));
-    for batch in todo.chunks(batch_size) {
-        if stop.is_some_and(Shutdown::requested) {
-            report.stopped = Some(Stopped::Signal);
-            break;
-        }
-        if let Err(e) = enroll_batch(cfg, client, store, audit, batch, &mut report)? {
-            report.failed += todo.len() - report.sent;
-            report.stopped = Some(Stopped::dispatcher(&e));
-            break;
-        }
-        progress.tick(batch.len());
+    let total = todo.len();
+    let mut progress = crate::progress::Progress::new("patients", Some(total));
+    let (study, target) = (cfg.study().name.as_str(), cfg.study().target.as_str());
+    let batches: Vec<Vec<(LocalId, BloomFilter)>> = todo.chunks(batch_size).map(<[_]>::to_vec).collect();
+    drop(todo);
+    let stopping = || stop.is_some_and(Shutdown::requested);
+    // Up to `max_in_flight` requests at once, started in order as the
+    // dispatcher's pace allows (see `pace::in_turn`).
+    crate::pace::in_turn(
+        client.pace(),
+        batches,
+        |batch: &mut Vec<(LocalId, BloomFilter)>| {
+            let refs: Vec<&BloomFilter> = batch.iter().map(|(_, bf)| bf).collect();
+            client.request_psn_from_bf(study, target, &refs, None)
+        },
+        stopping,
+        |step| -> Result<bool, EnrollError> {
+            match step {
+                Step::Hand(batch) => {
+                    if stopping() {
+                        report.stopped = Some(Stopped::Signal);
+                        return Ok(false);
+                    }
+                    // Recorded before the request: a crash after it resends
+                    // this filter, never another.
+                    let now = Utc::now();
+                    store.write(
+                        batch
+                            .iter()
+                            .map(|(id, bf)| enrolment(study, id, bf, EnrolmentStatus::Sending, None, now))
+                            .collect(),
+                    )?;
+                    crate::crashpoint::hit("enroll:sending");
+                    Ok(true)
+                }
+                // (Not sent: a stop came; still `sending`, sent again next time.)
+                Step::Answer(_, None) => {
+                    report.stopped = Some(Stopped::Signal);
+                    Ok(false)
+                }
+                Step::Answer(batch, Some(Err(e))) => {
+                    for (id, bf) in &batch {
+                        let mut rec = AuditRecord::new("enroll", "failed", target).in_study(study);
+                        rec.patient = Some(id.fingerprint());
+                        rec.bloomfilter = Some(bf.fingerprint());
+                        rec.detail = Some(e.to_string());
+                        audit.write(rec)?;
+                    }
+                    if report.stopped.is_none() {
+                        report.stopped = Some(Stopped::dispatcher(&e));
+                    }
+                    Ok(false)
+                }
+                Step::Answer(batch, Some(Ok(answer))) => {
+                    record_answer(study, target, store, audit, &batch, &answer, &mut report)?;
+                    progress.tick(batch.len());
+                    Ok(true)
+                }
+            }
+        },
+    )?;
+    if matches!(report.stopped, Some(Stopped::Dispatcher { .. })) {
+        report.failed += total - report.sent;
     }
     progress.finish();
     audit.sync()?;
     Ok(report)
 }
 
-fn enroll_batch(
-    cfg: &Config,
-    client: &Client,
+fn enrolment(
+    study: &str,
+    id: &LocalId,
+    bf: &BloomFilter,
+    status: EnrolmentStatus,
+    detail: Option<String>,
+    now: chrono::DateTime<Utc>,
+) -> Record {
+    Record::Enrolment(EnrolmentRecord {
+        local_id: id.clone(),
+        study: study.to_string(),
+        bloomfilter: bf.clone(),
+        status,
+        detail,
+        updated: now,
+    })
+}
+
+/// Records a batch's answer: each patient's pseudonym, clearing or error,
+/// audited before stored.
+fn record_answer(
+    study: &str,
+    target: &str,
     store: &mut Store,
     audit: &mut Audit,
     batch: &[(LocalId, BloomFilter)],
+    answer: &crate::fhir::Parameters,
     report: &mut EnrollReport,
-) -> Result<Result<(), ClientError>, EnrollError> {
-    let (study, target) = (cfg.study().name.as_str(), cfg.study().target.as_str());
+) -> Result<(), EnrollError> {
     let now = Utc::now();
-    let record = |id: &LocalId, bf: &BloomFilter, status, detail| {
-        Record::Enrolment(EnrolmentRecord {
-            local_id: id.clone(),
-            study: study.to_string(),
-            bloomfilter: bf.clone(),
-            status,
-            detail,
-            updated: now,
-        })
-    };
-    // Recorded before the request: a crash after it resends this filter, never another.
-    store.write(
-        batch
-            .iter()
-            .map(|(id, bf)| record(id, bf, EnrolmentStatus::Sending, None))
-            .collect(),
-    )?;
-    crate::crashpoint::hit("enroll:sending");
-    let refs: Vec<&BloomFilter> = batch.iter().map(|(_, bf)| bf).collect();
-    let answer = match client.request_psn_from_bf(study, target, &refs, None) {
-        Ok(a) => a,
-        Err(e) => {
-            for (id, bf) in batch {
-                let mut rec = AuditRecord::new("enroll", "failed", target).in_study(study);
-                rec.patient = Some(id.fingerprint());
-                rec.bloomfilter = Some(bf.fingerprint());
-                rec.detail = Some(e.to_string());
-                audit.write(rec)?;
-            }
-            return Ok(Err(e));
-        }
-    };
+    let record = |id: &LocalId, bf: &BloomFilter, status, detail| enrolment(study, id, bf, status, detail, now);
     report.sent += batch.len();
-    let mut answers = PsnAnswers::from_parameters(&answer);
+    let mut answers = PsnAnswers::from_parameters(answer);
     if answers.malformed > 0 {
         log::warn!("enroll: ignoring {} malformed part(s) of the answer", answers.malformed);
     }
@@ -254,7 +295,7 @@ fn enroll_batch(
     // The audit records first: what the store holds is audited.
     audit.write_out()?;
     store.write(records)?;
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// The rule every `error-code` answer follows (README, "What the agent

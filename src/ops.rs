@@ -287,6 +287,9 @@ pub struct Heartbeat {
     /// How long that cycle took (for `/metrics` between cycles).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle_seconds: Option<f64>,
+    /// How far that cycle's pace backed off, and the busy answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace: Option<crate::pace::PaceReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_success: Option<DateTime<Utc>>,
     /// When the daemon will poll next (absent for `run --once`).
@@ -643,7 +646,13 @@ pub fn status_text(r: &StatusReport) -> String {
 // ------------------------------------------------------------ metrics
 
 /// Prometheus text exposition for node_exporter's textfile collector.
-pub fn metrics(store: &Store, studies: &[&str], cycle_seconds: f64, cycle_ok: bool) -> String {
+pub fn metrics(
+    store: &Store,
+    studies: &[&str],
+    cycle_seconds: f64,
+    cycle_ok: bool,
+    pace: Option<crate::pace::PaceReport>,
+) -> String {
     let mut by: BTreeMap<(String, TaskKind, Status, String), usize> = BTreeMap::new();
     let mut open: BTreeMap<String, usize> = BTreeMap::new();
     for e in store.ledger_entries() {
@@ -710,6 +719,20 @@ pub fn metrics(store: &Store, studies: &[&str], cycle_seconds: f64, cycle_ok: bo
     s.push_str("# HELP fttp_agent_cycle_success Whether the last cycle reached the dispatcher (1) or not (0).\n");
     s.push_str("# TYPE fttp_agent_cycle_success gauge\n");
     s.push_str(&format!("fttp_agent_cycle_success {}\n", u8::from(cycle_ok)));
+    if let Some(p) = pace {
+        s.push_str(
+            "# HELP fttp_agent_requests_in_flight_lowest The fewest requests in flight the last cycle's pace came \
+             down to (max_in_flight: it never backed off).\n",
+        );
+        s.push_str("# TYPE fttp_agent_requests_in_flight_lowest gauge\n");
+        s.push_str(&format!("fttp_agent_requests_in_flight_lowest {}\n", p.lowest));
+        s.push_str(
+            "# HELP fttp_agent_busy_answers Answers of the last cycle that said the dispatcher was busy (429, 503, \
+             timeouts).\n",
+        );
+        s.push_str("# TYPE fttp_agent_busy_answers gauge\n");
+        s.push_str(&format!("fttp_agent_busy_answers {}\n", p.busy));
+    }
     s
 }
 

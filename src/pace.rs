@@ -34,7 +34,7 @@ struct State {
 }
 
 /// What a cycle saw of the pace (for its report and the metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PaceReport {
     /// The lowest limit reached (`max_in_flight` if it never backed off).
     pub lowest: usize,
@@ -165,6 +165,102 @@ impl Pace {
         st.busy = 0;
         report
     }
+}
+
+/// A step of `in_turn`, for the caller's thread.
+pub enum Step<'a, J, A> {
+    /// About to hand `J` to the network threads: true to hand it over
+    /// (its marks are on disk by then), false to stop handing over.
+    Hand(&'a mut J),
+    /// A job's answer (`None`: not sent, a stop came first); false to stop
+    /// handing over more.
+    Answer(J, Option<A>),
+}
+
+/// Requests handed over beyond those being sent, so that the network never
+/// waits for the caller's bookkeeping.
+pub const AHEAD: usize = 2;
+
+/// Sends `jobs` of one dispatcher on `pace.max()` network threads, started
+/// in the order given as `pace` allows; `main` prepares each on this
+/// thread before it is handed over and records each answer here. At most
+/// `max + AHEAD` are out at once. The first error of `main` ends the
+/// handing over; the answers of what is out are still given to `main`.
+pub fn in_turn<J: Send, A: Send, E>(
+    pace: &Pace,
+    jobs: impl IntoIterator<Item = J>,
+    send: impl Fn(&mut J) -> A + Sync,
+    stop: impl Fn() -> bool + Sync,
+    mut main: impl FnMut(Step<'_, J, A>) -> Result<bool, E>,
+) -> Result<(), E> {
+    let threads = pace.max();
+    let (to_net, net_in) = std::sync::mpsc::channel::<(J, u64)>();
+    let net_in = Mutex::new(net_in);
+    let (answer_out, answers) = std::sync::mpsc::channel::<(J, Option<A>)>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (net_in, answer_out, send, stop) = (&net_in, answer_out.clone(), &send, &stop);
+            scope.spawn(move || {
+                loop {
+                    let next = crate::lock(net_in).recv();
+                    let Ok((mut job, turn)) = next else { break };
+                    let answer = pace.start(turn, true, stop).then(|| {
+                        let a = send(&mut job);
+                        pace.finished();
+                        a
+                    });
+                    if answer_out.send((job, answer)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(answer_out);
+        let mut result = Ok(());
+        let mut out = 0usize;
+        let mut feeding = true;
+        let answered = |r: Result<bool, E>, result: &mut Result<(), E>, feeding: &mut bool| match r {
+            Ok(true) => {}
+            Ok(false) => *feeding = false,
+            Err(e) => {
+                *feeding = false;
+                if result.is_ok() {
+                    *result = Err(e);
+                }
+            }
+        };
+        for mut job in jobs {
+            while feeding && out >= threads + AHEAD {
+                let Ok((j, a)) = answers.recv() else { break };
+                out -= 1;
+                answered(main(Step::Answer(j, a)), &mut result, &mut feeding);
+            }
+            if !feeding {
+                break;
+            }
+            match main(Step::Hand(&mut job)) {
+                Ok(true) => {}
+                other => {
+                    answered(other, &mut result, &mut feeding);
+                    break;
+                }
+            }
+            if to_net.send((job, pace.take_turn())).is_err() {
+                break;
+            }
+            out += 1;
+            while let Ok((j, a)) = answers.try_recv() {
+                out -= 1;
+                answered(main(Step::Answer(j, a)), &mut result, &mut feeding);
+            }
+        }
+        drop(to_net);
+        for _ in 0..out {
+            let Ok((j, a)) = answers.recv() else { break };
+            answered(main(Step::Answer(j, a)), &mut result, &mut feeding);
+        }
+        result
+    })
 }
 
 #[cfg(test)]

@@ -81,6 +81,9 @@ pub struct CycleReport {
     /// Studies whose poll failed while others' went on: the study, what
     /// failed, and its exit code.
     pub failed_polls: Vec<(String, String, u8)>,
+    /// How far the dispatchers' pace backed off (the lowest of the
+    /// studies'), and how many answers said "busy".
+    pub pace: crate::pace::PaceReport,
 }
 
 impl CycleReport {
@@ -326,6 +329,14 @@ impl<'a> Agent<'a> {
         lap(&mut self.report.phases, "tasks");
         self.audit.sync()?;
         lap(&mut self.report.phases, "end");
+        for sc in studies {
+            let p = sc.client.pace().take_report();
+            self.report.pace.busy += p.busy;
+            self.report.pace.lowest = match self.report.pace.lowest {
+                0 => p.lowest,
+                l => l.min(p.lowest),
+            };
+        }
         crashpoint::hit("cycle:end");
         if self.poll_errors.len() == studies.len()
             && let Some((_, e)) = self.poll_errors.pop()

@@ -382,6 +382,9 @@ pub fn update_bf(
     // Filters that changed locally only, written a thousand at a time (a
     // new configuration changes every patient's).
     let mut local: Vec<Record> = Vec::new();
+    // The patients whose new filter goes to the fTTP, found first (the
+    // store is read and written here, then only the answers are written).
+    let mut to_send: Vec<(PatientRecord, BloomFilter, PseudonymRecord)> = Vec::new();
     for id in store.local_ids()? {
         if limit.is_some_and(|n| sent >= n) {
             break;
@@ -432,45 +435,80 @@ pub fn update_bf(
             continue;
         };
         sent += 1;
-        let mut rec = AuditRecord::new("update_bf", "updated", target).in_study(study);
-        rec.patient = Some(id.fingerprint());
-        rec.bloomfilter = Some(new.fingerprint());
-        match client.update_bf(study, &new, target, &psn.pseudonym.value, &version) {
-            Ok(()) => {
-                crate::crashpoint::hit("update_bf:answered");
-                // The audit record first: what the store holds is audited.
-                audit.write(rec)?;
-                audit.write_out()?;
-                store.write(vec![
-                    with_new(&p),
-                    Record::Pseudonym(PseudonymRecord {
-                        bloomfilter: new.clone(),
-                        received: Utc::now(),
-                        source: "update_bf".into(),
-                        ..psn
-                    }),
-                ])?;
-                report.updated += 1;
-            }
-            // Not this patient's fault: stop, the next run sends it again.
-            Err(e) if e.is_transient() || e.is_auth() => {
-                rec.outcome = "failed".into();
-                rec.detail = Some(e.to_string());
-                audit.write(rec)?;
-                report.failed += 1;
-                report.stopped = Some(Stopped::dispatcher(&e));
-                break;
-            }
-            Err(e) => {
-                log::warn!("[update_bf {}] refused: {e}", id.fingerprint());
-                rec.outcome = "dispatcher_error".into();
-                rec.detail = Some(e.to_string());
-                audit.write(rec)?;
-                report.refused.push((id.fingerprint(), e.to_string()));
-            }
-        }
+        to_send.push((p, new, psn));
     }
     store.write(local)?;
+    if report.stopped.is_some() {
+        audit.sync()?;
+        return Ok(report);
+    }
+    let stopping = || stop.is_some_and(Shutdown::requested);
+    // Up to `max_in_flight` at once, in turn (see `pace::in_turn`); a
+    // filter is replaced in the store only once the fTTP has taken it.
+    crate::pace::in_turn(
+        client.pace(),
+        to_send,
+        |(_, new, psn): &mut (PatientRecord, BloomFilter, PseudonymRecord)| {
+            client.update_bf(study, new, target, &psn.pseudonym.value, &version)
+        },
+        stopping,
+        |step| -> Result<bool, EnrollError> {
+            let Step::Answer((p, new, psn), answer) = step else {
+                if stopping() {
+                    report.stopped.get_or_insert(Stopped::Signal);
+                }
+                return Ok(report.stopped.is_none());
+            };
+            let Some(answer) = answer else {
+                report.stopped.get_or_insert(Stopped::Signal);
+                return Ok(false);
+            };
+            let id = &p.local_id;
+            let mut rec = AuditRecord::new("update_bf", "updated", target).in_study(study);
+            rec.patient = Some(id.fingerprint());
+            rec.bloomfilter = Some(new.fingerprint());
+            match answer {
+                Ok(()) => {
+                    crate::crashpoint::hit("update_bf:answered");
+                    // The audit record first: what the store holds is audited.
+                    audit.write(rec)?;
+                    audit.write_out()?;
+                    store.write(vec![
+                        Record::Patient(PatientRecord {
+                            bloomfilter: Some(new.clone()),
+                            updated: Utc::now(),
+                            ..p
+                        }),
+                        Record::Pseudonym(PseudonymRecord {
+                            bloomfilter: new,
+                            received: Utc::now(),
+                            source: "update_bf".into(),
+                            ..psn
+                        }),
+                    ])?;
+                    report.updated += 1;
+                    Ok(true)
+                }
+                // Not this patient's fault: stop, the next run sends it again.
+                Err(e) if e.is_transient() || e.is_auth() => {
+                    rec.outcome = "failed".into();
+                    rec.detail = Some(e.to_string());
+                    audit.write(rec)?;
+                    report.failed += 1;
+                    report.stopped.get_or_insert(Stopped::dispatcher(&e));
+                    Ok(false)
+                }
+                Err(e) => {
+                    log::warn!("[update_bf {}] refused: {e}", id.fingerprint());
+                    rec.outcome = "dispatcher_error".into();
+                    rec.detail = Some(e.to_string());
+                    audit.write(rec)?;
+                    report.refused.push((id.fingerprint(), e.to_string()));
+                    Ok(true)
+                }
+            }
+        },
+    )?;
     audit.sync()?;
     Ok(report)
 }

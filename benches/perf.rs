@@ -11,6 +11,9 @@
 //!    normalisation of `config.example.toml`.
 //! 5. Peak memory of one poll (`run --once --dry-run`) for a real 100k-task
 //!    answer and for hostile answers, next to the answer's size.
+//! 7. At WAN latency (the simulator delays every answer by 20 ms): 2,000
+//!    `send_idat`, a 100,000-task cycle and `enroll` of 100,000 patients,
+//!    with `max_in_flight` at its default (4).
 //! 6. The local gPAS service (`serve`, release binary) on a 1M-patient
 //!    store: latency of `$pseudonymize` with 1,000 originals, and requests
 //!    per second from several clients.
@@ -169,10 +172,15 @@ fn patients_csv(path: &Path, ids: impl Iterator<Item = u32>) {
 }
 
 fn write_config(dir: &Path, url: &str, batch: usize) -> PathBuf {
+    write_config_with(dir, url, batch, "")
+}
+
+/// `extra`: more `[dispatcher]` lines.
+fn write_config_with(dir: &Path, url: &str, batch: usize, extra: &str) -> PathBuf {
     StoreKey::generate(&dir.join("store.key")).unwrap_or(());
     let text = format!(
         "[dispatcher]\nurl = \"{url}\"\napi_key = \"{KEY}\"\nformat = \"xml\"\ntimeout = \"120s\"\nbatch_size = {batch}\n\
-         max_attempts = 1\n\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\npath = \"store\"\n\
+         max_attempts = 1\n{extra}\n[site]\nstudy = \"{STUDY}\"\ntarget = \"{TARGET}\"\n\n[store]\npath = \"store\"\n\
          key_file = \"store.key\"\n\n[log]\nlevel = \"info\"\naudit = \"audit.ndjson\"\n"
     );
     let path = dir.join("fttp-agent.toml");
@@ -445,6 +453,108 @@ fn store_section(n: u32, import_rows: u32) {
     let config = write_config(&dir, sim.url(), 100);
     let (wall, rss, code) = timed(&["--config", config.to_str().unwrap(), "run", "--once"]);
     println!("cycle of 1,000 tasks on this store: {wall:.2} s, peak RSS {rss:.0} MB (exit {code})");
+}
+
+/// A simulator that delays every answer by `latency`.
+fn wan_sim(latency: std::time::Duration) -> Simulator {
+    Simulator::start(SimOptions {
+        api_key: KEY.into(),
+        latency,
+        ..SimOptions::default()
+    })
+    .unwrap()
+}
+
+/// One timed `run --once` of `tasks` against a simulator at `latency`, with
+/// `extra` dispatcher settings: (wall s, peak RSS MB, exit, requests, most
+/// requests in flight at once).
+fn wan_cycle(
+    name: &str,
+    tasks: Vec<Parameter>,
+    patients: impl Iterator<Item = u32>,
+    latency: std::time::Duration,
+    extra: &str,
+) -> (f64, f64, i32, usize, usize) {
+    let dir = bench_dir(name);
+    let sim = wan_sim(latency);
+    for t in tasks {
+        sim.add_task(t);
+    }
+    let config = write_config_with(&dir, sim.url(), 100, extra);
+    let csv = dir.join("patients.csv");
+    patients_csv(&csv, patients);
+    let cfg = config.to_str().unwrap();
+    let (_, _, code) = timed(&["--config", cfg, "import", csv.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let _ = Command::new("sync").status();
+    let (wall, rss, code) = timed(&["--config", cfg, "run", "--once"]);
+    let st = sim.state();
+    (wall, rss, code, st.received.len(), st.max_in_flight)
+}
+
+fn wan_section(quick: bool) {
+    let latency = std::time::Duration::from_millis(20);
+    println!("\n## 7. At WAN latency: every answer delayed by 20 ms (release binary, max_in_flight 4)\n");
+    println!("| case | wall s | requests | most in flight | peak RSS MB | exit |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    // BENCH_WAN_CASE=send|cycle|enroll runs one case (to profile it).
+    let case = std::env::var("BENCH_WAN_CASE").unwrap_or_default();
+    let run = |c: &str| case.is_empty() || case == c;
+    let sends = if quick { 500u32 } else { 2_000 };
+    let later = Utc::now() + Duration::days(2);
+    let send_tasks = |n: u32| -> Vec<Parameter> {
+        (0..n)
+            .map(|i| {
+                sim::send_idat(
+                    &format!("task-{i}"),
+                    later + Duration::seconds(i64::from(i)),
+                    None,
+                    Some(&bf(i)),
+                    &[IdatElement::Given, IdatElement::Family, IdatElement::Birthdate],
+                )
+            })
+            .collect()
+    };
+    let mut cases: Vec<(String, u32, &str)> = vec![(format!("{sends} send_idat"), sends, "")];
+    if std::env::var_os("BENCH_WAN_SERIAL").is_some() {
+        cases.push((
+            format!("{sends} send_idat, max_in_flight 1"),
+            sends,
+            "max_in_flight = 1",
+        ));
+    }
+    for (name, n, extra) in cases.into_iter().filter(|_| run("send")) {
+        let (wall, rss, code, requests, most) = wan_cycle("wan-send", send_tasks(n), 0..n, latency, extra);
+        println!("| {name} | {wall:.2} | {requests} | {most} | {rss:.0} | {code} |");
+    }
+    let n = if quick { 10_000 } else { 100_000 };
+    if run("cycle") {
+        let (wall, rss, code, requests, most) =
+            wan_cycle("wan-cycle", tasks(n), (0..n).filter(|i| i % 1000 < 2), latency, "");
+        println!(
+            "| cycle of {n} tasks (re-keying mix, batch_size 100) | {wall:.2} | {requests} | {most} | {rss:.0} | {code} |"
+        );
+    }
+    if !run("enroll") {
+        return;
+    }
+    // enroll: every patient has a filter and no pseudonym yet.
+    let dir = bench_dir("wan-enroll");
+    let sim = wan_sim(latency);
+    let config = write_config(&dir, sim.url(), 100);
+    let csv = dir.join("patients.csv");
+    patients_csv(&csv, 0..n);
+    let cfg = config.to_str().unwrap();
+    let (_, _, code) = timed(&["--config", cfg, "import", csv.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    let _ = Command::new("sync").status();
+    let (wall, rss, code) = timed(&["--config", cfg, "enroll"]);
+    let st = sim.state();
+    println!(
+        "| enroll of {n} patients (batch_size 100) | {wall:.2} | {} | {} | {rss:.0} | {code} |",
+        st.received.len(),
+        st.max_in_flight
+    );
 }
 
 /// Starts the release binary's `serve` on `config` and returns it with
@@ -761,7 +871,7 @@ fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    // BENCH_ONLY=parse|cycle|memory|store|bloom|serve runs one section.
+    // BENCH_ONLY=parse|cycle|memory|store|bloom|serve|wan runs one section.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |s: &str| only.is_empty() || only == s;
     if run("parse") {
@@ -784,6 +894,9 @@ fn main() {
     }
     if run("bloom") {
         bloom_section(if quick { 50_000 } else { 200_000 });
+    }
+    if run("wan") {
+        wan_section(quick);
     }
     if run("serve") {
         serve_section(if quick { 100_000 } else { 1_000_000 }, if quick { 2 } else { 5 });

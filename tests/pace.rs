@@ -134,8 +134,9 @@ fn busy_answers_halve_the_requests_in_flight_and_successes_grow_them_back() {
         log.contains("dispatcher busy: down to 2 request(s) in flight (from 4)"),
         "{log}"
     );
+    // (From 2, or from 3 if a success came between the two.)
     assert!(
-        log.contains("dispatcher busy: down to 1 request(s) in flight (from 2)"),
+        log.contains("dispatcher busy: down to 1 request(s) in flight (from "),
         "{log}"
     );
     for n in 2..=4 {

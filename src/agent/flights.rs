@@ -181,9 +181,13 @@ fn send_batch(client: &Client, batch: &Batch, quiet: bool) -> Result<PsnAnswers,
 
 /// Requests handed over beyond those being sent: their marks are on disk
 /// and they start as soon as the pace allows, so the network never waits
-/// for this thread's bookkeeping (with `max_in_flight = 1`, three out at
-/// most: the pipeline of the releases before concurrency).
-const AHEAD: usize = 2;
+/// for this thread's bookkeeping, and the next group (as many as are sent
+/// at once) is marked in one transaction once that many have come back.
+/// With `max_in_flight = 1`: three out at most, one marked at a time, the
+/// pipeline of the releases before concurrency.
+fn ahead(threads: usize) -> usize {
+    2 * threads
+}
 
 /// The network threads' side: what they are handed, and what they hand back.
 struct Lines<'s> {
@@ -193,6 +197,8 @@ struct Lines<'s> {
     out: BTreeMap<String, usize>,
     /// At most this many out in all.
     max: usize,
+    /// The next group is marked once no more than this many are out.
+    refill: usize,
     _scope: std::marker::PhantomData<&'s ()>,
 }
 
@@ -264,7 +270,8 @@ impl Agent<'_> {
                 to_net,
                 answers,
                 out: BTreeMap::new(),
-                max: threads + AHEAD,
+                max: threads + ahead(threads),
+                refill: ahead(threads),
                 _scope: std::marker::PhantomData,
             };
             let fed = self.feed(items, meter, &mut lines);
@@ -283,71 +290,115 @@ impl Agent<'_> {
     }
 
     fn feed(&mut self, items: Vec<Work>, meter: &mut Meter, lines: &mut Lines<'_>) -> Result<bool, AgentError> {
-        for item in items {
-            if self.stop.as_ref().is_some_and(Shutdown::requested) {
-                return Ok(false);
+        let mut items = items.into_iter();
+        let mut group: Vec<Flight> = Vec::new();
+        let mut exhausted = false;
+        loop {
+            // As many as there is room for, their marks in one transaction:
+            // the store writes a page the group's tasks share once, not once
+            // a request.
+            let room = lines.max.saturating_sub(lines.total());
+            while group.len() < room && !exhausted {
+                if self.stop.as_ref().is_some_and(Shutdown::requested) {
+                    // (Prepared, not marked: left as they are.)
+                    return Ok(false);
+                }
+                match items.next() {
+                    None => exhausted = true,
+                    Some(item) => group.extend(self.take_flight(item, meter)?),
+                }
             }
-            let flight = match item {
-                Work::One(e) => {
-                    meter.tick(1);
-                    let Some(sc) = self.study_of(&e) else { continue };
-                    match e.task.clone() {
-                        Some(Task::DicPsnAvailable {
-                            bloomfilter, pseudonym, ..
-                        }) => {
-                            self.dic_psn_available(sc, *e, bloomfilter, pseudonym)?;
-                            None
-                        }
-                        Some(Task::SendIdat {
-                            pseudonym,
-                            bloomfilter,
-                            elements,
-                            task_id,
-                            ..
-                        }) => self
-                            .prepare_send(sc, *e, task_id, pseudonym, bloomfilter, &elements)?
-                            .map(|job| Flight::Send {
-                                job: Box::new(job),
-                                prior: Vec::new(),
-                            }),
-                        _ => None,
-                    }
+            if group.is_empty() && exhausted {
+                return Ok(true);
+            }
+            if !group.is_empty() {
+                // The marks are on disk before the requests may leave.
+                for flight in &mut group {
+                    flight.mark();
                 }
-                Work::Batch(batch) => {
-                    meter.tick(batch.entries.len());
-                    match self.network_down.get(&batch.study).cloned() {
-                        Some(reason) => {
-                            for e in batch.entries {
-                                self.finish(e, "not_attempted", Some(reason.clone()), None)?;
-                            }
-                            None
-                        }
-                        None => Some(Flight::Batch {
-                            batch,
-                            prior: Vec::new(),
-                        }),
-                    }
+                let mut records = self.audited()?;
+                for flight in &group {
+                    records.extend(flight.entries().iter().map(|e| Record::Progress(Progress::of(e))));
                 }
-            };
-            if let Some(mut flight) = flight {
-                self.wait_for_room(lines)?;
-                // The marks are on disk before the request may leave.
-                flight.mark();
-                let records = self.with_pending(flight.entries())?;
                 self.store.write(records)?;
-                let study = flight.study().to_string();
-                let turn = self.study_of_name(&study).map_or(0, |sc| sc.client.pace().take_turn());
-                if lines.to_net.send(Handed { flight, turn }).is_err() {
-                    break;
+                for flight in group.drain(..) {
+                    let study = flight.study().to_string();
+                    let turn = self.study_of_name(&study).map_or(0, |sc| sc.client.pace().take_turn());
+                    if lines.to_net.send(Handed { flight, turn }).is_err() {
+                        return Ok(true);
+                    }
+                    *lines.out.entry(study).or_insert(0) += 1;
                 }
-                *lines.out.entry(study).or_insert(0) += 1;
+            }
+            // The next group once this many are left out.
+            while lines.total() > lines.refill {
+                // (Network threads gone: the scope passes their panic on.)
+                let Ok((flight, answer)) = lines.answers.recv() else {
+                    return Ok(true);
+                };
+                self.took(lines, &flight);
+                self.record_flight(flight, answer)?;
             }
             while let Ok((flight, answer)) = lines.answers.try_recv() {
                 self.took(lines, &flight);
                 self.record_flight(flight, answer)?;
             }
         }
-        Ok(true)
+    }
+
+    /// The request an item needs, if any; a task done here and now (a
+    /// pseudonym to store, a patient not known) is recorded instead.
+    fn take_flight(&mut self, item: Work, meter: &mut Meter) -> Result<Option<Flight>, AgentError> {
+        Ok(match item {
+            Work::One(key, _) => {
+                meter.tick(1);
+                // (Gone from the ledger: nothing to do.)
+                let Some(e) = self.store.ledger(&key).cloned() else {
+                    return Ok(None);
+                };
+                let Some(sc) = self.study_of(&e) else { return Ok(None) };
+                match e.task.clone() {
+                    Some(Task::DicPsnAvailable {
+                        bloomfilter, pseudonym, ..
+                    }) => {
+                        self.dic_psn_available(sc, e, bloomfilter, pseudonym)?;
+                        None
+                    }
+                    Some(Task::SendIdat {
+                        pseudonym,
+                        bloomfilter,
+                        elements,
+                        task_id,
+                        ..
+                    }) => self
+                        .prepare_send(sc, e, task_id, pseudonym, bloomfilter, &elements)?
+                        .map(|job| Flight::Send {
+                            job: Box::new(job),
+                            prior: Vec::new(),
+                        }),
+                    _ => None,
+                }
+            }
+            Work::Batch {
+                study, target, keys, ..
+            } => {
+                meter.tick(keys.len());
+                let entries: Vec<LedgerEntry> = keys.iter().filter_map(|k| self.store.ledger(k).cloned()).collect();
+                match self.network_down.get(&study).cloned() {
+                    _ if entries.is_empty() => None,
+                    Some(reason) => {
+                        for e in entries {
+                            self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+                        }
+                        None
+                    }
+                    None => Some(Flight::Batch {
+                        batch: Batch { study, target, entries },
+                        prior: Vec::new(),
+                    }),
+                }
+            }
+        })
     }
 
     /// Counts an answered flight off.
@@ -355,20 +406,6 @@ impl Agent<'_> {
         if let Some(n) = lines.out.get_mut(flight.study()) {
             *n = n.saturating_sub(1);
         }
-    }
-
-    /// Waits (recording answers meanwhile) while as many requests are out
-    /// as may be: `max_in_flight` being sent and `AHEAD` more waiting.
-    fn wait_for_room(&mut self, lines: &mut Lines<'_>) -> Result<(), AgentError> {
-        while lines.total() >= lines.max {
-            // (Network threads gone: the scope passes their panic on.)
-            let Ok((flight, answer)) = lines.answers.recv() else {
-                return Ok(());
-            };
-            self.took(lines, &flight);
-            self.record_flight(flight, answer)?;
-        }
-        Ok(())
     }
 
     fn study_of_name(&self, name: &str) -> Option<&StudyClient> {
@@ -514,14 +551,6 @@ impl Agent<'_> {
                 self.finish(done, "failed", Some(err.to_string()), Some(fp))
             }
         }
-    }
-
-    /// The outcomes waiting to be written whose audit records are out,
-    /// then the entries' progress.
-    fn with_pending(&mut self, entries: &[LedgerEntry]) -> Result<Vec<Record>, AgentError> {
-        let mut records = self.audited()?;
-        records.extend(entries.iter().map(|e| Record::Progress(Progress::of(e))));
-        Ok(records)
     }
 
     /// Records the outcome of each task of an answered batch.

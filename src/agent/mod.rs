@@ -25,7 +25,7 @@ use std::time::Instant;
 
 mod flights;
 mod plan;
-use flights::{Batch, skipped_after};
+use flights::skipped_after;
 pub use plan::{Plan, dry_run};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,13 @@ pub struct Condition {
 pub struct CycleReport {
     /// Tasks in the dispatcher's answer.
     pub received: usize,
+    /// The first `OUTCOMES_LISTED` outcomes, one by one (the demo lists
+    /// them); every outcome is counted in the figures below.
     pub outcomes: Vec<TaskOutcome>,
+    by_outcome: BTreeMap<String, usize>,
+    conditions: BTreeMap<String, Condition>,
+    /// Outcomes that left their task open.
+    open: usize,
     /// Wall time of each phase (poll, ledger, tasks, end), for the summary
     /// line: where a slow cycle spent its time.
     pub phases: Vec<(&'static str, std::time::Duration)>,
@@ -86,33 +92,43 @@ pub struct CycleReport {
     pub pace: crate::pace::PaceReport,
 }
 
-impl CycleReport {
-    /// Tasks that are still open after this cycle (failed, waiting for a
-    /// patient, waiting out a backoff, or not reached).
-    pub fn unresolved(&self) -> usize {
-        self.outcomes.iter().filter(|o| !o.status.is_terminal()).count() + self.deferred
-    }
+/// Outcomes a cycle report lists one by one; the rest are counted only
+/// (a re-keying's 100,000 would be 10 MB held for a summary line).
+const OUTCOMES_LISTED: usize = 1000;
 
-    /// Conditions that can repeat every cycle, by outcome (`log_outcome`).
-    pub fn conditions(&self) -> BTreeMap<String, Condition> {
-        let mut m: BTreeMap<String, Condition> = BTreeMap::new();
-        for o in self.outcomes.iter().filter(|o| is_condition(o.status, &o.outcome)) {
-            let entry = m.entry(o.outcome.clone()).or_default();
+impl CycleReport {
+    /// Counts an outcome (and lists it, among the first).
+    fn add(&mut self, o: TaskOutcome) {
+        *self.by_outcome.entry(o.outcome.clone()).or_insert(0) += 1;
+        if !o.status.is_terminal() {
+            self.open += 1;
+        }
+        if is_condition(o.status, &o.outcome) {
+            let entry = self.conditions.entry(o.outcome.clone()).or_default();
             entry.count += 1;
             *entry.by_kind.entry(o.kind.as_str()).or_insert(0) += 1;
             if entry.example.is_none() {
                 entry.example.clone_from(&o.detail);
             }
         }
-        m
+        if self.outcomes.len() < OUTCOMES_LISTED {
+            self.outcomes.push(o);
+        }
+    }
+
+    /// Tasks that are still open after this cycle (failed, waiting for a
+    /// patient, waiting out a backoff, or not reached).
+    pub fn unresolved(&self) -> usize {
+        self.open + self.deferred
+    }
+
+    /// Conditions that can repeat every cycle, by outcome (`log_outcome`).
+    pub fn conditions(&self) -> BTreeMap<String, Condition> {
+        self.conditions.clone()
     }
 
     pub fn counts(&self) -> BTreeMap<String, usize> {
-        let mut m = BTreeMap::new();
-        for o in &self.outcomes {
-            *m.entry(o.outcome.clone()).or_insert(0) += 1;
-        }
-        m
+        self.by_outcome.clone()
     }
 }
 
@@ -226,26 +242,37 @@ fn error_verdict(code: &crate::tasks::ErrorCode, task: &str) -> (Status, &'stati
 /// Outcomes buffered before a write is forced.
 const BUFFER: usize = 1000;
 
-/// A unit of work: one task, or one batch of repeat_requests sent together.
-/// (The single entry is boxed: it is large next to a batch.)
+/// New ledger entries written to the store at a time while merging a poll.
+const MERGE_SLICE: usize = 10_000;
+
+/// A ledger key and its task's expiry.
+type KeyExpiry = (String, Option<DateTime<Utc>>);
+
+/// A unit of work: one task, or one batch of repeat_requests sent together,
+/// by ledger key (the entries are read when their request is prepared).
 enum Work {
-    One(Box<LedgerEntry>),
-    Batch(Batch),
+    One(String, Option<DateTime<Utc>>),
+    Batch {
+        study: String,
+        target: String,
+        keys: Vec<String>,
+        /// The soonest of its tasks' expiries.
+        expires: Option<DateTime<Utc>>,
+    },
 }
 
 impl Work {
     /// The tasks in it.
     fn len(&self) -> usize {
         match self {
-            Work::One(_) => 1,
-            Work::Batch(batch) => batch.entries.len(),
+            Work::One(..) => 1,
+            Work::Batch { keys, .. } => keys.len(),
         }
     }
 
     fn expires(&self) -> Option<DateTime<Utc>> {
         match self {
-            Work::One(e) => e.expires,
-            Work::Batch(batch) => batch.entries.iter().filter_map(|e| e.expires).min(),
+            Work::One(_, x) | Work::Batch { expires: x, .. } => *x,
         }
     }
 }
@@ -419,8 +446,22 @@ impl<'a> Agent<'a> {
     fn merge(&mut self, study: &str, parsed: Vec<Result<Task, Rejected>>) -> Result<(), AgentError> {
         let now = Utc::now();
         let mut batch: Vec<Record> = Vec::new();
-        let mut seen_now: std::collections::HashSet<String> = Default::default();
-        for item in parsed {
+        // Keys seen in this answer, by a 64-bit keyed hash (a set of 100,000
+        // keys would be 11 MB). Two keys colliding (about one answer in
+        // 10^9 at 100,000 tasks) makes the second a "duplicate" this once:
+        // the next poll hands it out again, under another hash key.
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut seen_now: std::collections::HashSet<u64> = Default::default();
+        self.store.reserve_ledger(parsed.len());
+        // (Taken from the front, the answer's buffer shrinking as it goes,
+        // so that it and the ledger entries made of it are not held twice.)
+        let mut parsed = std::collections::VecDeque::from(parsed);
+        let mut taken = 0usize;
+        while let Some(item) = parsed.pop_front() {
+            taken += 1;
+            if taken.is_multiple_of(MERGE_SLICE) {
+                parsed.shrink_to_fit();
+            }
             let (key, entry) = match item {
                 Ok(task) => {
                     let own = task.key();
@@ -461,7 +502,7 @@ impl<'a> Agent<'a> {
                     (key, entry)
                 }
             };
-            if !seen_now.insert(key.clone()) {
+            if !seen_now.insert(std::hash::BuildHasher::hash_one(&hasher, &key)) {
                 self.outcome(
                     &entry,
                     "duplicate",
@@ -503,6 +544,14 @@ impl<'a> Agent<'a> {
                     batch.push(Record::Ledger(entry));
                 }
             }
+            // (Written a slice at a time: a copy of a whole re-keying's
+            // entries on their way to the store would double its memory.
+            // A task not yet written when the process dies is handed out
+            // again by the next poll.)
+            if batch.len() >= MERGE_SLICE {
+                self.audit.write_out()?;
+                self.store.write(std::mem::take(&mut batch))?;
+            }
         }
         // (Rejected tasks' audit records before their ledger records.)
         self.audit.write_out()?;
@@ -511,8 +560,12 @@ impl<'a> Agent<'a> {
     }
 
     fn work(&mut self) -> Result<(), AgentError> {
-        // Sorted by expiry once, by reference (a ledger entry is large to
-        // move), so that each group below is in expiry order as it fills.
+        // Decided by reference, sorted by expiry once: the items hold the
+        // tasks' keys, and each entry is copied out of the ledger only when
+        // its request is prepared (at 100,000 open tasks a copy of every
+        // entry would double the cycle's memory).
+        let now = Utc::now();
+        let configured: Vec<&str> = self.studies.iter().map(|s| s.study.name.as_str()).collect();
         let mut open: Vec<&LedgerEntry> = self
             .store
             .ledger_entries()
@@ -521,47 +574,37 @@ impl<'a> Agent<'a> {
         open.sort_by(|a, b| {
             (a.expires.is_none(), a.expires, a.first_seen).cmp(&(b.expires.is_none(), b.expires, b.first_seen))
         });
-        // (Tasks of a study no longer configured wait, untouched, until it
-        // is configured again or retention purges them.)
-        let configured: Vec<&str> = self.studies.iter().map(|s| s.study.name.as_str()).collect();
-        let unconfigured = open.iter().filter(|e| !configured.contains(&e.study())).count();
-        if unconfigured > 0 {
-            log::warn!("{unconfigured} open task(s) belong to a study that is not configured; left as they are");
-        }
-        let open: Vec<LedgerEntry> = open
-            .into_iter()
-            .filter(|e| configured.contains(&e.study()))
-            .cloned()
-            .collect();
-        let now = Utc::now();
+        let mut unconfigured = 0usize;
+        let mut expired: Vec<String> = Vec::new();
+        let mut gave_up: Vec<(String, String)> = Vec::new();
         let mut items: Vec<Work> = Vec::new();
         // repeat_requests by (study, target): a handful of groups at most.
-        let mut groups: Vec<((String, String), Vec<LedgerEntry>)> = Vec::new();
+        let mut groups: Vec<((String, String), Vec<KeyExpiry>)> = Vec::new();
         for e in open {
+            // (Tasks of a study no longer configured wait, untouched, until
+            // it is configured again or retention purges them.)
+            if !configured.contains(&e.study()) {
+                unconfigured += 1;
+                continue;
+            }
             if e.expires.is_some_and(|x| x <= now) {
-                let mut done = e;
-                done.status = Status::Expired;
-                self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
+                expired.push(e.key.clone());
                 continue;
             }
-            if let Some(why) = give_up(&self.cfg.dispatcher, &e, now) {
-                let mut done = e;
-                done.status = Status::Closed;
-                log::warn!("[{} {}] gave up: {why}", done.kind.as_str(), done.display_id);
-                self.finish(done, "gave_up", Some(why), None)?;
+            if let Some(why) = give_up(&self.cfg.dispatcher, e, now) {
+                gave_up.push((e.key.clone(), why));
                 continue;
             }
-            if waits_out_backoff(&e, now, self.cfg.dispatcher.retry_delay.0) {
+            if waits_out_backoff(e, now, self.cfg.dispatcher.retry_delay.0) {
                 self.report.deferred += 1;
                 continue;
             }
             let Some(Task::RepeatRequest { target, .. }) = &e.task else {
-                items.push(Work::One(Box::new(e)));
+                items.push(Work::One(e.key.clone(), e.expires));
                 continue;
             };
             // (Batches never mix studies: grouped by the study polled.)
-            let (study, target) = (e.study().to_string(), target.value.clone().unwrap_or_default());
-            let (study, target) = (study.as_str(), target.as_str());
+            let (study, target) = (e.study(), target.value.as_deref().unwrap_or_default());
             let i = match groups.iter().position(|((s, t), _)| s == study && t == target) {
                 Some(i) => i,
                 None => {
@@ -569,18 +612,36 @@ impl<'a> Agent<'a> {
                     groups.len() - 1
                 }
             };
-            groups[i].1.push(e);
+            groups[i].1.push((e.key.clone(), e.expires));
+        }
+        if unconfigured > 0 {
+            log::warn!("{unconfigured} open task(s) belong to a study that is not configured; left as they are");
+        }
+        for key in expired {
+            if let Some(mut done) = self.store.ledger(&key).cloned() {
+                done.status = Status::Expired;
+                self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
+            }
+        }
+        for (key, why) in gave_up {
+            if let Some(mut done) = self.store.ledger(&key).cloned() {
+                done.status = Status::Closed;
+                log::warn!("[{} {}] gave up: {why}", done.kind.as_str(), done.display_id);
+                self.finish(done, "gave_up", Some(why), None)?;
+            }
         }
         groups.sort_by(|a, b| a.0.cmp(&b.0));
         let size = self.cfg.dispatcher.batch_size.0;
-        for ((study, target), entries) in groups {
-            let mut rest = entries.into_iter().peekable();
+        for ((study, target), keys) in groups {
+            let mut rest = keys.into_iter().peekable();
             while rest.peek().is_some() {
-                items.push(Work::Batch(Batch {
+                let keys: Vec<KeyExpiry> = rest.by_ref().take(size).collect();
+                items.push(Work::Batch {
                     study: study.clone(),
                     target: target.clone(),
-                    entries: rest.by_ref().take(size).collect(),
-                }));
+                    expires: keys.iter().filter_map(|(_, x)| *x).min(),
+                    keys: keys.into_iter().map(|(k, _)| k).collect(),
+                });
             }
         }
         items.sort_by_key(|w| (w.expires().is_none(), w.expires()));
@@ -761,7 +822,7 @@ impl<'a> Agent<'a> {
             self.buffer(record)?;
         }
         log_outcome(&e, outcome, e.detail.as_deref(), self.report.received > QUIET_ABOVE);
-        self.report.outcomes.push(TaskOutcome {
+        self.report.add(TaskOutcome {
             kind: e.kind,
             task: e.display_id,
             outcome: outcome.to_string(),
@@ -785,7 +846,7 @@ impl<'a> Agent<'a> {
         let detail = rec.detail.clone();
         self.audit.write(rec)?;
         log_outcome(e, outcome, detail.as_deref(), self.report.received > QUIET_ABOVE);
-        self.report.outcomes.push(TaskOutcome {
+        self.report.add(TaskOutcome {
             kind: e.kind,
             task: e.display_id.clone(),
             outcome: outcome.to_string(),

@@ -1190,6 +1190,13 @@ impl Store {
         self.ledger.get(key)
     }
 
+    /// Room in memory for `n` more ledger entries, made at once: growing
+    /// the table step by step while 100,000 tasks arrive holds the old
+    /// table and the new one at each step.
+    pub fn reserve_ledger(&mut self, n: usize) {
+        self.ledger.reserve(n);
+    }
+
     pub fn ledger_entries(&self) -> impl Iterator<Item = &LedgerEntry> {
         self.ledger.values()
     }

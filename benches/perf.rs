@@ -487,7 +487,11 @@ fn wan_cycle(
     let (_, _, code) = timed(&["--config", cfg, "import", csv.to_str().unwrap()]);
     assert_eq!(code, 0);
     let _ = Command::new("sync").status();
+    let sim_cpu = own_cpu_seconds();
     let (wall, rss, code) = timed(&["--config", cfg, "run", "--once"]);
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        eprintln!("simulator cpu {:.2} s", own_cpu_seconds() - sim_cpu);
+    }
     let st = sim.state();
     (wall, rss, code, st.received.len(), st.max_in_flight)
 }

@@ -12,10 +12,13 @@ use fttp_agent::tasks::TaskKind;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The version and the git commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("FTTP_AGENT_COMMIT"), ")");
+
 /// Site agent for the fTTP dispatcher (THS Greifswald TTP-FHIR Gateway):
 /// fetches record-linkage tasks and resolves them before they expire.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = VERSION, about, long_about = None)]
 struct Cli {
     /// Config file [default: $FTTP_AGENT_CONFIG, then ./fttp-agent.toml]
     #[arg(long, global = true)]
@@ -136,6 +139,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         html: PathBuf,
     },
+    /// Write the man pages (fttp-agent.1 and one per subcommand) into DIR
+    #[command(hide = true)]
+    Man { dir: PathBuf },
+    /// Write the shell completions (bash, zsh, fish) into DIR
+    #[command(hide = true)]
+    Completions { dir: PathBuf },
     /// Show the task ledger
     Tasks {
         /// pending, in_flight, resolved, failed, expired or rejected
@@ -347,6 +356,8 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             commands::tasks(&load(&cli)?, *status, *kind, since.as_deref(), study.as_deref(), format)
         }
         Command::Serve => commands::serve(&load(&cli)?),
+        Command::Man { dir } => man_pages(dir),
+        Command::Completions { dir } => completions(dir),
         Command::Report { html } => commands::report_html(&load(&cli)?, html),
         Command::Pseudonyms {
             study,
@@ -409,4 +420,45 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             commands::sim(options, !empty, *clearing_every)
         }
     }
+}
+
+/// The man pages, generated from the command line's own definitions (so
+/// they never drift from `--help`): fttp-agent.1, and fttp-agent-NAME.1 per
+/// subcommand (hidden ones left out).
+fn man_pages(dir: &std::path::Path) -> Result<u8, AppError> {
+    use clap::CommandFactory;
+    let io = |e: std::io::Error| AppError::Other(format!("cannot write the man pages to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let cmd = Cli::command().name("fttp-agent");
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out).map_err(io)?;
+    std::fs::write(dir.join("fttp-agent.1"), &out).map_err(io)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("fttp-agent-{}", sub.get_name());
+        let mut out = Vec::new();
+        clap_mangen::Man::new(sub.clone().name(name.clone()))
+            .render(&mut out)
+            .map_err(io)?;
+        std::fs::write(dir.join(format!("{name}.1")), &out).map_err(io)?;
+    }
+    Ok(fttp_agent::exit::OK)
+}
+
+/// Completions for bash, zsh and fish, under the names their packaged
+/// directories expect (fttp-agent, _fttp-agent, fttp-agent.fish).
+fn completions(dir: &std::path::Path) -> Result<u8, AppError> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let io = |e: std::io::Error| AppError::Other(format!("cannot write the completions to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    for (shell, file) in [
+        (Shell::Bash, "fttp-agent"),
+        (Shell::Zsh, "_fttp-agent"),
+        (Shell::Fish, "fttp-agent.fish"),
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "fttp-agent", &mut out);
+        std::fs::write(dir.join(file), &out).map_err(io)?;
+    }
+    Ok(fttp_agent::exit::OK)
 }

@@ -58,6 +58,10 @@ enum Command {
         /// List every open task (by default the 20 that expire soonest)
         #[arg(long)]
         all: bool,
+        /// Exit 1 only when critical, else 0: for container health checks,
+        /// which take any non-zero exit as unhealthy (a warning is not)
+        #[arg(long)]
+        healthcheck: bool,
     },
     /// Remove finished ledger entries older than [store] retention (the daemon does this daily)
     Purge,
@@ -328,7 +332,17 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             study,
         } => commands::run_once(&load(&cli)?, *dry_run, study.as_deref()),
         Command::Run { once: false, .. } => commands::run_daemon(&load(&cli)?),
-        Command::Status { format, all } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json), *all),
+        Command::Status {
+            format,
+            all,
+            healthcheck,
+        } => commands::status(&load(&cli)?, matches!(format, StatusFormat::Json), *all).map(|code| {
+            match (*healthcheck, code) {
+                (false, code) => code,
+                (true, 2) => 1,
+                (true, _) => 0,
+            }
+        }),
         Command::Purge => commands::purge(&load(&cli)?),
         Command::Forget { local_id, undo } => commands::forget(&load(&cli)?, local_id, *undo),
         Command::Backup { dest } => commands::backup(&load(&cli)?, dest),

@@ -507,3 +507,21 @@ fn import_shows_no_progress_when_not_on_a_terminal() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains('\r'));
     assert!(String::from_utf8_lossy(&out.stdout).contains("3000 added"));
 }
+
+#[test]
+fn status_healthcheck_exits_nonzero_only_when_critical() {
+    let site = Site::new("json");
+    // Never polled: a warning, which a container health check must not
+    // take for a failure.
+    assert_eq!(site.run(&["status"]).status.code(), Some(1));
+    assert_eq!(site.run(&["status", "--healthcheck"]).status.code(), Some(0));
+    // A store that cannot be read (another key): critical, unhealthy.
+    assert_eq!(site.cycle().0, 0);
+    fttp_agent::crypto::StoreKey::generate(&site.dir.path().join("other.key")).unwrap();
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("key_file = \"store.key\"", "key_file = \"other.key\"");
+    std::fs::write(&site.config, text).unwrap();
+    assert_eq!(site.run(&["status"]).status.code(), Some(2));
+    assert_eq!(site.run(&["status", "--healthcheck"]).status.code(), Some(1));
+}

@@ -125,7 +125,7 @@ enum Command {
         #[arg(long)]
         local_id: Option<String>,
         /// Only those received since T: RFC 3339 time, YYYY-MM-DD, or a duration back (24h, 7d)
-        #[arg(long)]
+        #[arg(long, value_parser = since_arg)]
         since: Option<String>,
         /// csv, ndjson or fhir
         #[arg(long, value_enum, default_value = "csv")]
@@ -158,7 +158,7 @@ enum Command {
         #[arg(long)]
         kind: Option<TaskKind>,
         /// Only entries changed since T: RFC 3339 time, YYYY-MM-DD, or a duration back (24h, 7d)
-        #[arg(long)]
+        #[arg(long, value_parser = since_arg)]
         since: Option<String>,
         /// table (terminal), json (one object per line) or fhir (a FHIR R4 Bundle of Task)
         #[arg(long, value_enum, default_value = "table")]
@@ -237,7 +237,7 @@ enum AuditCommand {
     /// The audit records as NDJSON (one record per line)
     Export {
         /// Only records since T: RFC 3339 time, YYYY-MM-DD, or a duration back (24h, 7d)
-        #[arg(long)]
+        #[arg(long, value_parser = since_arg)]
         since: Option<String>,
     },
 }
@@ -434,6 +434,12 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
             commands::sim(options, !empty, *clearing_every)
         }
     }
+}
+
+/// `--since T`, checked while the command line is read: a wrong form is a
+/// usage error naming the option (exit 2), before anything is opened.
+fn since_arg(s: &str) -> Result<String, String> {
+    fttp_agent::ops::parse_since(s).map(|_| s.to_string())
 }
 
 /// The man pages, generated from the command line's own definitions (so

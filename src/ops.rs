@@ -36,8 +36,12 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
     }
-    let d = crate::config::parse_duration(s)
-        .map_err(|_| format!("'{s}' is neither a time (RFC 3339), a date (YYYY-MM-DD) nor a duration (24h, 7d)"))?;
+    let d = crate::config::parse_duration(s).map_err(|_| {
+        format!(
+            "'{s}' is neither a time (RFC 3339, e.g. 2026-11-01T10:00:00Z), a date (YYYY-MM-DD) nor a \
+                 duration back from now (24h, 7d)"
+        )
+    })?;
     let d = chrono::Duration::from_std(d).map_err(|_| "duration too large".to_string())?;
     Ok(Utc::now() - d)
 }

@@ -525,3 +525,54 @@ fn status_healthcheck_exits_nonzero_only_when_critical() {
     assert_eq!(site.run(&["status"]).status.code(), Some(2));
     assert_eq!(site.run(&["status", "--healthcheck"]).status.code(), Some(1));
 }
+
+#[test]
+fn every_usage_error_says_what_was_wrong_on_stderr_and_exits_2() {
+    let site = Site::new("json");
+    // (Each: the arguments, and what stderr must name.)
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["tasks", "--since", "garbage"], &["--since", "YYYY-MM-DD", "24h"]),
+        (&["audit", "export", "--since", "nope"], &["--since", "RFC 3339"]),
+        (&["pseudonyms", "--since", "x"], &["--since", "7d"]),
+        (&["pseudonyms", "--format", "xlsx"], &["--format", "csv"]),
+        (&["tasks", "--status", "done"], &["--status", "pending"]),
+        (&["status", "--format", "yaml"], &["--format", "json"]),
+        (&["enroll", "--limit", "many"], &["--limit"]),
+        (&["run", "--once", "--study", "gecco"], &["gecco", "mii"]),
+        (&["pseudonyms", "--study", "gecco"], &["gecco", "mii"]),
+        (&["no-such-command"], &["no-such-command"]),
+    ];
+    for (args, names) in cases {
+        let out = site.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        for n in *names {
+            assert!(stderr.contains(n), "{args:?}: stderr does not name {n}: {stderr}");
+        }
+    }
+    // A configuration that cannot be read: the file and why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        .args(["--config", "/nonexistent/fttp-agent.toml", "status"])
+        .env_remove("FTTP_AGENT_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/fttp-agent.toml"), "{stderr}");
+}
+
+#[test]
+fn the_final_error_is_printed_once() {
+    let site = Site::new("json");
+    // (The dispatcher gone: the cycle fails; its error ends the command.)
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace(site.sim.url(), "http://127.0.0.1:9/ttp-fhir/fhir/dispatcher");
+    std::fs::write(&site.config, text).unwrap();
+    let out = site.run(&["run", "--once"]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(last.contains("polling failed"), "{stderr}");
+    assert_eq!(stderr.matches("polling failed").count(), 1, "{stderr}");
+}

@@ -389,24 +389,7 @@ fn store_section(n: u32, import_rows: u32) {
         let csv2 = dir.join("rest.csv");
         patients_csv(&csv2, import_rows..n);
         fttp_agent::import::import_file(&mut store, &csv2, None).unwrap();
-        let mut batch = Vec::new();
-        for i in 0..n / 10 {
-            batch.push(Record::Pseudonym(PseudonymRecord {
-                study: STUDY.into(),
-                bloomfilter: sample_bloomfilter(i),
-                target: TARGET.into(),
-                pseudonym: Pseudonym {
-                    system: Some(sim::GPAS.into()),
-                    value: format!("mii_{i:08}"),
-                },
-                received: Utc::now(),
-                source: "bench".into(),
-            }));
-            if batch.len() == 10_000 {
-                store.write(std::mem::take(&mut batch)).unwrap();
-            }
-        }
-        store.write(batch).unwrap();
+        add_pseudonyms(&mut store, n / 10);
     }
     let size: u64 = std::fs::read_dir(dir.join("store"))
         .unwrap()
@@ -596,24 +579,7 @@ fn serve_section(n: u32, seconds: u64) {
         let csv = dir.join("patients.csv");
         patients_csv(&csv, 0..n);
         fttp_agent::import::import_file(&mut store, &csv, None).unwrap();
-        let mut batch = Vec::new();
-        for i in 0..with_psn {
-            batch.push(Record::Pseudonym(PseudonymRecord {
-                study: STUDY.into(),
-                bloomfilter: sample_bloomfilter(i),
-                target: TARGET.into(),
-                pseudonym: Pseudonym {
-                    system: Some(sim::GPAS.into()),
-                    value: format!("mii_{i:08}"),
-                },
-                received: Utc::now(),
-                source: "bench".into(),
-            }));
-            if batch.len() == 10_000 {
-                store.write(std::mem::take(&mut batch)).unwrap();
-            }
-        }
-        store.write(batch).unwrap();
+        add_pseudonyms(&mut store, with_psn);
     }
     let config = write_config(&dir, "http://127.0.0.1:9", 100);
     std::fs::write(dir.join("serve.pw"), "bench-password").unwrap();
@@ -689,6 +655,29 @@ fn serve_section(n: u32, seconds: u64) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Pseudonyms `mii_00000000`.. for the first `n` sample filters, 10,000 a
+/// transaction.
+fn add_pseudonyms(store: &mut Store, n: u32) {
+    let mut batch = Vec::new();
+    for i in 0..n {
+        batch.push(Record::Pseudonym(PseudonymRecord {
+            study: STUDY.into(),
+            bloomfilter: sample_bloomfilter(i),
+            target: TARGET.into(),
+            pseudonym: Pseudonym {
+                system: Some(sim::GPAS.into()),
+                value: format!("mii_{i:08}"),
+            },
+            received: Utc::now(),
+            source: "bench".into(),
+        }));
+        if batch.len() == 10_000 {
+            store.write(std::mem::take(&mut batch)).unwrap();
+        }
+    }
+    store.write(batch).unwrap();
 }
 
 /// Invented IDAT with the characters real names bring: umlauts, titles,

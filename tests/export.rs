@@ -5,36 +5,15 @@
 mod common;
 
 use chrono::{Duration, Utc};
-use common::{STUDY, Site, TARGET, bf};
-use fttp_agent::sim;
+use common::bf;
 
 fn text(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-/// p1 by a finished clearing, p3 by a repeated request, p2 by `enroll`,
-/// and a pseudonym for a filter no local patient has.
-fn site_with_pseudonyms() -> Site {
-    let site = Site::new("json");
-    site.import_patients();
-    site.sim
-        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_CLEARED", None));
-    site.sim.add_task(sim::repeat_request(
-        STUDY,
-        &bf(3),
-        TARGET,
-        Some(Utc::now() + Duration::days(1)),
-    ));
-    site.sim
-        .add_task(sim::dic_psn_available(&bf(5), TARGET, "mii_NOBODY", None));
-    assert!(site.cycle().0 <= 1);
-    assert_eq!(site.run(&["enroll"]).status.code(), Some(0));
-    site
-}
-
 #[test]
 fn csv_lists_each_local_patients_pseudonym_with_what_delivered_it() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     let out = site.run(&["pseudonyms"]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let csv = text(&out);
@@ -79,7 +58,7 @@ fn csv_lists_each_local_patients_pseudonym_with_what_delivered_it() {
 
 #[test]
 fn ndjson_fhir_and_unmatched() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     let nd = text(&site.run(&["pseudonyms", "--format", "ndjson"]));
     let rows: Vec<serde_json::Value> = nd.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 3);

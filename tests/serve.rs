@@ -15,26 +15,6 @@ use std::process::{Child, Command, Stdio};
 
 const PASSWORD: &str = "pw-7c1e9d-local";
 
-/// p1 by a finished clearing, p3 by a repeated request, p2 by `enroll`;
-/// and a pseudonym for a filter no local patient has.
-fn site_with_pseudonyms() -> Site {
-    let site = Site::new("json");
-    site.import_patients();
-    site.sim
-        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_CLEARED", None));
-    site.sim.add_task(sim::repeat_request(
-        STUDY,
-        &bf(3),
-        TARGET,
-        Some(Utc::now() + Duration::days(1)),
-    ));
-    site.sim
-        .add_task(sim::dic_psn_available(&bf(5), TARGET, "mii_NOBODY", None));
-    assert!(site.cycle().0 <= 1);
-    assert_eq!(site.run(&["enroll"]).status.code(), Some(0));
-    site
-}
-
 /// The pseudonym the store holds for a local id, from the export.
 fn exported(site: &Site, local_id: &str) -> String {
     let out = site.run(&["pseudonyms", "--local-id", local_id, "--format", "ndjson"]);
@@ -273,7 +253,7 @@ fn audit_of(site: &Site) -> Vec<Value> {
 
 #[test]
 fn pseudonymize_answers_known_and_unknown_originals_in_json_and_xml() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     add_serve_section(&site, basic_section());
     let (p1, p2, p3) = (exported(&site, "p1"), exported(&site, "p2"), exported(&site, "p3"));
     assert_eq!(p1, "mii_CLEARED");
@@ -384,7 +364,7 @@ fn pseudonymize_answers_known_and_unknown_originals_in_json_and_xml() {
 
 #[test]
 fn metadata_lists_exactly_the_operations_enabled_and_depseudonymize_is_gated() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     add_serve_section(&site, basic_section());
     let agent = client();
     let auth = Some(basic());
@@ -446,7 +426,7 @@ fn metadata_lists_exactly_the_operations_enabled_and_depseudonymize_is_gated() {
 
 #[test]
 fn missing_or_wrong_credentials_get_401_and_are_logged_without_them() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     add_serve_section(&site, basic_section());
     let service = start(&site, &["serve"]);
     let agent = client();
@@ -478,7 +458,7 @@ fn missing_or_wrong_credentials_get_401_and_are_logged_without_them() {
 
 #[test]
 fn tls_with_client_certificates_names_the_client_and_refuses_others() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     let dir = site.dir.path();
     let server_ca = Ca::new("Site CA");
     let server = server_ca.leaf(&["localhost", "127.0.0.1"], false);
@@ -562,7 +542,7 @@ fn raw(addr: &str, bytes: &[u8]) -> (String, String) {
 
 #[test]
 fn hostile_requests_get_an_operation_outcome_that_echoes_nothing() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     add_serve_section(
         &site,
         &format!(
@@ -721,7 +701,7 @@ fn a_service_reachable_from_other_hosts_needs_tls_and_any_service_needs_authenti
 
 #[test]
 fn the_daemon_serves_while_its_cycles_and_an_import_write() {
-    let site = site_with_pseudonyms();
+    let site = common::site_with_pseudonyms();
     add_serve_section(&site, basic_section());
     let text = std::fs::read_to_string(&site.config).unwrap() + "\n[schedule]\ninterval = \"1s\"\n";
     std::fs::write(&site.config, text).unwrap();

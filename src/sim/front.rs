@@ -3,6 +3,7 @@
 //! connection fault on the real socket.
 
 use super::{Action, FaultKind, HttpRequest, SimOptions, SimState};
+use crate::serve::http::reason;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Mutex;
@@ -50,29 +51,6 @@ fn read_request(r: &mut impl BufRead) -> std::io::Result<Option<HttpRequest>> {
         headers,
         body,
     }))
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        422 => "Unprocessable Entity",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        301 => "Moved Permanently",
-        302 => "Found",
-        303 => "See Other",
-        307 => "Temporary Redirect",
-        308 => "Permanent Redirect",
-        _ => "Status",
-    }
 }
 
 pub(super) fn serve(client: TcpStream, state: &Mutex<SimState>, options: &SimOptions) {

@@ -321,3 +321,25 @@ pub fn with_studies(site: &Site, others: &[(&str, &str, &Simulator, &str)]) {
     assert!(text.contains(&site_section));
     std::fs::write(&site.config, text.replace(&site_section, &studies)).unwrap();
 }
+
+/// A store built by real cycles with a pseudonym from every source: p1 by
+/// a finished clearing (`mii_CLEARED`), p3 by a repeated request, p2 by
+/// `enroll`; and `mii_NOBODY` for a filter no local patient has.
+pub fn site_with_pseudonyms() -> Site {
+    use fttp_agent::sim;
+    let site = Site::new("json");
+    site.import_patients();
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_CLEARED", None));
+    site.sim.add_task(sim::repeat_request(
+        STUDY,
+        &bf(3),
+        TARGET,
+        Some(chrono::Utc::now() + chrono::Duration::days(1)),
+    ));
+    site.sim
+        .add_task(sim::dic_psn_available(&bf(5), TARGET, "mii_NOBODY", None));
+    assert!(site.cycle().0 <= 1);
+    assert_eq!(site.run(&["enroll"]).status.code(), Some(0));
+    site
+}

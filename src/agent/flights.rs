@@ -181,12 +181,13 @@ fn send_batch(client: &Client, batch: &Batch, quiet: bool) -> Result<PsnAnswers,
 
 /// Requests handed over beyond those being sent: their marks are on disk
 /// and they start as soon as the pace allows, so the network never waits
-/// for this thread's bookkeeping, and the next group (as many as are sent
-/// at once) is marked in one transaction once that many have come back.
-/// With `max_in_flight = 1`: three out at most, one marked at a time, the
-/// pipeline of the releases before concurrency.
+/// for this thread's bookkeeping; the next group is marked in one
+/// transaction once `ahead` have come back (fewer, larger transactions:
+/// four times as many as are sent at once measured a tenth faster than
+/// twice, at 100,000 tasks). With `max_in_flight = 1`: three out at most,
+/// one marked at a time, the pipeline of the releases before concurrency.
 fn ahead(threads: usize) -> usize {
-    2 * threads
+    if threads == 1 { 2 } else { 4 * threads }
 }
 
 /// The network threads' side: what they are handed, and what they hand back.

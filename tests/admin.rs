@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fttp-agent"));
+    let mut c = common::agent();
     c.env_remove("FTTP_AGENT_API_KEY")
         .env_remove("FTTP_AGENT_CONFIG")
         .env_remove("FTTP_AGENT_STORE_KEY_FILE");
@@ -104,7 +104,7 @@ fn a_reader_that_stops_early_ends_the_output_quietly() {
         ));
     }
     site.cycle();
-    let out = Command::new("bash")
+    let out = common::without_agent_env(&mut Command::new("bash"))
         .arg("-c")
         .arg("\"$0\" --config \"$1\" tasks --format json | head -1 >/dev/null; echo \"${PIPESTATUS[0]}\"")
         .arg(env!("CARGO_BIN_EXE_fttp-agent"))
@@ -232,7 +232,7 @@ fn status_sees_an_agent_that_stopped_polling_and_never_waits_for_a_cycle() {
         Some("$requestTasks"),
         fttp_agent::sim::FaultKind::Delay(std::time::Duration::from_secs(4)),
     );
-    let mut cycle = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let mut cycle = common::agent()
         .arg("--config")
         .arg(&site.config)
         .args(["run", "--once"])

@@ -16,7 +16,6 @@ use fttp_agent::store::Status;
 use fttp_agent::types::BloomFilter;
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 
 /// The scenario with `max_in_flight` requests at once.
 fn scenario_with(max_in_flight: usize) -> Site {
@@ -53,7 +52,7 @@ fn scenario_with(max_in_flight: usize) -> Site {
 
 /// One `run --once` that kills itself at a crash point (`point[:n]`).
 fn run_crashing_at(site: &Site, point: &str) -> std::process::ExitStatus {
-    Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    common::agent()
         .arg("--config")
         .arg(&site.config)
         .args(["run", "--once"])

@@ -554,7 +554,7 @@ fn tasks_and_check_show_what_the_agent_knows() {
 fn demo_runs_the_whole_job_on_the_embedded_default() {
     for format in ["xml", "json"] {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        let out = common::agent()
             .args(["demo", "--format", format, "--dir"])
             .arg(dir.path())
             .output()

@@ -7,7 +7,6 @@ use common::{STUDY, Site, TARGET, bf};
 use fttp_agent::store::EnrolmentStatus;
 use fttp_agent::types::{BloomFilter, LocalId};
 use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 
 /// The published vector of the Mainzelliste fTTP client's test, for
 /// firstName "Herr", lastName "Mustermann", birthDate "19200101", gender "m".
@@ -332,7 +331,7 @@ fn enroll_limit_and_an_unreachable_dispatcher_lose_nothing() {
 }
 
 fn crash(site: &Site, args: &[&str], point: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let out = common::agent()
         .arg("--config")
         .arg(&site.config)
         .args(args)
@@ -487,7 +486,7 @@ fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
         Some("$requestPsnFromBfWorkflow"),
         fttp_agent::sim::FaultKind::Delay(std::time::Duration::from_millis(1500)),
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let child = common::agent()
         .arg("--config")
         .arg(&site.config)
         .arg("enroll")

@@ -292,7 +292,7 @@ fn base64_of_len(bytes: usize) -> String {
 /// fails with EFBIG, exactly as on a full disk (SIGXFSZ ignored so that
 /// the write returns the error).
 fn cycle_with_file_limit(s: &Site, kib: u64) -> (Option<i32>, String) {
-    let out = std::process::Command::new("bash")
+    let out = common::without_agent_env(&mut std::process::Command::new("bash"))
         .arg("-c")
         .arg(format!(
             "trap '' XFSZ; ulimit -f {kib}; exec \"$0\" --config \"$1\" run --once"
@@ -399,7 +399,7 @@ fn two_agents_started_together_exactly_one_runs() {
     queue_send(&s, "once", Days::days(1));
     s.sim.push(RTASKS, FaultKind::Delay(Duration::from_millis(1500)));
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        common::agent()
             .arg("--config")
             .arg(&s.config)
             .args(["run", "--once"])

@@ -5,6 +5,8 @@
 //! against the simulator works. A crash at any point of the migration
 //! leaves the old store usable or the new one complete.
 
+mod common;
+
 use fttp_agent::crypto::StoreKey;
 use fttp_agent::sim::{self, SimOptions, Simulator};
 use fttp_agent::store::{LockMode, Store};
@@ -46,7 +48,7 @@ impl Fixture {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_fttp-agent"));
+        let mut c = common::agent();
         c.current_dir(&self.site)
             .env_remove("FTTP_AGENT_CONFIG")
             .env_remove("FTTP_AGENT_API_KEY")

@@ -254,7 +254,7 @@ fn a_loopback_dispatcher_is_never_reached_through_a_proxy() {
     queue_send(&site, "p1");
     let proxy = a_server_that_records_everything();
     // From the environment...
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let out = common::agent()
         .arg("--config")
         .arg(&site.config)
         .args(["run", "--once"])

@@ -167,7 +167,7 @@ fn the_environment_proxy_is_used_unless_no_proxy_says_otherwise() {
         "ca_file = \"ca.pem\"",
     );
     let run = |no_proxy: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        common::agent()
             .arg("--config")
             .arg(&site.config)
             .args(["run", "--once"])
@@ -285,7 +285,7 @@ fn a_refused_token_is_refreshed_once() {
     let handle = {
         let config = site.config.clone();
         std::thread::spawn(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+            common::agent()
                 .arg("--config")
                 .arg(&config)
                 .args(["run", "--once"])

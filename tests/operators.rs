@@ -551,7 +551,7 @@ fn every_usage_error_says_what_was_wrong_on_stderr_and_exits_2() {
         }
     }
     // A configuration that cannot be read: the file and why.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let out = common::agent()
         .args(["--config", "/nonexistent/fttp-agent.toml", "status"])
         .env_remove("FTTP_AGENT_CONFIG")
         .output()

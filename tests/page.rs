@@ -191,7 +191,7 @@ fn serve(site: &Site, extra: &str) -> Service {
     let log = site.dir.path().join("agent.log");
     let before = std::fs::read_to_string(&log).unwrap_or_default().len();
     let mut service = Service {
-        child: std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        child: common::agent()
             .arg("--config")
             .arg(&site.config)
             .arg("serve")

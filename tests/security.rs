@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fttp-agent"));
+    let mut c = common::agent();
     c.env_remove("FTTP_AGENT_API_KEY")
         .env_remove("FTTP_AGENT_STORE_KEY_FILE");
     c

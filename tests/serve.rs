@@ -11,7 +11,7 @@ use fttp_agent::sim;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 const PASSWORD: &str = "pw-7c1e9d-local";
 
@@ -60,7 +60,7 @@ fn basic_section() -> &'static str {
 fn start(site: &Site, args: &[&str]) -> Service {
     let log = site.dir.path().join("agent.log");
     let before = std::fs::read_to_string(&log).unwrap_or_default().len();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let mut child = common::agent()
         .arg("--config")
         .arg(&site.config)
         .args(args)

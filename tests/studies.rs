@@ -249,7 +249,7 @@ fn a_crash_mid_cycle_with_two_studies_loses_nothing_and_answers_nothing_twice() 
             sim.add_task(sim::repeat_request(study, &bf(3), target, Some(later)));
             sim.add_task(sim::dic_psn_available(&bf(1), target, &format!("{study}_P1"), None));
         }
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        let status = common::agent()
             .arg("--config")
             .arg(&site.config)
             .args(["run", "--once"])

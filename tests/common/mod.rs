@@ -130,7 +130,7 @@ impl Site {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        let out = agent()
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -163,7 +163,7 @@ impl Site {
                 .count()
         };
         let before = logged();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+        let mut child = agent()
             .arg("--config")
             .arg(&self.config)
             .arg("run")
@@ -265,7 +265,7 @@ pub fn verify(files: &[&std::path::Path], key: Option<&std::path::Path>) -> (i32
 }
 
 pub fn verify_with(files: &[&std::path::Path], key: Option<&std::path::Path>, flags: &[&str]) -> (i32, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fttp-agent"));
+    let mut c = agent();
     c.env_remove("FTTP_AGENT_API_KEY")
         .env_remove("FTTP_AGENT_STORE_KEY_FILE");
     c.args(["audit", "verify"]).args(flags).args(files);
@@ -342,4 +342,24 @@ pub fn site_with_pseudonyms() -> Site {
     assert!(site.cycle().0 <= 1);
     assert_eq!(site.run(&["enroll"]).status.code(), Some(0));
     site
+}
+
+/// The agent's binary, to be given its arguments: every test launches it
+/// through this, with no `FTTP_AGENT_*` variable of the developer's shell
+/// (a config, an API key, a key file) leaking into the run.
+pub fn agent() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fttp-agent"));
+    without_agent_env(&mut cmd);
+    cmd
+}
+
+/// `cmd` without the `FTTP_AGENT_*` variables of the test's environment
+/// (for a shell that starts the agent itself).
+pub fn without_agent_env(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FTTP_AGENT_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
 }

@@ -141,13 +141,10 @@ fn a_crash_at_any_point_loses_nothing() {
             // At-least-once: each send_idat reached the dispatcher.
             let st = site.sim.state();
             for id in ["send-a", "send-b"] {
-                let got = st.received("$providePatientData").iter().any(|r| {
-                    r.status == 200
-                        && r.parameters
-                            .as_ref()
-                            .and_then(|p| p.get("taskId").next()?.value.clone()?.as_str().map(str::to_string))
-                            == Some(id.to_string())
-                });
+                let got = st
+                    .received("$providePatientData")
+                    .iter()
+                    .any(|r| r.status == 200 && r.task_id() == Some(id));
                 assert!(got, "{point}:{n}: {id} never delivered");
             }
             drop(st);

@@ -169,20 +169,7 @@ fn expired_tasks_are_not_acted_on_and_soonest_expiry_goes_first() {
     let order: Vec<String> = st
         .received("$providePatientData")
         .iter()
-        .map(|r| {
-            r.parameters
-                .as_ref()
-                .unwrap()
-                .get("taskId")
-                .next()
-                .unwrap()
-                .value
-                .as_ref()
-                .unwrap()
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
+        .map(|r| r.task_id().unwrap().to_string())
         .collect();
     assert_eq!(order, vec!["soon", "late"]);
     drop(st);

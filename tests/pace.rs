@@ -40,10 +40,7 @@ fn sent_order(site: &Site) -> Vec<String> {
         .state()
         .received("$providePatientData")
         .iter()
-        .filter_map(|r| {
-            let p = r.parameters.as_ref()?;
-            Some(p.get("taskId").next()?.value.as_ref()?.as_str()?.to_string())
-        })
+        .filter_map(|r| Some(r.task_id()?.to_string()))
         .collect()
 }
 

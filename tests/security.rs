@@ -426,16 +426,7 @@ fn each_idat_element_alone_and_all_together_is_sent_exactly() {
     let sent = st.received("$providePatientData");
     assert_eq!(sent.len(), requests.len());
     for r in sent {
-        let params = r.parameters.as_ref().unwrap();
-        let id = params
-            .get("taskId")
-            .next()
-            .unwrap()
-            .value
-            .as_ref()
-            .unwrap()
-            .as_str()
-            .unwrap();
+        let id = r.task_id().unwrap();
         let i: usize = id.trim_start_matches("el-").parse().unwrap();
         let mut want = requests[i].clone();
         want.sort();

@@ -79,6 +79,11 @@ pub struct Received {
 }
 
 impl Received {
+    /// The taskId of a `$providePatientData` request.
+    pub fn task_id(&self) -> Option<&str> {
+        self.parameters.as_ref()?.get("taskId").next()?.value.as_ref()?.as_str()
+    }
+
     /// The Patient of a `$providePatientData` request.
     pub fn patient(&self) -> Option<&Resource> {
         self.parameters

@@ -18,6 +18,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod crypto;
 pub mod demo;
+pub mod duration;
 pub mod enroll;
 pub mod error;
 pub mod exit;

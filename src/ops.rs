@@ -36,7 +36,7 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
     }
-    let d = crate::config::parse_duration(s).map_err(|_| {
+    let d = crate::duration::parse_duration(s).map_err(|_| {
         format!(
             "'{s}' is neither a time (RFC 3339, e.g. 2026-11-01T10:00:00Z), a date (YYYY-MM-DD) nor a \
                  duration back from now (24h, 7d)"
@@ -435,7 +435,7 @@ fn stale(last_ok: DateTime<Utc>, now: DateTime<Utc>, rules: &StatusRules) -> Opt
         format!(
             "CRITICAL: no successful poll for {} ([schedule] stale_after {}): is the timer or daemon running?",
             human(now - last_ok),
-            crate::config::format_duration(rules.stale_after)
+            crate::duration::format_duration(rules.stale_after)
         )
     })
 }

@@ -11,6 +11,7 @@
 
 pub mod normalize;
 pub mod seeds;
+pub mod settings;
 
 use crate::fhir::idat::Idat;
 use crate::types::BloomFilter;

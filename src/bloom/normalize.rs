@@ -3,8 +3,8 @@
 //! chain of transformers, each doing (in this order) regex replacements,
 //! dropping characters outside an allowed pattern, upper case, trim.
 
+use super::settings::{BloomField, BloomTransformer};
 use crate::bloom::EncodeError;
-use crate::config::{BloomField, BloomTransformer};
 use crate::fhir::idat::{Idat, IdatElement};
 use regex::{Regex, RegexBuilder};
 
@@ -271,7 +271,7 @@ fn step(t: &BloomTransformer) -> Result<Step, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BloomSource, Replacements};
+    use crate::bloom::settings::{BloomSource, Replacements};
 
     fn transformer(
         replacement: &[(&str, &str)],

@@ -24,6 +24,7 @@ use crate::client::Delivery;
 use crate::fhir::Resource;
 use crate::progress::Progress as Meter;
 use crate::types::TaskId;
+use std::collections::HashMap;
 use std::sync::{Mutex, mpsc};
 
 /// A batch of `repeat_request`s for one study and target, sent together.
@@ -583,6 +584,17 @@ impl Agent<'_> {
         if malformed > 0 {
             log::warn!("[repeat_request] ignoring {malformed} malformed part(s) of the answer");
         }
+        // The patients and stored pseudonyms of the filters answered with a
+        // pseudonym, looked up together.
+        let answered: Vec<&BloomFilter> = flights
+            .iter()
+            .filter_map(|e| match &e.task {
+                Some(Task::RepeatRequest { bloomfilter, .. }) if psns.contains_key(bloomfilter) => Some(bloomfilter),
+                _ => None,
+            })
+            .collect();
+        let found = self.store.patients_and_pseudonyms(&answered, &sc.study.name)?;
+        let mut found: HashMap<BloomFilter, crate::store::Found> = answered.into_iter().cloned().zip(found).collect();
         for mut e in flights {
             // (Only the filter is needed: no copy of the whole task.)
             let Some(Task::RepeatRequest { bloomfilter, .. }) = &e.task else {
@@ -594,8 +606,9 @@ impl Agent<'_> {
                 e.status = status;
                 self.finish(e, outcome, Some(format!("whole batch refused: {code}")), None)?;
             } else if let Some(psn) = psns.remove(&bloomfilter) {
+                let (patient, known) = found.remove(&bloomfilter).unwrap_or_default();
                 let fp = self
-                    .save_pseudonym(&bloomfilter, &sc.study, psn, &e.key)?
+                    .save_known_pseudonym(&bloomfilter, &sc.study, psn, &e.key, patient, known)?
                     .map(|id| id.fingerprint());
                 let detail = fp
                     .is_none()

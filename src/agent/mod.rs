@@ -713,6 +713,20 @@ impl<'a> Agent<'a> {
         source: &str,
     ) -> Result<Option<LocalId>, AgentError> {
         let (patient, known) = self.store.patient_and_pseudonym(bf, &study.name)?;
+        self.save_known_pseudonym(bf, study, psn, source, patient, known)
+    }
+
+    /// `save_pseudonym` with the patient and the pseudonym stored for the
+    /// filter already looked up (a batch's, at once).
+    fn save_known_pseudonym(
+        &mut self,
+        bf: &BloomFilter,
+        study: &crate::config::Study,
+        psn: Pseudonym,
+        source: &str,
+        patient: Option<LocalId>,
+        known: Option<PseudonymRecord>,
+    ) -> Result<Option<LocalId>, AgentError> {
         if known.is_some_and(|p| p.pseudonym == psn) {
             return Ok(patient);
         }

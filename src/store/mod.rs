@@ -149,6 +149,10 @@ impl From<DbError> for StoreError {
     }
 }
 
+/// What the store holds for a Bloom filter: the local patient with it,
+/// and the pseudonym stored for it in a study.
+pub type Found = (Option<LocalId>, Option<PseudonymRecord>);
+
 /// How to open the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LockMode {
@@ -766,6 +770,80 @@ impl Store {
         study: &str,
     ) -> Result<(Option<LocalId>, Option<PseudonymRecord>), StoreError> {
         Ok((self.local_id_by_bloomfilter(bf)?, self.pseudonym(bf, study)?))
+    }
+
+    /// `patient_and_pseudonym` for each of `bfs`, in two statements (a
+    /// batch's answer is recorded with one lookup per table, not two per
+    /// filter); the same checks as one at a time.
+    pub fn patients_and_pseudonyms(&self, bfs: &[&BloomFilter], study: &str) -> Result<Vec<Found>, StoreError> {
+        let path = self.path();
+        let indexes: Vec<Index> = bfs.iter().map(|bf| rows::bf_index(&self.key, bf)).collect();
+        if indexes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; indexes.len()].join(",");
+        let values = || rusqlite::params_from_iter(indexes.iter().map(|i| &i[..]));
+        // The newest patient row per filter, as `patient_row` picks it.
+        let mut patients: HashMap<Index, (i64, rows::PatientRow)> = HashMap::with_capacity(indexes.len());
+        {
+            let conn = self.db.connection();
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT id_index, bf_index, id_sealed, sealed, updated, rowid FROM patients \
+                     WHERE bf_index IN ({marks})"
+                ))
+                .map_err(sql(&path, "read patients"))?;
+            let mut rows = stmt.query(values()).map_err(sql(&path, "read patients"))?;
+            while let Some(r) = rows.next().map_err(sql(&path, "read patients"))? {
+                let row = patient_row(r).map_err(sql(&path, "read patients"))?;
+                let rowid: i64 = r.get(5).map_err(sql(&path, "read patients"))?;
+                let Some(bf_index) = row.bf_index else { continue };
+                if patients.get(&bf_index).is_none_or(|(known, _)| *known < rowid) {
+                    patients.insert(bf_index, (rowid, row));
+                }
+            }
+        }
+        let mut pseudonyms: HashMap<Index, rows::PseudonymRow> = HashMap::with_capacity(indexes.len());
+        {
+            let conn = self.db.connection();
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT bf_index, study, target, psn_index, received, source, sealed FROM pseudonyms \
+                     WHERE study = ? AND bf_index IN ({marks})"
+                ))
+                .map_err(sql(&path, "read pseudonyms"))?;
+            let params = std::iter::once(rusqlite::types::Value::from(study.to_string()))
+                .chain(indexes.iter().map(|i| rusqlite::types::Value::from(i.to_vec())));
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(params))
+                .map_err(sql(&path, "read pseudonyms"))?;
+            while let Some(r) = rows.next().map_err(sql(&path, "read pseudonyms"))? {
+                let row = pseudonym_row(r).map_err(sql(&path, "read pseudonyms"))?;
+                pseudonyms.insert(row.bf_index, row);
+            }
+        }
+        let mut out = Vec::with_capacity(bfs.len());
+        for (bf, index) in bfs.iter().zip(&indexes) {
+            let id = match patients.get(index) {
+                Some((_, row)) => {
+                    let id = rows::open_local_id(&self.key, &row.id_index, &row.id_sealed).map_err(tampered(&path))?;
+                    (!self.is_forgotten(&id)).then_some(id)
+                }
+                None => None,
+            };
+            let psn = match pseudonyms.get(index) {
+                Some(row) => {
+                    let p = rows::open_pseudonym(&self.key, row).map_err(tampered(&path))?;
+                    if p.bloomfilter != **bf {
+                        return Err(tampered(&path)(OpenError::Mismatch { what: "pseudonym" }));
+                    }
+                    Some(p)
+                }
+                None => None,
+            };
+            out.push((id, psn));
+        }
+        Ok(out)
     }
 
     /// Every pseudonym, decrypted (for tests, exports and re-keying).

@@ -388,3 +388,39 @@ fn a_one_study_database_is_migrated_and_its_rows_given_to_the_configured_study()
     assert!(s.ledger("task:old").is_none());
     assert!(s.last_polls()["mii"].ok);
 }
+
+#[test]
+fn a_batch_lookup_finds_what_the_lookups_one_at_a_time_find() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    store
+        .write(vec![
+            patient("p1", b"a"),
+            patient("p2", b"b"),
+            pseudonym(b"a", "mii_A"),
+            pseudonym(b"c", "mii_C"),
+        ])
+        .unwrap();
+    assert!(store.forget(&LocalId("p2".into())).unwrap());
+    // A patient with a pseudonym, an erased one, a pseudonym without a
+    // patient, neither, and the first again.
+    let filters = [bf(b"a"), bf(b"b"), bf(b"c"), bf(b"d"), bf(b"a")];
+    let refs: Vec<&BloomFilter> = filters.iter().collect();
+    let batch = store.patients_and_pseudonyms(&refs, "mii").unwrap();
+    assert_eq!(batch.len(), filters.len());
+    for (f, found) in filters.iter().zip(&batch) {
+        assert_eq!(found, &store.patient_and_pseudonym(f, "mii").unwrap());
+    }
+    assert_eq!(batch[0].0, Some(LocalId("p1".into())));
+    assert_eq!(batch[2].1.as_ref().map(|p| p.pseudonym.value.as_str()), Some("mii_C"));
+    assert_eq!(batch[1], (None, None));
+    // Another study's pseudonyms are not this one's.
+    assert!(
+        store
+            .patients_and_pseudonyms(&refs, "napkon")
+            .unwrap()
+            .iter()
+            .all(|f| f.1.is_none())
+    );
+    assert!(store.patients_and_pseudonyms(&[], "mii").unwrap().is_empty());
+}

@@ -241,8 +241,9 @@ fn error_verdict(code: &crate::tasks::ErrorCode, task: &str) -> (Status, &'stati
 
 /// Outcomes buffered before a write is forced: enough that they usually
 /// go to the store with the next group of in-flight marks, one commit for
-/// both (1,000 doubled the commits of a 100,000-task cycle).
-const BUFFER: usize = 5000;
+/// both (1,000 doubled the commits of a 100,000-task cycle; 5,000 took its
+/// peak RSS past 150 MB).
+const BUFFER: usize = 3000;
 
 /// New ledger entries written to the store at a time while merging a poll.
 const MERGE_SLICE: usize = 10_000;

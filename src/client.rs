@@ -118,6 +118,20 @@ impl ClientError {
     }
 
     /// An answer came, but it is not the protocol (unreadable, too large).
+    /// The exit code for a dispatcher that refused or did not answer.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            // The gateway understood us and said the request is wrong:
+            // study or target unknown, a configuration problem.
+            ClientError::Status {
+                status: 400 | 404 | 422,
+                ..
+            } => crate::exit::CONFIG,
+            e if e.is_protocol() => crate::exit::PROTOCOL,
+            _ => crate::exit::DISPATCHER,
+        }
+    }
+
     pub fn is_protocol(&self) -> bool {
         matches!(self, ClientError::Decode { .. } | ClientError::TooLarge { .. })
     }

@@ -9,7 +9,7 @@ use crate::error::{AppError, exit};
 use crate::fhir::Format;
 use crate::fhir::idat::Idat;
 use crate::import::{ImportReport, import_file};
-use crate::ops;
+use crate::report;
 use crate::shutdown::Shutdown;
 use crate::sim::{SimOptions, Simulator};
 use crate::store::Record;
@@ -136,7 +136,7 @@ fn cycle_then(
 ) -> Result<CycleReport, AppError> {
     let started = std::time::Instant::now();
     let mut store = open_store(cfg, LockMode::Try)?;
-    let mut last_purge = ops::read_heartbeat(store.dir()).and_then(|h| h.last_purge);
+    let mut last_purge = report::read_heartbeat(store.dir()).and_then(|h| h.last_purge);
     let mut audit = open_audit(cfg, &mut store)?;
     let mut agent = Agent::new(cfg, clients, &mut store, &mut audit);
     if let Some(s) = stop {
@@ -174,7 +174,7 @@ fn after_cycle(
     if let Some(path) = &cfg.log.metrics
         && let Err(e) = crate::fsutil::write_atomic(
             path,
-            ops::metrics(
+            report::metrics(
                 store,
                 &cfg.studies.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
                 seconds,
@@ -187,7 +187,7 @@ fn after_cycle(
     {
         log::warn!("cannot write metrics to {}: {e}", path.display());
     }
-    let hb = ops::Heartbeat {
+    let hb = report::Heartbeat {
         pid: std::process::id(),
         cycle_end: Utc::now(),
         cycle_ok: Some(ok),
@@ -195,10 +195,10 @@ fn after_cycle(
         pace,
         last_success: store.last_poll().and_then(|p| p.last_ok),
         next_poll: None,
-        soonest_expiry: ops::soonest_open_expiry(store),
+        soonest_expiry: report::soonest_open_expiry(store),
         last_purge,
     };
-    if let Err(e) = ops::write_heartbeat(store.dir(), &hb) {
+    if let Err(e) = report::write_heartbeat(store.dir(), &hb) {
         log::warn!("cannot write the heartbeat: {e}");
     }
 }
@@ -206,7 +206,7 @@ fn after_cycle(
 /// Purges finished ledger entries older than `[store] retention`.
 pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<usize, AppError> {
     let retention = chrono::Duration::from_std(cfg.store.retention.0).unwrap_or(chrono::Duration::days(90));
-    let keys = ops::purgeable(store, Utc::now() - retention);
+    let keys = report::purgeable(store, Utc::now() - retention);
     let n = keys.len();
     if n > 0 {
         store.write(keys.into_iter().map(|key| Record::Purge { key }).collect())?;
@@ -412,7 +412,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
             }
             Err(e) => log::error!("cycle failed: {e}"),
         }
-        let heartbeat = ops::read_heartbeat(&cfg.store.path);
+        let heartbeat = report::read_heartbeat(&cfg.store.path);
         let left = heartbeat
             .as_ref()
             .and_then(|h| h.soonest_expiry)
@@ -421,7 +421,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
         log::info!("next poll in {}", humanize(next));
         if let Some(mut hb) = heartbeat {
             hb.next_poll = chrono::Duration::from_std(next).ok().map(|d| Utc::now() + d);
-            if let Err(e) = ops::write_heartbeat(&cfg.store.path, &hb) {
+            if let Err(e) = report::write_heartbeat(&cfg.store.path, &hb) {
                 log::warn!("cannot write the heartbeat: {e}");
             }
         }
@@ -511,16 +511,16 @@ impl crate::serve::Views for ConfigViews {
         status_page(&self.0)
     }
 
-    fn health(&self) -> ops::Health {
-        status_report(&self.0, false).map_or(ops::Health::Critical, |r| r.health)
+    fn health(&self) -> report::Health {
+        status_report(&self.0, false).map_or(report::Health::Critical, |r| r.health)
     }
 
     fn metrics(&self) -> Result<String, String> {
         let cfg = &self.0;
         let store = open_store(cfg, LockMode::Read).map_err(|e| e.to_string())?;
-        let heartbeat = ops::read_heartbeat(&cfg.store.path);
+        let heartbeat = report::read_heartbeat(&cfg.store.path);
         let names: Vec<&str> = cfg.studies.iter().map(|s| s.name.as_str()).collect();
-        Ok(ops::metrics(
+        Ok(report::metrics(
             &store,
             &names,
             heartbeat.as_ref().and_then(|h| h.cycle_seconds).unwrap_or(0.0),
@@ -559,7 +559,7 @@ pub fn poll_delay(interval: Duration, left: Option<Duration>, jitter: f64) -> Du
 }
 
 fn humanize(d: Duration) -> String {
-    ops::human(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
+    crate::duration::format_left(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
 }
 
 pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {
@@ -900,7 +900,10 @@ pub fn tasks(
     study: Option<&str>,
     format: TasksFormat,
 ) -> Result<u8, AppError> {
-    let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
+    let since = since
+        .map(crate::duration::parse_since)
+        .transpose()
+        .map_err(AppError::Usage)?;
     if let Some(name) = study {
         cfg.find_study(name).map_err(AppError::Usage)?;
     }
@@ -914,16 +917,19 @@ pub fn tasks(
         .collect();
     entries.sort_by_key(|e| (e.first_seen, e.key.clone()));
     match format {
-        TasksFormat::Table => print!("{}", ops::table(&entries)),
+        TasksFormat::Table => print!("{}", report::table(&entries)),
         TasksFormat::Json => {
             for e in &entries {
                 println!(
                     "{}",
-                    serde_json::to_string(&ops::TaskLine::from(*e)).unwrap_or_default()
+                    serde_json::to_string(&report::TaskLine::from(*e)).unwrap_or_default()
                 );
             }
         }
-        TasksFormat::Fhir => println!("{}", crate::fhir::json::to_string_pretty(&ops::fhir_bundle(&entries))),
+        TasksFormat::Fhir => println!(
+            "{}",
+            crate::fhir::json::to_string_pretty(&report::fhir_bundle(&entries))
+        ),
     }
     Ok(exit::OK)
 }
@@ -931,22 +937,22 @@ pub fn tasks(
 /// Health for people and for monitoring (Nagios/Icinga, systemd):
 /// exit 0 ok, 1 warning, 2 critical.
 /// What `status` reports on an open store (also the page's and `/health`'s).
-fn status_of(cfg: &Config, store: &Store, heartbeat: Option<&ops::Heartbeat>, all: bool) -> ops::StatusReport {
-    let rules = ops::StatusRules {
+fn status_of(cfg: &Config, store: &Store, heartbeat: Option<&report::Heartbeat>, all: bool) -> report::StatusReport {
+    let rules = report::StatusRules {
         stale_after: cfg.schedule.stale_after(),
         list_at_most: (!all).then_some(20),
         warn_before: cfg.schedule.warn_before.0,
         critical_failed_polls: cfg.schedule.critical_failed_polls,
     };
-    let mut report = ops::status(store, heartbeat, &rules);
+    let mut report = report::status(store, heartbeat, &rules);
     let names: Vec<&str> = cfg.studies.iter().map(|s| s.name.as_str()).collect();
-    report.studies = ops::study_status(store, &names);
+    report.studies = report::study_status(store, &names);
     let head = crate::audit::saved_head(&cfg.audit_path());
     if let Some(d) = store.diverges_from(
         head.as_ref().and_then(|h| h.store_generation),
         head.as_ref().and_then(|h| h.seq),
     ) {
-        report.health = report.health.max(ops::Health::Critical);
+        report.health = report.health.max(report::Health::Critical);
         report.warnings.insert(
             0,
             format!("{d}: the agent refuses to run until it is resolved (--accept-restore)"),
@@ -967,8 +973,8 @@ fn status_of(cfg: &Config, store: &Store, heartbeat: Option<&ops::Heartbeat>, al
 /// The status report, or the critical message of a store that cannot be
 /// read. Never waits for a running cycle (monitoring wants an answer within
 /// seconds): a reader sees its last committed write.
-fn status_report(cfg: &Config, all: bool) -> Result<ops::StatusReport, String> {
-    let heartbeat = ops::read_heartbeat(&cfg.store.path);
+fn status_report(cfg: &Config, all: bool) -> Result<report::StatusReport, String> {
+    let heartbeat = report::read_heartbeat(&cfg.store.path);
     match open_store(cfg, LockMode::Read) {
         Ok(store) => Ok(status_of(cfg, &store, heartbeat.as_ref(), all)),
         Err(e) => Err(format!("CRITICAL: cannot read the store: {e}")),
@@ -984,13 +990,13 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
             } else {
                 println!("fttp-agent status: CRITICAL\n{message}");
             }
-            return Ok(ops::Health::Critical.exit_code());
+            return Ok(report::Health::Critical.exit_code());
         }
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
-        print!("{}", ops::status_text(&report));
+        print!("{}", report::status_text(&report));
     }
     Ok(report.health.exit_code())
 }
@@ -998,7 +1004,7 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
 /// The status page (`report --html`, `GET /`): gathered from a reader of
 /// the store, the status report and the audit log.
 pub fn status_page(cfg: &Config) -> String {
-    let heartbeat = ops::read_heartbeat(&cfg.store.path);
+    let heartbeat = report::read_heartbeat(&cfg.store.path);
     let opened = open_store(cfg, LockMode::Read).map_err(|e| e.to_string());
     let report = opened
         .as_ref()
@@ -1051,7 +1057,10 @@ fn write_report_file(cfg: &Config) {
 
 /// The audit records as NDJSON (one record per line), from `since` on.
 pub fn audit_export(cfg: &Config, since: Option<&str>) -> Result<u8, AppError> {
-    let since = since.map(ops::parse_since).transpose().map_err(AppError::Usage)?;
+    let since = since
+        .map(crate::duration::parse_since)
+        .transpose()
+        .map_err(AppError::Usage)?;
     // The rotated files first, oldest first, then the current one.
     let (files, compressed) = crate::audit::rotated_files(&cfg.audit_path());
     for gz in &compressed {
@@ -1142,7 +1151,7 @@ struct PseudonymRow {
 pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymFormat) -> Result<u8, AppError> {
     let since = filter
         .since
-        .map(ops::parse_since)
+        .map(crate::duration::parse_since)
         .transpose()
         .map_err(AppError::Usage)?;
     if let Some(name) = filter.study {
@@ -1177,7 +1186,7 @@ pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymF
             target: p.target,
             pseudonym_system: p.pseudonym.system.unwrap_or_default(),
             pseudonym: p.pseudonym.value,
-            received_at: ops::ts(p.received),
+            received_at: crate::duration::ts(p.received),
             source,
         });
     }
@@ -1255,7 +1264,7 @@ pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymF
         used.push("one local id".to_string());
     }
     if let Some(t) = since {
-        used.push(format!("since {}", ops::ts(t)));
+        used.push(format!("since {}", crate::duration::ts(t)));
     }
     if filter.unmatched {
         used.push("unmatched".to_string());

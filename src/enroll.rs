@@ -81,7 +81,7 @@ impl Stopped {
     fn dispatcher(e: &ClientError) -> Stopped {
         Stopped::Dispatcher {
             reason: e.to_string(),
-            exit: crate::exit::for_dispatcher(e),
+            exit: e.exit_code(),
         }
     }
 }

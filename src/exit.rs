@@ -33,17 +33,3 @@ pub fn worst(a: u8, b: u8) -> u8 {
     };
     if rank(b) > rank(a) { b } else { a }
 }
-
-/// The exit code for a dispatcher that refused or did not answer.
-pub fn for_dispatcher(e: &crate::client::ClientError) -> u8 {
-    match e {
-        // The gateway understood us and said the request is wrong:
-        // study or target unknown, a configuration problem.
-        crate::client::ClientError::Status {
-            status: 400 | 404 | 422,
-            ..
-        } => CONFIG,
-        e if e.is_protocol() => PROTOCOL,
-        _ => DISPATCHER,
-    }
-}

@@ -439,7 +439,7 @@ fn dispatch(cli: Cli) -> Result<u8, AppError> {
 /// `--since T`, checked while the command line is read: a wrong form is a
 /// usage error naming the option (exit 2), before anything is opened.
 fn since_arg(s: &str) -> Result<String, String> {
-    fttp_agent::ops::parse_since(s).map(|_| s.to_string())
+    fttp_agent::duration::parse_since(s).map(|_| s.to_string())
 }
 
 /// The man pages, generated from the command line's own definitions (so

@@ -8,7 +8,7 @@
 //! `render` turns it into HTML, escaping every value.
 
 use crate::audit::{Chain, Verdict};
-use crate::ops::{Health, Heartbeat, StatusReport};
+use crate::report::{Health, Heartbeat, StatusReport};
 use crate::store::Store;
 use chrono::{DateTime, Local, NaiveDate, Utc};
 use std::collections::BTreeMap;
@@ -382,7 +382,7 @@ fn left(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     if d < chrono::Duration::zero() {
         "past".into()
     } else {
-        crate::ops::human(d)
+        crate::duration::format_left(d)
     }
 }
 

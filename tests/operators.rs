@@ -7,7 +7,7 @@ use chrono::{Duration, Utc};
 use common::{Site, TARGET, bf, secrets, stop_daemon};
 use fttp_agent::fhir::element::Value;
 use fttp_agent::fhir::idat::IdatElement;
-use fttp_agent::ops::TaskLine;
+use fttp_agent::report::TaskLine;
 use fttp_agent::sim::{self, FaultKind};
 use fttp_agent::store::Status;
 use std::time::Duration as StdDuration;
@@ -473,7 +473,7 @@ fn the_daemon_writes_a_heartbeat_and_reopens_its_log_on_sighup() {
     wait("heartbeat with next poll", &|| {
         std::fs::read_to_string(&hb_path).is_ok_and(|t| t.contains("next_poll"))
     });
-    let hb: fttp_agent::ops::Heartbeat = serde_json::from_str(&std::fs::read_to_string(&hb_path).unwrap()).unwrap();
+    let hb: fttp_agent::report::Heartbeat = serde_json::from_str(&std::fs::read_to_string(&hb_path).unwrap()).unwrap();
     assert_eq!(hb.pid, daemon.id());
     assert!(hb.last_success.is_some());
     // logrotate moves the file away and sends SIGHUP.

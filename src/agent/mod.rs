@@ -9,8 +9,8 @@ use crate::audit::{Audit, AuditError, AuditRecord};
 use crate::client::{Client, ClientError};
 use crate::config::Config;
 use crate::crashpoint;
+use crate::duration::ts;
 use crate::fhir::idat::IdatElement;
-use crate::ops::ts;
 use crate::shutdown::Shutdown;
 use crate::store::records::ledger_key;
 use crate::store::{
@@ -41,7 +41,7 @@ pub enum AgentError {
 impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Poll(e) => crate::exit::for_dispatcher(e),
+            AgentError::Poll(e) => e.exit_code(),
             AgentError::Store(e) => e.exit_code(),
             AgentError::Audit(e) => e.exit_code(),
         }
@@ -377,7 +377,7 @@ impl<'a> Agent<'a> {
         self.report.failed_polls = self
             .poll_errors
             .iter()
-            .map(|(study, e)| (study.clone(), e.to_string(), crate::exit::for_dispatcher(e)))
+            .map(|(study, e)| (study.clone(), e.to_string(), e.exit_code()))
             .collect();
         Ok(self.report)
     }

@@ -5,8 +5,7 @@ use super::element::{Child, Node, Primitive, Resource, Value};
 use super::schema::{self, JsonKind};
 use serde_json::{Map, Value as J};
 
-/// Deeper than any legitimate dispatcher message; bounds recursion on hostile input.
-pub const MAX_DEPTH: usize = 64;
+use super::limits::MAX_DEPTH;
 
 pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
     let value: J = parse_strict(bytes).map_err(|e| FhirError::Json {

@@ -11,6 +11,9 @@
 
 use super::{FhirError, Format};
 
+/// Deeper than any legitimate dispatcher message; bounds recursion on hostile input.
+pub const MAX_DEPTH: usize = 64;
+
 /// JSON objects and arrays.
 pub const MAX_JSON_CONTAINERS: usize = 2_000_000;
 /// JSON values of any kind (containers plus scalars).

@@ -1,10 +1,12 @@
 //! FHIR R4 as the dispatcher speaks it: Parameters, the Idat Patient and
 //! OperationOutcome, in JSON and XML.
 
+pub mod codec;
 pub mod codes;
 pub mod element;
 pub mod fast;
 pub mod idat;
+pub mod intern;
 pub mod json;
 pub mod limits;
 pub mod outcome;

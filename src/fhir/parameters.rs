@@ -1,7 +1,8 @@
 //! The FHIR `Parameters` resource (https://hl7.org/fhir/R4/parameters.html).
 
 use super::element::{Node, Primitive, Resource, Value};
-use super::{FhirError, Format, schema};
+use super::intern::{intern, intern_name};
+use super::{FhirError, schema};
 use std::borrow::Cow;
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -175,52 +176,10 @@ impl Parameters {
         }
         r
     }
-
-    /// Reads a Parameters document: the fast path for the common shape,
-    /// the generic element tree for anything else (same result either way).
-    pub fn parse(format: Format, body: &[u8]) -> Result<Parameters, FhirError> {
-        // JSON is counted before serde builds anything; the XML scanner
-        // bounds what it builds itself, so the usual document is read once
-        // (the generic reader counts before it parses).
-        match format {
-            Format::Json => {
-                super::limits::check(format, body)?;
-                match super::fast::parameters_json(body) {
-                    Some(p) => Ok(p),
-                    // (Counted already: not a second time.)
-                    None => Parameters::from_resource(&super::json::parse(body)?),
-                }
-            }
-            Format::Xml => match super::fast::parameters_xml(body) {
-                Some(p) => Ok(p),
-                None => Parameters::parse_generic(format, body),
-            },
-        }
-    }
-
-    /// The generic reader alone (the reference the fast paths are tested against).
-    pub fn parse_generic(format: Format, body: &[u8]) -> Result<Parameters, FhirError> {
-        Parameters::from_resource(&super::parse_resource(format, body)?)
-    }
-
-    pub fn to_json(&self) -> String {
-        super::fast::write_json(self).unwrap_or_else(|| super::json::to_string(&self.to_resource()))
-    }
-
-    pub fn to_xml(&self) -> String {
-        super::fast::write_xml(self).unwrap_or_else(|| super::xml::to_string(&self.to_resource()))
-    }
-
-    pub fn write(&self, format: Format) -> String {
-        match format {
-            Format::Json => self.to_json(),
-            Format::Xml => self.to_xml(),
-        }
-    }
 }
 
 fn parameter_from_node(n: &Node, path: &str, depth: usize) -> Result<Parameter, FhirError> {
-    if depth > super::json::MAX_DEPTH {
+    if depth > super::limits::MAX_DEPTH {
         return Err(FhirError::TooDeep { path: path.to_string() });
     }
     let name = n
@@ -352,74 +311,5 @@ impl ParamValue {
             ParamValue::Primitive { value, .. } => Some(value),
             _ => None,
         }
-    }
-}
-
-/// The FHIR primitive type names as static strings (no allocation per value).
-pub(crate) fn intern(ty: &str) -> Cow<'static, str> {
-    const NAMES: &[&str] = &[
-        "string",
-        "id",
-        "instant",
-        "base64Binary",
-        "code",
-        "uri",
-        "url",
-        "canonical",
-        "dateTime",
-        "date",
-        "time",
-        "boolean",
-        "integer",
-        "decimal",
-        "positiveInt",
-        "unsignedInt",
-        "markdown",
-        "oid",
-        "uuid",
-        "integer64",
-        "xhtml",
-        "Identifier",
-        "Coding",
-        "CodeableConcept",
-        "Reference",
-        "Period",
-        "Address",
-        "HumanName",
-        "Quantity",
-        "Attachment",
-        "ContactPoint",
-    ];
-    intern_in(NAMES, ty)
-}
-
-/// The parameter names of the dispatcher operations as static strings.
-pub(crate) fn intern_name(name: &str) -> Cow<'static, str> {
-    const NAMES: &[&str] = &[
-        "dic_psn_available",
-        "send_idat",
-        "repeat_request",
-        "expires",
-        "bloomfilter",
-        "target",
-        "pseudonym",
-        "taskId",
-        "element",
-        "study",
-        "patient",
-        "pseudonym-bf",
-        "error",
-        "error-code",
-        "all",
-        "apikey",
-    ];
-    intern_in(NAMES, name)
-}
-
-/// `s` as one of the static `known` strings if it is one (no allocation).
-fn intern_in(known: &[&'static str], s: &str) -> Cow<'static, str> {
-    match known.iter().find(|n| **n == s) {
-        Some(n) => Cow::Borrowed(n),
-        None => Cow::Owned(s.to_string()),
     }
 }

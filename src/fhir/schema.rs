@@ -525,7 +525,7 @@ pub fn child(parent: &str, name: &str) -> Option<ChildInfo> {
             {
                 return Some(ChildInfo {
                     order,
-                    ty: super::parameters::intern(&ty),
+                    ty: super::intern::intern(&ty),
                     array: def.array,
                 });
             }

@@ -9,7 +9,7 @@
 
 use super::FhirError;
 use super::element::{Child, Node, Primitive, Resource, Value};
-use super::json::MAX_DEPTH;
+use super::limits::MAX_DEPTH;
 use super::schema;
 use quick_xml::NsReader;
 use quick_xml::events::{BytesStart, Event};

@@ -103,7 +103,7 @@ pub trait Views: Send + Sync {
     /// The status page's HTML (see `page`).
     fn page(&self) -> String;
     /// The health `status` decides.
-    fn health(&self) -> crate::ops::Health;
+    fn health(&self) -> crate::report::Health;
     /// The Prometheus text the metrics file holds.
     fn metrics(&self) -> Result<String, String>;
 }
@@ -514,11 +514,11 @@ impl Ctx<'_> {
             "/health" => {
                 let health = views.health();
                 let word = match health {
-                    crate::ops::Health::Ok => "ok",
-                    crate::ops::Health::Warning => "warning",
-                    crate::ops::Health::Critical => "critical",
+                    crate::report::Health::Ok => "ok",
+                    crate::report::Health::Warning => "warning",
+                    crate::report::Health::Critical => "critical",
                 };
-                let status = if health == crate::ops::Health::Critical {
+                let status = if health == crate::report::Health::Critical {
                     503
                 } else {
                     200

@@ -110,7 +110,7 @@ impl<'de> Visitor<'de> for ParamVisitor {
         }
         let name = name.ok_or_else(|| A::Error::custom("a parameter without name"))?;
         Ok(Param(Parameter {
-            name: crate::fhir::parameters::intern_name(&name),
+            name: crate::fhir::intern::intern_name(&name),
             value,
             resource: None,
             // (Same size as Parameter: collected in place, not copied.)

@@ -242,8 +242,8 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
                 }
                 name = Some(match attr {
                     // The usual case: a known name, no escapes, no allocation.
-                    Some(("value", raw)) if !raw.contains('&') => crate::fhir::parameters::intern_name(raw),
-                    other => crate::fhir::parameters::intern_name(&value_of(other)??),
+                    Some(("value", raw)) if !raw.contains('&') => crate::fhir::intern::intern_name(raw),
+                    other => crate::fhir::intern::intern_name(&value_of(other)??),
                 });
             }
             Tag::Empty("valueIdentifier", None) if p.value.is_none() => {

@@ -3,6 +3,7 @@
 //! hash and patients by fingerprint; they never hold IDAT, API keys or raw
 //! Bloom filters.
 
+use crate::vocab::{AuditKind, Outcome};
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
@@ -76,11 +77,26 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    pub fn new(kind: &str, outcome: &str, target: &str) -> Self {
+    /// The record's kind, if this version knows it (records are read back
+    /// from logs other versions may have written: the text is kept).
+    pub fn kind(&self) -> Option<AuditKind> {
+        AuditKind::parse(&self.kind)
+    }
+
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = outcome.as_str().to_string();
+    }
+
+    /// The record's outcome, if this version knows it.
+    pub fn outcome(&self) -> Option<Outcome> {
+        Outcome::parse(&self.outcome)
+    }
+
+    pub fn new(kind: impl Into<AuditKind>, outcome: Outcome, target: &str) -> Self {
         AuditRecord {
             ts: Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
-            kind: kind.to_string(),
-            outcome: outcome.to_string(),
+            kind: kind.into().as_str().to_string(),
+            outcome: outcome.as_str().to_string(),
             target: target.to_string(),
             ..Default::default()
         }
@@ -851,7 +867,7 @@ mod tests {
     use super::*;
 
     fn record(n: usize) -> AuditRecord {
-        let mut rec = AuditRecord::new("repeat_request", "stored", "dic_test");
+        let mut rec = AuditRecord::new(AuditKind::RepeatRequest, Outcome::Stored, "dic_test");
         rec.task = Some(format!("{n:019}"));
         rec
     }

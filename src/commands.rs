@@ -14,6 +14,7 @@ use crate::shutdown::Shutdown;
 use crate::sim::{SimOptions, Simulator};
 use crate::store::Record;
 use crate::store::{LockMode, Status, Store, StoreError};
+use crate::vocab::{AuditKind, Outcome};
 use crate::{demo, tasks::TaskKind};
 use chrono::Utc;
 use std::path::Path;
@@ -30,7 +31,8 @@ pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
         let study = cfg.study().name.clone();
         if store.adopt_legacy(&study)? {
             let mut audit = open_audit(cfg, &mut store)?;
-            let mut rec = AuditRecord::new("store", "study_assigned", cfg.study().target.as_str()).in_study(&study);
+            let mut rec = AuditRecord::new(AuditKind::Store, Outcome::StudyAssigned, cfg.study().target.as_str())
+                .in_study(&study);
             rec.detail = Some(format!(
                 "the store's pseudonyms, enrolments and tasks from before several studies belong to study {study}"
             ));
@@ -77,7 +79,7 @@ fn check_restored(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
     }
     store.accept_restore(generation, seq)?;
     let mut audit = open_audit(cfg, store)?;
-    let mut rec = AuditRecord::new("store", "restore_accepted", cfg.study().target.as_str());
+    let mut rec = AuditRecord::new(AuditKind::Store, Outcome::RestoreAccepted, cfg.study().target.as_str());
     rec.detail = Some(format!("{divergence}; taken as it is (--accept-restore)"));
     audit.write(rec)?;
     audit.sync()?;
@@ -93,7 +95,7 @@ fn finish_migration(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
         return Ok(());
     };
     let mut audit = open_audit(cfg, store)?;
-    let mut rec = AuditRecord::new("store", "migrated", cfg.study().target.as_str());
+    let mut rec = AuditRecord::new(AuditKind::Store, Outcome::Migrated, cfg.study().target.as_str());
     rec.detail = Some(format!("store files converted to the database: {}", report.describe()));
     audit.write(rec)?;
     audit.sync()?;
@@ -210,7 +212,7 @@ pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<u
     let n = keys.len();
     if n > 0 {
         store.write(keys.into_iter().map(|key| Record::Purge { key }).collect())?;
-        let mut rec = AuditRecord::new("purge", "purged", cfg.study().target.as_str());
+        let mut rec = AuditRecord::new(AuditKind::Purge, Outcome::Purged, cfg.study().target.as_str());
         rec.tasks = Some(n);
         rec.detail = Some(format!(
             "finished ledger entries older than {}",
@@ -233,7 +235,7 @@ fn report_exit(report: &CycleReport) -> u8 {
         let kinds: Vec<String> = c.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let example = c.example.map(|d| format!("; e.g. {d}")).unwrap_or_default();
         let line = format!("{} task(s) {outcome} ({}){example}", c.count, kinds.join(", "));
-        if outcome == "duplicate" {
+        if outcome == Outcome::Duplicate {
             log::info!("{line}");
         } else {
             log::warn!("{line}");
@@ -1255,7 +1257,7 @@ pub fn pseudonyms(cfg: &Config, filter: &PseudonymFilter<'_>, format: PseudonymF
     }
     drop(out);
     drop(store);
-    let mut rec = AuditRecord::new("export", "pseudonyms", cfg.study().target.as_str());
+    let mut rec = AuditRecord::new(AuditKind::Export, Outcome::Pseudonyms, cfg.study().target.as_str());
     let mut used = Vec::new();
     if let Some(s) = filter.study {
         used.push(format!("study {s}"));
@@ -1304,7 +1306,7 @@ pub fn backup(cfg: &Config, dest: &Path) -> Result<u8, AppError> {
         file.display(),
         std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0)
     );
-    let mut rec = AuditRecord::new("store", "backed_up", cfg.study().target.as_str());
+    let mut rec = AuditRecord::new(AuditKind::Store, Outcome::BackedUp, cfg.study().target.as_str());
     rec.detail = Some(format!("a copy of the store was written to {}", dest.display()));
     audit_after_reading(cfg, rec)?;
     Ok(exit::OK)
@@ -1320,8 +1322,12 @@ pub fn forget(cfg: &Config, local_id: &str, undo: bool) -> Result<u8, AppError> 
     if undo {
         let taken_back = store.unforget(&id)?;
         let mut rec = AuditRecord::new(
-            "forget",
-            if taken_back { "undone" } else { "not_forgotten" },
+            AuditKind::Forget,
+            if taken_back {
+                Outcome::Undone
+            } else {
+                Outcome::NotForgotten
+            },
             cfg.study().target.as_str(),
         );
         rec.patient = Some(id.fingerprint());
@@ -1339,8 +1345,8 @@ pub fn forget(cfg: &Config, local_id: &str, undo: bool) -> Result<u8, AppError> 
     }
     let erased = store.forget(&id)?;
     let mut rec = AuditRecord::new(
-        "forget",
-        if erased { "erased" } else { "not_found" },
+        AuditKind::Forget,
+        if erased { Outcome::Erased } else { Outcome::NotFound },
         cfg.study().target.as_str(),
     );
     rec.patient = Some(id.fingerprint());

@@ -16,6 +16,7 @@ use crate::shutdown::Shutdown;
 use crate::store::{EnrolmentRecord, EnrolmentStatus, PatientRecord, PseudonymRecord, Record, Store, StoreError};
 use crate::tasks::PsnAnswers;
 use crate::types::{BloomFilter, LocalId};
+use crate::vocab::{AuditKind, Outcome};
 use chrono::Utc;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +186,7 @@ pub fn enroll(
                 }
                 Step::Answer(batch, Some(Err(e))) => {
                     for (id, bf) in &batch {
-                        let mut rec = AuditRecord::new("enroll", "failed", target).in_study(study);
+                        let mut rec = AuditRecord::new(AuditKind::Enroll, Outcome::Failed, target).in_study(study);
                         rec.patient = Some(id.fingerprint());
                         rec.bloomfilter = Some(bf.fingerprint());
                         rec.detail = Some(e.to_string());
@@ -262,12 +263,12 @@ fn record_answer(
                 received: now,
                 source: "enroll".into(),
             }));
-            ("enrolled", EnrolmentStatus::Enrolled, None)
+            (Outcome::Enrolled, EnrolmentStatus::Enrolled, None)
         } else if let Some(code) = answers.errors.get(bf) {
             let (outcome, status) = enrolment_verdict(code);
             (outcome, status, Some(format!("error code {code}")))
         } else {
-            ("clearing", EnrolmentStatus::Clearing, None)
+            (Outcome::Clearing, EnrolmentStatus::Clearing, None)
         };
         match status {
             EnrolmentStatus::Enrolled => report.enrolled += 1,
@@ -275,7 +276,7 @@ fn record_answer(
             EnrolmentStatus::Retry => report.retry += 1,
             _ => report.errors += 1,
         }
-        let mut rec = AuditRecord::new("enroll", outcome, target).in_study(study);
+        let mut rec = AuditRecord::new(AuditKind::Enroll, outcome, target).in_study(study);
         rec.patient = Some(id.fingerprint());
         rec.bloomfilter = Some(bf.fingerprint());
         rec.detail = detail.clone();
@@ -302,17 +303,17 @@ fn record_answer(
 /// does with each answer"): transient -> sent again by the next `enroll`;
 /// anything else final (an unknown code too: `enroll` is run by hand, and
 /// `--retry-errors` sends it again).
-fn enrolment_verdict(code: &crate::tasks::ErrorCode) -> (&'static str, EnrolmentStatus) {
+fn enrolment_verdict(code: &crate::tasks::ErrorCode) -> (Outcome, EnrolmentStatus) {
     use crate::fhir::outcome::ErrorClass;
     match code.class() {
-        ErrorClass::Transient => ("transient_error", EnrolmentStatus::Retry),
+        ErrorClass::Transient => (Outcome::TransientError, EnrolmentStatus::Retry),
         ErrorClass::Final { security: true } => {
             log::warn!(
                 "enroll: the dispatcher refused on security grounds ({code}): check the API key and the site's rights"
             );
-            ("dispatcher_error", EnrolmentStatus::Error)
+            (Outcome::DispatcherError, EnrolmentStatus::Error)
         }
-        ErrorClass::Final { .. } | ErrorClass::Unknown => ("dispatcher_error", EnrolmentStatus::Error),
+        ErrorClass::Final { .. } | ErrorClass::Unknown => (Outcome::DispatcherError, EnrolmentStatus::Error),
     }
 }
 
@@ -464,7 +465,7 @@ pub fn update_bf(
                 return Ok(false);
             };
             let id = &p.local_id;
-            let mut rec = AuditRecord::new("update_bf", "updated", target).in_study(study);
+            let mut rec = AuditRecord::new(AuditKind::UpdateBf, Outcome::Updated, target).in_study(study);
             rec.patient = Some(id.fingerprint());
             rec.bloomfilter = Some(new.fingerprint());
             match answer {
@@ -491,7 +492,7 @@ pub fn update_bf(
                 }
                 // Not this patient's fault: stop, the next run sends it again.
                 Err(e) if e.is_transient() || e.is_auth() => {
-                    rec.outcome = "failed".into();
+                    rec.set_outcome(Outcome::Failed);
                     rec.detail = Some(e.to_string());
                     audit.write(rec)?;
                     report.failed += 1;
@@ -500,7 +501,7 @@ pub fn update_bf(
                 }
                 Err(e) => {
                     log::warn!("[update_bf {}] refused: {e}", id.fingerprint());
-                    rec.outcome = "dispatcher_error".into();
+                    rec.set_outcome(Outcome::DispatcherError);
                     rec.detail = Some(e.to_string());
                     audit.write(rec)?;
                     report.refused.push((id.fingerprint(), e.to_string()));

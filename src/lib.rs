@@ -43,6 +43,7 @@ pub mod sim;
 pub mod store;
 pub mod tasks;
 pub mod types;
+pub mod vocab;
 
 /// Locks a mutex, carrying on past a poisoned one: the data behind our
 /// locks (a log file, a token cache, the simulator's state) stays usable

@@ -10,6 +10,7 @@
 use crate::audit::{Chain, Verdict};
 use crate::report::{Health, Heartbeat, StatusReport};
 use crate::store::Store;
+use crate::vocab::{AuditKind, Outcome};
 use chrono::{DateTime, Local, NaiveDate, Utc};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ pub struct StudyPage {
     /// Open tasks, soonest expiry first.
     pub open: Vec<OpenTask>,
     /// Ledger entries by (kind, outcome).
-    pub counts: BTreeMap<(String, String), usize>,
+    pub counts: BTreeMap<(String, Outcome), usize>,
     /// Outcomes per day, oldest first, `DAYS` of them (the audit log's).
     pub days: Vec<Day>,
 }
@@ -58,7 +59,7 @@ pub struct OpenTask {
     /// Of the task's Bloom filter, where it has one.
     pub fingerprint: Option<String>,
     pub status: String,
-    pub outcome: String,
+    pub outcome: Outcome,
     pub expires: Option<DateTime<Utc>>,
     /// It expires before the next poll: lost unless something is done.
     pub before_next_poll: bool,
@@ -98,17 +99,16 @@ pub struct Sources<'a> {
 }
 
 /// The category an outcome counts in on the chart.
-fn category(outcome: &str) -> Option<usize> {
+fn category(outcome: Outcome) -> Option<usize> {
+    use Outcome as O;
     Some(match outcome {
-        "stored" | "sent" | "resolved" | "already_delivered" | "requested" | "enrolled" | "updated" => 0,
-        "failed" | "dispatcher_error" | "gave_up" | "error" => 1,
-        "expired" => 2,
-        "duplicate" | "rejected" | "unknown_patient" | "not_attempted" | "waiting" => 3,
+        O::Stored | O::Sent | O::Delivered | O::Clearing | O::Enrolled | O::Updated => 0,
+        O::Failed | O::DispatcherError | O::TransientError | O::UnknownError | O::GaveUp => 1,
+        O::Expired => 2,
+        O::Duplicate | O::Rejected | O::UnknownPatient | O::NotAttempted | O::Reopened => 3,
         _ => return None,
     })
 }
-
-const TASK_KINDS: [&str; 3] = ["dic_psn_available", "send_idat", "repeat_request"];
 
 #[derive(serde::Deserialize)]
 struct AuditLine<'a> {
@@ -170,7 +170,7 @@ pub fn gather(src: &Sources<'_>) -> Page {
                 for e in store.ledger_entries().filter(|e| e.study() == name) {
                     *study
                         .counts
-                        .entry((e.kind.as_str().to_string(), e.outcome.clone()))
+                        .entry((e.kind.as_str().to_string(), e.outcome))
                         .or_insert(0) += 1;
                     if e.status.is_terminal() {
                         continue;
@@ -180,7 +180,7 @@ pub fn gather(src: &Sources<'_>) -> Page {
                         task: e.display_id.clone(),
                         fingerprint: e.task.as_ref().and_then(task_fingerprint),
                         status: e.status.as_str().to_string(),
-                        outcome: e.outcome.clone(),
+                        outcome: e.outcome,
                         expires: e.expires,
                         before_next_poll: matches!((e.expires, next_poll), (Some(x), Some(n)) if x <= n),
                     });
@@ -280,15 +280,18 @@ fn audit_days(files: &[PathBuf], first_day: NaiveDate) -> (BTreeMap<DayKey, Day>
                 continue;
             };
             let day = days.entry((rec.study.map(str::to_string), date)).or_default();
-            if rec.kind == "poll" {
-                day.failed_polls += usize::from(rec.outcome == "failed");
-            } else if TASK_KINDS.contains(&rec.kind) {
-                match category(rec.outcome) {
-                    Some(0) => day.done += 1,
-                    Some(1) => day.failed += 1,
-                    Some(2) => day.expired += 1,
-                    _ => day.other += 1,
+            let outcome = Outcome::parse(rec.outcome);
+            match AuditKind::parse(rec.kind) {
+                Some(AuditKind::Poll) => day.failed_polls += usize::from(outcome == Some(Outcome::Failed)),
+                Some(AuditKind::DicPsnAvailable | AuditKind::SendIdat | AuditKind::RepeatRequest) => {
+                    match outcome.and_then(category) {
+                        Some(0) => day.done += 1,
+                        Some(1) => day.failed += 1,
+                        Some(2) => day.expired += 1,
+                        _ => day.other += 1,
+                    }
                 }
+                _ => {}
             }
         }
     }
@@ -611,7 +614,7 @@ fn study_section(study: &StudyPage, i: usize, now: DateTime<Utc>) -> String {
                 esc(&t.task),
                 esc(t.fingerprint.as_deref().unwrap_or("-")),
                 esc(&t.status),
-                esc(&t.outcome),
+                t.outcome.as_str(),
                 t.expires.map_or("no expiry".to_string(), when),
                 match (t.expires, t.before_next_poll) {
                     (Some(x), true) => format!("<span class=\"mark\">⚠ {} (before the next poll)</span>", left(x, now)),
@@ -637,7 +640,7 @@ fn study_section(study: &StudyPage, i: usize, now: DateTime<Utc>) -> String {
             s.push_str(&format!(
                 "<tr><td>{}</td><td>{}</td><td class=\"n\">{n}</td></tr>",
                 esc(kind),
-                esc(outcome)
+                outcome.as_str()
             ));
         }
         s.push_str("</tbody></table></div>");
@@ -702,11 +705,11 @@ mod tests {
                     task: "t-1".into(),
                     fingerprint: Some("bf:0123".into()),
                     status: "pending".into(),
-                    outcome: "failed".into(),
+                    outcome: Outcome::Failed,
                     expires: Some(now + chrono::Duration::hours(1)),
                     before_next_poll: true,
                 }],
-                counts: [(("send_idat".to_string(), "failed".to_string()), 1)].into(),
+                counts: [(("send_idat".to_string(), Outcome::Failed), 1)].into(),
                 days: (0..DAYS)
                     .map(|i| Day {
                         done: i,

@@ -71,9 +71,9 @@ fn assert_audited(site: &Site, context: &str) {
         .filter_map(|r| Some((r["task"].as_str()?.to_string(), r["outcome"].as_str()?.to_string())))
         .collect();
     for e in site.store().ledger_entries() {
-        if e.outcome != "received" && e.status != Status::InFlight {
+        if e.outcome.as_str() != "received" && e.status != Status::InFlight {
             assert!(
-                audited.contains(&(e.display_id.clone(), e.outcome.clone())),
+                audited.contains(&(e.display_id.clone(), e.outcome.to_string())),
                 "{context}: the store holds {} {} ({:?}), the audit log does not",
                 e.display_id,
                 e.outcome,
@@ -125,7 +125,7 @@ fn a_crash_at_any_point_loses_nothing() {
             let open: Vec<_> = store
                 .ledger_entries()
                 .filter(|e| e.status != Status::Resolved)
-                .map(|e| (e.display_id.clone(), e.status, e.outcome.clone()))
+                .map(|e| (e.display_id.clone(), e.status, e.outcome))
                 .collect();
             assert!(open.is_empty(), "{point}:{n}: unresolved {open:?}");
             assert_eq!(store.ledger_entries().count(), 5, "{point}:{n}");

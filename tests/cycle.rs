@@ -277,7 +277,7 @@ fn a_500_is_reported_and_the_next_cycle_recovers() {
     assert!(out.contains("HTTP 500") && out.contains("database down"), "{out}");
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().ledger("mii/task:t500").unwrap().outcome, "sent");
+    assert_eq!(site.store().ledger("mii/task:t500").unwrap().outcome.as_str(), "sent");
 }
 
 #[test]
@@ -333,7 +333,7 @@ fn an_unknown_patient_stays_pending_until_imported() {
     site.import_patients();
     let (code, out) = site.cycle();
     assert_eq!(code, 0, "{out}");
-    assert_eq!(site.store().ledger(&entry.key).unwrap().outcome, "stored");
+    assert_eq!(site.store().ledger(&entry.key).unwrap().outcome.as_str(), "stored");
 }
 
 #[test]

@@ -286,7 +286,7 @@ fn an_old_write_replayed_after_forget_does_not_bring_the_patient_back() {
     );
     assert_eq!(code, 1, "{out}");
     assert_eq!(
-        site.store().ledger("mii/task:replayed").unwrap().outcome,
+        site.store().ledger("mii/task:replayed").unwrap().outcome.as_str(),
         "unknown_patient"
     );
 }

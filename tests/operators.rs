@@ -186,7 +186,7 @@ fn tasks_as_json_lines_and_filters() {
     assert!(
         lines
             .iter()
-            .any(|l| l.task == "t-resolved" && l.status == "resolved" && l.outcome == "sent")
+            .any(|l| l.task == "t-resolved" && l.status == "resolved" && l.outcome.as_str() == "sent")
     );
     let (_, out) = stdout(&site, &["tasks", "--format", "json", "--status", "failed"]);
     assert_eq!(out.lines().count(), 1);

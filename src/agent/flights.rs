@@ -24,6 +24,7 @@ use crate::client::Delivery;
 use crate::fhir::Resource;
 use crate::progress::Progress as Meter;
 use crate::types::TaskId;
+use crate::vocab::Outcome;
 use std::collections::HashMap;
 use std::sync::{Mutex, mpsc};
 
@@ -390,7 +391,7 @@ impl Agent<'_> {
                     _ if entries.is_empty() => None,
                     Some(reason) => {
                         for e in entries {
-                            self.finish(e, "not_attempted", Some(reason.clone()), None)?;
+                            self.finish(e, Outcome::NotAttempted, Some(reason.clone()), None)?;
                         }
                         None
                     }
@@ -434,7 +435,7 @@ impl Agent<'_> {
             done.status = Status::Pending;
             self.finish(
                 done,
-                "unknown_patient",
+                Outcome::UnknownPatient,
                 Some("no local patient has this pseudonym or Bloom filter".into()),
                 None,
             )?;
@@ -442,7 +443,7 @@ impl Agent<'_> {
         };
         let fp = patient.local_id.fingerprint();
         if let Some(reason) = self.network_down.get(&sc.study.name).cloned() {
-            self.finish(e, "not_attempted", Some(reason), Some(fp))?;
+            self.finish(e, Outcome::NotAttempted, Some(reason), Some(fp))?;
             return Ok(None);
         }
         let resend = e.status == Status::InFlight;
@@ -459,7 +460,7 @@ impl Agent<'_> {
             );
             self.finish(
                 done,
-                "unknown_patient",
+                Outcome::UnknownPatient,
                 Some(format!("none of the {} requested element(s) on file", elements.len())),
                 Some(fp),
             )?;
@@ -503,7 +504,7 @@ impl Agent<'_> {
                     Flight::Send { job, .. } => (vec![job.entry], Some(job.fp)),
                 };
                 for e in entries {
-                    self.finish(e, "not_attempted", Some(reason.clone()), fp.clone())?;
+                    self.finish(e, Outcome::NotAttempted, Some(reason.clone()), fp.clone())?;
                 }
                 Ok(())
             }
@@ -526,9 +527,9 @@ impl Agent<'_> {
                 done.status = Status::Resolved;
                 let detail =
                     (!missing.is_empty()).then(|| format!("{} requested element(s) not on file", missing.len()));
-                let mut rec = self.record_for(&done, "sent", detail, Some(fp));
+                let mut rec = self.record_for(&done, Outcome::Sent, detail, Some(fp));
                 rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
-                self.commit(done, "sent", rec)
+                self.commit(done, Outcome::Sent, rec)
             }
             Ok(Delivery::ByEarlierAttempt) => self.delivered(done, &missing, fp),
             Err(err) if resend && err.task_unknown() => self.delivered(done, &missing, fp),
@@ -540,7 +541,7 @@ impl Agent<'_> {
                     "[send_idat {}] refused for good: {err}; sent again only if the patient's data change",
                     done.display_id
                 );
-                self.finish(done, "dispatcher_error", Some(err.to_string()), Some(fp))
+                self.finish(done, Outcome::DispatcherError, Some(err.to_string()), Some(fp))
             }
             Err(err) => {
                 // A transport failure may have happened after the dispatcher
@@ -550,7 +551,7 @@ impl Agent<'_> {
                 } else {
                     Status::Failed
                 };
-                self.finish(done, "failed", Some(err.to_string()), Some(fp))
+                self.finish(done, Outcome::Failed, Some(err.to_string()), Some(fp))
             }
         }
     }
@@ -570,7 +571,7 @@ impl Agent<'_> {
             Err(err) => {
                 for mut e in flights {
                     e.status = Status::Failed;
-                    self.finish(e, "failed", Some(err.to_string()), None)?;
+                    self.finish(e, Outcome::Failed, Some(err.to_string()), None)?;
                 }
                 return Ok(());
             }
@@ -614,7 +615,7 @@ impl Agent<'_> {
                     .is_none()
                     .then(|| "no local patient has this Bloom filter; pseudonym kept".to_string());
                 e.status = Status::Resolved;
-                self.finish(e, "stored", detail, fp)?;
+                self.finish(e, Outcome::Stored, detail, fp)?;
             } else if let Some(code) = errors.get(&bloomfilter) {
                 let (status, outcome) = super::error_verdict(code, &e.display_id);
                 e.status = status;
@@ -626,7 +627,7 @@ impl Agent<'_> {
                 e.status = Status::Resolved;
                 self.finish(
                     e,
-                    "clearing",
+                    Outcome::Clearing,
                     Some("in clearing at the fTTP: the pseudonym follows as a dic_psn_available task".into()),
                     None,
                 )?;

@@ -19,6 +19,7 @@ use crate::store::{
 };
 use crate::tasks::{PsnAnswers, Rejected, Task, TaskKind};
 use crate::types::{BloomFilter, LocalId, Pseudonym};
+use crate::vocab::{AuditKind, Outcome};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -53,7 +54,7 @@ impl AgentError {
 pub struct TaskOutcome {
     pub kind: TaskKind,
     pub task: String,
-    pub outcome: String,
+    pub outcome: Outcome,
     pub status: Status,
     pub detail: Option<String>,
 }
@@ -74,8 +75,8 @@ pub struct CycleReport {
     /// The first `OUTCOMES_LISTED` outcomes, one by one (the demo lists
     /// them); every outcome is counted in the figures below.
     pub outcomes: Vec<TaskOutcome>,
-    by_outcome: BTreeMap<String, usize>,
-    conditions: BTreeMap<String, Condition>,
+    by_outcome: BTreeMap<Outcome, usize>,
+    conditions: BTreeMap<Outcome, Condition>,
     /// Outcomes that left their task open.
     open: usize,
     /// Wall time of each phase (poll, ledger, tasks, end), for the summary
@@ -99,12 +100,12 @@ const OUTCOMES_LISTED: usize = 1000;
 impl CycleReport {
     /// Counts an outcome (and lists it, among the first).
     fn add(&mut self, o: TaskOutcome) {
-        *self.by_outcome.entry(o.outcome.clone()).or_insert(0) += 1;
+        *self.by_outcome.entry(o.outcome).or_insert(0) += 1;
         if !o.status.is_terminal() {
             self.open += 1;
         }
-        if is_condition(o.status, &o.outcome) {
-            let entry = self.conditions.entry(o.outcome.clone()).or_default();
+        if is_condition(o.status, o.outcome) {
+            let entry = self.conditions.entry(o.outcome).or_default();
             entry.count += 1;
             *entry.by_kind.entry(o.kind.as_str()).or_insert(0) += 1;
             if entry.example.is_none() {
@@ -123,11 +124,11 @@ impl CycleReport {
     }
 
     /// Conditions that can repeat every cycle, by outcome (`log_outcome`).
-    pub fn conditions(&self) -> BTreeMap<String, Condition> {
+    pub fn conditions(&self) -> BTreeMap<Outcome, Condition> {
         self.conditions.clone()
     }
 
-    pub fn counts(&self) -> BTreeMap<String, usize> {
+    pub fn counts(&self) -> BTreeMap<Outcome, usize> {
         self.by_outcome.clone()
     }
 }
@@ -183,7 +184,7 @@ pub struct Agent<'a> {
 /// guide allows it) would otherwise be tried forever, and so would one
 /// answered with an error code nobody knows.
 fn give_up(d: &crate::config::Dispatcher, e: &LedgerEntry, now: chrono::DateTime<Utc>) -> Option<String> {
-    let unknown_error = e.outcome == "unknown_error";
+    let unknown_error = e.outcome == Outcome::UnknownError;
     if e.expires.is_some() && !unknown_error {
         return None;
     }
@@ -211,7 +212,7 @@ fn give_up(d: &crate::config::Dispatcher, e: &LedgerEntry, now: chrono::DateTime
 /// it is tried again: `[dispatcher] retry_delay` after the first attempt,
 /// doubling with each attempt, at most a day; its expiry still bounds it.
 fn waits_out_backoff(e: &LedgerEntry, now: chrono::DateTime<Utc>, base: std::time::Duration) -> bool {
-    if e.status != Status::Failed || !matches!(e.outcome.as_str(), "transient_error" | "unknown_error") {
+    if e.status != Status::Failed || !e.outcome.backs_off() {
         return false;
     }
     let wait = base
@@ -222,11 +223,11 @@ fn waits_out_backoff(e: &LedgerEntry, now: chrono::DateTime<Utc>, base: std::tim
 
 /// The ledger status and outcome for an `error-code` answer (README, "What
 /// the agent does with each answer").
-fn error_verdict(code: &crate::tasks::ErrorCode, task: &str) -> (Status, &'static str) {
+fn error_verdict(code: &crate::tasks::ErrorCode, task: &str) -> (Status, Outcome) {
     use crate::fhir::outcome::ErrorClass;
     match code.class() {
-        ErrorClass::Transient => (Status::Failed, "transient_error"),
-        ErrorClass::Unknown => (Status::Failed, "unknown_error"),
+        ErrorClass::Transient => (Status::Failed, Outcome::TransientError),
+        ErrorClass::Unknown => (Status::Failed, Outcome::UnknownError),
         ErrorClass::Final { security } => {
             if security {
                 log::warn!(
@@ -234,7 +235,7 @@ fn error_verdict(code: &crate::tasks::ErrorCode, task: &str) -> (Status, &'stati
                      and the site's rights"
                 );
             }
-            (Status::Closed, "dispatcher_error")
+            (Status::Closed, Outcome::DispatcherError)
         }
     }
 }
@@ -405,7 +406,11 @@ impl<'a> Agent<'a> {
                 // (Audited first, as every record the store takes.)
                 // An unreadable answer is the gateway's fault, not the
                 // network's: its own outcome, for the operators to see.
-                let outcome = if e.is_protocol() { "protocol_error" } else { "failed" };
+                let outcome = if e.is_protocol() {
+                    Outcome::ProtocolError
+                } else {
+                    Outcome::Failed
+                };
                 if e.is_protocol() {
                     log::error!(
                         "the dispatcher's answer to $requestTasks for study {study} is not readable FHIR: tell its \
@@ -414,7 +419,7 @@ impl<'a> Agent<'a> {
                 } else {
                     log::error!("polling study {study} failed: {e}");
                 }
-                let mut rec = AuditRecord::new("poll", outcome, target).in_study(study);
+                let mut rec = AuditRecord::new(AuditKind::Poll, outcome, target).in_study(study);
                 rec.detail = Some(detail);
                 self.audit.write(rec)?;
                 self.audit.sync()?;
@@ -426,7 +431,7 @@ impl<'a> Agent<'a> {
         };
         crashpoint::hit("poll:after");
         self.report.received += parsed.len();
-        let mut rec = AuditRecord::new("poll", "ok", target).in_study(study);
+        let mut rec = AuditRecord::new(AuditKind::Poll, Outcome::Ok, target).in_study(study);
         rec.tasks = Some(parsed.len());
         self.audit.write(rec)?;
         log::info!("received {} task(s) for study {study}", parsed.len());
@@ -476,7 +481,7 @@ impl<'a> Agent<'a> {
                         expires: task.expires(),
                         task: Some(task),
                         status: Status::Pending,
-                        outcome: "received".into(),
+                        outcome: Outcome::Received,
                         detail: None,
                         first_seen: now,
                         last_seen: now,
@@ -494,7 +499,7 @@ impl<'a> Agent<'a> {
                         display_id: rej.key.chars().take(19).collect(),
                         task: None,
                         status: Status::Rejected,
-                        outcome: "rejected".into(),
+                        outcome: Outcome::Rejected,
                         detail: Some(rej.reason.clone()),
                         expires: None,
                         first_seen: now,
@@ -508,7 +513,7 @@ impl<'a> Agent<'a> {
             if !seen_now.insert(std::hash::BuildHasher::hash_one(&hasher, &key)) {
                 self.outcome(
                     &entry,
-                    "duplicate",
+                    Outcome::Duplicate,
                     entry.status,
                     Some("repeated within one answer".into()),
                     None,
@@ -520,17 +525,17 @@ impl<'a> Agent<'a> {
                     // Refused for good with the data it had; the patient's
                     // data changed since, so the dispatcher may take it now.
                     old.status = Status::Pending;
-                    old.outcome = "reopened".into();
+                    old.outcome = Outcome::Reopened;
                     old.detail = Some("the patient's data changed since the dispatcher refused it".into());
                     old.last_seen = now;
                     old.updated = now;
-                    self.outcome(&old, "reopened", Status::Pending, old.detail.clone(), None)?;
+                    self.outcome(&old, Outcome::Reopened, Status::Pending, old.detail.clone(), None)?;
                     batch.push(Record::Progress(Progress::of(&old)));
                 }
                 Some(old) if old.status.is_terminal() => {
                     self.outcome(
                         &old,
-                        "duplicate",
+                        Outcome::Duplicate,
                         old.status,
                         Some(format!("already {}", old.status.as_str())),
                         None,
@@ -542,7 +547,7 @@ impl<'a> Agent<'a> {
                 }
                 None => {
                     if entry.status == Status::Rejected {
-                        self.outcome(&entry, "rejected", Status::Rejected, entry.detail.clone(), None)?;
+                        self.outcome(&entry, Outcome::Rejected, Status::Rejected, entry.detail.clone(), None)?;
                     }
                     batch.push(Record::Ledger(entry));
                 }
@@ -623,14 +628,19 @@ impl<'a> Agent<'a> {
         for key in expired {
             if let Some(mut done) = self.store.ledger(&key).cloned() {
                 done.status = Status::Expired;
-                self.finish(done, "expired", Some("expired before it could be done".into()), None)?;
+                self.finish(
+                    done,
+                    Outcome::Expired,
+                    Some("expired before it could be done".into()),
+                    None,
+                )?;
             }
         }
         for (key, why) in gave_up {
             if let Some(mut done) = self.store.ledger(&key).cloned() {
                 done.status = Status::Closed;
                 log::warn!("[{} {}] gave up: {why}", done.kind.as_str(), done.display_id);
-                self.finish(done, "gave_up", Some(why), None)?;
+                self.finish(done, Outcome::GaveUp, Some(why), None)?;
             }
         }
         groups.sort_by(|a, b| a.0.cmp(&b.0));
@@ -660,7 +670,7 @@ impl<'a> Agent<'a> {
 
     /// A send_idat refused for good whose patient's IDAT changed since.
     fn idat_changed_since_refusal(&self, e: &LedgerEntry) -> Result<bool, AgentError> {
-        if e.status != Status::Closed || e.outcome != "dispatcher_error" {
+        if e.status != Status::Closed || e.outcome != Outcome::DispatcherError {
             return Ok(false);
         }
         let Some(Task::SendIdat {
@@ -689,7 +699,7 @@ impl<'a> Agent<'a> {
         match patient {
             Some(fp) => {
                 done.status = Status::Resolved;
-                self.finish(done, "stored", None, Some(fp))
+                self.finish(done, Outcome::Stored, None, Some(fp))
             }
             None => {
                 // The pseudonym is kept under its Bloom filter; an import of
@@ -698,7 +708,7 @@ impl<'a> Agent<'a> {
                 done.status = Status::Pending;
                 self.finish(
                     done,
-                    "unknown_patient",
+                    Outcome::UnknownPatient,
                     Some("no local patient has this Bloom filter; pseudonym kept".into()),
                     None,
                 )
@@ -766,9 +776,9 @@ impl<'a> Agent<'a> {
     fn delivered(&mut self, mut done: LedgerEntry, missing: &[IdatElement], fp: String) -> Result<(), AgentError> {
         done.status = Status::Resolved;
         let detail = Some("delivered by an interrupted earlier attempt; the dispatcher reports the task done".into());
-        let mut rec = self.record_for(&done, "delivered", detail, Some(fp));
+        let mut rec = self.record_for(&done, Outcome::Delivered, detail, Some(fp));
         rec.missing = missing.iter().map(|e| e.code().to_string()).collect();
-        self.commit(done, "delivered", rec)
+        self.commit(done, Outcome::Delivered, rec)
     }
 
     fn note_network(&mut self, study: &str, err: &ClientError) {
@@ -780,12 +790,12 @@ impl<'a> Agent<'a> {
     fn record_for(
         &self,
         e: &LedgerEntry,
-        outcome: &str,
+        outcome: Outcome,
         detail: Option<String>,
         patient: Option<String>,
     ) -> AuditRecord {
         let target = self.study_of(e).map_or("", |s| s.study.target.as_str());
-        let mut rec = AuditRecord::new(e.kind.as_str(), outcome, target);
+        let mut rec = AuditRecord::new(e.kind, outcome, target);
         if !e.study().is_empty() {
             rec.study = Some(e.study().to_string());
         }
@@ -811,7 +821,7 @@ impl<'a> Agent<'a> {
     fn finish(
         &mut self,
         e: LedgerEntry,
-        outcome: &str,
+        outcome: Outcome,
         detail: Option<String>,
         patient: Option<String>,
     ) -> Result<(), AgentError> {
@@ -819,12 +829,12 @@ impl<'a> Agent<'a> {
         self.commit(e, outcome, rec)
     }
 
-    fn commit(&mut self, mut e: LedgerEntry, outcome: &str, rec: AuditRecord) -> Result<(), AgentError> {
+    fn commit(&mut self, mut e: LedgerEntry, outcome: Outcome, rec: AuditRecord) -> Result<(), AgentError> {
         let old = self.store.ledger(&e.key);
         let changed =
             old.is_none_or(|old| old.status != e.status || old.outcome != outcome || old.detail != rec.detail);
         let known = old.is_some();
-        e.outcome = outcome.to_string();
+        e.outcome = outcome;
         e.detail = rec.detail.clone();
         e.updated = Utc::now();
         // The audit record first: the store record waits for it (`buffer`).
@@ -842,7 +852,7 @@ impl<'a> Agent<'a> {
         self.report.add(TaskOutcome {
             kind: e.kind,
             task: e.display_id,
-            outcome: outcome.to_string(),
+            outcome,
             status: e.status,
             detail: e.detail,
         });
@@ -853,7 +863,7 @@ impl<'a> Agent<'a> {
     fn outcome(
         &mut self,
         e: &LedgerEntry,
-        outcome: &str,
+        outcome: Outcome,
         status: Status,
         detail: Option<String>,
         patient: Option<String>,
@@ -866,7 +876,7 @@ impl<'a> Agent<'a> {
         self.report.add(TaskOutcome {
             kind: e.kind,
             task: e.display_id.clone(),
-            outcome: outcome.to_string(),
+            outcome,
             // A duplicate of a finished task is itself finished.
             status: if status.is_terminal() { status } else { Status::Resolved },
             detail,
@@ -886,7 +896,7 @@ const QUIET_ABOVE: usize = 1000;
 /// get one summary line per condition at the end of the cycle
 /// (`CycleReport::conditions`), so that 6,000 unknown patients are one
 /// warning, not 6,000 every cycle.
-fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool) {
+fn log_outcome(e: &LedgerEntry, outcome: Outcome, detail: Option<&str>, quiet: bool) {
     let level = if is_condition(e.status, outcome) || quiet {
         log::Level::Debug
     } else {
@@ -900,8 +910,9 @@ fn log_outcome(e: &LedgerEntry, outcome: &str, detail: Option<&str>, quiet: bool
 }
 
 /// A task outcome that is summarised per cycle, not logged per task.
-pub fn is_condition(status: Status, outcome: &str) -> bool {
-    matches!(status, Status::Failed | Status::Rejected) || matches!(outcome, "unknown_patient" | "duplicate")
+pub fn is_condition(status: Status, outcome: Outcome) -> bool {
+    matches!(status, Status::Failed | Status::Rejected)
+        || matches!(outcome, Outcome::UnknownPatient | Outcome::Duplicate)
 }
 
 /// The monotonic instant of a wall-clock expiry, for retry deadlines.

@@ -5,6 +5,7 @@ use crate::duration::ts;
 use crate::fhir::element::{Node, Resource, Value};
 use crate::store::{LedgerEntry, Status, Store};
 use crate::tasks::Task;
+use crate::vocab::Outcome;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,7 @@ pub struct TaskLine {
     pub kind: String,
     pub task: String,
     pub status: String,
-    pub outcome: String,
+    pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,7 +34,7 @@ impl From<&LedgerEntry> for TaskLine {
             kind: e.kind.as_str().into(),
             task: e.display_id.clone(),
             status: e.status.as_str().into(),
-            outcome: e.outcome.clone(),
+            outcome: e.outcome,
             detail: e.detail.clone(),
             expires: e.expires.map(ts),
             first_seen: ts(e.first_seen),
@@ -52,7 +53,7 @@ pub fn table(entries: &[&LedgerEntry]) -> String {
                 e.kind.as_str().to_string(),
                 crate::privacy::escape_controls(&e.display_id).into_owned(),
                 e.status.as_str().to_string(),
-                e.outcome.clone(),
+                e.outcome.as_str().to_string(),
                 e.expires.map_or("-".into(), ts),
                 e.first_seen.format("%Y-%m-%d %H:%M").to_string(),
                 crate::privacy::escape_controls(e.detail.as_deref().unwrap_or_default()).into_owned(),
@@ -152,7 +153,7 @@ pub fn fhir_task(e: &LedgerEntry) -> Resource {
     );
     t.node.push_primitive("status", fhir_status(e.status));
     t.node
-        .push_complex("businessStatus", Node::new().with("text", &e.outcome));
+        .push_complex("businessStatus", Node::new().with("text", e.outcome.as_str()));
     t.node.push_primitive("intent", "order");
     t.node.push_complex("code", Node::new().with("text", e.kind.as_str()));
     if let Some(d) = &e.detail {

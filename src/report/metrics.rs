@@ -14,10 +14,10 @@ pub fn metrics(
     cycle_ok: bool,
     pace: Option<crate::pace::PaceReport>,
 ) -> String {
-    let mut by: BTreeMap<(String, TaskKind, Status, String), usize> = BTreeMap::new();
+    let mut by: BTreeMap<(String, TaskKind, Status, crate::vocab::Outcome), usize> = BTreeMap::new();
     let mut open: BTreeMap<String, usize> = BTreeMap::new();
     for e in store.ledger_entries() {
-        *by.entry((e.study().to_string(), e.kind, e.status, e.outcome.clone()))
+        *by.entry((e.study().to_string(), e.kind, e.status, e.outcome))
             .or_insert(0) += 1;
         if !e.status.is_terminal() {
             *open.entry(e.study().to_string()).or_insert(0) += 1;
@@ -32,7 +32,7 @@ pub fn metrics(
             "fttp_agent_tasks{{study=\"{study}\",kind=\"{}\",status=\"{}\",outcome=\"{}\"}} {n}\n",
             k.as_str(),
             st.as_str(),
-            o.replace(['"', '\\', '\n'], "_")
+            o.as_str()
         ));
     }
     s.push_str("# HELP fttp_agent_pending_tasks Tasks not yet resolved, expired or rejected, by study.\n");

@@ -4,6 +4,7 @@
 use super::Heartbeat;
 use crate::duration::{format_left, ts};
 use crate::store::{LedgerEntry, Store};
+use crate::vocab::Outcome;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -32,7 +33,7 @@ pub struct PendingTask {
     pub kind: String,
     pub task: String,
     pub status: String,
-    pub outcome: String,
+    pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
     /// Seconds until it expires (negative: already past).
@@ -53,7 +54,7 @@ pub struct StatusReport {
     pub last_successful_poll: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_poll: Option<String>,
-    pub outcomes: BTreeMap<String, usize>,
+    pub outcomes: BTreeMap<Outcome, usize>,
     /// Patients by enrolment status (`enroll`), if any were enrolled.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub enrolments: BTreeMap<String, usize>,
@@ -181,7 +182,7 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
             kind: e.kind.as_str().into(),
             task: e.display_id.clone(),
             status: e.status.as_str().into(),
-            outcome: e.outcome.clone(),
+            outcome: e.outcome,
             expires: e.expires.map(ts),
             seconds_left: left.map(|l| l.num_seconds()),
         });
@@ -189,8 +190,8 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
     let mut outcomes = BTreeMap::new();
     let mut given_up = 0;
     for e in store.ledger_entries() {
-        *outcomes.entry(e.outcome.clone()).or_insert(0) += 1;
-        given_up += usize::from(e.outcome == "gave_up" && now - e.updated < chrono::Duration::days(7));
+        *outcomes.entry(e.outcome).or_insert(0) += 1;
+        given_up += usize::from(e.outcome == Outcome::GaveUp && now - e.updated < chrono::Duration::days(7));
     }
     if given_up > 0 {
         raise(

@@ -35,6 +35,15 @@ impl Operation {
         }
     }
 
+    /// The operation's audit outcome: its name.
+    pub fn outcome(self) -> crate::vocab::Outcome {
+        match self {
+            Operation::Pseudonymize => crate::vocab::Outcome::Pseudonymize,
+            Operation::PseudonymizeAllowCreate => crate::vocab::Outcome::PseudonymizeAllowCreate,
+            Operation::DePseudonymize => crate::vocab::Outcome::DePseudonymize,
+        }
+    }
+
     pub fn definition(self) -> String {
         format!(
             "https://ths-greifswald.de/fhir/OperationDefinition/gpas/{}",

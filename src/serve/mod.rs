@@ -20,6 +20,7 @@ use crate::fhir::outcome::OperationOutcome;
 use crate::fhir::{Format, Identifier, Parameters};
 use crate::store::Store;
 use crate::types::LocalId;
+use crate::vocab::{AuditKind, Outcome};
 use gpas::{Call, Operation};
 use http::{Conn, Limits, ReadError, Request, Response, Stream};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -426,7 +427,7 @@ impl Ctx<'_> {
             return method_not_allowed(format, "GET, POST");
         }
         if op == Operation::DePseudonymize && !settings.allow_depseudonymize {
-            self.record(op, &client, None, "refused", "403: $dePseudonymize is disabled");
+            self.record(op, &client, None, Outcome::Refused, "403: $dePseudonymize is disabled");
             return outcome(
                 403,
                 format,
@@ -447,7 +448,7 @@ impl Ctx<'_> {
             match parse_body(req) {
                 Ok(params) => Call::from_parameters(op, &params, settings.max_values),
                 Err((status, why)) => {
-                    self.record(op, &client, None, "refused", &format!("{status}: {why}"));
+                    self.record(op, &client, None, Outcome::Refused, &format!("{status}: {why}"));
                     return outcome(status, format, &why);
                 }
             }
@@ -456,12 +457,12 @@ impl Ctx<'_> {
             Ok(call) => call,
             Err(e) => {
                 let why = e.describe();
-                self.record(op, &client, None, "refused", &format!("400: {why}"));
+                self.record(op, &client, None, Outcome::Refused, &format!("400: {why}"));
                 return outcome(400, format, &why);
             }
         };
         let Some(study) = settings.studies.iter().find(|s| s.name == call.target) else {
-            self.record(op, &client, None, "refused", "404: unknown target");
+            self.record(op, &client, None, Outcome::Refused, "404: unknown target");
             let names: Vec<&str> = settings.studies.iter().map(|s| s.name.as_str()).collect();
             return outcome(
                 404,
@@ -473,7 +474,13 @@ impl Ctx<'_> {
             Ok(found) => found,
             Err(e) => {
                 log::error!("local service: {e}");
-                self.record(op, &client, Some(study), "failed", "500: the store could not be read");
+                self.record(
+                    op,
+                    &client,
+                    Some(study),
+                    Outcome::Failed,
+                    "500: the store could not be read",
+                );
                 return outcome(500, format, "the store could not be read; see the agent's log");
             }
         };
@@ -482,7 +489,7 @@ impl Ctx<'_> {
             op,
             &client,
             Some(study),
-            op.name(),
+            op.outcome(),
             &format!("{} asked ({} distinct), {hits} found", call.asked, call.values.len()),
         );
         let answer = gpas::answer(&call, &found);
@@ -591,8 +598,8 @@ impl Ctx<'_> {
 
     /// Queues the call's audit record: operation, client, study, counts;
     /// never a value.
-    fn record(&self, op: Operation, client: &str, study: Option<&StudyName>, outcome: &str, detail: &str) {
-        let mut rec = AuditRecord::new("gpas", outcome, study.map_or("", |s| s.target.as_str()));
+    fn record(&self, op: Operation, client: &str, study: Option<&StudyName>, outcome: Outcome, detail: &str) {
+        let mut rec = AuditRecord::new(AuditKind::Gpas, outcome, study.map_or("", |s| s.target.as_str()));
         if let Some(s) = study {
             rec = rec.in_study(&s.name);
         }

@@ -21,6 +21,7 @@ use crate::fhir::Identifier;
 use crate::fhir::idat::IdatElement;
 use crate::tasks::{Task, TaskKind};
 use crate::types::{BloomFilter, LocalId, Pseudonym, TaskId};
+use crate::vocab::Outcome;
 
 const VERSION: u8 = 1;
 
@@ -54,7 +55,7 @@ impl BatchWriter {
             Record::Progress(p) => self.frame(PROGRESS, |f| {
                 f.text(Some(&p.key));
                 f.text(Some(p.status.as_str()));
-                f.text(Some(&p.outcome));
+                f.text(Some(p.outcome.as_str()));
                 f.text(p.detail.as_deref());
                 f.time(Some(p.last_seen));
                 f.time(Some(p.updated));
@@ -93,7 +94,7 @@ impl BatchWriter {
             f.text(Some(e.kind.as_str()));
             f.text(Some(&e.display_id));
             f.text(Some(e.status.as_str()));
-            f.text(Some(&e.outcome));
+            f.text(Some(e.outcome.as_str()));
             f.text(e.detail.as_deref());
             f.time(e.expires);
             f.time(Some(e.first_seen));
@@ -280,7 +281,7 @@ fn decode_frame(tag: u8, payload: &[u8]) -> Option<Record> {
             kind: r.text()??.parse().ok()?,
             display_id: r.text()??,
             status: read_status(&mut r)?,
-            outcome: r.text()??,
+            outcome: Outcome::parse(&r.text()??)?,
             detail: r.text()?,
             expires: r.time()?,
             first_seen: r.time()??,
@@ -292,7 +293,7 @@ fn decode_frame(tag: u8, payload: &[u8]) -> Option<Record> {
         PROGRESS => Record::Progress(Progress {
             key: r.text()??,
             status: read_status(&mut r)?,
-            outcome: r.text()??,
+            outcome: Outcome::parse(&r.text()??)?,
             detail: r.text()?,
             last_seen: r.time()??,
             updated: r.time()??,
@@ -360,7 +361,7 @@ mod tests {
             display_id: "task-7".into(),
             task,
             status: Status::InFlight,
-            outcome: "failed".into(),
+            outcome: Outcome::Failed,
             detail,
             expires,
             first_seen: now,
@@ -431,7 +432,7 @@ mod tests {
         records.push(Record::Progress(Progress {
             key: "k".into(),
             status: Status::Resolved,
-            outcome: String::new(),
+            outcome: Outcome::Stored,
             detail: Some(long.clone()),
             last_seen: far,
             updated: Utc::now(),
@@ -628,12 +629,13 @@ mod tests {
 
         fn record() -> impl Strategy<Value = Record> {
             let status = proptest::sample::select(Status::ALL.to_vec());
+            let outcome = proptest::sample::select(Outcome::ALL.to_vec());
             prop_oneof![
                 (
                     text(),
                     text(),
                     status.clone(),
-                    text(),
+                    outcome.clone(),
                     proptest::option::of(text()),
                     proptest::option::of(time()),
                     (time(), time(), time()),
@@ -661,7 +663,7 @@ mod tests {
                 (
                     text(),
                     status,
-                    text(),
+                    outcome,
                     proptest::option::of(text()),
                     time(),
                     time(),

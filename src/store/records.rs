@@ -4,6 +4,7 @@
 use crate::fhir::idat::Idat;
 use crate::tasks::{Task, TaskKind};
 use crate::types::{BloomFilter, LocalId, Pseudonym};
+pub use crate::vocab::Outcome;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -100,7 +101,7 @@ pub struct LedgerEntry {
     pub task: Option<Task>,
     pub status: Status,
     /// Last outcome: stored, sent, unknown_patient, expired, rejected, failed, ...
-    pub outcome: String,
+    pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -201,7 +202,7 @@ pub struct EnrolmentRecord {
 pub struct Progress {
     pub key: String,
     pub status: Status,
-    pub outcome: String,
+    pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub last_seen: DateTime<Utc>,
@@ -214,7 +215,7 @@ impl Progress {
         Progress {
             key: e.key.clone(),
             status: e.status,
-            outcome: e.outcome.clone(),
+            outcome: e.outcome,
             detail: e.detail.clone(),
             last_seen: e.last_seen,
             updated: e.updated,
@@ -224,7 +225,7 @@ impl Progress {
 
     pub fn apply_to(&self, e: &mut LedgerEntry) {
         e.status = self.status;
-        e.outcome.clone_from(&self.outcome);
+        e.outcome = self.outcome;
         e.detail.clone_from(&self.detail);
         e.last_seen = self.last_seen;
         e.updated = self.updated;

@@ -259,7 +259,7 @@ pub fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> LedgerRow {
         key_index: ledger_index(key, &e.key),
         kind: e.kind.as_str().to_string(),
         status: e.status.as_str().to_string(),
-        outcome: e.outcome.clone(),
+        outcome: e.outcome.as_str().to_string(),
         expires: e.expires.map(ms),
         first_seen: ms(e.first_seen),
         last_seen: ms(e.last_seen),
@@ -457,6 +457,7 @@ mod tests {
     use super::*;
     use crate::fhir::idat::{Idat, IdatElement};
     use crate::store::Status;
+    use crate::vocab::Outcome;
 
     fn key(n: u8) -> StoreKey {
         StoreKey::from_bytes(&[n; 32])
@@ -504,7 +505,7 @@ mod tests {
             display_id: "1".into(),
             task: None,
             status: Status::Resolved,
-            outcome: "sent".into(),
+            outcome: Outcome::Sent,
             detail: Some("x".into()),
             expires: None,
             first_seen: now,

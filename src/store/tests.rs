@@ -4,6 +4,7 @@
 use super::*;
 use crate::fhir::idat::Idat;
 use crate::types::Pseudonym;
+use crate::vocab::Outcome;
 use chrono::Utc;
 
 fn key() -> StoreKey {
@@ -48,7 +49,7 @@ fn entry(key: &str, status: Status) -> Record {
         display_id: key.into(),
         task: None,
         status,
-        outcome: "seen".into(),
+        outcome: Outcome::Received,
         detail: Some("vom Dispatcher".into()),
         expires: Some(now + chrono::Duration::days(1)),
         first_seen: now,
@@ -84,7 +85,7 @@ fn what_is_written_is_there_after_reopening() {
             Record::Progress(Progress {
                 key: "task:a".into(),
                 status: Status::Resolved,
-                outcome: "sent".into(),
+                outcome: Outcome::Sent,
                 detail: None,
                 last_seen: Utc::now(),
                 updated: Utc::now(),

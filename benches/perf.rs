@@ -18,6 +18,9 @@
 //!    store: latency of `$pseudonymize` with 1,000 originals, and requests
 //!    per second from several clients.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use chrono::{Duration, Utc};
 use fttp_agent::crypto::StoreKey;
 use fttp_agent::demo::sample_bloomfilter;
@@ -862,7 +865,7 @@ fn main() {
     println!("# fttp-agent benchmark{}", if quick { " (quick)" } else { "" });
     println!(
         "machine: {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     // BENCH_ONLY=parse|cycle|memory|store|bloom|serve|wan runs one section.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();

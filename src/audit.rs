@@ -223,7 +223,7 @@ struct Writer {
 
 /// The sidecar that remembers the chain's head across log rotation.
 fn head_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
     name.push(".head");
     path.with_file_name(name)
 }

@@ -187,7 +187,7 @@ impl OAuth {
         // overflow the clock.
         let lifetime = json
             .get("expires_in")
-            .and_then(|v| v.as_u64())
+            .and_then(serde_json::Value::as_u64)
             .unwrap_or(60)
             .min(MAX_LIFETIME.as_secs());
         let now = Instant::now();

@@ -210,7 +210,7 @@ impl Client {
         };
         let auth = crate::auth::Auth::from_config(d)?;
         let api_key = cfg.api_key().to_string();
-        let redactor = base_redactor(&auth, &api_key, d.proxy.as_ref().map(|p| p.expose()));
+        let redactor = base_redactor(&auth, &api_key, d.proxy.as_ref().map(super::config::Secret::expose));
         Ok(Client {
             redactor,
             agent,

@@ -403,11 +403,11 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
             }
             Err(AppError::Store(e @ StoreError::Locked { .. })) => log::warn!("skipping this cycle: {e}"),
             Err(
-                e @ AppError::Config(_)
-                | e @ AppError::Key(_)
-                | e @ AppError::Store(
+                e @ (AppError::Config(_)
+                | AppError::Key(_)
+                | AppError::Store(
                     StoreError::WrongKey { .. } | StoreError::Newer { .. } | StoreError::Diverged { .. },
-                ),
+                )),
             ) => {
                 // Nothing a later cycle could fix by itself.
                 return Err(e);
@@ -661,7 +661,7 @@ fn check_offline(cfg: &Config) -> Result<u8, AppError> {
             println!(
                 "audit log: not created yet ({}: the first run creates it)",
                 audit.display()
-            )
+            );
         }
         Err(e) => {
             return Err(crate::audit::AuditError {

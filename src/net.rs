@@ -187,9 +187,8 @@ pub fn location_host(location: Option<&str>) -> String {
     let Some(loc) = location else {
         return "no Location header".into();
     };
-    let rest = match loc.split_once("://") {
-        Some((_, r)) => r,
-        None => return "a relative Location on the same host".into(),
+    let Some((_, rest)) = loc.split_once("://") else {
+        return "a relative Location on the same host".into();
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -255,7 +254,7 @@ mod tests {
         let resolve = |u: &str| {
             let uri: Uri = u.parse().unwrap();
             let addrs = r.resolve(&uri, &config, NextTimeout::default()).unwrap();
-            addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+            addrs.iter().map(std::string::ToString::to_string).collect::<Vec<_>>()
         };
         assert_eq!(resolve("http://127.0.0.1:8081/fhir/$requestTasks"), ["127.0.0.1:8081"]);
         // Another port is another answer, not the cached one.

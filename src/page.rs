@@ -249,7 +249,7 @@ fn task_fingerprint(t: &crate::tasks::Task) -> Option<String> {
         Task::DicPsnAvailable { bloomfilter, .. } | Task::RepeatRequest { bloomfilter, .. } => {
             Some(bloomfilter.fingerprint())
         }
-        Task::SendIdat { bloomfilter, .. } => bloomfilter.as_ref().map(|b| b.fingerprint()),
+        Task::SendIdat { bloomfilter, .. } => bloomfilter.as_ref().map(super::types::BloomFilter::fingerprint),
     }
 }
 
@@ -304,7 +304,7 @@ fn dir_size(dir: &Path) -> Option<u64> {
         entries
             .flatten()
             .filter_map(|e| e.metadata().ok())
-            .filter(|m| m.is_file())
+            .filter(std::fs::Metadata::is_file)
             .map(|m| m.len())
             .sum(),
     )

@@ -1,6 +1,9 @@
 //! Bloom filter encoding: the published vector of the Mainzelliste fTTP
 //! client, properties of balanced filters, and the `[bloomfilter]` config.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use fttp_agent::bloom::{Encoder, Params};

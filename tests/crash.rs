@@ -5,6 +5,9 @@
 //! log. The kill comes from the test-only crash points of debug
 //! builds (src/crashpoint.rs), so each point is hit deterministically.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

@@ -1,6 +1,9 @@
 //! `bloom`, `import` with computed filters, `enroll` and `update-bf`: the
 //! real binary against the simulator on loopback.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{STUDY, Site, TARGET, bf};

@@ -2,6 +2,9 @@
 //! the site's data pipeline (issue 23, part 1), against a store built by
 //! real cycles and an enrolment against the simulator.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

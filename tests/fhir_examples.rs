@@ -4,6 +4,9 @@
 //! independent serialiser, so reading them checks our XML reader against
 //! someone else's writer.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use fttp_agent::fhir::{self, Format, Parameters, json, xml};
 use std::path::{Path, PathBuf};
 

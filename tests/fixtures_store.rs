@@ -5,6 +5,9 @@
 //! against the simulator works. A crash at any point of the migration
 //! leaves the old store usable or the new one complete.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use fttp_agent::crypto::StoreKey;

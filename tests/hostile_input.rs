@@ -3,6 +3,9 @@
 //! `import`. None may panic; codecs must round-trip whatever they can write.
 //! `scripts/fuzz.sh` runs the same properties with many more cases.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use fttp_agent::fhir::{self, Format, Identifier, Parameter, Parameters, json, xml};
 use fttp_agent::store::{LockMode, Store};
 use fttp_agent::tasks::{Scope, parse_response};

@@ -1,6 +1,9 @@
 //! The network as hospitals run it, on loopback: TLS with an internal CA,
 //! mutual TLS, certificate problems, proxies, HTTP Basic and OAuth2.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

@@ -1,6 +1,9 @@
 //! The operators' commands, each checked against a store built by real
 //! cycles against the simulator.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

@@ -3,6 +3,9 @@
 //! parsed as HTML (scraper, html5ever's parser) and, where Chromium is
 //! installed, rendered by it headless.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

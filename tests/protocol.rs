@@ -3,6 +3,9 @@
 //! asked again, transient ones are, bounded; each rule end to end against
 //! the simulator in XML and JSON, counting the requests it received.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

@@ -3,6 +3,9 @@
 //! simulated dispatcher, with its own API key), the patients' IDAT once,
 //! pseudonyms per study, a study's failure confined to it.
 
+// (A test or benchmark stops at what it cannot set up: the panic is the report.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use chrono::{Duration, Utc};

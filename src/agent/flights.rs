@@ -339,11 +339,11 @@ impl Agent<'_> {
                 let Ok((flight, answer)) = lines.answers.recv() else {
                     return Ok(true);
                 };
-                self.took(lines, &flight);
+                Self::took(lines, &flight);
                 self.record_flight(flight, answer)?;
             }
             while let Ok((flight, answer)) = lines.answers.try_recv() {
-                self.took(lines, &flight);
+                Self::took(lines, &flight);
                 self.record_flight(flight, answer)?;
             }
         }
@@ -405,7 +405,7 @@ impl Agent<'_> {
     }
 
     /// Counts an answered flight off.
-    fn took(&self, lines: &mut Lines<'_>, flight: &Flight) {
+    fn took(lines: &mut Lines<'_>, flight: &Flight) {
         if let Some(n) = lines.out.get_mut(flight.study()) {
             *n = n.saturating_sub(1);
         }

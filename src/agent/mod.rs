@@ -804,7 +804,7 @@ impl<'a> Agent<'a> {
         rec.expires = e.expires.map(ts);
         rec.patient = patient;
         rec.bloomfilter = match &e.task {
-            Some(Task::DicPsnAvailable { bloomfilter, .. }) | Some(Task::RepeatRequest { bloomfilter, .. }) => {
+            Some(Task::DicPsnAvailable { bloomfilter, .. } | Task::RepeatRequest { bloomfilter, .. }) => {
                 Some(bloomfilter.fingerprint())
             }
             Some(Task::SendIdat { bloomfilter, .. }) => bloomfilter.as_ref().map(BloomFilter::fingerprint),

@@ -1,4 +1,4 @@
-//! FHIR JSON (https://hl7.org/fhir/R4/json.html) <-> element tree.
+//! FHIR JSON (<https://hl7.org/fhir/R4/json.html>) <-> element tree.
 
 use super::FhirError;
 use super::element::{Child, Node, Primitive, Resource, Value};

@@ -106,7 +106,7 @@ impl OperationOutcome {
     }
 }
 
-/// The FHIR issue-type code system (http://hl7.org/fhir/R4/valueset-issue-type.html).
+/// The FHIR issue-type code system (<http://hl7.org/fhir/R4/valueset-issue-type.html>).
 pub const ISSUE_TYPE: &str = "http://hl7.org/fhir/issue-type";
 
 /// What an `error-code` of the dispatcher means for the request it

@@ -1,4 +1,4 @@
-//! The FHIR `Parameters` resource (https://hl7.org/fhir/R4/parameters.html).
+//! The FHIR `Parameters` resource (<https://hl7.org/fhir/R4/parameters.html>).
 
 use super::element::{Node, Primitive, Resource, Value};
 use super::intern::{intern, intern_name};

@@ -1,4 +1,4 @@
-//! FHIR XML (https://hl7.org/fhir/R4/xml.html) <-> element tree.
+//! FHIR XML (<https://hl7.org/fhir/R4/xml.html>) <-> element tree.
 //!
 //! Rules implemented: everything in the `http://hl7.org/fhir` namespace;
 //! primitives carry their value in a `value` attribute; element `id` and
@@ -36,7 +36,7 @@ pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
                 if rt.eq_ignore_ascii_case("html") {
                     return Err(FhirError::NotFhir("an HTML page".into()));
                 }
-                p.check_ns(&ns, &rt)?;
+                p.check_ns(ns.as_ref(), &rt)?;
                 let node = p.read_children(resource_ty(&rt), &rt, true, 1)?;
                 p.expect_eof()?;
                 return Ok(Resource {
@@ -47,7 +47,7 @@ pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
             Event::Empty(start) => {
                 let ns = owned_ns(ns);
                 let rt = local(&start)?;
-                p.check_ns(&ns, &rt)?;
+                p.check_ns(ns.as_ref(), &rt)?;
                 p.expect_eof()?;
                 return Ok(Resource::new(rt));
             }
@@ -107,7 +107,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn check_ns(&self, ns: &Option<Vec<u8>>, name: &str) -> Result<(), FhirError> {
+    fn check_ns(&self, ns: Option<&Vec<u8>>, name: &str) -> Result<(), FhirError> {
         match ns {
             Some(n) if n == FHIR_NS.as_bytes() => Ok(()),
             _ => Err(FhirError::Xml {
@@ -174,7 +174,7 @@ impl<'a> Parser<'a> {
                 children.push((order, child(name, Value::Primitive(Primitive::new(value)))));
                 continue;
             }
-            self.check_ns(&ns, &name)?;
+            self.check_ns(ns.as_ref(), &name)?;
             let attrs = Attrs::read(&start, path)?;
             let value = if elem_ty == schema::RESOURCE || (elem_ty == schema::UNKNOWN && is_resource_wrapper(&name)) {
                 if empty {
@@ -246,7 +246,7 @@ impl<'a> Parser<'a> {
                 Event::Comment(_) => continue,
                 Event::Start(s) => {
                     let rt = local(&s)?;
-                    self.check_ns(&ns, &rt)?;
+                    self.check_ns(ns.as_ref(), &rt)?;
                     let node = self.read_children(resource_ty(&rt), &format!("{path}.{rt}"), true, depth + 1)?;
                     break Resource {
                         resource_type: rt,
@@ -255,7 +255,7 @@ impl<'a> Parser<'a> {
                 }
                 Event::Empty(s) => {
                     let rt = local(&s)?;
-                    self.check_ns(&ns, &rt)?;
+                    self.check_ns(ns.as_ref(), &rt)?;
                     break Resource::new(rt);
                 }
                 _ => return Err(FhirError::structure(path, "expected a resource element")),

@@ -285,9 +285,8 @@ pub fn seal_task(key: &StoreKey, key_index: &Index, task: &crate::tasks::Task) -
 pub fn open_ledger(key: &StoreKey, row: &LedgerRow, task: Option<&[u8]>) -> Result<LedgerEntry, OpenError> {
     let plain = key.open_raw("ledger entry", &row.aad(), &row.sealed)?;
     let mut records = batch::decode(&plain).ok_or(OpenError::layout("ledger entry"))?;
-    let mut entry = match (records.pop(), records.is_empty()) {
-        (Some(Record::Ledger(e)), true) => e,
-        _ => return Err(OpenError::layout("ledger entry")),
+    let (Some(Record::Ledger(mut entry)), true) = (records.pop(), records.is_empty()) else {
+        return Err(OpenError::layout("ledger entry"));
     };
     if ledger_index(key, &entry.key) != row.key_index {
         return Err(OpenError::Mismatch { what: "ledger entry" });

@@ -67,7 +67,7 @@ pub fn secrets() -> Vec<String> {
         KEY,
     ]
     .iter()
-    .map(|s| s.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     v.extend((1..=5).map(bf));
     v

@@ -40,7 +40,8 @@ impl Ca {
     /// A certificate for `names`, valid now, or expired if `expired`.
     pub fn leaf(&self, names: &[&str], expired: bool) -> Leaf {
         let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(std::string::ToString::to_string).collect::<Vec<_>>()).unwrap();
         params
             .distinguished_name
             .push(DnType::CommonName, names.first().copied().unwrap_or("client"));

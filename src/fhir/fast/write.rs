@@ -59,7 +59,7 @@ fn xml_param(out: &mut String, tag: &str, p: &Parameter) {
             out.push_str("\"/>");
         }
         Some(ParamValue::Identifier(i)) => {
-            complex(out, "valueIdentifier", &[("system", &i.system), ("value", &i.value)])
+            complex(out, "valueIdentifier", &[("system", &i.system), ("value", &i.value)]);
         }
         Some(ParamValue::Coding(c)) => complex(
             out,

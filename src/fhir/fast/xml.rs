@@ -107,7 +107,7 @@ impl<'a> Scanner<'a> {
         let name = self.name()?;
         let mut attr = None;
         loop {
-            let had_space = self.b.get(self.pos).is_some_and(|c| c.is_ascii_whitespace());
+            let had_space = self.b.get(self.pos).is_some_and(u8::is_ascii_whitespace);
             self.skip_ws();
             match self.b.get(self.pos)? {
                 b'/' => {

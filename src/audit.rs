@@ -83,7 +83,7 @@ impl AuditRecord {
         AuditKind::parse(&self.kind)
     }
 
-    pub fn set_outcome(&mut self, outcome: Outcome) {
+    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome.as_str().to_string();
     }
 
@@ -103,7 +103,7 @@ impl AuditRecord {
     }
 
     /// The record, for `study`.
-    pub fn in_study(mut self, study: &str) -> Self {
+    pub(crate) fn in_study(mut self, study: &str) -> Self {
         self.study = Some(study.to_string());
         self
     }
@@ -118,7 +118,7 @@ pub enum Chain {
 
 impl Chain {
     /// HMAC-SHA256 keyed by a key file in the store key's format (`keygen`).
-    pub fn hmac_from_file(path: &Path) -> Result<Chain, crate::crypto::KeyError> {
+    pub(crate) fn hmac_from_file(path: &Path) -> Result<Chain, crate::crypto::KeyError> {
         let bytes = crate::crypto::read_key_bytes(path)?;
         Ok(Chain::Hmac(ring::hmac::Key::new(
             ring::hmac::HMAC_SHA256,
@@ -177,7 +177,7 @@ pub struct Audit {
 /// on disk, never lead, so a crash between the two never looks like a
 /// rollback.
 #[derive(Clone, Default)]
-pub struct Links {
+pub(crate) struct Links {
     /// The store's generation, as the store last committed it (raised only).
     pub store_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The number of the last record made durable (0: none numbered yet).
@@ -231,7 +231,7 @@ fn head_path(path: &Path) -> PathBuf {
 /// Where a chain stands: the hash of its last record and that record's
 /// number (none in logs written before records were numbered).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Head {
+pub(crate) struct Head {
     pub hash: String,
     pub seq: Option<u64>,
     /// The store's generation at that sync (heads saved before the store
@@ -250,7 +250,7 @@ impl Head {
 }
 
 /// The head saved beside `path` at its last sync: `hash [seq]`.
-pub fn saved_head(path: &Path) -> Option<Head> {
+pub(crate) fn saved_head(path: &Path) -> Option<Head> {
     let text = std::fs::read_to_string(head_path(path)).ok()?;
     let mut words = text.split_whitespace();
     let hash = words
@@ -448,7 +448,7 @@ impl Audit {
     }
 
     /// The links the store follows (`Store::link_audit`).
-    pub fn links(&self) -> Links {
+    pub(crate) fn links(&self) -> Links {
         self.links.clone()
     }
 
@@ -473,7 +473,7 @@ impl Audit {
 
     /// Waits until every record taken so far is written out to the file
     /// (not fsynced).
-    pub fn write_out(&mut self) -> Result<(), AuditError> {
+    pub(crate) fn write_out(&mut self) -> Result<(), AuditError> {
         self.wait(false)
     }
 
@@ -829,7 +829,7 @@ fn rotation_order(files: &[PathBuf]) -> Option<Vec<PathBuf>> {
 /// The rotated predecessors of `path` that logrotate left (`path.N`, the
 /// highest N oldest), oldest first, then `path` itself; compressed ones
 /// (`path.N.gz`) are named apart, since they cannot be read as they are.
-pub fn rotated_files(path: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
+pub(crate) fn rotated_files(path: &Path) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut numbered: Vec<(u32, PathBuf)> = Vec::new();
     let mut compressed = Vec::new();
     let name = path

@@ -39,7 +39,7 @@ pub struct OAuth {
 pub struct TokenError(pub String);
 
 impl Auth {
-    pub fn from_config(d: &Dispatcher) -> Result<Auth, ConfigError> {
+    pub(crate) fn from_config(d: &Dispatcher) -> Result<Auth, ConfigError> {
         let a = &d.auth;
         if let (Some(user), Some(file)) = (&a.basic_user, &a.basic_password_file) {
             let password = read_secret(file, "the HTTP Basic password")?;
@@ -94,7 +94,7 @@ impl Auth {
 
     /// Forgets a cached token (the dispatcher refused it). True if there was
     /// one to forget, i.e. a retry with a fresh token may help.
-    pub fn invalidate(&self) -> bool {
+    pub(crate) fn invalidate(&self) -> bool {
         match self {
             Auth::OAuth(o) => crate::lock(&o.cached).take().is_some(),
             _ => false,

@@ -87,7 +87,7 @@ pub enum ClientSetupError {
 
 impl ClientError {
     /// The dispatcher refused our credentials.
-    pub fn is_auth(&self) -> bool {
+    pub(crate) fn is_auth(&self) -> bool {
         matches!(
             self,
             ClientError::Status { status: 401 | 403, .. } | ClientError::Token { .. } | ClientError::Tls { .. }
@@ -96,7 +96,7 @@ impl ClientError {
 
     /// The dispatcher refused the request as it is, for good: sending the
     /// same again cannot help.
-    pub fn is_final_refusal(&self) -> bool {
+    pub(crate) fn is_final_refusal(&self) -> bool {
         matches!(
             self,
             ClientError::Status {
@@ -107,7 +107,7 @@ impl ClientError {
     }
 
     /// The dispatcher says it does not know (any more) what we refer to.
-    pub fn task_unknown(&self) -> bool {
+    pub(crate) fn task_unknown(&self) -> bool {
         matches!(
             self,
             ClientError::Status {
@@ -132,12 +132,12 @@ impl ClientError {
         }
     }
 
-    pub fn is_protocol(&self) -> bool {
+    pub(crate) fn is_protocol(&self) -> bool {
         matches!(self, ClientError::Decode { .. } | ClientError::TooLarge { .. })
     }
 
     /// No complete answer: the request may or may not have been processed.
-    pub fn is_unreachable(&self) -> bool {
+    pub(crate) fn is_unreachable(&self) -> bool {
         matches!(self, ClientError::Unreachable { .. } | ClientError::Timeout { .. })
     }
 }
@@ -166,7 +166,7 @@ impl Retryable for ClientError {
 
 /// How a `$providePatientData` arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// This call's answer accepted it.
     Accepted,
     /// An earlier attempt of this call got no answer, and the dispatcher
@@ -277,7 +277,7 @@ impl Client {
     /// IDAT values sent, so an error echoing them is redacted. A 404, 409
     /// or 410 after an attempt of this call that got no complete answer
     /// means that attempt arrived and consumed the task.
-    pub fn provide_patient_data(
+    pub(crate) fn provide_patient_data(
         &self,
         task_id: &TaskId,
         target: &str,
@@ -304,7 +304,7 @@ impl Client {
     }
 
     /// `$requestPsnFromBfWorkflow` {study, bloomfilter 1..*, target}.
-    pub fn request_psn_from_bf(
+    pub(crate) fn request_psn_from_bf(
         &self,
         study: &str,
         target: &str,

@@ -20,7 +20,7 @@ use chrono::Utc;
 use std::path::Path;
 use std::time::Duration;
 
-pub fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
+pub(crate) fn open_store(cfg: &Config, mode: LockMode) -> Result<Store, AppError> {
     check_owner(cfg)?;
     let key = cfg.store_key()?;
     let mut store = Store::open(&cfg.store.path, mode, key)?;
@@ -105,7 +105,7 @@ fn finish_migration(cfg: &Config, store: &mut Store) -> Result<(), AppError> {
 }
 
 /// Refuses to work on a store or audit log another user owns (see `owner`).
-pub fn check_owner(cfg: &Config) -> Result<(), AppError> {
+pub(crate) fn check_owner(cfg: &Config) -> Result<(), AppError> {
     let audit = cfg.audit_path();
     let checks = [
         (cfg.store.path.as_path(), "the store"),
@@ -206,7 +206,7 @@ fn after_cycle(
 }
 
 /// Purges finished ledger entries older than `[store] retention`.
-pub fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<usize, AppError> {
+pub(crate) fn purge_old(cfg: &Config, store: &mut Store, audit: &mut Audit) -> Result<usize, AppError> {
     let retention = chrono::Duration::from_std(cfg.store.retention.0).unwrap_or(chrono::Duration::days(90));
     let keys = report::purgeable(store, Utc::now() - retention);
     let n = keys.len();
@@ -284,7 +284,7 @@ fn report_exit(report: &CycleReport) -> u8 {
 }
 
 /// The configuration with only `study` (`--study`), or all studies.
-pub fn selected(cfg: &Config, study: Option<&str>) -> Result<Config, AppError> {
+pub(crate) fn selected(cfg: &Config, study: Option<&str>) -> Result<Config, AppError> {
     match study {
         None => Ok(cfg.clone()),
         Some(name) => {
@@ -552,7 +552,7 @@ fn audit_batch(cfg: &Config, records: &[AuditRecord]) -> Result<(), AppError> {
 /// sites on one schedule do not hit the gateway at once; shortened so that
 /// an open task expiring in `left` is tried again first (after half its
 /// remaining time, at least a minute, never beyond the interval).
-pub fn poll_delay(interval: Duration, left: Option<Duration>, jitter: f64) -> Duration {
+pub(crate) fn poll_delay(interval: Duration, left: Option<Duration>, jitter: f64) -> Duration {
     let interval = interval.mul_f64(0.9 + 0.2 * jitter);
     match left {
         Some(left) if left < interval => (left / 2).max(Duration::from_secs(60)).min(interval),
@@ -1005,7 +1005,7 @@ pub fn status(cfg: &Config, json: bool, all: bool) -> Result<u8, AppError> {
 
 /// The status page (`report --html`, `GET /`): gathered from a reader of
 /// the store, the status report and the audit log.
-pub fn status_page(cfg: &Config) -> String {
+pub(crate) fn status_page(cfg: &Config) -> String {
     let heartbeat = report::read_heartbeat(&cfg.store.path);
     let opened = open_store(cfg, LockMode::Read).map_err(|e| e.to_string());
     let report = opened

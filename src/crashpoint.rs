@@ -56,15 +56,3 @@ fn parse(spec: &str) -> (String, usize) {
         _ => (spec.to_string(), 1),
     }
 }
-
-/// Whether `point` is the armed crash point (the store uses this to tear a write).
-#[cfg(debug_assertions)]
-pub fn armed(point: &str) -> bool {
-    std::env::var("FTTP_AGENT_CRASH_AT").is_ok_and(|s| parse(&s).0 == point)
-}
-
-#[cfg(not(debug_assertions))]
-#[inline(always)]
-pub fn armed(_point: &str) -> bool {
-    false
-}

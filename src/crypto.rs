@@ -89,7 +89,7 @@ impl OpenError {
         OpenError::Authentication { what }
     }
 
-    pub fn layout(what: &'static str) -> OpenError {
+    pub(crate) fn layout(what: &'static str) -> OpenError {
         OpenError::Layout { what }
     }
 }
@@ -109,7 +109,7 @@ impl std::fmt::Debug for StoreKey {
 
 /// Reads a 256-bit key written by `keygen` (base64); refuses a key file that
 /// group or others can read.
-pub fn read_key_bytes(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+pub(crate) fn read_key_bytes(path: &Path) -> Result<Zeroizing<[u8; 32]>, KeyError> {
     crate::secret_file::check_private(path, "the key file")?;
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| KeyError::Read {
         path: path.to_path_buf(),
@@ -196,7 +196,7 @@ impl StoreKey {
     /// that a ciphertext moved to another record fails to open).
     /// Returns nonce, ciphertext and tag as bytes (the store files carry
     /// them as base64, which `open` reads).
-    pub fn seal_raw(&self, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    pub(crate) fn seal_raw(&self, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let nonce = fresh_nonce();
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + self.aead.algorithm().tag_len());
         out.extend_from_slice(&nonce);
@@ -220,7 +220,12 @@ impl StoreKey {
     }
 
     /// `open` for the sealed bytes without their base64 form.
-    pub fn open_raw(&self, what: &'static str, context: &[u8], raw: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+    pub(crate) fn open_raw(
+        &self,
+        what: &'static str,
+        context: &[u8],
+        raw: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         let err = OpenError::auth(what);
         if raw.len() < NONCE_LEN {
             return Err(err);
@@ -243,7 +248,7 @@ impl StoreKey {
     }
 
     /// The same index as bytes.
-    pub fn index_bytes(&self, domain: &str, value: &[u8]) -> [u8; 16] {
+    pub(crate) fn index_bytes(&self, domain: &str, value: &[u8]) -> [u8; 16] {
         let mut ctx = hmac::Context::with_key(&self.mac);
         ctx.update(domain.as_bytes());
         ctx.update(&[0]);

@@ -16,7 +16,7 @@ pub const STUDY: &str = "mii";
 pub const TARGET: &str = "dic_demo";
 pub const API_KEY: &str = "demo-api-key";
 /// The demo's second study, with its own tasks at the same simulator.
-pub const SECOND_STUDY: &str = "napkon";
+pub(crate) const SECOND_STUDY: &str = "napkon";
 
 /// A deterministic, fictional 64-byte "Bloom filter" for sample patient `n`.
 pub fn sample_bloomfilter(n: u32) -> BloomFilter {
@@ -31,7 +31,7 @@ pub fn sample_bloomfilter(n: u32) -> BloomFilter {
 }
 
 /// Sample patients (invented people) as import CSV.
-pub fn sample_csv() -> String {
+pub(crate) fn sample_csv() -> String {
     let rows = [
         "p-001,Erika,Mustermann,,,1964-08-12,f,Heidestr. 17,Köln,51147,Berlin,Gabler,,de,DE,M",
         "p-002,Max,Mustermann,,,1962-03-01,m,Heidestr. 17,Köln,51147,Bonn,,Dr.,de,DE,M",
@@ -50,7 +50,7 @@ pub fn sample_csv() -> String {
 }
 
 /// Queues one task of every kind, plus an expired and a malformed one.
-pub fn load_sample_tasks(sim: &Simulator) {
+pub(crate) fn load_sample_tasks(sim: &Simulator) {
     let now = Utc::now();
     let bf = |n| sample_bloomfilter(n).to_base64();
     sim.add_task(sim::dic_psn_available(&bf(1), TARGET, "mii_DEMO0001", None));
@@ -99,7 +99,7 @@ pub fn load_sample_tasks(sim: &Simulator) {
     );
 }
 
-pub fn start_simulator() -> std::io::Result<Simulator> {
+pub(crate) fn start_simulator() -> std::io::Result<Simulator> {
     Simulator::start(SimOptions {
         api_key: API_KEY.into(),
         ..SimOptions::default()

@@ -105,7 +105,7 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
 /// What is left of a time, for people reading a status: the two largest
 /// units, rounded down (`1m35s`, `12m`, `2h5m`, `3d4h`), written by
 /// `format_duration`.
-pub fn format_left(d: chrono::Duration) -> String {
+pub(crate) fn format_left(d: chrono::Duration) -> String {
     let Ok(d) = d.to_std() else {
         return "no time (past)".into();
     };

@@ -3,20 +3,20 @@
 /// Every task resolved or cleanly skipped (expired, duplicate, rejected).
 pub const OK: u8 = 0;
 /// Some tasks failed or wait for local data; they stay open for the next cycle.
-pub const TASKS_OPEN: u8 = 1;
+pub(crate) const TASKS_OPEN: u8 = 1;
 /// Configuration or usage error.
-pub const CONFIG: u8 = 2;
+pub(crate) const CONFIG: u8 = 2;
 /// Dispatcher unreachable or authentication refused; nothing changed.
 pub const DISPATCHER: u8 = 3;
 /// The dispatcher answered, but not in the protocol: an unreadable or
 /// oversized document. Nothing was changed; its operators must look.
-pub const PROTOCOL: u8 = 4;
+pub(crate) const PROTOCOL: u8 = 4;
 /// The store, the audit log or another file cannot be read or written
 /// (I/O failure, full disk, damage, a cut-off audit log): the agent is
 /// broken until someone looks. Never counted as success by the units.
-pub const IO: u8 = 5;
+pub(crate) const IO: u8 = 5;
 /// Another agent holds the store lock (EX_TEMPFAIL).
-pub const LOCKED: u8 = 75;
+pub(crate) const LOCKED: u8 = 75;
 
 /// Of two results (several studies in one run), the one to report: a
 /// broken file before a configuration problem before a broken protocol

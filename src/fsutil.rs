@@ -10,7 +10,7 @@ use std::path::Path;
 /// made durable by an fsync of the directory (a power loss must not take
 /// back, say, an erased patient's tombstone). `mode` is the new file's
 /// (e.g. 0644 for a metrics file another user reads).
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -24,4 +24,4 @@ impl std::hash::Hasher for FxHasher {
     }
 }
 
-pub type Fx = std::hash::BuildHasherDefault<FxHasher>;
+pub(crate) type Fx = std::hash::BuildHasherDefault<FxHasher>;

@@ -14,7 +14,7 @@ use std::io::BufRead;
 use std::path::Path;
 
 /// CSV columns: `local_id`, `bloomfilter`, then one per IDAT element.
-pub const CSV_COLUMNS: [&str; 17] = [
+pub(crate) const CSV_COLUMNS: [&str; 17] = [
     "local_id",
     "bloomfilter",
     "given",
@@ -80,7 +80,7 @@ pub struct ImportReport {
 }
 
 /// A parsed row: the patient's key, IDAT and Bloom filter.
-pub type Row = (LocalId, Idat, Option<BloomFilter>);
+pub(crate) type Row = (LocalId, Idat, Option<BloomFilter>);
 
 /// Rows per store write (one transaction): a commit rewrites every page its
 /// rows touched into the WAL, and random keys touch many; at 1,000 rows a
@@ -127,7 +127,7 @@ pub fn import_file(
 /// `fttp-agent bloom`: each row's Bloom filter computed from its IDAT, as
 /// CSV `local_id,bloomfilter` on `out`. Returns the rows that had none,
 /// by line number and reason.
-pub fn bloom_file(
+pub(crate) fn bloom_file(
     path: &Path,
     encoder: &RecordEncoder,
     out: &mut impl std::io::Write,
@@ -267,7 +267,7 @@ fn run_on<R: std::io::Read>(csv: &csv::Reader<R>, line: usize) -> Option<Skip> {
 /// Why a row was not imported, and how many lines of the file that is
 /// (more than one when an unclosed quote swallowed the lines after it).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Skip {
+pub(crate) struct Skip {
     pub reason: String,
     pub lines: usize,
 }

@@ -27,7 +27,7 @@ fn reopen_flag() -> &'static Arc<AtomicBool> {
 }
 
 /// Reopen the log file on SIGHUP (logrotate's postrotate).
-pub fn reopen_on_sighup() -> std::io::Result<()> {
+pub(crate) fn reopen_on_sighup() -> std::io::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(reopen_flag())).map(|_| ())
 }
 

@@ -183,7 +183,7 @@ impl Resolver for CachedResolver {
 
 /// The host (and port) of a `Location` header, for a message: never its
 /// path or query, which may carry anything.
-pub fn location_host(location: Option<&str>) -> String {
+pub(crate) fn location_host(location: Option<&str>) -> String {
     let Some(loc) = location else {
         return "no Location header".into();
     };
@@ -205,7 +205,7 @@ pub fn location_host(location: Option<&str>) -> String {
 }
 
 /// Explains a TLS failure for an admin, or `None` if `e` is not one.
-pub fn explain_tls(e: &ureq::Error) -> Option<String> {
+pub(crate) fn explain_tls(e: &ureq::Error) -> Option<String> {
     let rustls_err: &rustls::Error = match e {
         ureq::Error::Rustls(r) => r,
         ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,

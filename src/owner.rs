@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Why this process may not write `path`: its owner is another user.
-pub fn foreign_owner(path: &Path, what: &str) -> Option<String> {
+pub(crate) fn foreign_owner(path: &Path, what: &str) -> Option<String> {
     let meta = std::fs::metadata(path).ok()?;
     let me = rustix::process::geteuid().as_raw();
     if meta.uid() == me {

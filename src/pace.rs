@@ -63,7 +63,7 @@ impl Pace {
 
     /// A place in the order of starts (taken when a request is handed to
     /// the network threads).
-    pub fn take_turn(&self) -> u64 {
+    pub(crate) fn take_turn(&self) -> u64 {
         let mut st = crate::lock(&self.state);
         st.issued += 1;
         st.issued - 1
@@ -155,7 +155,7 @@ impl Pace {
 
     /// The lowest limit and the busy answers since the last call; the
     /// lowest starts again from the current limit.
-    pub fn take_report(&self) -> PaceReport {
+    pub(crate) fn take_report(&self) -> PaceReport {
         let mut st = crate::lock(&self.state);
         let report = PaceReport {
             lowest: st.lowest,
@@ -168,7 +168,7 @@ impl Pace {
 }
 
 /// A step of `in_turn`, for the caller's thread.
-pub enum Step<'a, J, A> {
+pub(crate) enum Step<'a, J, A> {
     /// About to hand `J` to the network threads: true to hand it over
     /// (its marks are on disk by then), false to stop handing over.
     Hand(&'a mut J),
@@ -179,14 +179,14 @@ pub enum Step<'a, J, A> {
 
 /// Requests handed over beyond those being sent, so that the network never
 /// waits for the caller's bookkeeping.
-pub const AHEAD: usize = 2;
+pub(crate) const AHEAD: usize = 2;
 
 /// Sends `jobs` of one dispatcher on `pace.max()` network threads, started
 /// in the order given as `pace` allows; `main` prepares each on this
 /// thread before it is handed over and records each answer here. At most
 /// `max + AHEAD` are out at once. The first error of `main` ends the
 /// handing over; the answers of what is out are still given to `main`.
-pub fn in_turn<J: Send, A: Send, E>(
+pub(crate) fn in_turn<J: Send, A: Send, E>(
     pace: &Pace,
     jobs: impl IntoIterator<Item = J>,
     send: impl Fn(&mut J) -> A + Sync,

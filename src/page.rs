@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Days the chart covers.
-pub const DAYS: usize = 30;
+pub(crate) const DAYS: usize = 30;
 
 /// What the page shows.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ pub struct AuditState {
 }
 
 /// Where the page's figures come from.
-pub struct Sources<'a> {
+pub(crate) struct Sources<'a> {
     pub store: Result<&'a Store, String>,
     /// Each study's name and dispatcher target, as configured.
     pub studies: &'a [(String, String)],
@@ -119,7 +119,7 @@ struct AuditLine<'a> {
     study: Option<&'a str>,
 }
 
-pub fn gather(src: &Sources<'_>) -> Page {
+pub(crate) fn gather(src: &Sources<'_>) -> Page {
     let now = Utc::now();
     let next_poll = src.heartbeat.and_then(|h| h.next_poll);
     let first_day = (now - chrono::Duration::days(DAYS as i64 - 1)).date_naive();
@@ -337,7 +337,7 @@ details summary{cursor:pointer;color:var(--muted)}
 
 /// The `Content-Security-Policy` the page is served with: nothing but its
 /// own inline style (by hash), no script, no connection, no frame.
-pub fn content_security_policy() -> String {
+pub(crate) fn content_security_policy() -> String {
     format!("{}; frame-ancestors 'none'", document_policy())
 }
 

@@ -15,7 +15,7 @@ pub fn fingerprint(bytes: &[u8]) -> String {
 
 /// `fingerprint` after a kind's prefix (`bf:`, `psn:`, `pat:`), built in
 /// one string: the audit record of every task has one.
-pub fn tagged_fingerprint(prefix: &str, bytes: &[u8]) -> String {
+pub(crate) fn tagged_fingerprint(prefix: &str, bytes: &[u8]) -> String {
     let mut s = String::with_capacity(prefix.len() + 12);
     s.push_str(prefix);
     push_hex(&mut s, &digest(&SHA256, bytes).as_ref()[..6]);
@@ -24,7 +24,7 @@ pub fn tagged_fingerprint(prefix: &str, bytes: &[u8]) -> String {
 
 /// SHA-256 over the JSON serde writes for `value`, fed to the digest as
 /// it is written (no string of it: 100,000 task keys at a re-keying).
-pub fn sha256_of_json<T: serde::Serialize>(value: &T) -> ring::digest::Digest {
+pub(crate) fn sha256_of_json<T: serde::Serialize>(value: &T) -> ring::digest::Digest {
     struct Digest(ring::digest::Context);
     impl std::io::Write for Digest {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -45,7 +45,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(digest(&SHA256, bytes).as_ref())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     push_hex(&mut s, bytes);
     s
@@ -82,7 +82,7 @@ impl Redactor {
 
     /// A redactor that knows `credentials` in every form a server may echo
     /// them in (see `add_credential`).
-    pub fn with_credentials(credentials: &[String]) -> Self {
+    pub(crate) fn with_credentials(credentials: &[String]) -> Self {
         let mut r = Redactor::new();
         for c in credentials {
             r.add_credential(c);
@@ -94,7 +94,7 @@ impl Redactor {
     /// as it is, base64-encoded (as in a Basic header) and percent-encoded
     /// (as in a form body or URL), since an echoing server may quote it in
     /// any of these.
-    pub fn add_credential(&mut self, secret: &str) {
+    pub(crate) fn add_credential(&mut self, secret: &str) {
         use base64::Engine;
         let s = secret.trim();
         self.add(s);

@@ -23,7 +23,7 @@ impl Progress {
         }
     }
 
-    pub fn tick(&mut self, n: usize) {
+    pub(crate) fn tick(&mut self, n: usize) {
         self.done += n;
         if self.active && self.last.elapsed() >= Duration::from_millis(200) {
             self.last = Instant::now();

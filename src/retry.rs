@@ -4,14 +4,14 @@
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     pub max_attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
 }
 
 impl RetryPolicy {
-    pub const MAX_DELAY: Duration = Duration::from_secs(300);
+    pub(crate) const MAX_DELAY: Duration = Duration::from_secs(300);
 
     /// Delay before attempt `attempt + 1`: base * 2^(attempt-1), capped, with
     /// up to 50% subtracted at random so that many sites restarted together
@@ -26,7 +26,7 @@ impl RetryPolicy {
 }
 
 /// A failure that may be worth retrying.
-pub trait Retryable {
+pub(crate) trait Retryable {
     fn is_transient(&self) -> bool;
     /// A server-requested wait (Retry-After), if any.
     fn retry_after(&self) -> Option<Duration> {
@@ -36,7 +36,7 @@ pub trait Retryable {
 
 /// Runs `op` until it succeeds, fails permanently, runs out of attempts, or
 /// the next attempt could not start before `deadline`.
-pub fn with_backoff<T, E: Retryable + std::fmt::Display>(
+pub(crate) fn with_backoff<T, E: Retryable + std::fmt::Display>(
     policy: &RetryPolicy,
     deadline: Option<Instant>,
     mut op: impl FnMut(u32) -> Result<T, E>,

@@ -25,7 +25,7 @@ pub enum SecretFileError {
 }
 
 /// Refuses a file that group or others can access at all.
-pub fn check_private(path: &Path, what: &'static str) -> Result<(), SecretFileError> {
+pub(crate) fn check_private(path: &Path, what: &'static str) -> Result<(), SecretFileError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|source| SecretFileError::Read {
         what,
@@ -44,7 +44,7 @@ pub fn check_private(path: &Path, what: &'static str) -> Result<(), SecretFileEr
 }
 
 /// The whole text of a private file.
-pub fn read_private(path: &Path, what: &'static str) -> Result<String, SecretFileError> {
+pub(crate) fn read_private(path: &Path, what: &'static str) -> Result<String, SecretFileError> {
     check_private(path, what)?;
     std::fs::read_to_string(path).map_err(|source| SecretFileError::Read {
         what,

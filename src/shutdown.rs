@@ -14,7 +14,7 @@ static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 pub struct Shutdown(Arc<AtomicBool>);
 
 impl Shutdown {
-    pub fn install() -> std::io::Result<Shutdown> {
+    pub(crate) fn install() -> std::io::Result<Shutdown> {
         let flag = Arc::clone(FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))));
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
             signal_hook::flag::register(sig, Arc::clone(&flag))?;

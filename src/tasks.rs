@@ -126,7 +126,7 @@ impl Task {
 
     /// `display_id` from a key already computed (hashing is not free when
     /// 100,000 tasks arrive at once).
-    pub fn display_id_of(&self, key: &str) -> String {
+    pub(crate) fn display_id_of(&self, key: &str) -> String {
         match self {
             Task::SendIdat { task_id, .. } => task_id.to_string(),
             _ => key.chars().take(19).collect(),
@@ -194,7 +194,7 @@ pub fn parse_response(params: &Parameters, scope: &Scope<'_>) -> Vec<Result<Task
     params.parameter.iter().map(|p| parse_task(p, scope)).collect()
 }
 
-pub fn parse_task(p: &Parameter, scope: &Scope<'_>) -> Result<Task, Rejected> {
+pub(crate) fn parse_task(p: &Parameter, scope: &Scope<'_>) -> Result<Task, Rejected> {
     let reject = |reason: String| Rejected {
         name: sanitize(&p.name),
         reason,
@@ -589,7 +589,7 @@ mod tests {
 
 /// The `error-code` Coding of an `error` answer (either part may be missing).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ErrorCode {
+pub(crate) struct ErrorCode {
     pub system: Option<String>,
     pub code: Option<String>,
 }
@@ -621,7 +621,7 @@ impl std::fmt::Display for ErrorCode {
 /// for the whole request (an `error` with an `all` part). A filter in
 /// neither map went to clearing.
 #[derive(Debug, Default)]
-pub struct PsnAnswers {
+pub(crate) struct PsnAnswers {
     pub pseudonyms: std::collections::HashMap<BloomFilter, Pseudonym>,
     pub errors: std::collections::HashMap<BloomFilter, ErrorCode>,
     /// An `error` with an `all` part, or with no `bloomfilter` part: it
@@ -632,7 +632,7 @@ pub struct PsnAnswers {
 }
 
 impl PsnAnswers {
-    pub fn from_parameters(answer: &Parameters) -> PsnAnswers {
+    pub(crate) fn from_parameters(answer: &Parameters) -> PsnAnswers {
         let mut out = PsnAnswers::default();
         let bf_of = |p: &Parameter| {
             p.parts("bloomfilter")

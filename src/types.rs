@@ -24,7 +24,7 @@ pub enum BloomFilterError {
 impl BloomFilter {
     /// Record-level filters are a few hundred bits; anything this large is
     /// not a Bloom filter and is refused before it is decoded.
-    pub const MAX_BYTES: usize = 64 * 1024;
+    pub(crate) const MAX_BYTES: usize = 64 * 1024;
 
     pub fn from_base64(s: &str) -> Result<Self, BloomFilterError> {
         // (Twice the base64 length: room for whitespace between groups.)

@@ -157,7 +157,7 @@ impl From<TaskKind> for AuditKind {
 impl Outcome {
     /// A ledger entry with this outcome waits before it is tried again
     /// (`[dispatcher] retry_delay`).
-    pub fn backs_off(self) -> bool {
+    pub(crate) fn backs_off(self) -> bool {
         matches!(self, Outcome::TransientError | Outcome::UnknownError)
     }
 }

@@ -62,7 +62,7 @@ pub struct TaskOutcome {
 /// How many tasks of a cycle ended in one condition, by task kind, with
 /// one detail as an example.
 #[derive(Debug, Clone, Default)]
-pub struct Condition {
+pub(crate) struct Condition {
     pub count: usize,
     pub by_kind: BTreeMap<&'static str, usize>,
     pub example: Option<String>,
@@ -124,7 +124,7 @@ impl CycleReport {
     }
 
     /// Conditions that can repeat every cycle, by outcome (`log_outcome`).
-    pub fn conditions(&self) -> BTreeMap<Outcome, Condition> {
+    pub(crate) fn conditions(&self) -> BTreeMap<Outcome, Condition> {
         self.conditions.clone()
     }
 
@@ -142,7 +142,7 @@ pub struct StudyClient {
 
 impl StudyClient {
     /// One for each configured study, in the order written.
-    pub fn for_all(cfg: &Config) -> Result<Vec<StudyClient>, crate::client::ClientSetupError> {
+    pub(crate) fn for_all(cfg: &Config) -> Result<Vec<StudyClient>, crate::client::ClientSetupError> {
         let mut out = Vec::with_capacity(cfg.studies.len());
         for study in &cfg.studies {
             if let Some(own) = cfg.for_study(&study.name) {
@@ -328,7 +328,7 @@ impl<'a> Agent<'a> {
         Ok(records)
     }
 
-    pub fn with_shutdown(mut self, stop: Shutdown) -> Self {
+    pub(crate) fn with_shutdown(mut self, stop: Shutdown) -> Self {
         self.stop = Some(stop);
         self
     }
@@ -343,7 +343,7 @@ impl<'a> Agent<'a> {
     /// tasks of all of them, soonest expiry first. A study whose poll fails
     /// is reported and audited; the others go on, and its open tasks from
     /// earlier polls are still worked on.
-    pub fn run_cycle(mut self) -> Result<CycleReport, AgentError> {
+    pub(crate) fn run_cycle(mut self) -> Result<CycleReport, AgentError> {
         let mut clock = Instant::now();
         let mut lap = |phases: &mut Vec<_>, name: &'static str| {
             phases.push((name, clock.elapsed()));
@@ -910,7 +910,7 @@ fn log_outcome(e: &LedgerEntry, outcome: Outcome, detail: Option<&str>, quiet: b
 }
 
 /// A task outcome that is summarised per cycle, not logged per task.
-pub fn is_condition(status: Status, outcome: Outcome) -> bool {
+pub(crate) fn is_condition(status: Status, outcome: Outcome) -> bool {
     matches!(status, Status::Failed | Status::Rejected)
         || matches!(outcome, Outcome::UnknownPatient | Outcome::Duplicate)
 }

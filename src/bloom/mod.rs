@@ -21,7 +21,7 @@ use std::fmt;
 /// `java.util.Random`: a 48-bit linear congruential generator. Only what
 /// the encoding draws from it is reproduced.
 #[derive(Debug, Clone)]
-pub struct JavaRandom {
+pub(crate) struct JavaRandom {
     state: u64,
 }
 
@@ -43,13 +43,14 @@ impl JavaRandom {
     }
 
     /// Java's `nextInt()`.
-    pub fn next_i32(&mut self) -> i32 {
+    #[cfg(test)]
+    pub(crate) fn next_i32(&mut self) -> i32 {
         self.next(32)
     }
 
     /// Java's `nextInt(bound)` for `bound > 0`, including its rejection
     /// loop (whose test relies on int overflow).
-    pub fn next_below(&mut self, bound: i32) -> i32 {
+    pub(crate) fn next_below(&mut self, bound: i32) -> i32 {
         debug_assert!(bound > 0);
         let mut r = self.next(31);
         let m = bound - 1;
@@ -187,7 +188,7 @@ impl fmt::Debug for Encoder {
 }
 
 impl Encoder {
-    pub const MAX_LENGTH: usize = 100_000;
+    pub(crate) const MAX_LENGTH: usize = 100_000;
 
     pub fn new(p: &Params) -> Result<Encoder, String> {
         if p.length == 0 || p.length > Self::MAX_LENGTH {
@@ -241,7 +242,7 @@ impl Encoder {
         })
     }
 
-    pub fn field_names(&self) -> &[String] {
+    pub(crate) fn field_names(&self) -> &[String] {
         &self.names
     }
 

@@ -136,7 +136,7 @@ pub struct FieldRule {
 }
 
 impl FieldRule {
-    pub fn from_config(f: &BloomField) -> Result<FieldRule, String> {
+    pub(crate) fn from_config(f: &BloomField) -> Result<FieldRule, String> {
         let sources = f.source.elements();
         if sources.is_empty() {
             return Err(format!("field {}: source names no IDAT element", f.name));
@@ -166,7 +166,7 @@ impl FieldRule {
     }
 
     /// Applies the transformers to a value (what the field's filter is made of).
-    pub fn normalize(&self, value: String) -> String {
+    pub(crate) fn normalize(&self, value: String) -> String {
         self.steps.iter().fold(value, |v, s| s.apply(v))
     }
 

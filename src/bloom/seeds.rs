@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub enum SeedsError {
+pub(crate) enum SeedsError {
     #[error("cannot read the Bloom filter seeds file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error(
@@ -48,7 +48,7 @@ struct File {
 }
 
 /// The seeds, parsed. `Debug` shows only which seeds there are.
-pub struct Seeds {
+pub(crate) struct Seeds {
     pub balanced: Option<i64>,
     pub fields: BTreeMap<String, i64>,
     path: PathBuf,

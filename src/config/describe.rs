@@ -4,7 +4,7 @@ use super::*;
 
 impl Config {
     /// What `check` prints: every effective setting, secrets shown only as set/unset.
-    pub fn describe(&self) -> Vec<(String, String)> {
+    pub(crate) fn describe(&self) -> Vec<(String, String)> {
         let d = &self.dispatcher;
         let fmt_dur = |h: &HumanDuration| format_duration(h.0);
         let mut out: Vec<(String, String)> = vec![

@@ -25,10 +25,10 @@ pub use sections::*;
 pub use serve::Serve;
 pub use values::*;
 
-pub const ENV_CONFIG: &str = "FTTP_AGENT_CONFIG";
-pub const ENV_API_KEY: &str = "FTTP_AGENT_API_KEY";
-pub const ENV_STORE_KEY_FILE: &str = "FTTP_AGENT_STORE_KEY_FILE";
-pub const DEFAULT_CONFIG: &str = "fttp-agent.toml";
+pub(crate) const ENV_CONFIG: &str = "FTTP_AGENT_CONFIG";
+pub(crate) const ENV_API_KEY: &str = "FTTP_AGENT_API_KEY";
+pub(crate) const ENV_STORE_KEY_FILE: &str = "FTTP_AGENT_STORE_KEY_FILE";
+pub(crate) const DEFAULT_CONFIG: &str = "fttp-agent.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -58,7 +58,7 @@ impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -125,7 +125,7 @@ impl Config {
 
     /// The configuration as one study sees it: that study alone, with its
     /// own API key and dispatcher URL where it has them.
-    pub fn for_study(&self, name: &str) -> Option<Config> {
+    pub(crate) fn for_study(&self, name: &str) -> Option<Config> {
         let study = self.studies.iter().find(|s| s.name == name)?.clone();
         let mut cfg = self.clone();
         if let Some(entry) = self.study_entries.iter().find(|e| e.name.as_str() == name) {
@@ -141,7 +141,7 @@ impl Config {
     }
 
     /// The study named `name`, or a usage message listing the configured ones.
-    pub fn find_study(&self, name: &str) -> Result<&Study, String> {
+    pub(crate) fn find_study(&self, name: &str) -> Result<&Study, String> {
         self.studies.iter().find(|s| s.name == name).ok_or_else(|| {
             let names: Vec<&str> = self.studies.iter().map(|s| s.name.as_str()).collect();
             format!(
@@ -162,20 +162,20 @@ impl Config {
     }
 
     /// Loads the store key named by `[store] key_file`.
-    pub fn store_key(&self) -> Result<crate::crypto::StoreKey, crate::crypto::KeyError> {
+    pub(crate) fn store_key(&self) -> Result<crate::crypto::StoreKey, crate::crypto::KeyError> {
         let path = self.store.key_file.clone().unwrap_or_default();
         crate::crypto::StoreKey::load(&path)
     }
 
     /// How the audit log is chained: HMAC under `[log] audit_hmac_key_file`, else SHA-256.
-    pub fn audit_chain(&self) -> Result<crate::audit::Chain, crate::crypto::KeyError> {
+    pub(crate) fn audit_chain(&self) -> Result<crate::audit::Chain, crate::crypto::KeyError> {
         match &self.log.audit_hmac_key_file {
             Some(p) => crate::audit::Chain::hmac_from_file(p),
             None => Ok(crate::audit::Chain::Sha256),
         }
     }
 
-    pub fn audit_path(&self) -> PathBuf {
+    pub(crate) fn audit_path(&self) -> PathBuf {
         self.log
             .audit
             .clone()
@@ -188,7 +188,7 @@ impl Config {
 }
 
 /// `http://127.x.x.x`, `http://localhost`, `http://[::1]`.
-pub fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or("");
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
@@ -201,7 +201,7 @@ pub fn is_loopback_url(url: &str) -> bool {
 }
 
 /// Reads a one-line secret from a private file (password, client secret).
-pub fn read_secret(path: &Path, what: &'static str) -> Result<Secret, ConfigError> {
+pub(crate) fn read_secret(path: &Path, what: &'static str) -> Result<Secret, ConfigError> {
     Ok(Secret::new(crate::secret_file::read_private(path, what)?.trim()))
 }
 

@@ -158,7 +158,7 @@ impl Serve {
     }
 
     /// What `check` prints (secrets as set/unset).
-    pub fn describe(&self) -> Vec<(String, String)> {
+    pub(crate) fn describe(&self) -> Vec<(String, String)> {
         let path = |p: &Option<PathBuf>| p.as_ref().map_or("unset".into(), |p| p.display().to_string());
         vec![
             ("serve.listen".into(), self.listen.clone()),

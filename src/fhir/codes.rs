@@ -2,7 +2,7 @@
 //! `scripts/gen-codes.py` from Debian's iso-codes package: do not edit.
 
 /// ISO 3166-1 alpha-2 (ValueSet iso3166-1-2: `nationality`), sorted.
-pub const ISO3166_ALPHA2: [&str; 249] = [
+pub(crate) const ISO3166_ALPHA2: [&str; 249] = [
     "AD", "AE", "AF", "AG", "AI", "AL", "AM", "AO", "AQ", "AR", "AS", "AT", "AU", "AW", "AX", "AZ", "BA", "BB", "BD",
     "BE", "BF", "BG", "BH", "BI", "BJ", "BL", "BM", "BN", "BO", "BQ", "BR", "BS", "BT", "BV", "BW", "BY", "BZ", "CA",
     "CC", "CD", "CF", "CG", "CH", "CI", "CK", "CL", "CM", "CN", "CO", "CR", "CU", "CV", "CW", "CX", "CY", "CZ", "DE",
@@ -21,7 +21,7 @@ pub const ISO3166_ALPHA2: [&str; 249] = [
 
 /// ISO 639-1 and 639-2 codes (a BCP-47 tag's primary language subtag:
 /// `language`), sorted.
-pub const ISO639: [&str; 671] = [
+pub(crate) const ISO639: [&str; 671] = [
     "aa", "aar", "ab", "abk", "ace", "ach", "ada", "ady", "ae", "af", "afa", "afh", "afr", "ain", "ak", "aka", "akk",
     "ale", "alg", "alt", "am", "amh", "an", "ang", "anp", "apa", "ar", "ara", "arc", "arg", "arn", "arp", "art", "arw",
     "as", "asm", "ast", "ath", "aus", "av", "ava", "ave", "awa", "ay", "aym", "az", "aze", "ba", "bad", "bai", "bak",

@@ -88,7 +88,7 @@ impl Node {
     }
 
     /// Builder form of `push_complex`.
-    pub fn with_node(mut self, name: &str, node: Node) -> Self {
+    pub(crate) fn with_node(mut self, name: &str, node: Node) -> Self {
         self.push_complex(name, node);
         self
     }
@@ -129,7 +129,7 @@ impl Node {
 }
 
 impl Value {
-    pub fn as_primitive(&self) -> Option<&Primitive> {
+    pub(crate) fn as_primitive(&self) -> Option<&Primitive> {
         match self {
             Value::Primitive(p) => Some(p),
             _ => None,

@@ -14,17 +14,17 @@
 use super::element::{Node, Primitive, Resource, Value};
 use serde::{Deserialize, Serialize};
 
-pub const PROFILE: &str = "https://ths-greifswald.de/fhir/StructureDefinition/dispatcher/Patient/Idat";
-pub const ELEMENTS_SYSTEM: &str = "https://ths-greifswald.de/fhir/CodeSystem/dispatcher/IdatElements";
-pub const EXT_BIRTHPLACE: &str = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace";
-pub const EXT_NATIONALITY: &str = "http://hl7.org/fhir/StructureDefinition/patient-nationality";
-pub const EXT_QUALIFIER: &str = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-qualifier";
-pub const SYSTEM_COUNTRY: &str = "urn:iso:std:iso:3166";
-pub const SYSTEM_LANGUAGE: &str = "urn:ietf:bcp:47";
-pub const SYSTEM_MARITAL: &str = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus";
+pub(crate) const PROFILE: &str = "https://ths-greifswald.de/fhir/StructureDefinition/dispatcher/Patient/Idat";
+pub(crate) const ELEMENTS_SYSTEM: &str = "https://ths-greifswald.de/fhir/CodeSystem/dispatcher/IdatElements";
+pub(crate) const EXT_BIRTHPLACE: &str = "http://hl7.org/fhir/StructureDefinition/patient-birthPlace";
+pub(crate) const EXT_NATIONALITY: &str = "http://hl7.org/fhir/StructureDefinition/patient-nationality";
+pub(crate) const EXT_QUALIFIER: &str = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-qualifier";
+pub(crate) const SYSTEM_COUNTRY: &str = "urn:iso:std:iso:3166";
+pub(crate) const SYSTEM_LANGUAGE: &str = "urn:ietf:bcp:47";
+pub(crate) const SYSTEM_MARITAL: &str = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus";
 /// `UNK` belongs to this code system, not to v3-MaritalStatus (R4's
 /// marital-status value set takes it from here).
-pub const SYSTEM_NULL_FLAVOR: &str = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor";
+pub(crate) const SYSTEM_NULL_FLAVOR: &str = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor";
 /// Identifier system under which `import` reads a patient's Bloom filter
 /// (base64) from a FHIR Patient resource. Defined by fttp-agent.
 pub const BLOOMFILTER_SYSTEM: &str = "urn:fttp-agent:bloomfilter";
@@ -89,7 +89,7 @@ impl IdatElement {
         }
     }
 
-    pub fn from_code(code: &str) -> Option<IdatElement> {
+    pub(crate) fn from_code(code: &str) -> Option<IdatElement> {
         IdatElement::ALL.into_iter().find(|e| e.code() == code)
     }
 }
@@ -405,23 +405,23 @@ fn coding(system: &str, code: &str) -> Node {
 /// Separates the items of a repeated element (several given names or
 /// address lines) in the one value the store and a CSV cell hold; they are
 /// sent as repeated FHIR elements, in order.
-pub const LIST_SEPARATOR: &str = "|";
+pub(crate) const LIST_SEPARATOR: &str = "|";
 
 /// The items of a value that may hold a list (see `LIST_SEPARATOR`),
 /// trimmed, empty ones left out.
-pub fn list_items(value: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn list_items(value: &str) -> impl Iterator<Item = &str> {
     value.split(LIST_SEPARATOR).map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// The codes of R4's marital-status value set (v3-MaritalStatus, and
 /// `UNK` from v3-NullFlavor), the Idat profile's required binding.
-pub const MARITAL_STATUS: [&str; 11] = ["A", "D", "I", "L", "M", "P", "S", "T", "U", "W", "UNK"];
+pub(crate) const MARITAL_STATUS: [&str; 11] = ["A", "D", "I", "L", "M", "P", "S", "T", "U", "W", "UNK"];
 
 /// Whether a coded IDAT value is in its element's value set (the Idat
 /// profile's required bindings): nationality ISO 3166-1 alpha-2, language
 /// a BCP-47 tag whose primary subtag is an ISO 639 code, marital status
 /// R4's marital-status. Other elements are not coded: always true.
-pub fn in_value_set(element: IdatElement, value: &str) -> bool {
+pub(crate) fn in_value_set(element: IdatElement, value: &str) -> bool {
     use super::codes::{ISO639, ISO3166_ALPHA2};
     match element {
         IdatElement::Nationality => ISO3166_ALPHA2.binary_search(&value).is_ok(),
@@ -457,7 +457,7 @@ fn marital_display(code: &str) -> Option<&'static str> {
 
 /// Maps the gender spellings found in hospital exports to FHIR's
 /// administrative gender; `None` for anything else.
-pub fn normalize_gender(s: &str) -> Option<&'static str> {
+pub(crate) fn normalize_gender(s: &str) -> Option<&'static str> {
     match s.trim().to_ascii_lowercase().as_str() {
         "male" | "m" => Some("male"),
         "female" | "f" | "w" => Some("female"),
@@ -468,7 +468,7 @@ pub fn normalize_gender(s: &str) -> Option<&'static str> {
 }
 
 /// FHIR `date`: YYYY, YYYY-MM or YYYY-MM-DD with a real calendar date.
-pub fn valid_birthdate(s: &str) -> bool {
+pub(crate) fn valid_birthdate(s: &str) -> bool {
     match s.len() {
         4 => s.chars().all(|c| c.is_ascii_digit()),
         7 => chrono::NaiveDate::parse_from_str(&format!("{s}-01"), "%Y-%m-%d").is_ok(),

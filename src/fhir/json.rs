@@ -20,7 +20,7 @@ pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
 /// an error: RFC 8259 leaves it undefined, serde_json keeps the last, and
 /// another reader may keep the first, so two readers of one document could
 /// act on different values (a gateway answer, an audit record).
-pub fn parse_strict(bytes: &[u8]) -> Result<J, serde_json::Error> {
+pub(crate) fn parse_strict(bytes: &[u8]) -> Result<J, serde_json::Error> {
     serde_json::from_slice::<Strict>(bytes).map(|s| s.0)
 }
 
@@ -28,7 +28,7 @@ pub fn parse_strict(bytes: &[u8]) -> Result<J, serde_json::Error> {
 const DUPLICATE_KEY: &str = "an object has the same key twice";
 
 /// Whether `parse_strict` refused a document for a key given twice.
-pub fn is_duplicate_key(e: &serde_json::Error) -> bool {
+pub(crate) fn is_duplicate_key(e: &serde_json::Error) -> bool {
     e.to_string().starts_with(DUPLICATE_KEY)
 }
 
@@ -107,7 +107,7 @@ pub fn to_string(resource: &Resource) -> String {
     resource_to_json(resource).to_string()
 }
 
-pub fn to_string_pretty(resource: &Resource) -> String {
+pub(crate) fn to_string_pretty(resource: &Resource) -> String {
     serde_json::to_string_pretty(&resource_to_json(resource)).unwrap_or_default()
 }
 
@@ -270,7 +270,7 @@ fn read_primitives(
     Ok(out)
 }
 
-pub fn resource_to_json(resource: &Resource) -> J {
+pub(crate) fn resource_to_json(resource: &Resource) -> J {
     let mut map = Map::new();
     map.insert("resourceType".into(), J::String(resource.resource_type.clone()));
     let ty = if schema::is_resource_type(&resource.resource_type) {
@@ -345,7 +345,7 @@ fn pack(mut vals: Vec<J>, array: bool) -> J {
 }
 
 /// A primitive of FHIR type `ty` as a JSON value (bool and number types as such).
-pub fn primitive_value(ty: &str, s: &str) -> J {
+pub(crate) fn primitive_value(ty: &str, s: &str) -> J {
     primitive_json(schema::json_kind(ty), s)
 }
 

@@ -12,17 +12,17 @@
 use super::{FhirError, Format};
 
 /// Deeper than any legitimate dispatcher message; bounds recursion on hostile input.
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 
 /// JSON objects and arrays.
-pub const MAX_JSON_CONTAINERS: usize = 2_000_000;
+pub(crate) const MAX_JSON_CONTAINERS: usize = 2_000_000;
 /// JSON values of any kind (containers plus scalars).
-pub const MAX_JSON_VALUES: usize = 5_000_000;
+pub(crate) const MAX_JSON_VALUES: usize = 5_000_000;
 /// XML elements (start and empty tags).
-pub const MAX_XML_ELEMENTS: usize = 4_500_000;
+pub(crate) const MAX_XML_ELEMENTS: usize = 4_500_000;
 /// Top-level parameters (tasks, in a `$requestTasks` answer): each costs
 /// the agent far more than its bytes (a ledger entry, an audit record).
-pub const MAX_PARAMETERS: usize = 250_000;
+pub(crate) const MAX_PARAMETERS: usize = 250_000;
 
 /// Refuses a document with more structure than any dispatcher answer has.
 pub fn check(format: Format, body: &[u8]) -> Result<(), FhirError> {

@@ -102,7 +102,7 @@ impl Format {
     }
 }
 
-pub fn parse_resource(format: Format, body: &[u8]) -> Result<Resource, FhirError> {
+pub(crate) fn parse_resource(format: Format, body: &[u8]) -> Result<Resource, FhirError> {
     limits::check(format, body)?;
     match format {
         Format::Json => json::parse(body),
@@ -110,7 +110,7 @@ pub fn parse_resource(format: Format, body: &[u8]) -> Result<Resource, FhirError
     }
 }
 
-pub fn write_resource(format: Format, resource: &Resource) -> String {
+pub(crate) fn write_resource(format: Format, resource: &Resource) -> String {
     match format {
         Format::Json => json::to_string(resource),
         Format::Xml => xml::to_string(resource),

@@ -107,12 +107,12 @@ impl OperationOutcome {
 }
 
 /// The FHIR issue-type code system (<http://hl7.org/fhir/R4/valueset-issue-type.html>).
-pub const ISSUE_TYPE: &str = "http://hl7.org/fhir/issue-type";
+pub(crate) const ISSUE_TYPE: &str = "http://hl7.org/fhir/issue-type";
 
 /// What an `error-code` of the dispatcher means for the request it
 /// answers, by the FHIR issue-type hierarchy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// `transient` and its children: the same request may succeed later.
     Transient,
     /// Any other issue type: this request will never succeed as it is; the

@@ -116,7 +116,7 @@ impl Parameter {
     }
 
     /// FHIR type name of the value, if any (`string`, `Identifier`, ...).
-    pub fn value_type(&self) -> Option<&str> {
+    pub(crate) fn value_type(&self) -> Option<&str> {
         match self.value.as_ref()? {
             ParamValue::Primitive { ty, .. } => Some(ty),
             ParamValue::Other { ty, .. } => Some(ty),

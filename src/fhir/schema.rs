@@ -9,7 +9,7 @@
 
 /// One element definition: name (`value[x]` for a choice), type, repeats.
 #[derive(Debug, Clone, Copy)]
-pub struct Def {
+pub(crate) struct Def {
     pub name: &'static str,
     pub ty: &'static str,
     pub array: bool,
@@ -24,9 +24,9 @@ const fn many(name: &'static str, ty: &'static str) -> Def {
 }
 
 /// Type name used for an element whose type is unknown: shape is inferred.
-pub const UNKNOWN: &str = "?";
+pub(crate) const UNKNOWN: &str = "?";
 /// Type name for "any resource" (Parameters.parameter.resource, Bundle.entry.resource).
-pub const RESOURCE: &str = "Resource";
+pub(crate) const RESOURCE: &str = "Resource";
 
 const PRIMITIVES: &[&str] = &[
     "base64Binary",
@@ -52,12 +52,12 @@ const PRIMITIVES: &[&str] = &[
     "xhtml",
 ];
 
-pub fn is_primitive(ty: &str) -> bool {
+pub(crate) fn is_primitive(ty: &str) -> bool {
     PRIMITIVES.contains(&ty)
 }
 
 /// Resource types this agent reads or writes with full fidelity.
-pub fn is_resource_type(ty: &str) -> bool {
+pub(crate) fn is_resource_type(ty: &str) -> bool {
     matches!(
         ty,
         "Parameters" | "Patient" | "OperationOutcome" | "Bundle" | "Task" | "CapabilityStatement"
@@ -466,7 +466,7 @@ const CAPABILITY_STATEMENT_REST_OPERATION: &[Def] = &[
 /// A bare element: what a primitive may contain besides its value.
 const ELEMENT: &[Def] = &[one("id", "string"), many("extension", "Extension")];
 
-pub fn defs(ty: &str) -> Option<&'static [Def]> {
+pub(crate) fn defs(ty: &str) -> Option<&'static [Def]> {
     Some(match ty {
         "Element" => ELEMENT,
         "Task" => TASK,
@@ -556,7 +556,7 @@ fn choice_type(suffix: &str) -> Option<String> {
 }
 
 /// The element name for a choice value of type `ty`: `value` + `String`.
-pub fn choice_name(prefix: &str, ty: &str) -> String {
+pub(crate) fn choice_name(prefix: &str, ty: &str) -> String {
     let mut chars = ty.chars();
     match chars.next() {
         Some(first) => format!("{prefix}{}{}", first.to_ascii_uppercase(), chars.as_str()),
@@ -566,13 +566,13 @@ pub fn choice_name(prefix: &str, ty: &str) -> String {
 
 /// How a primitive of type `ty` is written in JSON.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum JsonKind {
+pub(crate) enum JsonKind {
     String,
     Number,
     Bool,
 }
 
-pub fn json_kind(ty: &str) -> JsonKind {
+pub(crate) fn json_kind(ty: &str) -> JsonKind {
     match ty {
         "boolean" => JsonKind::Bool,
         "integer" | "integer64" | "positiveInt" | "unsignedInt" | "decimal" => JsonKind::Number,

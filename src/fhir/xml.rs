@@ -15,7 +15,7 @@ use quick_xml::NsReader;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::name::{Namespace, ResolveResult};
 
-pub const FHIR_NS: &str = "http://hl7.org/fhir";
+pub(crate) const FHIR_NS: &str = "http://hl7.org/fhir";
 const XHTML_NS: &str = "http://www.w3.org/1999/xhtml";
 
 pub fn parse(bytes: &[u8]) -> Result<Resource, FhirError> {
@@ -446,7 +446,7 @@ fn attr(out: &mut String, key: &str, value: &str) {
 /// Escapes for a double-quoted attribute. Whitespace control characters are
 /// written as character references because XML attribute-value normalisation
 /// would otherwise turn them into spaces and break the round trip.
-pub fn escape_attr(out: &mut String, value: &str) {
+pub(crate) fn escape_attr(out: &mut String, value: &str) {
     // Runs without a special character (nearly all of a Bloom filter or a
     // pseudonym) are copied whole, found by a table lookup per byte; the
     // specials are ASCII, so a byte position next to one is always a

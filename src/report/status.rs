@@ -82,7 +82,7 @@ pub struct StudyStatus {
 }
 
 /// Each study's line of `status`: its last poll and its open tasks.
-pub fn study_status(store: &Store, studies: &[&str]) -> Vec<StudyStatus> {
+pub(crate) fn study_status(store: &Store, studies: &[&str]) -> Vec<StudyStatus> {
     studies
         .iter()
         .map(|name| {
@@ -232,7 +232,7 @@ pub fn status(store: &Store, heartbeat: Option<&Heartbeat>, rules: &StatusRules)
 }
 
 /// When the first still-open task expires.
-pub fn soonest_open_expiry(store: &Store) -> Option<DateTime<Utc>> {
+pub(crate) fn soonest_open_expiry(store: &Store) -> Option<DateTime<Utc>> {
     store
         .ledger_entries()
         .filter(|e| !e.status.is_terminal())
@@ -240,7 +240,7 @@ pub fn soonest_open_expiry(store: &Store) -> Option<DateTime<Utc>> {
         .min()
 }
 
-pub fn status_text(r: &StatusReport) -> String {
+pub(crate) fn status_text(r: &StatusReport) -> String {
     let mut s = String::new();
     let health = match r.health {
         Health::Ok => "OK",

@@ -8,7 +8,7 @@ use crate::fhir::{Coding, Identifier, ParamValue, Parameter, Parameters};
 
 /// The identifier system of the gateway's gPAS answers (the guide's
 /// examples), for the target and the value asked about.
-pub const GPAS_SYSTEM: &str = "https://ths-greifswald.de/gpas";
+pub(crate) const GPAS_SYSTEM: &str = "https://ths-greifswald.de/gpas";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -53,7 +53,7 @@ impl Operation {
 
     /// The operation a path segment names: `$name`, or the older hyphenated
     /// form (`$pseudonymize-allow-create`, `$de-pseudonymize`).
-    pub fn from_segment(segment: &str) -> Option<Operation> {
+    pub(crate) fn from_segment(segment: &str) -> Option<Operation> {
         Some(match segment.strip_prefix('$')? {
             "pseudonymize" => Operation::Pseudonymize,
             "pseudonymizeAllowCreate" | "pseudonymize-allow-create" => Operation::PseudonymizeAllowCreate,
@@ -84,13 +84,13 @@ pub struct Call {
 
 /// Why a request is not a valid call. The text never quotes what was sent.
 #[derive(Debug, Clone, PartialEq)]
-pub enum CallError {
+pub(crate) enum CallError {
     Invalid(String),
     TooMany { limit: usize },
 }
 
 impl CallError {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             CallError::Invalid(why) => why.clone(),
             CallError::TooMany { limit } => {
@@ -110,7 +110,7 @@ fn expected(op: Operation) -> String {
 
 impl Call {
     /// From a POSTed `Parameters` resource.
-    pub fn from_parameters(op: Operation, params: &Parameters, max: usize) -> Result<Call, CallError> {
+    pub(crate) fn from_parameters(op: Operation, params: &Parameters, max: usize) -> Result<Call, CallError> {
         let mut target = None;
         let mut values = Vec::new();
         for (i, p) in params.parameter.iter().enumerate() {
@@ -149,7 +149,7 @@ impl Call {
 
     /// From the query of the older GET form (`target` or `domain`, and the
     /// values repeated).
-    pub fn from_query(op: Operation, query: &[(String, String)], max: usize) -> Result<Call, CallError> {
+    pub(crate) fn from_query(op: Operation, query: &[(String, String)], max: usize) -> Result<Call, CallError> {
         let mut target = None;
         let mut values = Vec::new();
         for (name, value) in query {
@@ -252,7 +252,7 @@ pub fn answer(call: &Call, found: &[Option<Identifier>]) -> Parameters {
 
 /// The CapabilityStatement `GET metadata` answers: exactly the operations
 /// enabled, each with its gPAS definition.
-pub fn capability_statement(ops: &[Operation], version: &str, base: &str, now: &str) -> Resource {
+pub(crate) fn capability_statement(ops: &[Operation], version: &str, base: &str, now: &str) -> Resource {
     let mut r = Resource::new("CapabilityStatement");
     r.node.push_primitive("status", "active");
     r.node.push_primitive("date", now);

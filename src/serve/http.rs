@@ -10,13 +10,13 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// A connection, in the clear or inside TLS.
-pub enum Stream {
+pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
 }
 
 impl Stream {
-    pub fn tcp(&self) -> &TcpStream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
             Stream::Tls(s) => &s.sock,
@@ -49,7 +49,7 @@ impl Write for Stream {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Request line and headers, in bytes.
     pub head: usize,
     /// Body, in bytes (after de-chunking).
@@ -80,7 +80,7 @@ impl Request {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
-    pub fn query_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    pub(crate) fn query_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.query
             .iter()
             .filter(move |(k, _)| k == name)
@@ -90,7 +90,7 @@ impl Request {
 
 /// Why no request could be read. None of them quotes what was received.
 #[derive(Debug, PartialEq)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The client closed the connection, or sent nothing in time, between
     /// requests: nothing to answer.
     Closed,
@@ -118,7 +118,7 @@ impl ReadError {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             ReadError::Closed => "connection closed".into(),
             ReadError::Timeout => "the request did not arrive in time".into(),
@@ -134,7 +134,7 @@ const MAX_HEADERS: usize = 64;
 
 /// A connection's reading side: bytes received but not yet used (the
 /// start of a pipelined next request) stay in `buf`.
-pub struct Conn {
+pub(crate) struct Conn {
     pub stream: Stream,
     buf: Vec<u8>,
 }
@@ -173,7 +173,7 @@ impl Conn {
     }
 
     /// The next request on the connection.
-    pub fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {
+    pub(crate) fn read_request(&mut self, limits: &Limits) -> Result<Request, ReadError> {
         let idle_until = Instant::now() + limits.idle;
         let mut deadline = (!self.buf.is_empty()).then(|| Instant::now() + limits.request);
         let head_len = loop {
@@ -375,7 +375,7 @@ impl Response {
         }
     }
 
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+    pub(crate) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
         self
     }
@@ -425,7 +425,7 @@ fn hex(b: u8) -> Option<u8> {
 
 /// `%XX` decoded (and `+` as a space, in a query); `None` if malformed or
 /// not UTF-8.
-pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+pub(crate) fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

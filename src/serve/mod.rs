@@ -49,7 +49,7 @@ impl ServeError {
 /// A study the service answers for: the gPAS `target` a client sends is
 /// its `name`; `target` is the dispatcher's (for the audit record).
 #[derive(Debug, Clone)]
-pub struct StudyName {
+pub(crate) struct StudyName {
     pub name: String,
     pub target: String,
 }
@@ -100,7 +100,7 @@ impl Basic {
 /// The operators' views the service shows besides the gPAS operations:
 /// the status page (`GET /`), `/health` and `/metrics`, each computed
 /// from the live state when asked.
-pub trait Views: Send + Sync {
+pub(crate) trait Views: Send + Sync {
     /// The status page's HTML (see `page`).
     fn page(&self) -> String;
     /// The health `status` decides.
@@ -110,7 +110,7 @@ pub trait Views: Send + Sync {
 }
 
 /// What the service is told at start (from `[serve]` and the studies).
-pub struct Settings {
+pub(crate) struct Settings {
     pub listen: SocketAddr,
     /// Without a trailing slash.
     pub base_path: String,
@@ -140,10 +140,10 @@ impl Settings {
 }
 
 /// Opens a read-only store handle (each worker keeps its own).
-pub type OpenStore = Arc<dyn Fn() -> Result<Store, String> + Send + Sync>;
+pub(crate) type OpenStore = Arc<dyn Fn() -> Result<Store, String> + Send + Sync>;
 /// Appends audit records (under the store lock, so the audit log keeps one
 /// writer at a time).
-pub type AuditSink = Arc<dyn Fn(&[AuditRecord]) -> Result<(), String> + Send + Sync>;
+pub(crate) type AuditSink = Arc<dyn Fn(&[AuditRecord]) -> Result<(), String> + Send + Sync>;
 
 /// Connections waiting for a worker, per worker.
 const QUEUE_PER_THREAD: usize = 16;
@@ -165,7 +165,7 @@ struct Shared {
 }
 
 /// A running service.
-pub struct Server {
+pub(crate) struct Server {
     addr: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
@@ -218,10 +218,6 @@ impl Server {
             workers,
             auditor: Some(auditor),
         })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// The base URL clients are given (`http(s)://addr/base_path`).

@@ -11,7 +11,11 @@ use std::sync::Arc;
 /// a certificate must present one that CA signed (else the handshake
 /// fails); whether a request without one is let in is decided per request
 /// (401 with an OperationOutcome, not a bare TLS alert).
-pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<rustls::ServerConfig>, String> {
+pub(crate) fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("[serve] tls_cert {}: {e}", cert.display()))?
         .collect::<Result<_, _>>()

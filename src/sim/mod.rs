@@ -252,7 +252,7 @@ impl Simulator {
     }
 
     /// Queues a task for `study` alone: its polls get its own queue.
-    pub fn add_study_task(&self, study: &str, task: Parameter) {
+    pub(crate) fn add_study_task(&self, study: &str, task: Parameter) {
         let mut st = self.state();
         st.settle();
         st.studies.entry(study.to_string()).or_default().push(task);

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub const FILE: &str = "store.sqlite3";
 
 #[derive(Debug, thiserror::Error)]
-pub enum DbError {
+pub(crate) enum DbError {
     #[error("store database {path}: {what}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -35,7 +35,7 @@ pub enum DbError {
 
 /// The schema, one migration per version: `MIGRATIONS[0]` makes version 1.
 /// Never edit a migration that has shipped; add the next one.
-pub const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the tables of the store (see the module comment for what is
     // sealed). `*_index` columns are keyed HMACs; `sealed` columns are
     // AES-256-GCM with the row's other columns as associated data (`rows`).
@@ -134,12 +134,12 @@ pub const MIGRATIONS: &[&str] = &[
 ];
 
 /// The schema version this binary writes.
-pub fn current_version() -> u32 {
+pub(crate) fn current_version() -> u32 {
     MIGRATIONS.len() as u32
 }
 
 /// An open store database, its schema up to date.
-pub struct Db {
+pub(crate) struct Db {
     path: PathBuf,
     conn: Connection,
 }
@@ -156,7 +156,7 @@ impl Db {
 
     /// `open` for a database file of another name (a migration builds the
     /// new store beside the old one, under a temporary name).
-    pub fn open_file(path: &Path) -> Result<Db, DbError> {
+    pub(crate) fn open_file(path: &Path) -> Result<Db, DbError> {
         Db::open_with(path, MIGRATIONS)
     }
 
@@ -274,7 +274,7 @@ impl Db {
         &self.conn
     }
 
-    pub fn connection_mut(&mut self) -> &mut Connection {
+    pub(crate) fn connection_mut(&mut self) -> &mut Connection {
         &mut self.conn
     }
 
@@ -284,7 +284,7 @@ impl Db {
 }
 
 /// Creates `path` (mode 0600) if it does not exist.
-pub fn create_private(path: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::OpenOptions::new()
         .write(true)

@@ -38,7 +38,7 @@ pub struct MigrationReport {
 }
 
 impl MigrationReport {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "{} patient(s), {} pseudonym(s), {} ledger entr(ies), {} enrolment(s), {} erased patient(s); digest {}",
             self.patients,

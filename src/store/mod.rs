@@ -151,7 +151,7 @@ impl From<DbError> for StoreError {
 
 /// What the store holds for a Bloom filter: the local patient with it,
 /// and the pseudonym stored for it in a study.
-pub type Found = (Option<LocalId>, Option<PseudonymRecord>);
+pub(crate) type Found = (Option<LocalId>, Option<PseudonymRecord>);
 
 /// How to open the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,14 +203,14 @@ pub struct Store {
 /// `audit::Links`): the store raises the first to its generation after
 /// each commit, and seals the second into its manifest with each write.
 #[derive(Clone)]
-pub struct AuditLinks {
+pub(crate) struct AuditLinks {
     pub store_generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub durable_seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How the store and its audit log disagree: one of them is an older copy.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Divergence {
+pub(crate) enum Divergence {
     /// The audit log's head says the store was at a later generation.
     StoreOlder { store: u64, audit_says: u64 },
     /// The store saw audit records the log no longer has.
@@ -285,7 +285,7 @@ impl Store {
     /// A reader for lookups by local id or pseudonym alone (the local
     /// service): like `open` with `LockMode::Read`, without reading the
     /// task ledger into memory, which such a reader never consults.
-    pub fn open_lookups(dir: &Path, key: StoreKey) -> Result<Store, StoreError> {
+    pub(crate) fn open_lookups(dir: &Path, key: StoreKey) -> Result<Store, StoreError> {
         if dir.join(db::FILE).exists() && !v1::present(dir) {
             let db = Db::reader(dir)?;
             if db.version()? == db::current_version() && !legacy_rows(&db)? {
@@ -364,7 +364,7 @@ impl Store {
     /// from before several studies to `study` (the configured one, or the
     /// first configured): sealed again with their study, ledger keys
     /// qualified by it, in one transaction. False if there was nothing to do.
-    pub fn adopt_legacy(&mut self, study: &str) -> Result<bool, StoreError> {
+    pub(crate) fn adopt_legacy(&mut self, study: &str) -> Result<bool, StoreError> {
         if !self.needs_study {
             return Ok(false);
         }
@@ -447,7 +447,7 @@ impl Store {
     }
 
     /// Follows the audit log's links from now on (`AuditLinks`).
-    pub fn link_audit(&mut self, links: AuditLinks) {
+    pub(crate) fn link_audit(&mut self, links: AuditLinks) {
         links
             .store_generation
             .fetch_max(self.manifest.generation, std::sync::atomic::Ordering::AcqRel);
@@ -456,7 +456,11 @@ impl Store {
 
     /// Whether the store and the audit log whose saved head holds
     /// `head_store_generation` and `head_seq` are copies of different moments.
-    pub fn diverges_from(&self, head_store_generation: Option<u64>, head_seq: Option<u64>) -> Option<Divergence> {
+    pub(crate) fn diverges_from(
+        &self,
+        head_store_generation: Option<u64>,
+        head_seq: Option<u64>,
+    ) -> Option<Divergence> {
         if let Some(g) = head_store_generation
             && g > self.manifest.generation
         {
@@ -559,7 +563,7 @@ impl Store {
     /// Closes the database (its WAL checkpointed) but leaves the ledger's
     /// memory to the OS: for a process that ends next (freeing 100,000
     /// ledger entries one by one takes half a second).
-    pub fn close_and_exit_soon(mut self) {
+    pub(crate) fn close_and_exit_soon(mut self) {
         std::mem::forget(std::mem::take(&mut self.ledger));
     }
 
@@ -568,19 +572,20 @@ impl Store {
     }
 
     /// The store's generation: one more with every write.
-    pub fn generation(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn generation(&self) -> u64 {
         self.manifest.generation
     }
 
     /// The migration from a v1 store that waits to be audited (see
     /// `finish_migration`).
-    pub fn pending_migration(&self) -> Option<&MigrationReport> {
+    pub(crate) fn pending_migration(&self) -> Option<&MigrationReport> {
         self.migration.as_ref()
     }
 
     /// Once the migration is in the audit log: the old files get a `.v1`
     /// suffix (never deleted: they are the way back).
-    pub fn finish_migration(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn finish_migration(&mut self) -> Result<(), StoreError> {
         if self.migration.take().is_some() {
             migrate::retire_old_files(&self.dir)?;
         }
@@ -680,7 +685,7 @@ impl Store {
 
     /// The local id of the patient with this Bloom filter (her IDAT stays
     /// sealed).
-    pub fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<LocalId>, StoreError> {
+    pub(crate) fn local_id_by_bloomfilter(&self, bf: &BloomFilter) -> Result<Option<LocalId>, StoreError> {
         let Some(row) = self.patient_row("bf_index = ?1", &rows::bf_index(&self.key, bf))? else {
             return Ok(None);
         };
@@ -733,7 +738,7 @@ impl Store {
 
     /// The patient a task of `study` names: by pseudonym (of that study),
     /// else by Bloom filter.
-    pub fn find_patient(
+    pub(crate) fn find_patient(
         &self,
         study: &str,
         pseudonym: Option<&crate::types::Pseudonym>,
@@ -764,7 +769,7 @@ impl Store {
 
     /// The local patient with this Bloom filter and the pseudonym stored
     /// for it in `study`.
-    pub fn patient_and_pseudonym(
+    pub(crate) fn patient_and_pseudonym(
         &self,
         bf: &BloomFilter,
         study: &str,
@@ -775,7 +780,7 @@ impl Store {
     /// `patient_and_pseudonym` for each of `bfs`, in two statements (a
     /// batch's answer is recorded with one lookup per table, not two per
     /// filter); the same checks as one at a time.
-    pub fn patients_and_pseudonyms(&self, bfs: &[&BloomFilter], study: &str) -> Result<Vec<Found>, StoreError> {
+    pub(crate) fn patients_and_pseudonyms(&self, bfs: &[&BloomFilter], study: &str) -> Result<Vec<Found>, StoreError> {
         let path = self.path();
         let indexes: Vec<Index> = bfs.iter().map(|bf| rows::bf_index(&self.key, bf)).collect();
         if indexes.is_empty() {
@@ -867,7 +872,7 @@ impl Store {
 
     /// Every pseudonym with the local patient its Bloom filter names, if
     /// any (the export: `pseudonyms`).
-    pub fn pseudonyms_with_patients(&self) -> Result<Vec<(PseudonymRecord, Option<LocalId>)>, StoreError> {
+    pub(crate) fn pseudonyms_with_patients(&self) -> Result<Vec<(PseudonymRecord, Option<LocalId>)>, StoreError> {
         self.all_pseudonyms()?
             .into_iter()
             .map(|p| {
@@ -912,7 +917,7 @@ impl Store {
         self.count("SELECT count(*) FROM patients")
     }
 
-    pub fn patients_with_bloomfilter(&self) -> Result<usize, StoreError> {
+    pub(crate) fn patients_with_bloomfilter(&self) -> Result<usize, StoreError> {
         self.count("SELECT count(*) FROM patients WHERE bf_index IS NOT NULL")
     }
 
@@ -945,7 +950,7 @@ impl Store {
     }
 
     /// Patients with a Bloom filter but no pseudonym in `study`.
-    pub fn without_pseudonym(&self, study: &str) -> Result<Vec<LocalId>, StoreError> {
+    pub(crate) fn without_pseudonym(&self, study: &str) -> Result<Vec<LocalId>, StoreError> {
         self.ids(
             "SELECT id_index, id_sealed FROM patients p WHERE bf_index IS NOT NULL AND NOT EXISTS \
              (SELECT 1 FROM pseudonyms q WHERE q.bf_index = p.bf_index AND q.study = ?1)",
@@ -954,12 +959,12 @@ impl Store {
     }
 
     /// Patients without a Bloom filter.
-    pub fn without_bloomfilter(&self) -> Result<Vec<LocalId>, StoreError> {
+    pub(crate) fn without_bloomfilter(&self) -> Result<Vec<LocalId>, StoreError> {
         self.ids("SELECT id_index, id_sealed FROM patients WHERE bf_index IS NULL", [])
     }
 
     /// Every patient.
-    pub fn local_ids(&self) -> Result<Vec<LocalId>, StoreError> {
+    pub(crate) fn local_ids(&self) -> Result<Vec<LocalId>, StoreError> {
         self.ids("SELECT id_index, id_sealed FROM patients", [])
     }
 
@@ -982,7 +987,7 @@ impl Store {
         }))
     }
 
-    pub fn enrolment_counts(&self) -> Result<BTreeMap<EnrolmentStatus, usize>, StoreError> {
+    pub(crate) fn enrolment_counts(&self) -> Result<BTreeMap<EnrolmentStatus, usize>, StoreError> {
         let path = self.path();
         let mut counts = BTreeMap::new();
         for_each_row(
@@ -1002,18 +1007,13 @@ impl Store {
         Ok(counts)
     }
 
-    pub fn key_id(&self) -> &str {
+    pub(crate) fn key_id(&self) -> &str {
         self.key.id()
     }
 
     /// Whether `id` was erased by `forget`: `import` skips it.
-    pub fn is_forgotten(&self, id: &LocalId) -> bool {
+    pub(crate) fn is_forgotten(&self, id: &LocalId) -> bool {
         self.forgotten.contains(id.0.as_str())
-    }
-
-    /// How many patients were erased (and not taken back).
-    pub fn forgotten_count(&self) -> usize {
-        self.forgotten.len()
     }
 
     /// The manifest after the tombstones change to `ids`.
@@ -1087,7 +1087,7 @@ impl Store {
     /// Takes back a mistaken erasure: the next import may bring the patient
     /// back (her data is gone: it comes only from that import). False if
     /// `id` was not erased.
-    pub fn unforget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
+    pub(crate) fn unforget(&mut self, id: &LocalId) -> Result<bool, StoreError> {
         self.writable()?;
         if !self.forgotten.contains(id.0.as_str()) {
             return Ok(false);
@@ -1271,7 +1271,7 @@ impl Store {
     /// Room in memory for `n` more ledger entries, made at once: growing
     /// the table step by step while 100,000 tasks arrive holds the old
     /// table and the new one at each step.
-    pub fn reserve_ledger(&mut self, n: usize) {
+    pub(crate) fn reserve_ledger(&mut self, n: usize) {
         self.ledger.reserve(n);
     }
 
@@ -1664,14 +1664,14 @@ fn put(
 /// one writer at a time, the lock's holder), with the store's generation
 /// for the log's saved head. Cheaper than opening the store as a writer:
 /// nothing but the manifest is read.
-pub struct AuditTurn {
+pub(crate) struct AuditTurn {
     _lock: File,
     pub generation: u64,
 }
 
 impl Store {
     /// Waits for the store lock (a running cycle ends first).
-    pub fn audit_turn(dir: &Path, key: &StoreKey) -> Result<AuditTurn, StoreError> {
+    pub(crate) fn audit_turn(dir: &Path, key: &StoreKey) -> Result<AuditTurn, StoreError> {
         let lock = acquire_lock(dir, LockMode::Wait)?;
         let db = Db::reader(dir)?;
         let path = db.path().to_path_buf();

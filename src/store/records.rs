@@ -223,7 +223,7 @@ impl Progress {
         }
     }
 
-    pub fn apply_to(&self, e: &mut LedgerEntry) {
+    pub(crate) fn apply_to(&self, e: &mut LedgerEntry) {
         e.status = self.status;
         e.outcome = self.outcome;
         e.detail.clone_from(&self.detail);
@@ -236,7 +236,7 @@ impl Progress {
 /// The ledger key of a task in a study: the study, a slash, the task's own
 /// key (study names hold no slash). Keys written before several studies
 /// have no study part until `Store::adopt_legacy`.
-pub fn ledger_key(study: &str, task_key: &str) -> String {
+pub(crate) fn ledger_key(study: &str, task_key: &str) -> String {
     format!("{study}/{task_key}")
 }
 
@@ -384,7 +384,7 @@ impl PatientSecret {
     /// version byte, then each IDAT element in code-system order and the raw
     /// Bloom filter, each as a u16 length (or ABSENT) and its bytes.
     /// (From parts borrowed from a patient record: no copy first.)
-    pub fn encode_parts(idat: &Idat, bloomfilter: Option<&BloomFilter>) -> Vec<u8> {
+    pub(crate) fn encode_parts(idat: &Idat, bloomfilter: Option<&BloomFilter>) -> Vec<u8> {
         let mut out = Fields::new(1);
         for e in crate::fhir::idat::IdatElement::ALL {
             out.field(idat.get(e).map(str::as_bytes));
@@ -393,7 +393,7 @@ impl PatientSecret {
         out.into_bytes()
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<PatientSecret> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<PatientSecret> {
         let mut r = Reader::new(bytes, 1)?;
         let mut idat = Idat::default();
         for e in crate::fhir::idat::IdatElement::ALL {

@@ -23,15 +23,15 @@ pub type Index = [u8; 16];
 
 /// An index no Bloom filter has (HMAC outputs of all ones: 2^-128): an
 /// enrolment's filter after a re-keying when it is no longer the patient's.
-pub const NO_FILTER: Index = [0xff; 16];
+pub(crate) const NO_FILTER: Index = [0xff; 16];
 
-pub fn id_index(key: &StoreKey, id: &LocalId) -> Index {
+pub(crate) fn id_index(key: &StoreKey, id: &LocalId) -> Index {
     key.index_bytes("id", id.0.as_bytes())
 }
 
 /// A tombstone's index: another domain than the patient's `id_index`, so
 /// that an erased patient's index is gone from the file with her row.
-pub fn tombstone_index(key: &StoreKey, id: &LocalId) -> Index {
+pub(crate) fn tombstone_index(key: &StoreKey, id: &LocalId) -> Index {
     key.index_bytes("tombstone", id.0.as_bytes())
 }
 
@@ -43,7 +43,7 @@ pub fn psn_index(key: &StoreKey, value: &str) -> Index {
     key.index_bytes("psn", value.as_bytes())
 }
 
-pub fn ledger_index(key: &StoreKey, ledger_key: &str) -> Index {
+pub(crate) fn ledger_index(key: &StoreKey, ledger_key: &str) -> Index {
     key.index_bytes("ledger", ledger_key.as_bytes())
 }
 
@@ -53,7 +53,7 @@ pub fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-pub fn from_ms(ms: i64) -> Option<DateTime<Utc>> {
+pub(crate) fn from_ms(ms: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms)
 }
 
@@ -103,7 +103,7 @@ impl Aad {
 }
 
 #[derive(Debug, Clone)]
-pub struct PatientRow {
+pub(crate) struct PatientRow {
     pub id_index: Index,
     pub bf_index: Option<Index>,
     /// The local id, alone (listing ids opens no IDAT).
@@ -126,7 +126,7 @@ fn patient_aad(id_index: &Index, bf_index: Option<&Index>, updated: i64) -> Vec<
         .clone()
 }
 
-pub fn seal_patient(key: &StoreKey, p: &PatientRecord) -> PatientRow {
+pub(crate) fn seal_patient(key: &StoreKey, p: &PatientRecord) -> PatientRow {
     let id_index = id_index(key, &p.local_id);
     let bf_index = p.bloomfilter.as_ref().map(|bf| bf_index(key, bf));
     let updated = ms(p.updated);
@@ -141,7 +141,7 @@ pub fn seal_patient(key: &StoreKey, p: &PatientRecord) -> PatientRow {
 }
 
 /// The local id of a patient row, checked against its index.
-pub fn open_local_id(key: &StoreKey, id_index: &Index, id_sealed: &[u8]) -> Result<LocalId, OpenError> {
+pub(crate) fn open_local_id(key: &StoreKey, id_index: &Index, id_sealed: &[u8]) -> Result<LocalId, OpenError> {
     let plain = key.open_raw("local id", &id_aad("local id", id_index), id_sealed)?;
     let id = LocalId(String::from_utf8(plain.to_vec()).map_err(|_| OpenError::layout("local id"))?);
     if self::id_index(key, &id) != *id_index {
@@ -150,7 +150,7 @@ pub fn open_local_id(key: &StoreKey, id_index: &Index, id_sealed: &[u8]) -> Resu
     Ok(id)
 }
 
-pub fn open_patient(key: &StoreKey, row: &PatientRow) -> Result<PatientRecord, OpenError> {
+pub(crate) fn open_patient(key: &StoreKey, row: &PatientRow) -> Result<PatientRecord, OpenError> {
     let local_id = open_local_id(key, &row.id_index, &row.id_sealed)?;
     let plain = key.open_raw(
         "patient",
@@ -170,7 +170,7 @@ pub fn open_patient(key: &StoreKey, row: &PatientRow) -> Result<PatientRecord, O
 }
 
 #[derive(Debug, Clone)]
-pub struct PseudonymRow {
+pub(crate) struct PseudonymRow {
     pub bf_index: Index,
     pub study: String,
     pub target: String,
@@ -192,7 +192,7 @@ fn pseudonym_aad(row: &PseudonymRow) -> Vec<u8> {
         .clone()
 }
 
-pub fn seal_pseudonym(key: &StoreKey, p: &PseudonymRecord) -> PseudonymRow {
+pub(crate) fn seal_pseudonym(key: &StoreKey, p: &PseudonymRecord) -> PseudonymRow {
     let bf_index = bf_index(key, &p.bloomfilter);
     let psn_index = psn_index(key, &p.pseudonym.value);
     let mut row = PseudonymRow {
@@ -208,7 +208,7 @@ pub fn seal_pseudonym(key: &StoreKey, p: &PseudonymRecord) -> PseudonymRow {
     row
 }
 
-pub fn open_pseudonym(key: &StoreKey, row: &PseudonymRow) -> Result<PseudonymRecord, OpenError> {
+pub(crate) fn open_pseudonym(key: &StoreKey, row: &PseudonymRow) -> Result<PseudonymRecord, OpenError> {
     let plain = key.open_raw("pseudonym", &pseudonym_aad(row), &row.sealed)?;
     let mut p = decode_pseudonym(&plain, &row.target).ok_or(OpenError::layout("pseudonym"))?;
     p.study.clone_from(&row.study);
@@ -219,7 +219,7 @@ pub fn open_pseudonym(key: &StoreKey, row: &PseudonymRow) -> Result<PseudonymRec
 }
 
 #[derive(Debug, Clone)]
-pub struct LedgerRow {
+pub(crate) struct LedgerRow {
     pub key_index: Index,
     pub kind: String,
     pub status: String,
@@ -254,7 +254,7 @@ impl LedgerRow {
 /// entry's key. A progress rewrites only the small row: rows written in
 /// arrival order share pages, so a batch's marks touch a few pages, not one
 /// per task.
-pub fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> LedgerRow {
+pub(crate) fn seal_ledger(key: &StoreKey, e: &LedgerEntry) -> LedgerRow {
     let mut row = LedgerRow {
         key_index: ledger_index(key, &e.key),
         kind: e.kind.as_str().to_string(),
@@ -278,11 +278,11 @@ fn task_aad(key_index: &Index) -> Vec<u8> {
 }
 
 /// The task of a ledger entry, sealed under the entry's key index.
-pub fn seal_task(key: &StoreKey, key_index: &Index, task: &crate::tasks::Task) -> Vec<u8> {
+pub(crate) fn seal_task(key: &StoreKey, key_index: &Index, task: &crate::tasks::Task) -> Vec<u8> {
     key.seal_raw(&task_aad(key_index), &batch::encode_task_alone(task))
 }
 
-pub fn open_ledger(key: &StoreKey, row: &LedgerRow, task: Option<&[u8]>) -> Result<LedgerEntry, OpenError> {
+pub(crate) fn open_ledger(key: &StoreKey, row: &LedgerRow, task: Option<&[u8]>) -> Result<LedgerEntry, OpenError> {
     let plain = key.open_raw("ledger entry", &row.aad(), &row.sealed)?;
     let mut records = batch::decode(&plain).ok_or(OpenError::layout("ledger entry"))?;
     let (Some(Record::Ledger(mut entry)), true) = (records.pop(), records.is_empty()) else {
@@ -299,7 +299,7 @@ pub fn open_ledger(key: &StoreKey, row: &LedgerRow, task: Option<&[u8]>) -> Resu
 }
 
 #[derive(Debug, Clone)]
-pub struct EnrolmentRow {
+pub(crate) struct EnrolmentRow {
     pub id_index: Index,
     pub study: String,
     pub bf_index: Index,
@@ -321,7 +321,7 @@ fn enrolment_aad(id: &Index, bf: &Index, status: &str, updated: i64, study: &str
 
 /// An enrolment keeps the filter sent only as its index: all that is ever
 /// asked is whether a patient's filter is the one sent.
-pub struct Enrolment {
+pub(crate) struct Enrolment {
     pub local_id: LocalId,
     pub study: String,
     pub bf_index: Index,
@@ -330,7 +330,7 @@ pub struct Enrolment {
     pub updated: DateTime<Utc>,
 }
 
-pub fn seal_enrolment(key: &StoreKey, e: &Enrolment) -> EnrolmentRow {
+pub(crate) fn seal_enrolment(key: &StoreKey, e: &Enrolment) -> EnrolmentRow {
     let id_index = id_index(key, &e.local_id);
     let status = e.status.as_str().to_string();
     let updated = ms(e.updated);
@@ -350,7 +350,7 @@ pub fn seal_enrolment(key: &StoreKey, e: &Enrolment) -> EnrolmentRow {
     }
 }
 
-pub fn open_enrolment(key: &StoreKey, row: &EnrolmentRow) -> Result<Enrolment, OpenError> {
+pub(crate) fn open_enrolment(key: &StoreKey, row: &EnrolmentRow) -> Result<Enrolment, OpenError> {
     let bad = OpenError::layout("enrolment");
     let aad = enrolment_aad(&row.id_index, &row.bf_index, &row.status, row.updated, &row.study);
     let plain = key.open_raw("enrolment", &aad, &row.sealed)?;
@@ -373,7 +373,7 @@ pub fn open_enrolment(key: &StoreKey, row: &EnrolmentRow) -> Result<Enrolment, O
     })
 }
 
-pub fn enrolment_status(s: &str) -> Option<EnrolmentStatus> {
+pub(crate) fn enrolment_status(s: &str) -> Option<EnrolmentStatus> {
     use EnrolmentStatus::*;
     [Sending, Enrolled, Clearing, Error, Retry]
         .into_iter()
@@ -381,12 +381,12 @@ pub fn enrolment_status(s: &str) -> Option<EnrolmentStatus> {
 }
 
 /// A tombstone: the local id `forget` erased, sealed under its index.
-pub fn seal_tombstone(key: &StoreKey, id: &LocalId) -> (Index, Vec<u8>) {
+pub(crate) fn seal_tombstone(key: &StoreKey, id: &LocalId) -> (Index, Vec<u8>) {
     let index = tombstone_index(key, id);
     (index, key.seal_raw(&id_aad("tombstone", &index), id.0.as_bytes()))
 }
 
-pub fn open_tombstone(key: &StoreKey, index: &Index, sealed: &[u8]) -> Result<LocalId, OpenError> {
+pub(crate) fn open_tombstone(key: &StoreKey, index: &Index, sealed: &[u8]) -> Result<LocalId, OpenError> {
     let plain = key.open_raw("tombstone", &id_aad("tombstone", index), sealed)?;
     let id = LocalId(String::from_utf8(plain.to_vec()).map_err(|_| OpenError::layout("tombstone"))?);
     if tombstone_index(key, &id) != *index {
@@ -396,7 +396,7 @@ pub fn open_tombstone(key: &StoreKey, index: &Index, sealed: &[u8]) -> Result<Lo
 }
 
 /// The last poll of a study, sealed (the row is keyed by the study).
-pub fn seal_poll(key: &StoreKey, p: &PollRecord) -> Vec<u8> {
+pub(crate) fn seal_poll(key: &StoreKey, p: &PollRecord) -> Vec<u8> {
     // Serialising our own plain data type cannot fail.
     key.seal_raw(
         &Aad::new("poll").study(&p.study).0,
@@ -404,7 +404,7 @@ pub fn seal_poll(key: &StoreKey, p: &PollRecord) -> Vec<u8> {
     )
 }
 
-pub fn open_poll(key: &StoreKey, study: &str, sealed: &[u8]) -> Result<PollRecord, OpenError> {
+pub(crate) fn open_poll(key: &StoreKey, study: &str, sealed: &[u8]) -> Result<PollRecord, OpenError> {
     let plain = key.open_raw("poll", &Aad::new("poll").study(study).0, sealed)?;
     let mut p: PollRecord = serde_json::from_slice(&plain).map_err(|_| OpenError::layout("poll"))?;
     p.study = study.to_string();
@@ -417,7 +417,7 @@ pub fn open_poll(key: &StoreKey, study: &str, sealed: &[u8]) -> Result<PollRecor
 /// the manifest saying otherwise, and a store rolled back to an older copy
 /// says so by its generation (checked against the audit log's head).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
+pub(crate) struct Manifest {
     pub generation: u64,
     pub tombstones: u64,
     /// SHA-256 of the sorted tombstone indexes, hex.
@@ -428,7 +428,7 @@ pub struct Manifest {
     pub audit_seq: u64,
 }
 
-pub fn tombstone_digest<'a>(indexes: impl Iterator<Item = &'a Index>) -> String {
+pub(crate) fn tombstone_digest<'a>(indexes: impl Iterator<Item = &'a Index>) -> String {
     let mut all: Vec<&Index> = indexes.collect();
     all.sort();
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -442,11 +442,11 @@ fn manifest_aad(key_id: &str) -> Vec<u8> {
     Aad::new("manifest").bytes(key_id.as_bytes()).0.clone()
 }
 
-pub fn seal_manifest(key: &StoreKey, m: &Manifest) -> Vec<u8> {
+pub(crate) fn seal_manifest(key: &StoreKey, m: &Manifest) -> Vec<u8> {
     key.seal_raw(&manifest_aad(key.id()), &serde_json::to_vec(m).unwrap_or_default())
 }
 
-pub fn open_manifest(key: &StoreKey, sealed: &[u8]) -> Result<Manifest, OpenError> {
+pub(crate) fn open_manifest(key: &StoreKey, sealed: &[u8]) -> Result<Manifest, OpenError> {
     let plain = key.open_raw("manifest", &manifest_aad(key.id()), sealed)?;
     serde_json::from_slice(&plain).map_err(|_| OpenError::layout("manifest"))
 }

@@ -140,7 +140,7 @@ fn a_second_writer_is_refused_with_the_holders_pid_and_a_reader_is_not() {
 
 /// (A name for `super::writer` that reads as what it asks.)
 mod writer {
-    pub fn pid_of(dir: &std::path::Path) -> Option<Option<u32>> {
+    pub(crate) fn pid_of(dir: &std::path::Path) -> Option<Option<u32>> {
         super::super::writer(dir)
     }
 }

@@ -85,6 +85,15 @@ pub enum ClientSetupError {
     Config(#[from] crate::config::ConfigError),
 }
 
+impl ClientSetupError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientSetupError::Net(e) => e.exit_code(),
+            ClientSetupError::Config(e) => e.exit_code(),
+        }
+    }
+}
+
 impl ClientError {
     /// The dispatcher refused our credentials.
     pub(crate) fn is_auth(&self) -> bool {

@@ -68,6 +68,16 @@ pub enum KeyError {
     Exposed(#[from] crate::secret_file::SecretFileError),
 }
 
+impl KeyError {
+    /// A key file is the configuration's (the store key, the audit key).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            KeyError::Exposed(e) => e.exit_code(),
+            _ => crate::exit::CONFIG,
+        }
+    }
+}
+
 /// A sealed record that cannot be used: it failed to decrypt (tampered
 /// with, or another key), or it decrypted but is not in the layout this
 /// version writes.

@@ -42,7 +42,10 @@ impl AppError {
     /// wrapper cannot silently turn a lock or a broken disk into exit 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AppError::Config(_) | AppError::Usage(_) | AppError::Key(_) | AppError::ClientSetup(_) => exit::CONFIG,
+            AppError::Config(e) => e.exit_code(),
+            AppError::Key(e) => e.exit_code(),
+            AppError::ClientSetup(e) => e.exit_code(),
+            AppError::Usage(_) => exit::CONFIG,
             AppError::Store(e) => e.exit_code(),
             AppError::Audit(e) => e.exit_code(),
             AppError::Import(e) => e.exit_code(),
@@ -52,5 +55,42 @@ impl AppError {
             AppError::Busy(_) => exit::LOCKED,
             AppError::Other(_) => exit::IO,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn locked() -> StoreError {
+        StoreError::Locked {
+            path: PathBuf::from("/var/lib/fttp-agent"),
+            pid: None,
+        }
+    }
+
+    #[test]
+    fn a_held_lock_is_exit_75_through_every_wrapper() {
+        assert_eq!(AppError::from(locked()).exit_code(), exit::LOCKED);
+        assert_eq!(AppError::from(AgentError::Store(locked())).exit_code(), exit::LOCKED);
+        assert_eq!(
+            AppError::from(crate::enroll::EnrollError::Store(locked())).exit_code(),
+            exit::LOCKED
+        );
+    }
+
+    #[test]
+    fn an_exposed_secret_file_is_a_configuration_error_however_it_is_reached() {
+        let exposed = || crate::secret_file::SecretFileError::Exposed {
+            what: "store key",
+            path: PathBuf::from("/etc/fttp-agent/store.key"),
+            mode: 0o644,
+        };
+        assert_eq!(AppError::from(ConfigError::Secret(exposed())).exit_code(), exit::CONFIG);
+        assert_eq!(
+            AppError::from(crate::crypto::KeyError::Exposed(exposed())).exit_code(),
+            exit::CONFIG
+        );
     }
 }

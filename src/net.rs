@@ -31,6 +31,13 @@ pub enum NetSetupError {
     Proxy,
 }
 
+impl NetSetupError {
+    /// Certificates, keys and proxies come from the configuration.
+    pub fn exit_code(&self) -> u8 {
+        crate::exit::CONFIG
+    }
+}
+
 /// Where Debian, RHEL and others keep the system's CA bundle.
 const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",

@@ -24,6 +24,13 @@ pub enum SecretFileError {
     },
 }
 
+impl SecretFileError {
+    /// A secret file that is missing or open to others is the set-up's to fix.
+    pub fn exit_code(&self) -> u8 {
+        crate::exit::CONFIG
+    }
+}
+
 /// Refuses a file that group or others can access at all.
 pub(crate) fn check_private(path: &Path, what: &'static str) -> Result<(), SecretFileError> {
     use std::os::unix::fs::PermissionsExt;

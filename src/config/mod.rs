@@ -49,6 +49,15 @@ pub enum ConfigError {
     Secret(#[from] crate::secret_file::SecretFileError),
 }
 
+impl ConfigError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConfigError::Secret(e) => e.exit_code(),
+            _ => crate::exit::CONFIG,
+        }
+    }
+}
+
 /// A secret string: never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]

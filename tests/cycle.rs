@@ -135,6 +135,34 @@ fn every_task_kind_resolves_in_xml_and_in_json() {
 }
 
 #[test]
+fn tasks_that_expire_together_are_worked_in_the_order_they_arrived() {
+    // (So that a batch's marks and outcomes rewrite neighbouring rows of
+    // the store: README, Performance, section 7.)
+    let site = Site::with("json", SimOptions::default(), "max_in_flight = 1");
+    site.import_patients();
+    let expires = Utc::now() + Duration::days(1);
+    let arrived = ["t5", "t1", "t4", "t2", "t3", "t0"];
+    for (i, id) in arrived.iter().enumerate() {
+        site.sim.add_task(sim::send_idat(
+            id,
+            expires,
+            None,
+            Some(&bf(i as u32 % 3 + 1)),
+            &[IdatElement::Family],
+        ));
+    }
+    let (code, out) = site.cycle();
+    assert_eq!(code, 0, "{out}");
+    let st = site.sim.state();
+    let order: Vec<&str> = st
+        .received("$providePatientData")
+        .iter()
+        .filter_map(|r| r.task_id())
+        .collect();
+    assert_eq!(order, arrived);
+}
+
+#[test]
 fn expired_tasks_are_not_acted_on_and_soonest_expiry_goes_first() {
     let site = Site::with(
         "xml",

@@ -178,7 +178,9 @@ fn the_fast_paths_take_the_dispatcher_examples() {
 fn the_xml_fast_path_agrees_on_awkward_but_valid_documents() {
     let docs = [
         r#"<?xml version="1.0"?><Parameters xmlns="http://hl7.org/fhir"><!-- c --><parameter><name value='a &amp; b &#x41;&#66;'/><valueString value="x&gt;y"/></parameter></Parameters>"#,
-        "<Parameters xmlns=\"http://hl7.org/fhir\">\n  <parameter >\n    <name   value = \"n\" />\n  </parameter >\n</Parameters>\n<!-- trailing -->",
+        // (A parameter with nothing in it is left to the generic reader:
+        // tests/hostile_input.rs.)
+        "<Parameters xmlns=\"http://hl7.org/fhir\">\n  <parameter >\n    <name   value = \"n\" />\n    <valueString value=\"v\"/>\n  </parameter >\n</Parameters>\n<!-- trailing -->",
         r#" <?xml version="1.0"?><Parameters xmlns="http://hl7.org/fhir"/>"#,
         r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="a&#0;"/></parameter></Parameters>"#,
         r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name xmlns="http://hl7.org/fhir" value="n"/></parameter></Parameters>"#,

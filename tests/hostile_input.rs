@@ -311,3 +311,21 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
     let doc = serde_json::json!({"resourceType": "Parameters", "parameter": [nested]}).to_string();
     assert!(Parameters::parse(Format::Json, doc.as_bytes()).is_err());
 }
+
+#[test]
+fn empty_parameters_go_to_the_counting_reader_and_too_many_are_refused() {
+    // (The fast XML reader would otherwise build up to its cap of them,
+    // some 200 MB, before the document is refused: README, Performance, 5.)
+    let one = r#"<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="a"/></parameter></Parameters>"#;
+    assert!(fhir::fast::parameters_xml(one.as_bytes()).is_none());
+    assert_eq!(
+        Parameters::parse(Format::Xml, one.as_bytes()),
+        Parameters::parse_generic(Format::Xml, one.as_bytes())
+    );
+    let mut many = String::from(r#"<Parameters xmlns="http://hl7.org/fhir">"#);
+    for _ in 0..300_000 {
+        many.push_str(r#"<parameter><name value="a"/></parameter>"#);
+    }
+    many.push_str("</Parameters>");
+    assert!(Parameters::parse(Format::Xml, many.as_bytes()).is_err());
+}

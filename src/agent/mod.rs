@@ -574,11 +574,11 @@ impl<'a> Agent<'a> {
         // entry would double the cycle's memory).
         let now = Utc::now();
         let configured: Vec<&str> = self.studies.iter().map(|s| s.study.name.as_str()).collect();
-        let mut open: Vec<&LedgerEntry> = self
-            .store
-            .ledger_entries()
-            .filter(|e| !e.status.is_terminal() && e.task.is_some())
-            .collect();
+        // (In the order they arrived, then sorted stably: tasks that expire
+        // together are worked in that order, so a batch's marks and
+        // outcomes rewrite neighbouring rows of the store.)
+        let mut open: Vec<&LedgerEntry> = self.store.ledger_in_arrival_order();
+        open.retain(|e| !e.status.is_terminal() && e.task.is_some());
         open.sort_by(|a, b| {
             (a.expires.is_none(), a.expires, a.first_seen).cmp(&(b.expires.is_none(), b.expires, b.first_seen))
         });

@@ -12,6 +12,7 @@
 //! audits and retires the old files).
 
 use super::db::{self, Db};
+use super::ledger::Ledger;
 use super::records::{LedgerEntry, PatientRecord, PatientSecret, PseudonymRecord, Record, encode_pseudonym};
 use super::rows::{self, Manifest};
 use super::v1;
@@ -158,7 +159,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
                 &tx,
                 key,
                 &Record::Patient(p.clone()),
-                &HashMap::new(),
+                &Ledger::default(),
                 &mut staged,
                 &mut poll,
             )?;
@@ -168,7 +169,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
                 &tx,
                 key,
                 &Record::Pseudonym(p.clone()),
-                &HashMap::new(),
+                &Ledger::default(),
                 &mut staged,
                 &mut poll,
             )?;
@@ -202,7 +203,7 @@ pub(super) fn run(dir: &Path, key: &StoreKey) -> Result<(), StoreError> {
                 &tx,
                 key,
                 &Record::Poll(p.clone()),
-                &HashMap::new(),
+                &Ledger::default(),
                 &mut staged,
                 &mut poll,
             )?;

@@ -21,6 +21,7 @@
 
 mod batch;
 pub mod db;
+mod ledger;
 mod migrate;
 pub mod records;
 mod rows;
@@ -34,6 +35,7 @@ pub use records::{
 use crate::crypto::{OpenError, StoreKey};
 use crate::types::{BloomFilter, LocalId};
 use db::{Db, DbError};
+use ledger::Ledger;
 use rows::{Index, Manifest};
 use rusqlite::{OptionalExtension, Transaction, params};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -183,7 +185,7 @@ pub struct Store {
     lock: Option<File>,
     db: Db,
     key: StoreKey,
-    ledger: HashMap<String, LedgerEntry>,
+    ledger: Ledger,
     /// The last poll of each study.
     polls: BTreeMap<String, PollRecord>,
     /// Local ids erased by `forget` (their tombstones).
@@ -415,7 +417,7 @@ impl Store {
                  DELETE FROM polls WHERE study = ''; DELETE FROM meta WHERE key = 'needs_study';",
             )?;
             let (mut staged, mut poll) = (HashMap::new(), Vec::new());
-            let none = HashMap::new();
+            let none = Ledger::default();
             for p in pseudonyms {
                 put(tx, key, &Record::Pseudonym(p), &none, &mut staged, &mut poll)?;
             }
@@ -633,11 +635,20 @@ impl Store {
         }
         crate::crashpoint::hit("store:committed");
         self.committed(manifest);
-        for (k, e) in staged {
-            match e {
-                Some(e) => self.ledger.insert(k, e),
-                None => self.ledger.remove(&k),
+        // (In the records' order: new entries take their places in the
+        // ledger in the order they arrived, as their rows did.)
+        for r in &records {
+            let k = match r {
+                Record::Ledger(e) => &e.key,
+                Record::Progress(p) => &p.key,
+                Record::Purge { key } => key,
+                _ => continue,
             };
+            match staged.remove(k) {
+                Some(Some(e)) => self.ledger.insert(k.clone(), e),
+                Some(None) => self.ledger.remove(k),
+                None => {}
+            }
         }
         for p in poll {
             self.polls.insert(p.study.clone(), p);
@@ -1152,7 +1163,7 @@ impl Store {
                     &tx,
                     &new,
                     &Record::Patient(p),
-                    &HashMap::new(),
+                    &Ledger::default(),
                     &mut ignored.0,
                     &mut ignored.1,
                 )?;
@@ -1162,7 +1173,7 @@ impl Store {
                     &tx,
                     &new,
                     &Record::Pseudonym(p),
-                    &HashMap::new(),
+                    &Ledger::default(),
                     &mut ignored.0,
                     &mut ignored.1,
                 )?;
@@ -1279,6 +1290,11 @@ impl Store {
         self.ledger.values()
     }
 
+    /// The ledger in the order its entries arrived.
+    pub(crate) fn ledger_in_arrival_order(&self) -> Vec<&LedgerEntry> {
+        self.ledger.in_arrival_order()
+    }
+
     /// The last poll of the study that fares worst: the most failures in a
     /// row, then the oldest success (what `status` must warn about).
     pub fn last_poll(&self) -> Option<&PollRecord> {
@@ -1295,7 +1311,7 @@ impl Store {
 
 /// What a store holds in memory, read in the transaction of `Store::load`.
 struct Held {
-    ledger: HashMap<String, LedgerEntry>,
+    ledger: Ledger,
     /// The last poll of each study.
     polls: BTreeMap<String, PollRecord>,
     forgotten: BTreeSet<String>,
@@ -1305,7 +1321,7 @@ struct Held {
 impl Default for Held {
     fn default() -> Held {
         Held {
-            ledger: HashMap::new(),
+            ledger: Ledger::default(),
             polls: BTreeMap::new(),
             forgotten: BTreeSet::new(),
             manifest: Manifest {
@@ -1359,7 +1375,7 @@ fn read_state(tx: &Transaction<'_>, key: &StoreKey, path: &Path, with_ledger: bo
         path,
         "read the ledger",
         "SELECT l.key_index, l.kind, l.status, l.outcome, l.expires, l.first_seen, l.last_seen, l.updated, \
-         l.attempts, l.sealed, t.sealed FROM ledger l LEFT JOIN ledger_tasks t ON t.id = l.id",
+         l.attempts, l.sealed, t.sealed FROM ledger l LEFT JOIN ledger_tasks t ON t.id = l.id ORDER BY l.id",
         [],
         |r| Ok((ledger_row(r)?, r.get::<_, Option<Vec<u8>>>(10)?)),
         |(row, task)| {
@@ -1573,7 +1589,7 @@ fn put(
     tx: &Transaction<'_>,
     key: &StoreKey,
     record: &Record,
-    ledger: &HashMap<String, LedgerEntry>,
+    ledger: &Ledger,
     staged: &mut HashMap<String, Option<LedgerEntry>>,
     poll: &mut Vec<PollRecord>,
 ) -> rusqlite::Result<()> {

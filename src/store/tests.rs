@@ -425,3 +425,24 @@ fn a_batch_lookup_finds_what_the_lookups_one_at_a_time_find() {
     );
     assert!(store.patients_and_pseudonyms(&[], "mii").unwrap().is_empty());
 }
+
+#[test]
+fn the_ledger_keeps_the_order_its_entries_arrived_in_across_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = ["task:m", "task:c", "task:x", "task:a", "task:q"];
+    {
+        let mut s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+        s.write(keys[..3].iter().map(|k| entry(k, Status::Pending)).collect())
+            .unwrap();
+        s.write(keys[3..].iter().map(|k| entry(k, Status::Pending)).collect())
+            .unwrap();
+        // (A change of an entry keeps its place.)
+        s.write(vec![entry("task:c", Status::Failed)]).unwrap();
+        let order: Vec<&str> = s.ledger_in_arrival_order().iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(order, keys);
+    }
+    let s = Store::open(dir.path(), LockMode::Try, key()).unwrap();
+    let order: Vec<&str> = s.ledger_in_arrival_order().iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(order, keys);
+    assert_eq!(s.ledger("task:c").map(|e| e.status), Some(Status::Failed));
+}

@@ -230,10 +230,10 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
         return None;
     }
     let mut name: Option<std::borrow::Cow<'static, str>> = None;
-    let mut p = Parameter {
-        part: Vec::with_capacity(if depth == 0 { 6 } else { 0 }),
-        ..Parameter::default()
-    };
+    // (Parts are sized at the first one: a hostile answer of 250,000
+    // parameters without parts, refused in the end, does not hold room
+    // for 1.5 million parts meanwhile.)
+    let mut p = Parameter::default();
     loop {
         match sc.tag()? {
             Tag::Empty("name", attr) => {
@@ -262,7 +262,12 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
                     value: value_of(attr)??,
                 });
             }
-            Tag::Start("part", None) => p.part.push(xml_parameter(sc, "part", depth + 1)?),
+            Tag::Start("part", None) => {
+                if depth == 0 && p.part.is_empty() {
+                    p.part.reserve_exact(6);
+                }
+                p.part.push(xml_parameter(sc, "part", depth + 1)?);
+            }
             Tag::Start("valueIdentifier", None) if p.value.is_none() => {
                 let [system, value] = xml_fields(sc, "valueIdentifier", ["system", "value"])?;
                 p.value = Some(ParamValue::Identifier(Identifier { system, value }));
@@ -274,6 +279,12 @@ fn xml_parameter(sc: &mut Scanner<'_>, tag: &str, depth: usize) -> Option<Parame
             Tag::End(end) if end == tag => break,
             _ => return None,
         }
+    }
+    // (Empty breaks FHIR's rule that a parameter has a value, a resource or
+    // parts: left to the generic reader, which counts the document first,
+    // so that 250,000 of them are refused before they are built.)
+    if p.value.is_none() && p.part.is_empty() {
+        return None;
     }
     p.name = name?;
     Some(p)

@@ -77,19 +77,8 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// The record's kind, if this version knows it (records are read back
-    /// from logs other versions may have written: the text is kept).
-    pub fn kind(&self) -> Option<AuditKind> {
-        AuditKind::parse(&self.kind)
-    }
-
     pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome.as_str().to_string();
-    }
-
-    /// The record's outcome, if this version knows it.
-    pub fn outcome(&self) -> Option<Outcome> {
-        Outcome::parse(&self.outcome)
     }
 
     pub fn new(kind: impl Into<AuditKind>, outcome: Outcome, target: &str) -> Self {

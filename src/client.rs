@@ -219,7 +219,7 @@ impl Client {
         };
         let auth = crate::auth::Auth::from_config(d)?;
         let api_key = cfg.api_key().to_string();
-        let redactor = base_redactor(&auth, &api_key, d.proxy.as_ref().map(super::config::Secret::expose));
+        let redactor = base_redactor(&auth, &api_key, d.proxy.as_ref().map(crate::config::Secret::expose));
         Ok(Client {
             redactor,
             agent,

@@ -420,7 +420,7 @@ pub fn run_daemon(cfg: &Config) -> Result<u8, AppError> {
             .and_then(|h| h.soonest_expiry)
             .and_then(|x| (x - Utc::now()).to_std().ok());
         let next = poll_delay(interval, left, crate::retry::jitter());
-        log::info!("next poll in {}", humanize(next));
+        log::info!("next poll in {}", crate::duration::format_rounded(next));
         if let Some(mut hb) = heartbeat {
             hb.next_poll = chrono::Duration::from_std(next).ok().map(|d| Utc::now() + d);
             if let Err(e) = report::write_heartbeat(&cfg.store.path, &hb) {
@@ -558,10 +558,6 @@ pub(crate) fn poll_delay(interval: Duration, left: Option<Duration>, jitter: f64
         Some(left) if left < interval => (left / 2).max(Duration::from_secs(60)).min(interval),
         _ => interval,
     }
-}
-
-fn humanize(d: Duration) -> String {
-    crate::duration::format_left(chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX))
 }
 
 pub fn check(cfg: &Config, offline: bool) -> Result<u8, AppError> {

@@ -103,12 +103,14 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 /// What is left of a time, for people reading a status: the two largest
-/// units, rounded down (`1m35s`, `12m`, `2h5m`, `3d4h`), written by
-/// `format_duration`.
+/// units, rounded down (`1m35s`, `12m`, `2h5m`, `3d4h`).
 pub(crate) fn format_left(d: chrono::Duration) -> String {
-    let Ok(d) = d.to_std() else {
-        return "no time (past)".into();
-    };
+    d.to_std().map_or_else(|_| "no time (past)".into(), format_rounded)
+}
+
+/// A duration in its two largest units, rounded down, written by
+/// `format_duration`.
+pub(crate) fn format_rounded(d: Duration) -> String {
     let s = d.as_secs();
     let unit = match s {
         0 => return format_duration(Duration::from_millis(d.subsec_millis().into())),

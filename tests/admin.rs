@@ -242,9 +242,12 @@ fn status_sees_an_agent_that_stopped_polling_and_never_waits_for_a_cycle() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // (The simulator records a delayed request only once it answers: the
-    // cycle is given a second to take the store and send its poll.)
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    // (Once the simulator holds the poll, the cycle holds the store.)
+    let start = std::time::Instant::now();
+    while site.sim.state().delayed == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let asked = std::time::Instant::now();
     let out = site.run(&["status"]);
     let took = asked.elapsed();

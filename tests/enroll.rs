@@ -498,13 +498,13 @@ fn sigterm_during_enroll_finishes_the_batch_in_hand_and_leaves_the_rest() {
         .spawn()
         .unwrap();
     let start = std::time::Instant::now();
-    // The first patient is recorded as being sent just before its
-    // request, which is answered slowly.
-    while enrolments() == 0 {
+    // The first patient is recorded as being sent before its request
+    // leaves; a signal between the two rightly keeps it unsent. Wait until
+    // the simulator holds the request (answered slowly), then stop.
+    while enrolments() == 0 || site.sim.state().delayed == 0 {
         assert!(start.elapsed() < std::time::Duration::from_secs(20));
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // The first request is being answered (slowly); stop now.
     std::process::Command::new("kill")
         .arg(child.id().to_string())
         .status()

@@ -44,6 +44,11 @@ fn polls(site: &Site) -> usize {
     site.sim.state().received("$requestTasks").len()
 }
 
+/// Requests the simulator is holding back (a `Delay` fault) right now.
+fn delayed(site: &Site) -> usize {
+    site.sim.state().delayed
+}
+
 /// Runs the daemon, sends it SIGTERM `after` the moment `ready` holds, and
 /// returns how long it took to stop cleanly.
 fn sigterm_the_daemon(s: &Site, ready: impl Fn() -> bool, after: Duration) -> Duration {
@@ -458,8 +463,8 @@ fn sigterm_finishes_the_task_in_hand_and_leaves_the_rest_open() {
         queue_send(&s, id, Days::hours(10 + i as i64));
         s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
     }
-    // Half a second into the first (slow) send.
-    let stopped_in = sigterm_the_daemon(&s, || polls(&s) >= 1, Duration::from_millis(500));
+    // While the first (slow) send is out.
+    let stopped_in = sigterm_the_daemon(&s, || delayed(&s) >= 1, Duration::ZERO);
     assert!(stopped_in < Duration::from_secs(10));
     let store = s.store();
     assert_eq!(
@@ -484,7 +489,7 @@ fn sigterm_during_a_burst_finishes_the_requests_out_and_leaves_the_rest_open() {
         queue_send(&s, id, Days::hours(10 + i as i64));
         s.sim.push(PROVIDE, FaultKind::Delay(Duration::from_millis(1500)));
     }
-    sigterm_the_daemon(&s, || polls(&s) >= 1, Duration::from_millis(700));
+    sigterm_the_daemon(&s, || delayed(&s) >= 4, Duration::ZERO);
     assert_eq!(s.sim.state().received("$providePatientData").len(), 4);
     let store = s.store();
     let status = |id: &str| store.ledger(&format!("mii/task:{id}")).unwrap().status;
@@ -510,7 +515,9 @@ fn sigterm_during_a_batch_leaves_the_batch_marked_meanwhile_as_it_was() {
             FaultKind::Delay(Duration::from_millis(1500)),
         );
     }
-    sigterm_the_daemon(&s, || polls(&s) >= 1, Duration::from_millis(500));
+    // While the first request is out; the second batch is marked by then
+    // or soon after (it is handed over ahead), never sent.
+    sigterm_the_daemon(&s, || delayed(&s) >= 1, Duration::from_millis(200));
     assert_eq!(s.sim.state().received("$requestPsnFromBfWorkflow").len(), 1);
     let store = s.store();
     let state = |n: u32| {

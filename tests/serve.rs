@@ -248,10 +248,20 @@ fn by_original(answer: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn audit_of(site: &Site) -> Vec<Value> {
-    // (The records are written in batches just after the answers.)
-    std::thread::sleep(std::time::Duration::from_millis(600));
-    site.audit().into_iter().filter(|r| r["kind"] == "gpas").collect()
+/// The service's audit records once there are `expected` of them (they are
+/// written in batches just after the answers), or whatever there is after
+/// ten seconds, for the caller's assertion to show.
+fn audit_of(site: &Site, expected: usize) -> Vec<Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let records: Vec<Value> = site.audit().into_iter().filter(|r| r["kind"] == "gpas").collect();
+        if records.len() >= expected || start.elapsed() > std::time::Duration::from_secs(10) {
+            // (A moment more: a record beyond those expected would show.)
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            return site.audit().into_iter().filter(|r| r["kind"] == "gpas").collect();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -344,7 +354,7 @@ fn pseudonymize_answers_known_and_unknown_originals_in_json_and_xml() {
     assert!(!text.contains("gecco") && !text.contains("p1"), "{text}");
 
     // Every call is audited: operation, client, study, counts; no value.
-    let records = audit_of(&site);
+    let records = audit_of(&site, 5);
     assert_eq!(records.len(), 5, "{records:?}");
     let detail = records[0]["detail"].as_str().unwrap();
     assert_eq!(records[0]["outcome"], "pseudonymize");
@@ -421,7 +431,7 @@ fn metadata_lists_exactly_the_operations_enabled_and_depseudonymize_is_gated() {
     );
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"p3\""), "{text}");
-    let records = audit_of(&site);
+    let records = audit_of(&site, 3);
     let outcomes: Vec<&str> = records.iter().map(|r| r["outcome"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["refused", "dePseudonymize", "dePseudonymize"]);
     assert_eq!(service.stop(), Some(0));
@@ -523,7 +533,7 @@ fn tls_with_client_certificates_names_the_client_and_refuses_others() {
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
     assert!(!String::from_utf8_lossy(&got).contains("CapabilityStatement"));
-    let records = audit_of(&site);
+    let records = audit_of(&site, 1);
     assert_eq!(records.len(), 1, "{records:?}");
     let detail = records[0]["detail"].as_str().unwrap();
     assert!(detail.contains("certificate CN=etl-pipeline"), "{detail}");
@@ -735,7 +745,7 @@ fn the_daemon_serves_while_its_cycles_and_an_import_write() {
     }
     assert!(answered > 10);
     assert_eq!(service.stop(), Some(0));
-    let records = audit_of(&site);
+    let records = audit_of(&site, answered);
     assert_eq!(records.len(), answered, "every call audited");
     let audit = site.dir.path().join("audit.ndjson");
     assert_eq!(

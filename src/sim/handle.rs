@@ -138,9 +138,11 @@ pub(crate) fn handle(state: &Mutex<SimState>, options: &SimOptions, req: &HttpRe
             ..
         }) => {
             // Sleep without holding the state lock.
+            st.delayed += 1;
             drop(st);
             std::thread::sleep(d);
             st = crate::lock(state);
+            st.delayed -= 1;
             None
         }
         other => other,

@@ -183,6 +183,9 @@ pub struct SimState {
     /// Requests being answered now, and the most there were at once.
     pub in_flight: usize,
     pub max_in_flight: usize,
+    /// Requests held by a `Delay` fault now: tests wait on it to act while
+    /// a slow request is surely out, not after a guessed sleep.
+    pub delayed: usize,
     /// Token requests answered (granted or not).
     pub token_requests: usize,
     next_psn: u32,

@@ -200,10 +200,21 @@ fn timed(args: &[&str]) -> (f64, f64, i32) {
     (wall, rss, code)
 }
 
+/// `cmd` without the `FTTP_AGENT_*` variables of the shell that runs the
+/// benchmark: a measured run uses only the configuration it writes.
+fn without_agent_env(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("FTTP_AGENT_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// `timed`, also returning what the binary wrote to stderr (its log).
 fn timed_with_log(args: &[&str]) -> (f64, f64, i32, String) {
     let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
-    let out = Command::new("/usr/bin/time")
+    let out = without_agent_env(&mut Command::new("/usr/bin/time"))
         .args(["-f", "TIME %e %M %U %S"])
         .args(wrap.split_whitespace())
         .arg(env!("CARGO_BIN_EXE_fttp-agent"))
@@ -551,7 +562,7 @@ fn wan_section(quick: bool) {
 /// its base URL (read from its log on stderr).
 fn start_service(config: &Path) -> (std::process::Child, String) {
     use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fttp-agent"))
+    let mut child = without_agent_env(&mut Command::new(env!("CARGO_BIN_EXE_fttp-agent")))
         .arg("--config")
         .arg(config)
         .arg("serve")
